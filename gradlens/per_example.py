@@ -1,0 +1,236 @@
+"""Per-example gradients with ``torch.func``.
+
+The loss is written for a batch, as in ordinary training code. For the
+per-example path it is called on a batch of one, inside ``vmap(grad(...))``,
+so ``per_example_grads(...)[name][i]`` is the gradient of
+``loss_fn(model(inputs[i:i+1]), *(t[i:i+1] for t in targets))``.
+
+Example:
+    >>> import torch
+    >>> model = torch.nn.Linear(3, 2)
+    >>> x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
+    >>> grads = per_example_grads(model, torch.nn.functional.cross_entropy, x, y)
+    >>> tuple(grads["weight"].shape)
+    (5, 2, 3)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from gradlens.errors import UnsupportedModelError
+
+__all__ = [
+    "LossFn",
+    "Randomness",
+    "check_vmap_compatible",
+    "mean_grad",
+    "per_example_grads",
+    "per_example_losses",
+    "split_params",
+]
+
+LossFn = Callable[..., Tensor]
+"""``loss_fn(outputs, *targets) -> scalar``, written for a batch."""
+
+Randomness = Literal["error", "different", "same"]
+
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+
+def split_params(
+    model: nn.Module, params: Collection[str] | None = None
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Split a model's parameters into the selected ones and the rest, detached.
+
+    Args:
+        model: The model.
+        params: Names from ``model.named_parameters()`` to differentiate; by
+            default every parameter that requires grad.
+
+    Returns:
+        ``(selected, frozen)``, two dicts of detached tensors.
+
+    Raises:
+        UnsupportedModelError: If a name in ``params`` is not a parameter of the model.
+    """
+    named = dict(model.named_parameters())
+    if params is None:
+        chosen = [name for name, p in named.items() if p.requires_grad]
+    else:
+        unknown = sorted(set(params) - set(named))
+        if unknown:
+            raise UnsupportedModelError(
+                f"params names {unknown} are not parameters of {type(model).__name__}; "
+                f"choose among {sorted(named)}."
+            )
+        chosen = [name for name in named if name in set(params)]
+    if not chosen:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no parameter to differentiate: pass `params` or set "
+            "requires_grad on at least one parameter."
+        )
+    selected = {name: named[name].detach() for name in chosen}
+    frozen = {name: p.detach() for name, p in named.items() if name not in selected}
+    return selected, frozen
+
+
+def check_vmap_compatible(model: nn.Module, randomness: Randomness = "error") -> None:
+    """Raise if a module would make per-example gradients wrong or fail under vmap.
+
+    Args:
+        model: The model.
+        randomness: The ``vmap`` randomness choice the caller will use.
+
+    Raises:
+        UnsupportedModelError: For BatchNorm in training mode (it mixes the
+            examples of a batch), or dropout in training mode while
+            ``randomness="error"``. The message names the module and the remedy.
+    """
+    for name, module in model.named_modules():
+        label = name or type(model).__name__
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            raise UnsupportedModelError(
+                f"module {label!r} ({type(module).__name__}) is in training mode: BatchNorm "
+                "normalises with statistics of the whole batch, so one example's gradient "
+                "depends on the others. Call model.eval() before probing, or replace it with "
+                "GroupNorm/LayerNorm."
+            )
+        if isinstance(module, _DROPOUT) and module.training and module.p > 0 and (
+            randomness == "error"
+        ):
+            raise UnsupportedModelError(
+                f"module {label!r} ({type(module).__name__}) draws random masks in training "
+                "mode: pass randomness='different' (a mask per example) or 'same' (one mask "
+                "for the batch), or call model.eval()."
+            )
+
+
+def _one_example_loss(
+    model: nn.Module, loss_fn: LossFn, frozen: dict[str, Tensor], buffers: dict[str, Tensor]
+) -> Callable[..., Tensor]:
+    """Build ``loss(params, x, *targets)`` for one example, fed as a batch of one."""
+
+    def loss(params: dict[str, Tensor], x: Tensor, *targets: Tensor) -> Tensor:
+        outputs = functional_call(model, (params, frozen, buffers), (x.unsqueeze(0),))
+        return loss_fn(outputs, *(t.unsqueeze(0) for t in targets))
+
+    return loss
+
+
+@contextmanager
+def _explain_vmap_failures(model: nn.Module) -> Iterator[None]:
+    """Turn vmap's in-place errors into an :class:`UnsupportedModelError` naming the module."""
+    entered: list[str] = []
+    handles = [
+        module.register_forward_pre_hook(lambda _m, _a, name=name: entered.append(name))
+        for name, module in model.named_modules()
+    ]
+    try:
+        yield
+    except RuntimeError as err:
+        message = str(err)
+        if "vmap" not in message or "inplace" not in message.replace("in-place", "inplace"):
+            raise
+        where = entered[-1] if entered and entered[-1] else type(model).__name__
+        raise UnsupportedModelError(
+            f"module {where!r} writes per-example values in place into a tensor shared by the "
+            "batch, which vmap cannot batch. Use the out-of-place op (for example "
+            "`y = x + 1` for `x += 1`) or clone the tensor first. vmap said: "
+            f"{message.splitlines()[0]}"
+        ) from err
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def per_example_grads(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Tensor,
+    *targets: Tensor,
+    params: Collection[str] | None = None,
+    chunk_size: int | None = None,
+    randomness: Randomness = "error",
+) -> dict[str, Tensor]:
+    """Compute the gradient of the loss of every example separately.
+
+    Uses ``vmap(grad(loss))`` over ``functional_call``; the model's own
+    parameters are read, never changed, and buffers pass through unchanged.
+
+    Args:
+        model: The model; BatchNorm must be in eval mode.
+        loss_fn: ``loss_fn(outputs, *targets) -> scalar``, written for a batch.
+        inputs: Shape ``(example, ...)``.
+        *targets: Each of shape ``(example, ...)``.
+        params: Parameter names to differentiate; default all that require grad.
+        chunk_size: Examples per vmap chunk, to bound memory; ``None`` does all at once.
+        randomness: ``torch.func.vmap``'s choice for random ops such as dropout.
+
+    Returns:
+        For every selected name, shape ``(example, *param.shape)``.
+
+    Raises:
+        UnsupportedModelError: If the model cannot be batched per example.
+    """
+    check_vmap_compatible(model, randomness)
+    selected, frozen = split_params(model, params)
+    buffers = dict(model.named_buffers())
+    loss = _one_example_loss(model, loss_fn, frozen, buffers)
+    in_dims = (None, 0, *([0] * len(targets)))
+    batched = vmap(grad(loss), in_dims=in_dims, chunk_size=chunk_size, randomness=randomness)
+    with _explain_vmap_failures(model):
+        return batched(selected, inputs, *targets)
+
+
+def per_example_losses(loss_fn: LossFn, outputs: Tensor, *targets: Tensor) -> Tensor:
+    """Evaluate a batch loss on every example of already computed outputs.
+
+    Args:
+        loss_fn: ``loss_fn(outputs, *targets) -> scalar``, written for a batch.
+        outputs: Shape ``(example, ...)``.
+        *targets: Each of shape ``(example, ...)``.
+
+    Returns:
+        Shape ``(example,)``: ``loss_fn`` of each example as a batch of one.
+    """
+    def one(o: Tensor, *t: Tensor) -> Tensor:
+        return loss_fn(o.unsqueeze(0), *(ti.unsqueeze(0) for ti in t))
+
+    return vmap(one)(outputs, *targets)
+
+
+def mean_grad(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Tensor,
+    *targets: Tensor,
+    params: Collection[str] | None = None,
+) -> dict[str, Tensor]:
+    """Compute the gradient of the batch loss with one plain backward pass.
+
+    With a mean-reduced ``loss_fn`` this is the mean of
+    :func:`per_example_grads`. The model's ``.grad`` fields are not touched.
+
+    Args:
+        model: The model.
+        loss_fn: ``loss_fn(outputs, *targets) -> scalar``, written for a batch.
+        inputs: Shape ``(example, ...)``.
+        *targets: Each of shape ``(example, ...)``.
+        params: Parameter names to differentiate; default all that require grad.
+
+    Returns:
+        For every selected name, a tensor of the parameter's shape.
+    """
+    selected, frozen = split_params(model, params)
+    selected = {name: p.requires_grad_() for name, p in selected.items()}
+    buffers = dict(model.named_buffers())
+    outputs = functional_call(model, (selected, frozen, buffers), (inputs,))
+    values = torch.autograd.grad(loss_fn(outputs, *targets), list(selected.values()))
+    return dict(zip(selected, values, strict=True))
