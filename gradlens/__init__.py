@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from gradlens.alignment import Alignment, ExampleAlignment, alignment, example_alignment, summarize
+from gradlens.data import Digits, load_mnist
 from gradlens.errors import (
     DataNotFoundError,
     GradientMismatchError,
@@ -9,18 +11,27 @@ from gradlens.errors import (
     NonFiniteGradientError,
     UnsupportedModelError,
 )
+from gradlens.ghost import per_example_dots
 from gradlens.per_example import mean_grad, per_example_grads, per_example_losses
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Alignment",
+    "Digits",
+    "ExampleAlignment",
     "DataNotFoundError",
     "GradientMismatchError",
     "GradlensError",
     "NonFiniteGradientError",
     "UnsupportedModelError",
     "__version__",
+    "alignment",
+    "example_alignment",
+    "load_mnist",
     "mean_grad",
+    "per_example_dots",
     "per_example_grads",
     "per_example_losses",
+    "summarize",
 ]

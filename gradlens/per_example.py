@@ -125,25 +125,43 @@ def _one_example_loss(
 
 
 @contextmanager
-def _explain_vmap_failures(model: nn.Module) -> Iterator[None]:
-    """Turn vmap's in-place errors into an :class:`UnsupportedModelError` naming the module."""
-    entered: list[str] = []
-    handles = [
-        module.register_forward_pre_hook(lambda _m, _a, name=name: entered.append(name))
-        for name, module in model.named_modules()
-    ]
+def _explain_vmap_failures(model: nn.Module, plain_call: Callable[[], object]) -> Iterator[None]:
+    """Turn a failure that only vmap has into an :class:`UnsupportedModelError`.
+
+    If the block raises a ``RuntimeError`` but ``plain_call`` (the same
+    computation on one example, without vmap) succeeds, the model does
+    something vmap cannot batch, usually an in-place write of per-example
+    values into a tensor shared by the batch. The error names the innermost
+    module that was running. Errors that the plain call reproduces are the
+    caller's own and propagate unchanged.
+    """
+    running: list[str] = []
+
+    def enter(name: str) -> Callable[..., None]:
+        return lambda *_: running.append(name)
+
+    def leave(*_: object) -> None:
+        running.pop()
+
+    handles = []
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(enter(name)))
+        handles.append(module.register_forward_hook(leave))
     try:
         yield
     except RuntimeError as err:
-        message = str(err)
-        if "vmap" not in message or "inplace" not in message.replace("in-place", "inplace"):
-            raise
-        where = entered[-1] if entered and entered[-1] else type(model).__name__
+        where = running[-1] if running and running[-1] else type(model).__name__
+        for handle in handles:
+            handle.remove()
+        try:
+            plain_call()
+        except Exception:
+            raise err from None
         raise UnsupportedModelError(
-            f"module {where!r} writes per-example values in place into a tensor shared by the "
-            "batch, which vmap cannot batch. Use the out-of-place op (for example "
-            "`y = x + 1` for `x += 1`) or clone the tensor first. vmap said: "
-            f"{message.splitlines()[0]}"
+            f"module {where!r} fails under vmap although one example runs without it: it "
+            "probably writes per-example values in place into a tensor shared by the batch. "
+            "Use the out-of-place op (for example `y = y + x` for `y += x`) or build the "
+            f"tensor from the input. vmap said: {str(err).splitlines()[0]}"
         ) from err
     finally:
         for handle in handles:
@@ -185,7 +203,7 @@ def per_example_grads(
     loss = _one_example_loss(model, loss_fn, frozen, buffers)
     in_dims = (None, 0, *([0] * len(targets)))
     batched = vmap(grad(loss), in_dims=in_dims, chunk_size=chunk_size, randomness=randomness)
-    with _explain_vmap_failures(model):
+    with _explain_vmap_failures(model, lambda: loss(selected, inputs[0], *(t[0] for t in targets))):
         return batched(selected, inputs, *targets)
 
 
