@@ -18,9 +18,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Alignment",
+    "DataNotFoundError",
     "Digits",
     "ExampleAlignment",
-    "DataNotFoundError",
     "GradientMismatchError",
     "GradlensError",
     "NonFiniteGradientError",

@@ -30,7 +30,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
@@ -78,7 +78,7 @@ def _capture_linear(
     captures: dict[str, _Capture] = {}
     handles = []
 
-    def make_hook(capture: _Capture):  # noqa: ANN202 - torch hook signature
+    def make_hook(capture: _Capture) -> Callable[..., None]:
         def hook(_module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
             capture.calls += 1
             x = args[0]

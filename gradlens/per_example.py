@@ -102,8 +102,11 @@ def check_vmap_compatible(model: nn.Module, randomness: Randomness = "error") ->
                 "depends on the others. Call model.eval() before probing, or replace it with "
                 "GroupNorm/LayerNorm."
             )
-        if isinstance(module, _DROPOUT) and module.training and module.p > 0 and (
-            randomness == "error"
+        if (
+            isinstance(module, _DROPOUT)
+            and module.training
+            and module.p > 0
+            and (randomness == "error")
         ):
             raise UnsupportedModelError(
                 f"module {label!r} ({type(module).__name__}) draws random masks in training "
@@ -218,6 +221,7 @@ def per_example_losses(loss_fn: LossFn, outputs: Tensor, *targets: Tensor) -> Te
     Returns:
         Shape ``(example,)``: ``loss_fn`` of each example as a batch of one.
     """
+
     def one(o: Tensor, *t: Tensor) -> Tensor:
         return loss_fn(o.unsqueeze(0), *(ti.unsqueeze(0) for ti in t))
 

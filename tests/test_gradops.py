@@ -28,8 +28,7 @@ def grads(draw: st.DrawFn, seed: int | None = None) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     magnitude = draw(st.sampled_from([1e-3, 1.0, 1e3]))
     return {
-        n: magnitude * torch.randn(s, generator=gen, dtype=torch.float64)
-        for n, s in SHAPES.items()
+        n: magnitude * torch.randn(s, generator=gen, dtype=torch.float64) for n, s in SHAPES.items()
     }
 
 
