@@ -11,7 +11,7 @@ from gradlens.errors import (
     NonFiniteGradientError,
     UnsupportedModelError,
 )
-from gradlens.ghost import per_example_dots
+from gradlens.ghost import Probe, per_example_dots, probe_batch
 from gradlens.per_example import mean_grad, per_example_grads, per_example_losses
 
 __version__ = "0.1.0"
@@ -24,6 +24,7 @@ __all__ = [
     "GradientMismatchError",
     "GradlensError",
     "NonFiniteGradientError",
+    "Probe",
     "UnsupportedModelError",
     "__version__",
     "alignment",
@@ -33,5 +34,6 @@ __all__ = [
     "per_example_dots",
     "per_example_grads",
     "per_example_losses",
+    "probe_batch",
     "summarize",
 ]

@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from einops import einsum
@@ -51,7 +51,7 @@ from gradlens.per_example import (
     split_params,
 )
 
-__all__ = ["Method", "per_example_dots"]
+__all__ = ["Method", "Probe", "per_example_dots", "probe_batch"]
 
 Method = Literal["auto", "ghost", "vmap"]
 
@@ -153,8 +153,8 @@ def _vmap_dots(
     names: list[str],
     chunk_size: int | None,
     randomness: Randomness,
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Inner products and squared norms from materialised per-example gradients.
+) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+    """Inner products, squared norms and gradient sums from per-example gradients.
 
     Examples are processed ``chunk_size`` at a time and reduced at once, so at
     most ``chunk_size x parameter`` gradient entries exist at any moment.
@@ -162,6 +162,7 @@ def _vmap_dots(
     step = chunk_size or inputs.shape[0]
     dots: dict[str, list[Tensor]] = {n: [] for n in names}
     sq_norms: dict[str, list[Tensor]] = {n: [] for n in names}
+    grad_sum: dict[str, Tensor] = {}
     for start in range(0, inputs.shape[0], step):
         chunk = slice(start, start + step)
         grads = per_example_grads(
@@ -176,9 +177,83 @@ def _vmap_dots(
             flat = g.flatten(start_dim=1)
             dots[name].append(flat @ reference[name].reshape(-1))
             sq_norms[name].append(flat.pow(2).sum(dim=1))
+            grad_sum[name] = g.sum(dim=0) + grad_sum.get(name, 0.0)
     return (
         {n: torch.cat(v) for n, v in dots.items()},
         {n: torch.cat(v) for n, v in sq_norms.items()},
+        grad_sum,
+    )
+
+
+class Probe(NamedTuple):
+    """What one pass over a batch tells about its examples' gradients.
+
+    Attributes:
+        losses: Each example's loss, shape ``(example,)``.
+        grad: The mean over examples of the per-example gradients (for a
+            mean-reduced loss, the ordinary batch gradient); name -> param shape.
+        dots: ``<g_i[p], reference[p]>``, name -> ``(example,)``.
+        sq_norms: ``||g_i[p]||^2``, name -> ``(example,)``.
+    """
+
+    losses: Tensor
+    grad: dict[str, Tensor]
+    dots: dict[str, Tensor]
+    sq_norms: dict[str, Tensor]
+
+
+def _probe(
+    model: nn.Module,
+    loss_fn: LossFn,
+    reference: Mapping[str, Tensor],
+    inputs: Tensor,
+    targets: tuple[Tensor, ...],
+    *,
+    params: Collection[str] | None,
+    method: Method,
+    chunk_size: int | None,
+    randomness: Randomness,
+    with_grad: bool,
+) -> Probe:
+    """Shared body of :func:`per_example_dots` and :func:`probe_batch`."""
+    if method not in ("auto", "ghost", "vmap"):
+        raise ValueError(f"method must be 'auto', 'ghost' or 'vmap', not {method!r}.")
+    check_vmap_compatible(model, randomness)
+    selected, frozen = split_params(model, params)
+    check_compatible(selected, reference, what="model parameters and reference")
+    names = list(selected)
+    if method == "vmap":
+        losses = torch.empty(0)
+        if with_grad:
+            with torch.no_grad():
+                outputs = functional_call(
+                    model, (selected, frozen, dict(model.named_buffers())), (inputs,)
+                )
+                losses = per_example_losses(loss_fn, outputs, *targets)
+        dots, sq_norms, grad_sum = {}, {}, {}
+    else:
+        losses, grad_sum, dots, sq_norms = _ghost_pass(
+            model, loss_fn, reference, inputs, targets, selected, frozen, with_grad=with_grad
+        )
+    rest = [n for n in names if n not in dots]
+    if method == "ghost" and rest:
+        raise UnsupportedModelError(
+            f"parameters {rest} have no factored (ghost) form: only nn.Linear layers called "
+            "once per forward on inputs (example, d) or (example, token, d) have one. Use "
+            "method='auto' to fall back to vmap for them."
+        )
+    if rest:
+        more = _vmap_dots(model, loss_fn, reference, inputs, targets, rest, chunk_size, randomness)
+        dots.update(more[0])
+        sq_norms.update(more[1])
+        if method == "vmap":
+            grad_sum = more[2]
+    count = inputs.shape[0]
+    return Probe(
+        losses=losses,
+        grad={n: grad_sum[n] / count for n in names} if with_grad else {},
+        dots={n: dots[n] for n in names},
+        sq_norms={n: sq_norms[n] for n in names},
     )
 
 
@@ -222,29 +297,54 @@ def per_example_dots(
         UnsupportedModelError: If the model cannot be probed per example, or
             ``method="ghost"`` meets a parameter without a factored form.
     """
-    if method not in ("auto", "ghost", "vmap"):
-        raise ValueError(f"method must be 'auto', 'ghost' or 'vmap', not {method!r}.")
-    check_vmap_compatible(model, randomness)
-    selected, frozen = split_params(model, params)
-    check_compatible(selected, reference, what="model parameters and reference")
-    names = list(selected)
-    dots: dict[str, Tensor] = {}
-    sq_norms: dict[str, Tensor] = {}
-    if method != "vmap":
-        ghosted = _ghost_pass(model, loss_fn, reference, inputs, targets, selected, frozen)
-        dots, sq_norms = ghosted
-    rest = [n for n in names if n not in dots]
-    if method == "ghost" and rest:
-        raise UnsupportedModelError(
-            f"parameters {rest} have no factored (ghost) form: only nn.Linear layers called "
-            "once per forward on inputs (example, d) or (example, token, d) have one. Use "
-            "method='auto' to fall back to vmap for them."
-        )
-    if rest:
-        more = _vmap_dots(model, loss_fn, reference, inputs, targets, rest, chunk_size, randomness)
-        dots.update(more[0])
-        sq_norms.update(more[1])
-    return {n: dots[n] for n in names}, {n: sq_norms[n] for n in names}
+    found = _probe(
+        model,
+        loss_fn,
+        reference,
+        inputs,
+        targets,
+        params=params,
+        method=method,
+        chunk_size=chunk_size,
+        randomness=randomness,
+        with_grad=False,
+    )
+    return found.dots, found.sq_norms
+
+
+def probe_batch(
+    model: nn.Module,
+    loss_fn: LossFn,
+    reference: Mapping[str, Tensor],
+    inputs: Tensor,
+    *targets: Tensor,
+    params: Collection[str] | None = None,
+    method: Method = "auto",
+    chunk_size: int | None = None,
+    randomness: Randomness = "error",
+) -> Probe:
+    """Losses, mean gradient, and per-example dots and norms, from one pass.
+
+    The training-loop companion of :func:`per_example_dots`: the backward pass
+    that yields the ghost quantities also yields the batch gradient, so a
+    probed training step needs no second backward. Arguments as in
+    :func:`per_example_dots`.
+
+    Returns:
+        A :class:`Probe`.
+    """
+    return _probe(
+        model,
+        loss_fn,
+        reference,
+        inputs,
+        targets,
+        params=params,
+        method=method,
+        chunk_size=chunk_size,
+        randomness=randomness,
+        with_grad=True,
+    )
 
 
 def _ghost_pass(
@@ -255,25 +355,42 @@ def _ghost_pass(
     targets: tuple[Tensor, ...],
     selected: dict[str, Tensor],
     frozen: dict[str, Tensor],
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """One forward and one backward to layer outputs; ghost values for eligible layers."""
+    *,
+    with_grad: bool,
+) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+    """One forward and one backward; ghost values for the eligible linear layers.
+
+    Returns:
+        ``(losses, grad_sum, dots, sq_norms)``: per-example losses ``(example,)``;
+        with ``with_grad`` the sum over examples of the per-example gradients of
+        every selected parameter (else empty); dots and squared norms of the
+        eligible layers' parameters.
+    """
     batch = inputs.shape[0]
     params = {n: p.requires_grad_() for n, p in selected.items()}
     buffers = dict(model.named_buffers())
     with torch.enable_grad(), _capture_linear(model, params, batch) as captures:
         outputs = functional_call(model, (params, frozen, buffers), (inputs,))
+        losses = per_example_losses(loss_fn, outputs, *targets)
     eligible = {
         name: c
         for name, c in captures.items()
         if c.calls == 1 and c.shapes_ok and c.outputs is not None and c.outputs.requires_grad
     }
-    if not eligible:
-        return {}, {}
+    wrt = [c.outputs for c in eligible.values()] + (list(params.values()) if with_grad else [])
+    if not wrt:
+        return losses.detach(), {}, {}, {}
     with torch.enable_grad():
-        losses = per_example_losses(loss_fn, outputs, *targets)
-        output_grads = torch.autograd.grad(
-            losses.sum(), [c.outputs for c in eligible.values()], allow_unused=True
-        )
+        found = torch.autograd.grad(losses.sum(), wrt, allow_unused=True)
+    output_grads, param_grads = found[: len(eligible)], found[len(eligible) :]
+    grad_sum = (
+        {
+            n: torch.zeros_like(p) if g is None else g
+            for (n, p), g in zip(params.items(), param_grads, strict=True)
+        }
+        if with_grad
+        else {}
+    )
     dots: dict[str, Tensor] = {}
     sq_norms: dict[str, Tensor] = {}
     for capture, b in zip(eligible.values(), output_grads, strict=True):
@@ -285,4 +402,4 @@ def _ghost_pass(
         )
         dots.update(more[0])
         sq_norms.update(more[1])
-    return dots, sq_norms
+    return losses.detach(), grad_sum, dots, sq_norms

@@ -118,3 +118,22 @@ def test_unknown_method_is_an_error() -> None:
     model, x, y = make_case("mlp")
     with pytest.raises(ValueError, match="method must be"):
         per_example_dots(model, loss_fn, reference_for(model), x, y, method="fast")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", ["auto", "vmap"])
+def test_probe_batch_gives_losses_mean_grad_and_dots(kind: str, method: str) -> None:
+    from gradlens import mean_grad
+    from gradlens.ghost import probe_batch
+
+    model, x, y = make_case(kind, batch=6)
+    ref = reference_for(model)
+    found = probe_batch(model, loss_fn, ref, x, y, method=method, chunk_size=4)
+    expected = loop_grads(model, x, y)
+    plain = mean_grad(model, loss_fn, x, y)
+    losses = torch.stack([loss_fn(model(x[i : i + 1]), y[i : i + 1]) for i in range(6)])
+    torch.testing.assert_close(found.losses, losses.detach())
+    for name, g in expected.items():
+        torch.testing.assert_close(found.grad[name], plain[name], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(found.dots[name], g.flatten(1) @ ref[name].reshape(-1))
+        torch.testing.assert_close(found.sq_norms[name], g.flatten(1).pow(2).sum(1))
