@@ -1,0 +1,54 @@
+"""Gradient interventions as composable pure transforms (optax style).
+
+Every transform is a :class:`GradientTransform` ``(init, update)``; ``update``
+takes the gradients (or an optimizer's step), the state, and a required
+keyword ``reference``. See ``docs/interventions.md``.
+"""
+
+from __future__ import annotations
+
+from gradlens.transforms.aligned import (
+    ScaleAlignedState,
+    remove_aligned,
+    reverse_aligned,
+    scale_aligned,
+)
+from gradlens.transforms.base import (
+    GradientTransform,
+    IdentityState,
+    Scope,
+    State,
+    StateMismatchError,
+    TransformInit,
+    TransformUpdate,
+    identity,
+)
+from gradlens.transforms.combining import chain
+from gradlens.transforms.per_example import (
+    ScaleAlignedPerExampleState,
+    remove_aligned_per_example,
+    reverse_aligned_per_example,
+    scale_aligned_per_example,
+)
+from gradlens.transforms.records import transform_records
+
+__all__ = [
+    "GradientTransform",
+    "IdentityState",
+    "ScaleAlignedPerExampleState",
+    "ScaleAlignedState",
+    "Scope",
+    "State",
+    "StateMismatchError",
+    "TransformInit",
+    "TransformUpdate",
+    "chain",
+    "identity",
+    "remove_aligned",
+    "remove_aligned_per_example",
+    "reverse_aligned",
+    "reverse_aligned_per_example",
+    "scale_aligned",
+    "scale_aligned_per_example",
+    "transform_records",
+]

@@ -1,0 +1,128 @@
+"""The gradient-transform interface: a pair of pure functions, as in optax.
+
+A :class:`GradientTransform` is ``(init, update)``. ``init(params)`` builds the
+transform's state from the parameters (only their names, dtypes and device
+matter); ``update(grads, state, params=None, *, reference, **extra)`` returns
+the transformed gradients and the new state. Nothing is kept between calls
+except what the caller passes back in, so a transform can be applied to raw
+gradients before the optimizer or to the optimizer's step after it alike.
+
+``reference`` (the gradient ``r`` that interventions act along) is keyword-only
+and required, so forgetting it raises ``TypeError`` instead of silently doing
+nothing. Transforms ignore ``**extra`` arguments they do not use, which lets
+:func:`~gradlens.transforms.chain` pass every extra to every member.
+
+Example:
+    >>> import torch
+    >>> tx = identity()
+    >>> g = {"w": torch.tensor([1.0, 2.0])}
+    >>> state = tx.init(g)
+    >>> new_g, state = tx.update(g, state, reference=g, unused_extra=3)
+    >>> new_g["w"]
+    tensor([1., 2.])
+    >>> tx.update(g, state)
+    Traceback (most recent call last):
+    ...
+    TypeError: identity.<locals>.update() missing 1 required keyword-only argument: 'reference'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, NamedTuple
+
+from torch import Tensor
+
+from gradlens.errors import GradlensError
+
+__all__ = [
+    "GradientTransform",
+    "IdentityState",
+    "Scope",
+    "State",
+    "StateMismatchError",
+    "TransformInit",
+    "TransformUpdate",
+    "check_state",
+    "identity",
+]
+
+Scope = Literal["global", "layer"]
+"""``"global"``: one coefficient for the whole gradient; ``"layer"``: one per layer."""
+
+State = Any
+"""A transform's state: a small NamedTuple, or a tuple of states for a chain."""
+
+TransformInit = Callable[[Mapping[str, Tensor]], State]
+"""``init(params) -> state``."""
+
+TransformUpdate = Callable[..., tuple[dict[str, Tensor], State]]
+"""``update(grads, state, params=None, *, reference, **extra) -> (grads, state)``."""
+
+
+class StateMismatchError(GradlensError, TypeError):
+    """A state passed to ``update`` that its transform's ``init`` did not build."""
+
+
+class GradientTransform(NamedTuple):
+    """A pair of pure functions that transform a gradient dict.
+
+    Attributes:
+        init: ``init(params) -> state``; ``params`` maps parameter names to
+            tensors shaped like the gradients to come.
+        update: ``update(grads, state, params=None, *, reference, **extra)``
+            returns ``(new_grads, new_state)``; ``reference`` has the keys and
+            shapes of ``grads``.
+    """
+
+    init: TransformInit
+    update: TransformUpdate
+
+
+class IdentityState(NamedTuple):
+    """The empty state of :func:`identity`."""
+
+
+def check_state(state: State, expected: type, *, factory: str) -> None:
+    """Raise unless ``state`` is exactly of the NamedTuple type ``expected``.
+
+    Args:
+        state: The state passed to ``update``.
+        expected: The state type that ``factory(...).init`` builds.
+        factory: The factory's name, for the message.
+
+    Raises:
+        StateMismatchError: Naming what was expected and what came.
+    """
+    if type(state) is not expected:
+        raise StateMismatchError(
+            f"{factory}(...).update expected a {expected.__name__}, got a "
+            f"{type(state).__name__}. Pass the state returned by this transform's init or by "
+            "its previous update."
+        )
+
+
+def identity() -> GradientTransform:
+    """Return the transform that leaves gradients unchanged.
+
+    Returns:
+        A :class:`GradientTransform` whose state is an empty :class:`IdentityState`.
+    """
+
+    def init(params: Mapping[str, Tensor]) -> IdentityState:
+        del params
+        return IdentityState()
+
+    def update(
+        grads: Mapping[str, Tensor],
+        state: State,
+        params: Mapping[str, Tensor] | None = None,
+        *,
+        reference: Mapping[str, Tensor],
+        **extra: object,
+    ) -> tuple[dict[str, Tensor], IdentityState]:
+        del params, reference, extra
+        check_state(state, IdentityState, factory="identity")
+        return dict(grads), state
+
+    return GradientTransform(init, update)

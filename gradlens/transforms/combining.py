@@ -1,0 +1,97 @@
+"""Compose gradient transforms: :func:`chain` applies them one after another.
+
+The state of a chain is a plain tuple of its members' states. ``reference``
+and every extra keyword argument go to every member; members ignore extras
+they do not use.
+
+Example:
+    >>> import torch
+    >>> from gradlens.transforms import identity, remove_aligned
+    >>> tx = chain(identity(), remove_aligned(scope="layer"))
+    >>> g = {"0.weight": torch.tensor([1.0, 1.0]), "1.weight": torch.tensor([3.0])}
+    >>> r = {"0.weight": torch.tensor([1.0, 0.0]), "1.weight": torch.tensor([0.0])}
+    >>> state = tx.init(g)
+    >>> [type(s).__name__ for s in state]
+    ['IdentityState', 'ScaleAlignedState']
+    >>> new_g, state = tx.update(g, state, reference=r)
+    >>> new_g["0.weight"], new_g["1.weight"]
+    (tensor([0., 1.]), tensor([3.]))
+    >>> tx.update(g, state[1:], reference=r)
+    Traceback (most recent call last):
+    ...
+    gradlens.transforms.base.StateMismatchError: chain of 2 transforms (identity, scale_aligned) expected a tuple of 2 states, got a tuple of 1. Pass the state returned by the chain's init or by its previous update.
+"""  # noqa: E501
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import Tensor
+
+from gradlens.transforms.base import GradientTransform, State, StateMismatchError
+
+__all__ = ["chain"]
+
+
+def _name(transform: GradientTransform) -> str:
+    """The factory a transform came from, read off its update function's qualified name."""
+    qualname = getattr(transform.update, "__qualname__", type(transform.update).__name__)
+    return qualname.split(".<locals>")[0]
+
+
+def chain(*transforms: GradientTransform) -> GradientTransform:
+    """Apply ``transforms`` in order, as one transform.
+
+    Args:
+        *transforms: The transforms, first applied first.
+
+    Returns:
+        A :class:`~gradlens.transforms.GradientTransform` whose state is the
+        tuple of the members' states. Its update raises
+        :class:`~gradlens.transforms.StateMismatchError` naming the member's
+        index and the state it expected when a state does not line up.
+
+    Raises:
+        TypeError: If an argument is not a :class:`~gradlens.transforms.GradientTransform`.
+    """
+    for index, transform in enumerate(transforms):
+        if not isinstance(transform, GradientTransform):
+            raise TypeError(
+                f"chain argument {index} is a {type(transform).__name__}, not a "
+                "GradientTransform; pass what a factory returns, e.g. remove_aligned()."
+            )
+    names = ", ".join(_name(t) for t in transforms)
+
+    def init(params: Mapping[str, Tensor]) -> tuple[State, ...]:
+        return tuple(t.init(params) for t in transforms)
+
+    def update(
+        grads: Mapping[str, Tensor],
+        state: State,
+        params: Mapping[str, Tensor] | None = None,
+        *,
+        reference: Mapping[str, Tensor],
+        **extra: object,
+    ) -> tuple[dict[str, Tensor], tuple[State, ...]]:
+        if type(state) is not tuple or len(state) != len(transforms):
+            got = f"a tuple of {len(state)}" if type(state) is tuple else type(state).__name__
+            raise StateMismatchError(
+                f"chain of {len(transforms)} transforms ({names}) expected a tuple of "
+                f"{len(transforms)} states, got {got}. Pass the state returned by the "
+                "chain's init or by its previous update."
+            )
+        new_grads = dict(grads)
+        new_state = []
+        for index, (transform, inner) in enumerate(zip(transforms, state, strict=True)):
+            try:
+                new_grads, new_inner = transform.update(
+                    new_grads, inner, params, reference=reference, **extra
+                )
+            except StateMismatchError as err:
+                raise StateMismatchError(
+                    f"chain member {index} ({_name(transform)}): {err}"
+                ) from err
+            new_state.append(new_inner)
+        return new_grads, tuple(new_state)
+
+    return GradientTransform(init, update)

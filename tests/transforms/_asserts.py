@@ -1,0 +1,177 @@
+"""Properties every gradient transform must have, written once.
+
+Each ``assert_*`` takes a :class:`~_cases.Case` (a transform and the ``alpha``,
+scope and flags it should act with) and a :class:`~_cases.Problem` (random
+float64 gradients), runs the transform and checks one property against a
+plain dense computation on flattened vectors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.testing import assert_close
+
+from gradlens.gradops import flatten
+from gradlens.transforms import State, chain, identity, transform_records
+
+from ._cases import Case, Problem, make_problem
+
+
+def apply(
+    case: Case, problem: Problem, transform_chain: bool = False
+) -> tuple[dict[str, Tensor], State]:
+    """Run ``case``'s transform once from its init state, passing every extra."""
+    transform = case.make()
+    if transform_chain:
+        transform = chain(identity(), transform, identity())
+    state = transform.init(problem.grads)
+    return transform.update(
+        problem.grads,
+        state,
+        reference=problem.reference,
+        example_dots=problem.example_dots,
+        unused_extra="ignored",
+    )
+
+
+def groups(case: Case, problem: Problem) -> list[list[str]]:
+    return [list(problem.grads)] if case.scope == "global" else problem.layers
+
+
+def dense(values: dict[str, Tensor], names: list[str], *, batch: bool = False) -> Tensor:
+    return flatten({name: values[name] for name in names}, batch=batch)
+
+
+def coef(g: Tensor, r: Tensor) -> Tensor:
+    """``<g, r> / ||r||^2`` over the last axis, 0 for a zero ``r``."""
+    rr = r @ r
+    return (g @ r) / rr if rr > 0 else torch.zeros(g.shape[:-1], dtype=g.dtype)
+
+
+def cosine(g: Tensor, r: Tensor) -> Tensor:
+    den = g.norm() * r.norm()
+    return (g @ r) / den if den > 0 else torch.zeros((), dtype=g.dtype)
+
+
+def acted(case: Case, c: Tensor, r: Tensor) -> bool:
+    return bool(r.norm() > 0 and (c > 0 or not case.only_positive))
+
+
+def expected_output(case: Case, problem: Problem) -> dict[str, Tensor]:
+    """``g - (1 - alpha) m r`` per group, ``m = f(mean_i c_i)`` or ``mean_i f(c_i)``."""
+    amounts = {}
+    for names in groups(case, problem):
+        r = dense(problem.reference, names)
+        c_i = coef(dense(problem.examples, names, batch=True), r)
+        f = torch.relu if case.only_positive else (lambda x: x)
+        m = f(c_i).mean() if case.per_example else f(c_i.mean())
+        amounts.update(dict.fromkeys(names, (1 - case.alpha) * m))
+    return {n: g - amounts[n] * problem.reference[n] for n, g in problem.grads.items()}
+
+
+def assert_structure_preserved(case: Case, problem: Problem) -> None:
+    out, state = apply(case, problem)
+    assert list(out) == list(problem.grads)
+    for name, g in problem.grads.items():
+        assert out[name].shape == g.shape
+        assert out[name].dtype == g.dtype
+        assert out[name].isfinite().all()
+    before = transform_records(case.make().init(problem.grads))
+    after = transform_records(state)
+    assert before.keys() == after.keys()
+    for name, value in after.items():
+        assert value.shape == before[name].shape
+        assert value.dtype == before[name].dtype
+        assert value.isfinite().all()
+
+
+def assert_matches_formula(case: Case, problem: Problem) -> None:
+    out, _ = apply(case, problem)
+    assert_close(out, expected_output(case, problem))
+
+
+def assert_keeps_orthogonal_part(case: Case, problem: Problem) -> None:
+    out, _ = apply(case, problem)
+    for names in groups(case, problem):
+        g, new, r = (dense(d, names) for d in (problem.grads, out, problem.reference))
+        assert_close(new - coef(new, r) * r, g - coef(g, r) * r)
+
+
+def assert_removes_aligned(case: Case, problem: Problem) -> None:
+    """For ``alpha = 0``: no cosine left where it acted, untouched elsewhere.
+
+    The cosine is taken against the incoming norm, ``<g', r> / (||g|| ||r||)``:
+    when ``g`` is parallel to ``r``, ``g'`` is rounding noise whose own cosine
+    with ``r`` means nothing.
+    """
+    out, _ = apply(case, problem)
+    for names in groups(case, problem):
+        g, new, r = (dense(d, names) for d in (problem.grads, out, problem.reference))
+        if acted(case, coef(g, r), r):
+            assert (new @ r).abs() <= 1e-6 * g.norm() * r.norm()
+        else:
+            assert_close(new, g)
+
+
+def assert_reverses_aligned(case: Case, problem: Problem) -> None:
+    """For ``alpha = -1``: the coefficient flips sign where it acted, the rest stays."""
+    out, _ = apply(case, problem)
+    for names in groups(case, problem):
+        g, new, r = (dense(d, names) for d in (problem.grads, out, problem.reference))
+        c = coef(g, r)
+        assert_close(coef(new, r), -c if acted(case, c, r) else c)
+        assert_close(new - coef(new, r) * r, g - c * r)
+
+
+def assert_zero_reference_is_noop(case: Case, problem: Problem) -> None:
+    zero = {name: torch.zeros_like(r) for name, r in problem.reference.items()}
+    out, state = apply(case, make_problem(problem.examples, zero))
+    for name, g in problem.grads.items():
+        assert torch.equal(out[name], g)
+    for value in transform_records(state).values():
+        assert value.isfinite().all()
+
+
+def assert_orthogonal_is_noop(case: Case, problem: Problem) -> None:
+    """Examples orthogonal to the reference in every layer (so globally too) stay."""
+    examples = dict(problem.examples)
+    for names in problem.layers:
+        r = dense(problem.reference, names)
+        c_i = coef(dense(examples, names, batch=True), r)
+        for name in names:
+            shape = (-1,) + (1,) * problem.reference[name].ndim
+            examples[name] = examples[name] - c_i.reshape(shape) * problem.reference[name]
+    orthogonal = make_problem(examples, problem.reference)
+    out, _ = apply(case, orthogonal)
+    assert_close(out, orthogonal.grads)
+
+
+def assert_identity_chain_is_noop(case: Case, problem: Problem) -> None:
+    out, state = apply(case, problem)
+    chained_out, chained_state = apply(case, problem, transform_chain=True)
+    for name, value in out.items():
+        assert torch.equal(chained_out[name], value)
+    plain = transform_records(state)
+    chained = transform_records(chained_state[1])
+    assert plain.keys() == chained.keys()
+    for name, value in plain.items():
+        assert torch.equal(chained[name], value)
+
+
+def assert_records_cosine_after(case: Case, problem: Problem) -> None:
+    """The last recorded ``cosine_after`` is the cosine of the output (per group).
+
+    Rounding in ``<g', r>`` is relative to the incoming ``||g||``, so the
+    tolerance on the cosine grows as ``||g|| / ||g'||``.
+    """
+    out, state = apply(case, problem)
+    records = transform_records(state)
+    names = [name for name in records if name.endswith("_cosine_after")]
+    if not names:
+        return
+    recorded = records[names[-1]].reshape(-1)
+    for k, group in enumerate(groups(case, problem)):
+        g, new, r = (dense(d, group) for d in (problem.grads, out, problem.reference))
+        atol = 1e-9 * max(1.0, float(g.norm() / new.norm()) if new.norm() > 0 else 1.0)
+        assert_close(recorded[k], cosine(new, r), atol=atol, rtol=1e-7)
