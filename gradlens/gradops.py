@@ -27,12 +27,13 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import Tensor
 
-from gradlens.errors import GradientMismatchError
+from gradlens.errors import GradientMismatchError, NonFiniteGradientError
 
 __all__ = [
     "Grads",
     "add",
     "check_compatible",
+    "check_finite",
     "cosine",
     "dot",
     "flatten",
@@ -170,3 +171,27 @@ def group_by_layer(names: Iterable[str]) -> dict[str, list[str]]:
     for name in names:
         groups.setdefault(layer_of(name), []).append(name)
     return groups
+
+
+def check_finite(a: Grads, *, step: int | None = None, what: str = "gradient") -> None:
+    """Raise if any value of a gradient dict is NaN or infinite.
+
+    Args:
+        a: A gradient dict.
+        step: The training step, for the message.
+        what: How the message names the gradient.
+
+    Raises:
+        NonFiniteGradientError: Naming the step and the parameters affected.
+    """
+    if bool(torch.stack([torch.isfinite(value).all() for value in a.values()]).all()):
+        return
+    bad = tuple(name for name, value in a.items() if not bool(torch.isfinite(value).all()))
+    if bad:
+        at = f" at step {step}" if step is not None else ""
+        raise NonFiniteGradientError(
+            f"the {what}{at} has NaN or infinite values in {list(bad)}. Lower the learning "
+            "rate, check the loss for log(0) or division by zero, or check the inputs.",
+            step=step,
+            names=bad,
+        )

@@ -30,6 +30,7 @@ __all__ = [
     "LossFn",
     "Randomness",
     "check_vmap_compatible",
+    "loss_and_grad",
     "mean_grad",
     "per_example_grads",
     "per_example_losses",
@@ -228,6 +229,38 @@ def per_example_losses(loss_fn: LossFn, outputs: Tensor, *targets: Tensor) -> Te
     return vmap(one)(outputs, *targets)
 
 
+def loss_and_grad(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Tensor,
+    *targets: Tensor,
+    params: Collection[str] | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Compute the batch loss and its gradient with one plain backward pass.
+
+    The model's ``.grad`` fields are not touched.
+
+    Args:
+        model: The model.
+        loss_fn: ``loss_fn(outputs, *targets) -> scalar``, written for a batch.
+        inputs: Shape ``(example, ...)``.
+        *targets: Each of shape ``(example, ...)``.
+        params: Parameter names to differentiate; default all that require grad.
+
+    Returns:
+        ``(loss, grads)``: the detached loss, shape ``()``, and for every
+        selected name a tensor of the parameter's shape.
+    """
+    selected, frozen = split_params(model, params)
+    selected = {name: p.requires_grad_() for name, p in selected.items()}
+    buffers = dict(model.named_buffers())
+    with torch.enable_grad():
+        outputs = functional_call(model, (selected, frozen, buffers), (inputs,))
+        loss = loss_fn(outputs, *targets)
+        values = torch.autograd.grad(loss, list(selected.values()))
+    return loss.detach(), dict(zip(selected, values, strict=True))
+
+
 def mean_grad(
     model: nn.Module,
     loss_fn: LossFn,
@@ -250,9 +283,4 @@ def mean_grad(
     Returns:
         For every selected name, a tensor of the parameter's shape.
     """
-    selected, frozen = split_params(model, params)
-    selected = {name: p.requires_grad_() for name, p in selected.items()}
-    buffers = dict(model.named_buffers())
-    outputs = functional_call(model, (selected, frozen, buffers), (inputs,))
-    values = torch.autograd.grad(loss_fn(outputs, *targets), list(selected.values()))
-    return dict(zip(selected, values, strict=True))
+    return loss_and_grad(model, loss_fn, inputs, *targets, params=params)[1]

@@ -1,0 +1,153 @@
+"""MNIST auxiliary-logit subliminal learning, probed at every student step.
+
+Reproduces Cloud et al. 2025 (MNIST section) with gradlens probes, and the
+causal interventions of Kitkana and Arora 2026. See docs/experiment.md.
+
+    python experiments/mnist_aux.py                # full: 5 seeds x 3 conditions
+    python experiments/mnist_aux.py --quick        # about a minute on a 2-core CPU
+    python experiments/mnist_aux.py --conditions aux remove reverse liminal
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from gradlens.data import load_mnist
+from gradlens.plotting import save_figures
+from gradlens.provenance import make_attrs
+from gradlens.subliminal import (
+    BASE_CONDITIONS,
+    CONDITIONS,
+    accuracy,
+    get_conditions,
+    init_mlp,
+    train_classifier,
+)
+from gradlens.subliminal.experiment import combine_runs, probe_subset, run_condition
+from gradlens.subliminal.report import summary_markdown
+from gradlens.subliminal.student import StudentSetup
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of the experiment; the defaults are the full run."""
+
+    seeds: int = 5
+    conditions: tuple[str, ...] = BASE_CONDITIONS
+    sizes: tuple[int, ...] = (784, 256, 256, 13)
+    teacher_epochs: int = 5
+    teacher_batch_size: int = 1024
+    teacher_lr: float = 3e-4
+    student: StudentSetup = field(default_factory=StudentSetup)
+    probe_size: int = 1024
+    out: Path = Path("runs/mnist_aux")
+    data_dir: str | None = None
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    progress: bool = True
+
+
+def quick(config: Config) -> Config:
+    """A reduced run for a smoke test: 2 seeds, 1 teacher epoch, 40 student steps."""
+    student = dataclasses.replace(
+        config.student, epochs=2, noise_per_epoch=20 * 1024, eval_every=5, store_every=10,
+        liminal_period=20,
+    )
+    return dataclasses.replace(config, seeds=2, teacher_epochs=1, student=student)
+
+
+def main(config: Config) -> Path:
+    """Run every seed and condition; write the netCDF file, figures and summary.
+
+    Returns:
+        The path of the combined netCDF file.
+    """
+    start = time.perf_counter()
+    conditions = get_conditions(config.conditions)
+    config.out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(config.device)
+    train = load_mnist(config.data_dir, train=True)
+    test = load_mnist(config.data_dir, train=False)
+    train = type(train)(*(t.to(device) for t in train))
+    test = type(test)(*(t.to(device) for t in test))
+    seeds = list(range(config.seeds))
+    parts, teacher_acc, reference_acc = {}, [], []
+    for seed in tqdm(seeds, desc="seeds", disable=not config.progress):
+        reference = init_mlp(config.sizes, seed=seed).to(device)
+        reference_acc.append(accuracy(reference, test))
+        teacher = train_classifier(
+            copy.deepcopy(reference), train, epochs=config.teacher_epochs,
+            batch_size=config.teacher_batch_size, lr=config.teacher_lr, seed=seed,
+            progress=config.progress,
+        ).requires_grad_(False)
+        teacher_acc.append(accuracy(teacher, test))
+        probe = probe_subset(train, config.probe_size, seed)
+        for condition in conditions:
+            path = config.out / "parts" / f"seed{seed}_{condition.name}.nc"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            parts[seed, condition.name] = run_condition(
+                condition, teacher, sizes=config.sizes, seed=seed, seeds=seeds, probe=probe,
+                test=test, setup=config.student, path=path, config=config,
+                progress=config.progress,
+            )
+    wall = time.perf_counter() - start
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    device_text = f"{name} ({torch.get_num_threads()} threads)" if name == "CPU" else name
+    command = "python " + shlex.join(sys.argv) if sys.argv[0].endswith(".py") else "main(config)"
+    attrs = make_attrs(config) | {"device": device_text, "wall_time_s": f"{wall:.1f}"}
+    ds = combine_runs(parts, attrs)
+    ds["teacher_accuracy"] = ("seed", teacher_acc, {"long_name": "teacher test accuracy",
+                                                    "units": "1"})
+    ds["reference_accuracy"] = ("seed", reference_acc, {"long_name": "untrained reference "
+                                                        "test accuracy", "units": "1"})
+    result = config.out / "mnist_aux.nc"
+    ds.to_netcdf(result, engine="netcdf4")
+    save_figures(ds, config.out / "figures")
+    summary = summary_markdown(ds, wall_time_s=wall, device=device_text, command=command)
+    (config.out / "summary.md").write_text(summary)
+    print(summary)
+    return result
+
+
+def parse(argv: list[str] | None = None) -> Config:
+    """Map command-line flags onto a :class:`Config`."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="reduced run (about a minute)")
+    parser.add_argument("--seeds", type=int, help="number of seeds (default 5; 2 with --quick)")
+    parser.add_argument("--conditions", nargs="+", choices=sorted(CONDITIONS), metavar="NAME",
+                        help=f"conditions to run, from {sorted(CONDITIONS)}")
+    parser.add_argument("--trait", choices=["ce", "kl"], help="trait loss (default ce)")
+    parser.add_argument("--out", type=Path, help="output folder (default runs/mnist_aux)")
+    parser.add_argument("--data-dir", help="folder holding MNIST/raw (else $GRADLENS_DATA_DIR)")
+    parser.add_argument("--device", help="torch device (default cuda when available)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    args = parser.parse_args(argv)
+    config = quick(Config()) if args.quick else Config()
+    if args.quick and args.out is None:
+        args.out = Path("runs/mnist_aux_quick")
+    changes = {
+        "seeds": args.seeds,
+        "conditions": tuple(args.conditions) if args.conditions else None,
+        "out": args.out,
+        "data_dir": args.data_dir,
+        "device": args.device,
+    }
+    config = dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})
+    if args.trait:
+        config = dataclasses.replace(
+            config, student=dataclasses.replace(config.student, trait=args.trait)
+        )
+    return dataclasses.replace(config, progress=not args.no_progress)
+
+
+if __name__ == "__main__":
+    main(parse())

@@ -1,0 +1,139 @@
+"""The pieces of the MNIST auxiliary-logit experiment that a script strings together."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+import xarray as xr
+from torch import nn
+
+from gradlens.alignment import QUANTILES as QUANTILE_LEVELS
+from gradlens.data import Digits
+from gradlens.recording import Recorder, open_run
+from gradlens.subliminal.conditions import Condition
+from gradlens.subliminal.models import init_mlp
+from gradlens.subliminal.student import (
+    StudentSetup,
+    layer_names,
+    run_student,
+    student_variables,
+    transform_shapes,
+)
+
+__all__ = ["combine_runs", "cross_seed", "probe_subset", "run_condition"]
+
+UNRELATED_SEED_OFFSET = 1_000_003
+
+
+def cross_seed(seed: int, seeds: Sequence[int]) -> int:
+    """The seed whose initialisation a ``cross_init`` student of ``seed`` starts from.
+
+    With several seeds, the next one in cyclic order: a derangement, so no
+    student starts from its own teacher's initialisation. With one seed, a
+    seed far from any used here.
+
+    Example:
+        >>> [cross_seed(s, [0, 1, 2]) for s in (0, 1, 2)]
+        [1, 2, 0]
+        >>> cross_seed(0, [0])
+        1000003
+    """
+    seeds = list(seeds)
+    if seed not in seeds:
+        raise ValueError(f"seed {seed} is not among the seeds {seeds}.")
+    if len(seeds) == 1:
+        return seed + UNRELATED_SEED_OFFSET
+    return seeds[(seeds.index(seed) + 1) % len(seeds)]
+
+
+def probe_subset(train: Digits, size: int, seed: int) -> Digits:
+    """A fixed random subset of the training images, for the trait gradient."""
+    if not 0 < size <= len(train.labels):
+        raise ValueError(f"probe size must be in 1..{len(train.labels)}, got {size}.")
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(train.labels), generator=gen)[:size].to(train.labels.device)
+    return Digits(train.images[idx], train.labels[idx])
+
+
+def run_condition(
+    condition: Condition,
+    teacher: nn.Module,
+    *,
+    sizes: Sequence[int],
+    seed: int,
+    seeds: Sequence[int],
+    probe: Digits,
+    test: Digits,
+    setup: StudentSetup,
+    path: Path,
+    config: object,
+    progress: bool = True,
+) -> Path:
+    """Distil one student under ``condition`` and record it to ``path``.
+
+    The run is written to ``path + ".part"`` and renamed to ``path`` only when
+    it completes, so an interrupted run never looks finished.
+
+    Returns:
+        ``path``.
+    """
+    device = probe.images.device
+    init_seed = seed if condition.init == "same" else cross_seed(seed, seeds)
+    student = init_mlp(sizes, seed=init_seed).to(device)
+    base = copy.deepcopy(student).requires_grad_(False)
+    variables = student_variables(student, condition, transform_shapes(condition, student))
+    partial = path.with_name(path.name + ".part")
+    with Recorder(
+        partial,
+        variables,
+        coords={"layer": layer_names(student), "quantile": list(QUANTILE_LEVELS)},
+        attrs={"condition": condition.name, "seed": seed, "init_seed": init_seed},
+        config=config,
+        overwrite=True,
+    ) as recorder:
+        run_student(
+            student,
+            teacher,
+            base,
+            condition,
+            probe,
+            test,
+            recorder,
+            seed=seed,
+            setup=setup,
+            progress=progress,
+        )
+    os.replace(partial, path)
+    return path
+
+
+def combine_runs(parts: Mapping[tuple[int, str], Path], attrs: Mapping[str, str]) -> xr.Dataset:
+    """Merge per-(seed, condition) run files into one Dataset.
+
+    Variables that only some conditions have (transform states, the liminal
+    weight) are NaN elsewhere.
+
+    Args:
+        parts: ``(seed, condition) -> path`` of completed runs.
+        attrs: Dataset attrs of the result.
+
+    Returns:
+        Dims ``step``, ``layer``, ``quantile``, ``example_step``, ``example``,
+        ``condition``, ``seed``, in that order where present.
+    """
+    runs = [
+        open_run(path).expand_dims(condition=[condition], seed=[seed])
+        for (seed, condition), path in parts.items()
+    ]
+    merged = xr.merge(runs, combine_attrs="drop_conflicts", join="outer", compat="no_conflicts")
+    conditions = list(dict.fromkeys(c for _, c in parts))
+    seeds = sorted({s for s, _ in parts})
+    merged = merged.reindex(condition=conditions, seed=seeds)
+    merged.attrs = dict(attrs)
+    order = [d for d in ("step", "layer", "quantile", "example_step", "example") if d in merged.dims]
+    return merged.transpose(*order, "condition", "seed")
+

@@ -1,0 +1,243 @@
+"""Distil one student under one condition, probing and recording every step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from gradlens.data import Digits
+from gradlens.gradops import group_by_layer
+from gradlens.liminal import liminal_loss, liminal_weight
+from gradlens.recording import Recorder, Variable
+from gradlens.subliminal.conditions import Condition
+from gradlens.subliminal.losses import class_cross_entropy, class_kl, logit_kl
+from gradlens.subliminal.noise import noise_batch
+from gradlens.subliminal.teacher import accuracy
+from gradlens.training import Objective, probed_step, weighted_sum
+from gradlens.transforms import transform_records
+
+__all__ = ["StudentSetup", "run_student", "student_variables"]
+
+
+@dataclass(frozen=True)
+class StudentSetup:
+    """How a student is distilled and probed.
+
+    Attributes:
+        epochs: Passes over the noise set.
+        batch_size: Noise images per step.
+        noise_per_epoch: Noise images per epoch.
+        lr: Adam learning rate.
+        num_classes: Class logits; the rest are auxiliary.
+        trait: Trait loss: cross-entropy on the probe labels (``"ce"``) or KL to
+            the teacher's class distribution on the probe images (``"kl"``).
+        eval_every: Test accuracy every this many steps (and after the last).
+        store_every: Full per-example cosines every this many steps.
+        liminal_lambda0: Liminal weight at step 0.
+        liminal_period: Steps over which it decays to 0.
+    """
+
+    epochs: int = 5
+    batch_size: int = 1024
+    noise_per_epoch: int = 60_000
+    lr: float = 3e-4
+    num_classes: int = 10
+    trait: Literal["ce", "kl"] = "ce"
+    eval_every: int = 10
+    store_every: int = 10
+    liminal_lambda0: float = 1.0
+    liminal_period: int = 59
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch (the last batch may be smaller)."""
+        return -(-self.noise_per_epoch // self.batch_size)
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps in the whole run."""
+        return self.epochs * self.steps_per_epoch
+
+
+def student_variables(
+    model: nn.Module, condition: Condition, transform_shapes: dict[str, int]
+) -> dict[str, Variable]:
+    """Declare every record a student run writes.
+
+    Args:
+        model: The student, for its layers.
+        condition: The condition, for liminal and transform records.
+        transform_shapes: Record name -> number of dims (0 or 1, per layer) of
+            each transform state field, prefixed ``before_``/``after_``.
+    """
+    s, sl = ("step",), ("step", "layer")
+    v = {
+        "epoch": Variable(s, "epoch of the step", dtype="int64", coord=True),
+        "distill_loss": Variable(s, "distillation loss on the step's noise batch", units="nat"),
+        "train_loss": Variable(s, "training loss (distillation plus any extra term)", units="nat"),
+        "trait_loss": Variable(s, "trait loss on the probe batch before the step", units="nat"),
+        "cosine": Variable(s, "cos(g_t, g_d)"),
+        "trait_norm": Variable(s, "||g_t||"),
+        "distill_norm": Variable(s, "||g_d||"),
+        "projection": Variable(s, "<g_d, g_t> / ||g_t||^2"),
+        "layer_cosine": Variable(sl, "cos(g_t, g_d) per layer"),
+        "layer_trait_norm": Variable(sl, "||g_t|| per layer"),
+        "layer_distill_norm": Variable(sl, "||g_d|| per layer"),
+        "update_cosine": Variable(s, "cos(g_t, parameter update applied)"),
+        "predicted_change": Variable(s, "first-order predicted trait-loss change g_t . delta", units="nat"),
+        "measured_change": Variable(s, "measured trait-loss change over the step", units="nat"),
+        "example_cosine_mean": Variable(s, "mean over examples of cos(g_i, g_t)"),
+        "example_cosine_quantile": Variable(
+            ("step", "quantile"), "quantiles over examples of cos(g_i, g_t)"
+        ),
+        "example_cosine_frac_positive": Variable(s, "fraction of examples with cos(g_i, g_t) > 0"),
+        "test_accuracy": Variable(s, "student test accuracy after the step (class logits)"),
+        "example_cosine": Variable(
+            ("example_step", "example"), "cos(g_i, g_t) of each distillation example"
+        ),
+    }
+    if condition.liminal:
+        v["liminal_weight"] = Variable(s, "liminal KL weight lambda(t)")
+    for name, ndim in transform_shapes.items():
+        v[name] = Variable(sl if ndim else s, f"transform state: {name}")
+    return v
+
+
+def layer_names(model: nn.Module) -> list[str]:
+    """Layer names of the model's trainable parameters, in order."""
+    return list(group_by_layer(n for n, p in model.named_parameters() if p.requires_grad))
+
+
+def _transform_fields(prefix: str, state: object) -> dict[str, Tensor]:
+    """Name a transform state's records ``{prefix}_{name}``, or ``{prefix}_layer_{name}``
+    for per-layer values, so global and per-layer states never share a name."""
+    if state is None:
+        return {}
+    return {
+        f"{prefix}_layer_{k}" if v.ndim else f"{prefix}_{k}": v
+        for k, v in transform_records(state).items()
+    }
+
+
+def transform_shapes(condition: Condition, model: nn.Module) -> dict[str, int]:
+    """Record names and ranks of the condition's transform states."""
+    params = dict(model.named_parameters())
+    out = {}
+    for prefix, factory in (("before", condition.before), ("after", condition.after)):
+        if factory is not None:
+            fields = _transform_fields(prefix, factory().init(params))
+            out.update({k: v.ndim for k, v in fields.items()})
+    return out
+
+
+def run_student(
+    student: nn.Module,
+    teacher: nn.Module,
+    base: nn.Module,
+    condition: Condition,
+    probe: Digits,
+    test: Digits,
+    recorder: Recorder,
+    *,
+    seed: int,
+    setup: StudentSetup,
+    progress: bool = True,
+) -> nn.Module:
+    """Distil ``student`` from ``teacher`` on noise, logging every step to ``recorder``.
+
+    Args:
+        student: The student, already at its initialisation; trained in place.
+        teacher: The trained teacher.
+        base: The student's initial model (the target of the liminal term).
+        condition: What is distilled and which interventions apply.
+        probe: Labelled images for the trait gradient (never trained on).
+        test: Test images for accuracy.
+        recorder: A :class:`~gradlens.recording.Recorder` declared with
+            :func:`student_variables`.
+        seed: Seed of the noise stream.
+        setup: Hyper-parameters.
+        progress: Show a progress bar.
+
+    Returns:
+        The trained student.
+    """
+    device = probe.images.device
+    first = setup.num_classes if condition.logits == "aux" else 0
+    distill = logit_kl(first)
+    if setup.trait == "ce":
+        trait = Objective(class_cross_entropy(setup.num_classes), probe.images, (probe.labels,))
+    else:
+        with torch.no_grad():
+            teacher_classes = teacher(probe.images)[:, : setup.num_classes]
+        trait = Objective(class_kl(setup.num_classes), probe.images, (teacher_classes,))
+    optimizer = torch.optim.Adam(student.parameters(), lr=setup.lr)
+    params = dict(student.named_parameters())
+    before = condition.before() if condition.before else None
+    after = condition.after() if condition.after else None
+    before_state = before.init(params) if before else None
+    after_state = after.init(params) if after else None
+
+    step = 0
+    with tqdm(total=setup.steps, desc=condition.name, disable=not progress, leave=False) as bar:
+        for epoch in range(setup.epochs):
+            for index in range(setup.steps_per_epoch):
+                size = min(setup.batch_size, setup.noise_per_epoch - index * setup.batch_size)
+                x = noise_batch(seed, epoch, index, size, probe.images.shape[1], str(device))
+                with torch.no_grad():
+                    targets = teacher(x)[:, first:]
+                    base_logits = base(x)[:, : setup.num_classes] if condition.liminal else None
+                loss_fn, all_targets, extra = distill, (targets,), {}
+                if base_logits is not None:
+                    weight = liminal_weight(
+                        step, lambda0=setup.liminal_lambda0, period=setup.liminal_period
+                    )
+                    loss_fn = weighted_sum(distill, _class_slice(setup.num_classes), weight, 1)
+                    all_targets = (targets, base_logits)
+                    with torch.no_grad():
+                        extra = {
+                            "liminal_weight": weight,
+                            "distill_loss": distill(student(x), targets),
+                        }
+                result = probed_step(
+                    student,
+                    optimizer,
+                    Objective(loss_fn, x, all_targets),
+                    trait,
+                    before=before,
+                    before_state=before_state,
+                    after=after,
+                    after_state=after_state,
+                    step=step,
+                )
+                before_state, after_state = result.before_state, result.after_state
+                values = dict(result.records)
+                values["distill_loss"] = values["train_loss"]
+                values.update(extra)
+                values.update(_transform_fields("before", before_state))
+                values.update(_transform_fields("after", after_state))
+                last = step == setup.steps - 1
+                if step % setup.eval_every == 0 or last:
+                    values["test_accuracy"] = accuracy(student, test, setup.num_classes)
+                if step % setup.store_every == 0 or last:
+                    values["example_cosine"] = _pad(result.example_cosine, setup.batch_size)
+                recorder.log(step, epoch=epoch, **values)
+                bar.update()
+                step += 1
+    return student
+
+
+def _pad(values: Tensor, size: int) -> Tensor:
+    """Pad ``(example,)`` with NaN to ``size`` (the last batch of an epoch may be smaller)."""
+    return torch.cat([values, values.new_full((size - len(values),), float("nan"))])
+
+
+def _class_slice(num_classes: int):  # noqa: ANN202
+    def loss(outputs: Tensor, base_logits: Tensor) -> Tensor:
+        return liminal_loss(outputs[:, :num_classes], base_logits)
+
+    return loss
+

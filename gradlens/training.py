@@ -1,0 +1,195 @@
+"""One probed training step, shared by every condition of an experiment.
+
+:func:`probed_step` measures the trait gradient ``g_t`` and the training
+(distillation) gradient ``g_d`` at the current parameters, applies optional
+gradient transforms before the optimizer (to ``g_d``) and after it (to the
+optimizer's update), takes the step, and returns what it measured. Any extra
+loss term (for example liminal training's KL to the base model) is part of
+the :class:`Objective`, so interventions need no special cases.
+
+Example:
+    >>> import torch
+    >>> import torch.nn.functional as F
+    >>> from gradlens.transforms import remove_aligned
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> trait = Objective(F.cross_entropy, torch.randn(16, 4), (torch.randint(0, 3, (16,)),))
+    >>> train = Objective(F.mse_loss, torch.randn(8, 4), (torch.randn(8, 3),))
+    >>> before = remove_aligned()
+    >>> out = probed_step(model, opt, train, trait, before=before,
+    ...                   before_state=before.init(dict(model.named_parameters())))
+    >>> abs(float(out.records["update_cosine"])) < 1e-5  # the step is orthogonal to g_t
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from gradlens.alignment import alignment, example_alignment, summarize
+from gradlens.ghost import Method, probe_batch
+from gradlens.gradops import check_finite, cosine, dot
+from gradlens.per_example import LossFn, loss_and_grad
+from gradlens.transforms.base import GradientTransform
+
+__all__ = ["Objective", "StepResult", "probed_step", "weighted_sum"]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A loss on a batch: ``loss_fn(model(inputs), *targets)``.
+
+    Attributes:
+        loss_fn: ``loss_fn(outputs, *targets) -> scalar``, written for a batch, mean-reduced.
+        inputs: Shape ``(example, ...)``.
+        targets: Each of shape ``(example, ...)``.
+    """
+
+    loss_fn: LossFn
+    inputs: Tensor
+    targets: tuple[Tensor, ...] = field(default_factory=tuple)
+
+
+def weighted_sum(main: LossFn, extra: LossFn, weight: float, split: int) -> LossFn:
+    """Combine two losses: ``main(out, *t[:split]) + weight * extra(out, *t[split:])``.
+
+    Args:
+        main: The main loss, taking the first ``split`` targets.
+        extra: The extra term, taking the remaining targets.
+        weight: The extra term's weight at this step.
+        split: How many targets belong to ``main``.
+
+    Returns:
+        The combined loss function.
+    """
+
+    def loss(outputs: Tensor, *targets: Tensor) -> Tensor:
+        return main(outputs, *targets[:split]) + weight * extra(outputs, *targets[split:])
+
+    return loss
+
+
+class StepResult(NamedTuple):
+    """What :func:`probed_step` measured and the transforms' new states.
+
+    Attributes:
+        records: Named values: ``()`` scalars, ``(layer,)`` per-layer values and
+            ``(quantile,)`` quantiles of the per-example cosines (see docs/experiment.md).
+        example_cosine: ``cos(g_i, g_t)`` of each training example, shape ``(example,)``.
+        before_state: New state of the ``before`` transform (``None`` without one).
+        after_state: New state of the ``after`` transform (``None`` without one).
+    """
+
+    records: dict[str, Tensor]
+    example_cosine: Tensor
+    before_state: Any
+    after_state: Any
+
+
+def _params(model: nn.Module) -> dict[str, Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def probed_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train: Objective,
+    trait: Objective,
+    *,
+    before: GradientTransform | None = None,
+    before_state: Any = None,
+    after: GradientTransform | None = None,
+    after_state: Any = None,
+    step: int | None = None,
+    method: Method = "auto",
+    measure_change: bool = True,
+) -> StepResult:
+    """Take one optimizer step on ``train`` while probing its alignment with ``trait``.
+
+    1. ``g_t``: gradient of the trait loss at the current parameters.
+    2. ``g_d``, the training losses and the per-example dots with ``g_t``, from
+       one forward and backward (:func:`~gradlens.probe_batch`).
+    3. ``before`` transforms ``g_d`` (reference ``g_t``, extra ``example_dots``);
+       the optimizer steps; ``after`` transforms the optimizer's update
+       ``delta`` the same way and the parameters become ``old + delta``.
+
+    The optimizer must hold the model's parameters; their ``.grad`` is set to
+    the (transformed) gradient and cleared after the step.
+
+    Args:
+        model: The student.
+        optimizer: A ``torch.optim`` optimizer over ``model``'s parameters.
+        train: The training objective (distillation loss plus any extra term).
+        trait: The trait objective, for example cross-entropy on labelled probes.
+        before: Transform applied to ``g_d`` before the optimizer.
+        before_state: Its state, from ``before.init(params)`` or the last step.
+        after: Transform applied to the optimizer's update.
+        after_state: Its state.
+        step: The step number, for error messages.
+        method: ``per_example_dots`` method for the per-example probe.
+        measure_change: Also evaluate the trait loss after the step (one forward).
+
+    Returns:
+        A :class:`StepResult`.
+
+    Raises:
+        NonFiniteGradientError: If ``g_t`` or ``g_d`` has NaN or infinite values.
+    """
+    params = _params(model)
+    old = {n: p.detach().clone() for n, p in params.items()}
+    trait_loss, g_t = loss_and_grad(model, trait.loss_fn, trait.inputs, *trait.targets)
+    check_finite(g_t, step=step, what="trait gradient")
+    probe = probe_batch(model, train.loss_fn, g_t, train.inputs, *train.targets, method=method)
+    check_finite(probe.grad, step=step, what="training gradient")
+    align = alignment(g_t, probe.grad)
+    per_example = example_alignment(probe.dots, probe.sq_norms, g_t)
+
+    grads = probe.grad
+    if before is not None:
+        grads, before_state = before.update(
+            grads, before_state, old, reference=g_t, example_dots=probe.dots
+        )
+    for name, p in params.items():
+        p.grad = grads[name].detach().clone()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        delta = {n: p.detach() - old[n] for n, p in params.items()}
+        if after is not None:
+            delta, after_state = after.update(
+                delta, after_state, old, reference=g_t, example_dots=probe.dots
+            )
+            for name, p in params.items():
+                p.copy_(old[name] + delta[name])
+
+    summary = summarize(per_example.cosine)
+    records = {
+        "train_loss": probe.losses.mean(),
+        "trait_loss": trait_loss,
+        "cosine": align.cosine,
+        "trait_norm": align.trait_norm,
+        "distill_norm": align.distill_norm,
+        "projection": align.projection,
+        "layer_cosine": align.layer_cosine,
+        "layer_trait_norm": align.layer_trait_norm,
+        "layer_distill_norm": align.layer_distill_norm,
+        "update_cosine": cosine(g_t, delta),
+        "predicted_change": dot(g_t, delta),
+        "example_cosine_mean": summary["mean"],
+        "example_cosine_quantile": summary["quantile"],
+        "example_cosine_frac_positive": summary["frac_positive"],
+    }
+    if measure_change:
+        with torch.no_grad():
+            after_loss = trait.loss_fn(model(trait.inputs), *trait.targets)
+        records["measured_change"] = after_loss - trait_loss
+    return StepResult(records, per_example.cosine, before_state, after_state)
+
+

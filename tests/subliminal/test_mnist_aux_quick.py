@@ -1,0 +1,77 @@
+"""Integration: the experiment script's --quick run on real MNIST."""
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from gradlens.data import DATA_DIR_ENV
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "experiments"))
+import mnist_aux  # noqa: E402
+
+
+def data_dir() -> str:
+    root = os.environ.get(DATA_DIR_ENV) or str(ROOT.parent / "shared" / "data")
+    if not Path(root, "MNIST", "raw").is_dir():
+        pytest.fail(f"MNIST not found under {root}: set {DATA_DIR_ENV} (see README).")
+    return root
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> xr.Dataset:
+    out = tmp_path_factory.mktemp("quick")
+    config = mnist_aux.parse(["--quick", "--out", str(out), "--data-dir", data_dir(),
+                              "--device", "cpu", "--no-progress"])
+    path = mnist_aux.main(config)
+    assert (out / "summary.md").is_file()
+    assert len(list((out / "figures").glob("*.png"))) == 8
+    return xr.open_dataset(path)
+
+
+def test_quick_run_file_structure(quick_run: xr.Dataset) -> None:
+    ds = quick_run
+    assert list(ds.condition.values) == ["aux", "all_logits", "cross_init"]
+    assert list(ds.seed.values) == [0, 1]
+    assert ds.sizes["step"] == 40 and ds.sizes["layer"] == 3 and ds.sizes["example"] == 1024
+    assert ds["cosine"].dims == ("step", "condition", "seed")
+    assert ds["layer_cosine"].dims == ("step", "layer", "condition", "seed")
+    assert ds["example_cosine"].dims == ("example_step", "example", "condition", "seed")
+    for name, var in ds.data_vars.items():
+        assert "long_name" in var.attrs and "units" in var.attrs, name
+    assert np.isfinite(ds["cosine"]).all()
+    assert np.isfinite(ds["test_accuracy"].isel(step=-1)).all()
+    for key in ("config", "gradlens_version", "torch_version", "created_at", "device"):
+        assert key in ds.attrs
+
+
+def test_quick_run_teacher_beats_chance_and_all_logits_learns(quick_run: xr.Dataset) -> None:
+    assert float(quick_run["teacher_accuracy"].min()) > 0.7
+    final = quick_run["test_accuracy"].isel(step=-1)
+    assert float(final.sel(condition="all_logits").mean()) > 0.3
+
+
+def test_interventions_quick_run_writes_transform_records(tmp_path: Path) -> None:
+    conditions = ["remove", "reverse", "remove_layer", "remove_per_example", "remove_update",
+                  "liminal"]
+    config = mnist_aux.parse(["--quick", "--seeds", "1", "--out", str(tmp_path), "--data-dir",
+                              data_dir(), "--device", "cpu", "--no-progress", "--conditions",
+                              *conditions])
+    ds = xr.open_dataset(mnist_aux.main(config))
+    assert list(ds.condition.values) == conditions
+    cos_after = ds["before_t0_scale_aligned_cosine_after"]
+    assert float(abs(cos_after.sel(condition="remove")).max()) < 1e-4
+    assert float(abs(ds["update_cosine"].sel(condition="remove_update")).max()) < 1e-4
+    per_layer = ds["before_layer_t0_scale_aligned_cosine_after"]
+    assert per_layer.dims[:2] == ("step", "layer")
+    assert float(abs(per_layer.sel(condition="remove_layer")).max()) < 1e-4
+    assert np.isnan(per_layer.sel(condition="remove")).all()
+    weight = ds["liminal_weight"].sel(condition="liminal", seed=0)
+    assert float(weight.isel(step=0)) == 1.0 and float(weight.isel(step=-1)) == 0.0
+    assert np.isnan(ds["liminal_weight"].sel(condition="remove")).all()
+    reverse = ds["before_t0_scale_aligned_coef"].sel(condition="reverse")
+    assert np.isfinite(reverse).all()
