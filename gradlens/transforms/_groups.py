@@ -47,6 +47,22 @@ class GroupStats(NamedTuple):
         return safe_divide(self.dot, self.sq_norm.sqrt() * self.ref_sq_norm.sqrt())
 
 
+def cosine_after(after: GroupStats, before: GroupStats) -> Tensor:
+    """Cosine of the outgoing gradient with ``r``, 0 where it vanished to rounding.
+
+    Removing the component of a gradient parallel to ``r`` (always the case
+    for a one-entry layer) leaves rounding noise whose cosine with ``r`` is a
+    random sign. Where ``||g'|| <= 8 eps ||g||`` (``eps`` of the dtype) the
+    cosine is reported as 0.
+
+    Returns:
+        Shape ``(group,)``.
+    """
+    eps = torch.finfo(after.dot.dtype).eps
+    resolved = after.sq_norm > (8 * eps) ** 2 * before.sq_norm
+    return torch.where(resolved, after.cosine, 0.0)
+
+
 def check_options(alpha: float, scope: str) -> None:
     """Raise ``ValueError`` for a non-finite ``alpha`` or an unknown ``scope``."""
     if not math.isfinite(alpha):

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from gradlens.transforms._groups import (
     check_options,
+    cosine_after,
     group_stats,
     groups_of,
     match_reference,
@@ -55,7 +56,9 @@ class ScaleAlignedState(NamedTuple):
 
     Attributes:
         cosine_before: Cosine of the incoming gradient with the reference.
-        cosine_after: Cosine of the outgoing gradient with the reference.
+        cosine_after: Cosine of the outgoing gradient with the reference; 0
+            where the outgoing gradient is zero to rounding (``||g'|| <= 8 eps
+            ||g||``), as after removing a gradient parallel to the reference.
         coef: ``<g, r> / ||r||^2`` of the incoming gradient, the coefficient
             whose component was scaled.
         acted: 1 where the aligned component was scaled, 0 where it was left
@@ -116,7 +119,7 @@ def scale_aligned(
         after = group_stats(new_grads, reference, groups, before.ref_sq_norm)
         new_state = ScaleAlignedState(
             cosine_before=to_scope(before.cosine, scope),
-            cosine_after=to_scope(after.cosine, scope),
+            cosine_after=to_scope(cosine_after(after, before), scope),
             coef=to_scope(coef, scope),
             acted=to_scope(acted.to(coef.dtype), scope),
         )

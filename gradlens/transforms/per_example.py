@@ -43,6 +43,7 @@ from gradlens.errors import GradientMismatchError
 from gradlens.gradops import safe_divide
 from gradlens.transforms._groups import (
     check_options,
+    cosine_after,
     group_stats,
     groups_of,
     match_reference,
@@ -68,7 +69,9 @@ class ScaleAlignedPerExampleState(NamedTuple):
 
     Attributes:
         cosine_before: Cosine of the incoming gradient with the reference.
-        cosine_after: Cosine of the outgoing gradient with the reference.
+        cosine_after: Cosine of the outgoing gradient with the reference; 0
+            where the outgoing gradient is zero to rounding (``||g'|| <= 8 eps
+            ||g||``), as after removing a gradient parallel to the reference.
         coef: ``mean_i c_i``, the mean per-example coefficient (the
             coefficient of the mean gradient).
         acted_coef: ``mean_i f(c_i)``, the mean coefficient that was scaled.
@@ -162,7 +165,7 @@ def scale_aligned_per_example(
         after = group_stats(new_grads, reference, groups, before.ref_sq_norm)
         new_state = ScaleAlignedPerExampleState(
             cosine_before=to_scope(before.cosine, scope),
-            cosine_after=to_scope(after.cosine, scope),
+            cosine_after=to_scope(cosine_after(after, before), scope),
             coef=to_scope(coef.mean(0), scope),
             acted_coef=to_scope(acted_coef, scope),
             acted=to_scope(acted.to(coef.dtype).mean(0), scope),
