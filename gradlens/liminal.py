@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -80,4 +81,9 @@ def liminal_loss(student_logits: Tensor, base_logits: Tensor) -> Tensor:
         )
     log_q = F.log_softmax(student_logits, dim=-1)
     log_p = F.log_softmax(base_logits.detach().to(student_logits.dtype), dim=-1)
-    return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+    # The explicit sum rather than F.kl_div: kl_div has no vmap batching rule,
+    # and per-example gradients call this loss under vmap. Classes the base
+    # model rules out (logit -inf, p = 0) add 0, as 0 log 0 = 0.
+    p = log_p.exp()
+    terms = torch.where(p > 0, p * (log_p - log_q), 0.0)
+    return terms.sum(dim=-1).mean()

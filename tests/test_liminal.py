@@ -96,3 +96,21 @@ def test_gradient_reaches_the_student_only() -> None:
 def test_loss_validates_shapes(student: tuple, base: tuple) -> None:
     with pytest.raises(ValueError, match=r"\(example, class\)"):
         liminal_loss(torch.zeros(student), torch.zeros(base))
+
+
+def test_loss_works_under_vmap_without_warnings() -> None:
+    student = torch.randn(5, 3, dtype=torch.float64)
+    base = torch.randn(5, 3, dtype=torch.float64)
+    per_example = torch.func.vmap(lambda s, b: liminal_loss(s[None], b[None]))(student, base)
+    torch.testing.assert_close(per_example.mean(), liminal_loss(student, base))
+
+
+def test_classes_ruled_out_by_the_base_add_nothing() -> None:
+    student = torch.tensor([[0.5, 1.0, -2.0]], dtype=torch.float64, requires_grad=True)
+    base = torch.tensor([[1.0, 0.0, -torch.inf]], dtype=torch.float64)
+    loss = liminal_loss(student, base)
+    loss.backward()
+    p = torch.softmax(base[:, :2], -1)
+    log_q = torch.log_softmax(student.detach(), -1)[:, :2]
+    torch.testing.assert_close(loss.detach(), (p * (p.log() - log_q)).sum(-1).mean())
+    assert student.grad is not None and student.grad.isfinite().all()
