@@ -1,0 +1,1 @@
+"""Benchmarks for gradlens; run ``python -m benchmarks.bench_probes --help``."""
