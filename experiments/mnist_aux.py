@@ -59,7 +59,11 @@ class Config:
 def quick(config: Config) -> Config:
     """A reduced run for a smoke test: 2 seeds, 1 teacher epoch, 40 student steps."""
     student = dataclasses.replace(
-        config.student, epochs=2, noise_per_epoch=20 * 1024, eval_every=5, store_every=10,
+        config.student,
+        epochs=2,
+        noise_per_epoch=20 * 1024,
+        eval_every=5,
+        store_every=10,
         liminal_period=20,
     )
     return dataclasses.replace(config, seeds=2, teacher_epochs=1, student=student)
@@ -85,8 +89,12 @@ def main(config: Config) -> Path:
         reference = init_mlp(config.sizes, seed=seed).to(device)
         reference_acc.append(accuracy(reference, test))
         teacher = train_classifier(
-            copy.deepcopy(reference), train, epochs=config.teacher_epochs,
-            batch_size=config.teacher_batch_size, lr=config.teacher_lr, seed=seed,
+            copy.deepcopy(reference),
+            train,
+            epochs=config.teacher_epochs,
+            batch_size=config.teacher_batch_size,
+            lr=config.teacher_lr,
+            seed=seed,
             progress=config.progress,
         ).requires_grad_(False)
         teacher_acc.append(accuracy(teacher, test))
@@ -95,8 +103,16 @@ def main(config: Config) -> Path:
             path = config.out / "parts" / f"seed{seed}_{condition.name}.nc"
             path.parent.mkdir(parents=True, exist_ok=True)
             parts[seed, condition.name] = run_condition(
-                condition, teacher, sizes=config.sizes, seed=seed, seeds=seeds, probe=probe,
-                test=test, setup=config.student, path=path, config=config,
+                condition,
+                teacher,
+                sizes=config.sizes,
+                seed=seed,
+                seeds=seeds,
+                probe=probe,
+                test=test,
+                setup=config.student,
+                path=path,
+                config=config,
                 progress=config.progress,
             )
     wall = time.perf_counter() - start
@@ -105,10 +121,16 @@ def main(config: Config) -> Path:
     command = "python " + shlex.join(sys.argv) if sys.argv[0].endswith(".py") else "main(config)"
     attrs = make_attrs(config) | {"device": device_text, "wall_time_s": f"{wall:.1f}"}
     ds = combine_runs(parts, attrs)
-    ds["teacher_accuracy"] = ("seed", teacher_acc, {"long_name": "teacher test accuracy",
-                                                    "units": "1"})
-    ds["reference_accuracy"] = ("seed", reference_acc, {"long_name": "untrained reference "
-                                                        "test accuracy", "units": "1"})
+    ds["teacher_accuracy"] = (
+        "seed",
+        teacher_acc,
+        {"long_name": "teacher test accuracy", "units": "1"},
+    )
+    ds["reference_accuracy"] = (
+        "seed",
+        reference_acc,
+        {"long_name": "untrained reference test accuracy", "units": "1"},
+    )
     result = config.out / "mnist_aux.nc"
     ds.to_netcdf(result, engine="netcdf4")
     save_figures(ds, config.out / "figures")
@@ -123,8 +145,13 @@ def parse(argv: list[str] | None = None) -> Config:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="reduced run (about a minute)")
     parser.add_argument("--seeds", type=int, help="number of seeds (default 5; 2 with --quick)")
-    parser.add_argument("--conditions", nargs="+", choices=sorted(CONDITIONS), metavar="NAME",
-                        help=f"conditions to run, from {sorted(CONDITIONS)}")
+    parser.add_argument(
+        "--conditions",
+        nargs="+",
+        choices=sorted(CONDITIONS),
+        metavar="NAME",
+        help=f"conditions to run, from {sorted(CONDITIONS)}",
+    )
     parser.add_argument("--trait", choices=["ce", "kl"], help="trait loss (default ce)")
     parser.add_argument("--out", type=Path, help="output folder (default runs/mnist_aux)")
     parser.add_argument("--data-dir", help="folder holding MNIST/raw (else $GRADLENS_DATA_DIR)")

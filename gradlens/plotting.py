@@ -87,8 +87,13 @@ def plot_layer_heatmap(
     for ax, condition in zip(axes, names, strict=True):
         values = mean.sel(condition=condition).transpose("layer", "step")
         image = ax.pcolormesh(
-            values.step, np.arange(values.sizes["layer"]), values, cmap="RdBu_r",
-            vmin=-limit, vmax=limit, shading="nearest",
+            values.step,
+            np.arange(values.sizes["layer"]),
+            values,
+            cmap="RdBu_r",
+            vmin=-limit,
+            vmax=limit,
+            shading="nearest",
         )
         ax.set_yticks(np.arange(values.sizes["layer"]), [str(v) for v in values.layer.values])
         ax.set_ylabel(condition, rotation=0, ha="right", va="center")
@@ -151,9 +156,7 @@ def plot_predicted_vs_measured(
     return fig
 
 
-def plot_final_vs_alignment(
-    ds: xr.Dataset, *, conditions: Sequence[str] | None = None
-) -> Figure:
+def plot_final_vs_alignment(ds: xr.Dataset, *, conditions: Sequence[str] | None = None) -> Figure:
     """Final student accuracy against mean alignment over the run, per condition (95% CIs)."""
     fig = Figure(figsize=(6, 4.5), layout="constrained")
     ax = fig.add_subplot()
@@ -162,8 +165,13 @@ def plot_final_vs_alignment(
         x = mean_ci(ds["cosine"].sel(condition=condition).mean("step"))
         y = mean_ci(accuracy.sel(condition=condition))
         ax.errorbar(
-            float(x["mean"]), float(y["mean"]), xerr=float(x["half_width"]),
-            yerr=float(y["half_width"]), fmt="o", capsize=3, label=condition,
+            float(x["mean"]),
+            float(y["mean"]),
+            xerr=float(x["half_width"]),
+            yerr=float(y["half_width"]),
+            fmt="o",
+            capsize=3,
+            label=condition,
         )
     ax.set_xlabel("mean cos(g_t, g_d) over the run")
     ax.set_ylabel("final student test accuracy")

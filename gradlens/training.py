@@ -26,7 +26,6 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -191,5 +190,3 @@ def probed_step(
             after_loss = trait.loss_fn(model(trait.inputs), *trait.targets)
         records["measured_change"] = after_loss - trait_loss
     return StepResult(records, per_example.cosine, before_state, after_state)
-
-

@@ -134,6 +134,7 @@ def combine_runs(parts: Mapping[tuple[int, str], Path], attrs: Mapping[str, str]
     seeds = sorted({s for s, _ in parts})
     merged = merged.reindex(condition=conditions, seed=seeds)
     merged.attrs = dict(attrs)
-    order = [d for d in ("step", "layer", "quantile", "example_step", "example") if d in merged.dims]
+    order = [
+        d for d in ("step", "layer", "quantile", "example_step", "example") if d in merged.dims
+    ]
     return merged.transpose(*order, "condition", "seed")
-

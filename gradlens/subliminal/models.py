@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -34,7 +35,7 @@ def init_mlp(sizes: Sequence[int], *, seed: int) -> nn.Sequential:
         raise ValueError(f"sizes must list at least two positive widths, got {tuple(sizes)}.")
     gen = torch.Generator().manual_seed(seed)
     layers: list[nn.Module] = []
-    for d_in, d_out in zip(sizes[:-1], sizes[1:], strict=True):
+    for d_in, d_out in itertools.pairwise(sizes):
         linear = nn.Linear(d_in, d_out)
         with torch.no_grad():
             linear.weight.copy_(torch.randn(d_out, d_in, generator=gen) / d_in**0.5)

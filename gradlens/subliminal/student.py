@@ -88,7 +88,9 @@ def student_variables(
         "layer_trait_norm": Variable(sl, "||g_t|| per layer"),
         "layer_distill_norm": Variable(sl, "||g_d|| per layer"),
         "update_cosine": Variable(s, "cos(g_t, parameter update applied)"),
-        "predicted_change": Variable(s, "first-order predicted trait-loss change g_t . delta", units="nat"),
+        "predicted_change": Variable(
+            s, "first-order predicted trait-loss change g_t . delta", units="nat"
+        ),
         "measured_change": Variable(s, "measured trait-loss change over the step", units="nat"),
         "example_cosine_mean": Variable(s, "mean over examples of cos(g_i, g_t)"),
         "example_cosine_quantile": Variable(
@@ -113,8 +115,11 @@ def layer_names(model: nn.Module) -> list[str]:
 
 
 def _transform_fields(prefix: str, state: object) -> dict[str, Tensor]:
-    """Name a transform state's records ``{prefix}_{name}``, or ``{prefix}_layer_{name}``
-    for per-layer values, so global and per-layer states never share a name."""
+    """Name a transform state's records for the recorder.
+
+    Global values become ``{prefix}_{name}`` and per-layer values
+    ``{prefix}_layer_{name}``, so the two never share a name across conditions.
+    """
     if state is None:
         return {}
     return {
@@ -235,9 +240,8 @@ def _pad(values: Tensor, size: int) -> Tensor:
     return torch.cat([values, values.new_full((size - len(values),), float("nan"))])
 
 
-def _class_slice(num_classes: int):  # noqa: ANN202
+def _class_slice(num_classes: int):
     def loss(outputs: Tensor, base_logits: Tensor) -> Tensor:
         return liminal_loss(outputs[:, :num_classes], base_logits)
 
     return loss
-

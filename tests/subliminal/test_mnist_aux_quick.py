@@ -25,8 +25,9 @@ def data_dir() -> str:
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> xr.Dataset:
     out = tmp_path_factory.mktemp("quick")
-    config = mnist_aux.parse(["--quick", "--out", str(out), "--data-dir", data_dir(),
-                              "--device", "cpu", "--no-progress"])
+    config = mnist_aux.parse(
+        ["--quick", "--out", str(out), "--data-dir", data_dir(), "--device", "cpu", "--no-progress"]
+    )
     path = mnist_aux.main(config)
     assert (out / "summary.md").is_file()
     assert len(list((out / "figures").glob("*.png"))) == 8
@@ -56,11 +57,30 @@ def test_quick_run_teacher_beats_chance_and_all_logits_learns(quick_run: xr.Data
 
 
 def test_interventions_quick_run_writes_transform_records(tmp_path: Path) -> None:
-    conditions = ["remove", "reverse", "remove_layer", "remove_per_example", "remove_update",
-                  "liminal"]
-    config = mnist_aux.parse(["--quick", "--seeds", "1", "--out", str(tmp_path), "--data-dir",
-                              data_dir(), "--device", "cpu", "--no-progress", "--conditions",
-                              *conditions])
+    conditions = [
+        "remove",
+        "reverse",
+        "remove_layer",
+        "remove_per_example",
+        "remove_update",
+        "liminal",
+    ]
+    config = mnist_aux.parse(
+        [
+            "--quick",
+            "--seeds",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--data-dir",
+            data_dir(),
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--conditions",
+            *conditions,
+        ]
+    )
     ds = xr.open_dataset(mnist_aux.main(config))
     assert list(ds.condition.values) == conditions
     cos_after = ds["before_t0_scale_aligned_cosine_after"]
