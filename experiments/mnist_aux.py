@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gradlens.data import load_mnist
+from gradlens.numerics import flush_denormal
 from gradlens.plotting import save_figures
 from gradlens.provenance import make_attrs
 from gradlens.subliminal import (
@@ -75,6 +76,11 @@ def main(config: Config) -> Path:
     Returns:
         The path of the combined netCDF file.
     """
+    with flush_denormal():
+        return _run(config)
+
+
+def _run(config: Config) -> Path:
     start = time.perf_counter()
     conditions = get_conditions(config.conditions)
     config.out.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,24 @@ from gradlens.errors import (
     UnsupportedModelError,
 )
 from gradlens.ghost import Probe, per_example_dots, probe_batch
+from gradlens.liminal import liminal_loss, liminal_weight
+from gradlens.numerics import flush_denormal
 from gradlens.per_example import mean_grad, per_example_grads, per_example_losses
+from gradlens.provenance import config_from_attrs, make_attrs
+from gradlens.recording import Recorder, Variable, open_run
+from gradlens.training import Objective, StepResult, probed_step
+from gradlens.transforms import (
+    GradientTransform,
+    chain,
+    identity,
+    remove_aligned,
+    remove_aligned_per_example,
+    reverse_aligned,
+    reverse_aligned_per_example,
+    scale_aligned,
+    scale_aligned_per_example,
+    transform_records,
+)
 
 __version__ = "0.1.0"
 
@@ -22,18 +39,39 @@ __all__ = [
     "Digits",
     "ExampleAlignment",
     "GradientMismatchError",
+    "GradientTransform",
     "GradlensError",
     "NonFiniteGradientError",
+    "Objective",
     "Probe",
+    "Recorder",
+    "StepResult",
     "UnsupportedModelError",
+    "Variable",
     "__version__",
     "alignment",
+    "chain",
+    "config_from_attrs",
     "example_alignment",
+    "flush_denormal",
+    "identity",
+    "liminal_loss",
+    "liminal_weight",
     "load_mnist",
+    "make_attrs",
     "mean_grad",
+    "open_run",
     "per_example_dots",
     "per_example_grads",
     "per_example_losses",
     "probe_batch",
+    "probed_step",
+    "remove_aligned",
+    "remove_aligned_per_example",
+    "reverse_aligned",
+    "reverse_aligned_per_example",
+    "scale_aligned",
+    "scale_aligned_per_example",
     "summarize",
+    "transform_records",
 ]

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import math
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from gradlens.losses import kl_divergence
 
 __all__ = ["liminal_loss", "liminal_weight"]
 
@@ -79,11 +79,4 @@ def liminal_loss(student_logits: Tensor, base_logits: Tensor) -> Tensor:
             f"{tuple(student_logits.shape)} and {tuple(base_logits.shape)}. Flatten token "
             "dimensions into the example dimension first."
         )
-    log_q = F.log_softmax(student_logits, dim=-1)
-    log_p = F.log_softmax(base_logits.detach().to(student_logits.dtype), dim=-1)
-    # The explicit sum rather than F.kl_div: kl_div has no vmap batching rule,
-    # and per-example gradients call this loss under vmap. Classes the base
-    # model rules out (logit -inf, p = 0) add 0, as 0 log 0 = 0.
-    p = log_p.exp()
-    terms = torch.where(p > 0, p * (log_p - log_q), 0.0)
-    return terms.sum(dim=-1).mean()
+    return kl_divergence(student_logits, base_logits)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -27,6 +28,10 @@ def kl_divergence(logits: Tensor, target_logits: Tensor) -> Tensor:
         >>> bool(kl_divergence(z, torch.zeros(4, 3)) > 0)
         True
     """
-    log_p = F.log_softmax(target_logits.detach(), dim=-1)
     log_q = F.log_softmax(logits, dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean()
+    log_p = F.log_softmax(target_logits.detach().to(logits.dtype), dim=-1)
+    # An explicit sum rather than F.kl_div, which has no vmap batching rule
+    # (per-example probes call losses under vmap). Classes the target rules
+    # out (logit -inf, p = 0) add 0, as 0 log 0 = 0.
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(dim=-1).mean()
