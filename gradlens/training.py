@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from gradlens.alignment import alignment, example_alignment, summarize
 from gradlens.ghost import Method, probe_batch
-from gradlens.gradops import check_finite, cosine, dot
+from gradlens.gradops import check_finite, cosine, dot, scale
 from gradlens.per_example import LossFn, loss_and_grad
 from gradlens.transforms.base import GradientTransform
 
@@ -117,7 +117,11 @@ def probed_step(
        one forward and backward (:func:`~gradlens.probe_batch`).
     3. ``before`` transforms ``g_d`` (reference ``g_t``, extra ``example_dots``);
        the optimizer steps; ``after`` transforms the optimizer's update
-       ``delta`` the same way and the parameters become ``old + delta``.
+       ``delta`` with reference ``-g_t`` (the direction in which a step lowers
+       the trait loss, so a positive coefficient again means "teaches the
+       trait") and the parameters become ``old + delta``. Per-example
+       transforms describe gradients, not updates, and get no
+       ``example_dots`` after the optimizer: using one there fails loudly.
 
     The optimizer must hold the model's parameters; their ``.grad`` is set to
     the (transformed) gradient and cleared after the step.
@@ -162,9 +166,8 @@ def probed_step(
     with torch.no_grad():
         delta = {n: p.detach() - old[n] for n, p in params.items()}
         if after is not None:
-            delta, after_state = after.update(
-                delta, after_state, old, reference=g_t, example_dots=probe.dots
-            )
+            # An update descends: its part that teaches the trait points along -g_t.
+            delta, after_state = after.update(delta, after_state, old, reference=scale(g_t, -1.0))
             for name, p in params.items():
                 p.copy_(old[name] + delta[name])
 
