@@ -36,6 +36,7 @@ from benchmarks.report import (
     plot,
     provenance,
 )
+from benchmarks.targets import targets_markdown
 from benchmarks.verify import Agreement, verify_methods
 
 __all__ = ["BenchConfig", "main"]
@@ -165,7 +166,7 @@ def main(config: BenchConfig) -> xr.Dataset:
     )
     out.mkdir(parents=True, exist_ok=True)
     ds.to_netcdf(out / "results.nc")
-    table = markdown(ds)
+    table = markdown(ds) + "\n" + targets_markdown(ds)
     (out / "table.md").write_text(table)
     plot(ds, out / "probes.png")
     print(table)
@@ -225,6 +226,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--min-repeats", type=int, default=None)
     p.add_argument("--max-repeats", type=int, default=None)
     p.add_argument("--min-time", type=float, default=None, help="seconds of timed calls per case")
+    p.add_argument("--max-time", type=float, default=None, help="cap on them for slow calls")
     p.add_argument("--chunk-size", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--memory-limit-gb", type=float, default=None)
@@ -237,6 +239,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         "min_repeats": args.min_repeats,
         "max_repeats": args.max_repeats,
         "min_time_s": args.min_time,
+        "max_time_s": args.max_time,
         "chunk_size": args.chunk_size,
         "threads": args.threads,
     }

@@ -7,8 +7,9 @@ no import time yet inherits no memory, caches or threads from another case.
 Timing: the device is synchronised before every clock read; on CUDA the
 interval is taken with CUDA events. After ``warmup`` calls, the number of
 timed calls is chosen so that they take about ``min_time_s`` in all, within
-``[min_repeats, max_repeats]``. We report the median and the inter-quartile
-range.
+``[min_repeats, max_repeats]``, but calls so slow that ``min_repeats`` of them
+would pass ``max_time_s`` are timed only as often as fits, and at least 3
+times. We report the median and the inter-quartile range.
 
 Peak memory is the increase over what the process held after setup (model,
 batch, reference gradient and the method's own wrapping), including the
@@ -73,12 +74,17 @@ class Protocol:
     """How a case is measured."""
 
     device: str = "cpu"
-    warmup: int = 2
+    warmup: int = 1
     min_repeats: int = 5
     max_repeats: int = 30
     min_time_s: float = 1.0
+    max_time_s: float = 8.0
     chunk_size: int = 128
     threads: int | None = None
+
+
+_SLOW_REPEATS = 3
+"""Fewest timed calls of a case, however slow."""
 
 
 def sync(device: torch.device) -> None:
@@ -231,8 +237,11 @@ def measure_case(case: Case, protocol: Protocol) -> dict[str, object]:
         first, _ = _timed(run, device)
         for _ in range(protocol.warmup - 1):
             first, _ = _timed(run, device)
-        wanted = math.ceil(protocol.min_time_s / max(first, 1e-9))
-        repeats = min(max(wanted, protocol.min_repeats), protocol.max_repeats)
+        first = max(first, 1e-9)
+        repeats = min(
+            max(math.ceil(protocol.min_time_s / first), protocol.min_repeats), protocol.max_repeats
+        )
+        repeats = min(repeats, max(_SLOW_REPEATS, math.floor(protocol.max_time_s / first)))
         times, cpu_times = zip(*(_timed(run, device) for _ in range(repeats)), strict=True)
         peak_rss = rss.stop()
         gc.collect()

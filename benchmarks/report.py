@@ -316,7 +316,8 @@ def plot(ds: xr.Dataset, path: Path) -> None:
                 "marker": "o",
                 "label": label,
                 "lw": 2.5 if method == "plain" else 1.5,
-                "color": "black" if method == "plain" else None,
+                "color": {"plain": "black", "write_floor": "grey"}.get(method),
+                "ls": "--" if METHODS[method].kind == "floor" else "-",
             }
             batch = at["batch"].values[ok.values]
             row[0].plot(batch, at["time_median"].values[ok.values], **style)
