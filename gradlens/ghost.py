@@ -1,14 +1,14 @@
 """Per-example inner products and norms without per-example gradients.
 
-For an ``nn.Linear`` layer with input activations ``a`` of shape
-``(example, token, d_in)`` (``token`` = 1 for 2-D inputs) and output gradients
-``b = dloss_i / dz`` of shape ``(example, token, d_out)``, example ``i``'s weight
+For an ``nn.Linear`` layer with input activations ``a_it`` and output gradients
+``b_it = dloss_i / dz_it`` (example ``i``, token ``t``), example ``i``'s weight
 gradient is ``G_i = sum_t b_it a_it^T``. So, for a reference ``R``,
 
 - ``<G_i, R> = sum_t b_it^T R a_it``, and
 - ``||G_i||^2 = sum_{t,s} (a_it . a_is)(b_it . b_is)``
 
-(Goodfellow 2015; Li et al. 2021, "ghost clipping"). Both come from the
+(Goodfellow 2015; Li et al. 2021, "ghost clipping"; shapes, the bias and the
+cost of each form in :mod:`gradlens._ghost_linear`). Both come from the
 activations and output gradients of one ordinary forward and backward pass, so
 the ``example x parameter`` matrix is never built. Parameters of other layers,
 and linear layers that are called more than once or see inputs of another
@@ -30,16 +30,14 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Collection, Mapping
 from typing import Literal, NamedTuple
 
 import torch
-from einops import einsum
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from gradlens._ghost_linear import as_tokens, capture_linear, linear_dots
 from gradlens.errors import UnsupportedModelError
 from gradlens.gradops import check_compatible
 from gradlens.per_example import (
@@ -54,94 +52,6 @@ from gradlens.per_example import (
 __all__ = ["Method", "Probe", "per_example_dots", "probe_batch"]
 
 Method = Literal["auto", "ghost", "vmap"]
-
-
-@dataclass
-class _Capture:
-    """What one linear layer saw during the forward pass."""
-
-    calls: int = 0
-    activations: Tensor | None = None
-    outputs: Tensor | None = None
-    shapes_ok: bool = True
-    names: list[str] = field(default_factory=list)
-
-
-@contextmanager
-def _capture_linear(
-    model: nn.Module, wanted: Collection[str], batch: int
-) -> Iterator[dict[str, _Capture]]:
-    """Record inputs and outputs of the linear layers owning ``wanted`` params.
-
-    Hooks live only inside the ``with`` block and are removed even on error.
-    """
-    captures: dict[str, _Capture] = {}
-    handles = []
-
-    def make_hook(capture: _Capture) -> Callable[..., None]:
-        def hook(_module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
-            capture.calls += 1
-            x = args[0]
-            capture.shapes_ok &= x.ndim in (2, 3) and x.shape[0] == batch
-            capture.activations = x.detach()
-            capture.outputs = output
-
-        return hook
-
-    for module_name, module in model.named_modules():
-        if type(module) is not nn.Linear:
-            continue
-        prefix = f"{module_name}." if module_name else ""
-        names = [prefix + p for p, _ in module.named_parameters(recurse=False)]
-        names = [n for n in names if n in wanted]
-        if names:
-            captures[module_name] = _Capture(names=names)
-            handles.append(module.register_forward_hook(make_hook(captures[module_name])))
-    try:
-        yield captures
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _as_tokens(x: Tensor) -> Tensor:
-    """View ``(example, d)`` as ``(example, 1, d)``; keep ``(example, token, d)``."""
-    return x.unsqueeze(1) if x.ndim == 2 else x
-
-
-def _linear_dots(
-    a: Tensor, b: Tensor, names: list[str], reference: Mapping[str, Tensor]
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Ghost inner products and squared norms of one linear layer's parameters.
-
-    Args:
-        a: Input activations, shape ``(example, token, d_in)``.
-        b: Gradients of each example's loss w.r.t. the outputs, ``(example, token, d_out)``.
-        names: The layer's selected parameter names (``*.weight`` and/or ``*.bias``).
-        reference: Reference gradient holding those names.
-
-    Returns:
-        ``(dots, sq_norms)``, each name -> shape ``(example,)``.
-    """
-    dots: dict[str, Tensor] = {}
-    sq_norms: dict[str, Tensor] = {}
-    tokens, d_in, d_out = a.shape[1], a.shape[2], b.shape[2]
-    for name in names:
-        if name.endswith("bias"):
-            summed = b.sum(dim=1)
-            dots[name] = summed @ reference[name]
-            sq_norms[name] = summed.pow(2).sum(dim=1)
-            continue
-        dots[name] = einsum(b @ reference[name], a, "e t i, e t i -> e")
-        if tokens == 1:
-            sq_norms[name] = a.pow(2).sum(dim=(1, 2)) * b.pow(2).sum(dim=(1, 2))
-        elif tokens * tokens <= d_in * d_out:
-            gram_a = einsum(a, a, "e t i, e s i -> e t s")
-            gram_b = einsum(b, b, "e t o, e s o -> e t s")
-            sq_norms[name] = (gram_a * gram_b).sum(dim=(1, 2))
-        else:
-            sq_norms[name] = einsum(b, a, "e t o, e t i -> e o i").pow(2).sum(dim=(1, 2))
-    return dots, sq_norms
 
 
 def _vmap_dots(
@@ -369,7 +279,7 @@ def _ghost_pass(
     batch = inputs.shape[0]
     params = {n: p.requires_grad_() for n, p in selected.items()}
     buffers = dict(model.named_buffers())
-    with torch.enable_grad(), _capture_linear(model, params, batch) as captures:
+    with torch.enable_grad(), capture_linear(model, params, batch) as captures:
         outputs = functional_call(model, (params, frozen, buffers), (inputs,))
         losses = per_example_losses(loss_fn, outputs, *targets)
     eligible = {
@@ -397,9 +307,7 @@ def _ghost_pass(
         assert capture.activations is not None and capture.outputs is not None
         if b is None:
             b = torch.zeros_like(capture.outputs)
-        more = _linear_dots(
-            _as_tokens(capture.activations), _as_tokens(b), capture.names, reference
-        )
+        more = linear_dots(as_tokens(capture.activations), as_tokens(b), capture.names, reference)
         dots.update(more[0])
         sq_norms.update(more[1])
     return losses.detach(), grad_sum, dots, sq_norms

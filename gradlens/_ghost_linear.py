@@ -1,0 +1,134 @@
+"""Ghost inner products and norms of ``nn.Linear`` parameters (private).
+
+A linear layer ``z = a W^T + c`` sees input activations ``a`` of shape
+``(example, token, d_in)`` (``token`` = 1 for 2-D inputs). Backpropagating the
+*sum* of the per-example losses to its outputs gives ``b`` of shape
+``(example, token, d_out)`` with ``b_i = dloss_i / dz_i``: example ``i``'s output
+depends on example ``i``'s input only, so the other losses add nothing. Example
+``i``'s gradients are then
+
+- ``G_i = sum_t b_it a_it^T`` for the weight, shape ``(d_out, d_in)``, and
+- ``sum_t b_it`` for the bias, shape ``(d_out,)``,
+
+and for a reference ``R`` (weight) and ``r`` (bias):
+
+- ``<G_i, R> = sum_t b_it^T R a_it``, one matmul over the batch;
+- ``||G_i||^2 = sum_{t,s} (a_it . a_is)(b_it . b_is)``, the product of the
+  token Gram matrices of ``a_i`` and ``b_i``, costing ``token^2 (d_in + d_out)``
+  per example; with one token this is ``||a_i||^2 ||b_i||^2``, and when
+  ``token^2 > d_in * d_out`` building ``G_i`` itself is cheaper;
+- ``<sum_t b_it, r>`` and ``||sum_t b_it||^2`` for the bias.
+
+(Goodfellow 2015 for norms; Li et al. 2021, "ghost clipping", for sequences.)
+None of this builds the ``example x parameter`` matrix. The inputs come from
+:func:`capture_linear`, forward hooks that live only inside a ``with`` block.
+
+Example:
+    >>> import torch
+    >>> _ = torch.manual_seed(0)
+    >>> a, b = torch.randn(3, 2, 4), torch.randn(3, 2, 5)  # (example, token, d_in / d_out)
+    >>> ref = {"weight": torch.randn(5, 4), "bias": torch.randn(5)}
+    >>> dots, sq_norms = linear_dots(a, b, ["weight", "bias"], ref)
+    >>> g = einsum(b, a, "e t o, e t i -> e o i")  # G_i, built here only to check
+    >>> torch.allclose(dots["weight"], (g * ref["weight"]).sum(dim=(1, 2)), atol=1e-5)
+    True
+    >>> torch.allclose(sq_norms["weight"], g.pow(2).sum(dim=(1, 2)), atol=1e-5)
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from einops import einsum
+from torch import Tensor, nn
+
+
+@dataclass
+class Capture:
+    """What one linear layer saw during the forward pass."""
+
+    calls: int = 0
+    activations: Tensor | None = None
+    outputs: Tensor | None = None
+    shapes_ok: bool = True
+    names: list[str] = field(default_factory=list)
+
+
+@contextmanager
+def capture_linear(
+    model: nn.Module, wanted: Collection[str], batch: int
+) -> Iterator[dict[str, Capture]]:
+    """Record inputs and outputs of the linear layers owning ``wanted`` params.
+
+    Hooks live only inside the ``with`` block and are removed even on error.
+    """
+    captures: dict[str, Capture] = {}
+    handles = []
+
+    def make_hook(capture: Capture) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+            capture.calls += 1
+            x = args[0]
+            capture.shapes_ok &= x.ndim in (2, 3) and x.shape[0] == batch
+            capture.activations = x.detach()
+            capture.outputs = output
+
+        return hook
+
+    for module_name, module in model.named_modules():
+        if type(module) is not nn.Linear:
+            continue
+        prefix = f"{module_name}." if module_name else ""
+        names = [prefix + p for p, _ in module.named_parameters(recurse=False)]
+        names = [n for n in names if n in wanted]
+        if names:
+            captures[module_name] = Capture(names=names)
+            handles.append(module.register_forward_hook(make_hook(captures[module_name])))
+    try:
+        yield captures
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def as_tokens(x: Tensor) -> Tensor:
+    """View ``(example, d)`` as ``(example, 1, d)``; keep ``(example, token, d)``."""
+    return x.unsqueeze(1) if x.ndim == 2 else x
+
+
+def linear_dots(
+    a: Tensor, b: Tensor, names: list[str], reference: Mapping[str, Tensor]
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Ghost inner products and squared norms of one linear layer's parameters.
+
+    Args:
+        a: Input activations, shape ``(example, token, d_in)``.
+        b: Gradients of each example's loss w.r.t. the outputs, ``(example, token, d_out)``.
+        names: The layer's selected parameter names (``*.weight`` and/or ``*.bias``).
+        reference: Reference gradient holding those names.
+
+    Returns:
+        ``(dots, sq_norms)``, each name -> shape ``(example,)``.
+    """
+    dots: dict[str, Tensor] = {}
+    sq_norms: dict[str, Tensor] = {}
+    tokens, d_in, d_out = a.shape[1], a.shape[2], b.shape[2]
+    for name in names:
+        if name.endswith("bias"):
+            summed = b.sum(dim=1)
+            dots[name] = summed @ reference[name]
+            sq_norms[name] = summed.pow(2).sum(dim=1)
+            continue
+        dots[name] = einsum(b @ reference[name], a, "e t i, e t i -> e")
+        if tokens == 1:
+            sq_norms[name] = a.pow(2).sum(dim=(1, 2)) * b.pow(2).sum(dim=(1, 2))
+        elif tokens * tokens <= d_in * d_out:
+            gram_a = einsum(a, a, "e t i, e s i -> e t s")
+            gram_b = einsum(b, b, "e t o, e s o -> e t s")
+            sq_norms[name] = (gram_a * gram_b).sum(dim=(1, 2))
+        else:
+            sq_norms[name] = einsum(b, a, "e t o, e t i -> e o i").pow(2).sum(dim=(1, 2))
+    return dots, sq_norms

@@ -1,0 +1,164 @@
+"""What a :class:`~gradlens.recording.Recorder`'s declaration means (private).
+
+A declaration of :class:`~gradlens.recording.Variable` s and coords becomes a
+validated :class:`Schema`. Here too are the checks every logged row must pass
+against it (:func:`record_dims_hit`, :func:`to_numpy`, :func:`fit_shape`) and
+the arrays and attrs a buffer of rows becomes (:func:`block`,
+:func:`var_attrs`, :func:`label_attrs`), shared by the in-memory dataset
+builder and the netCDF4 writer so that both lay out rows the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from gradlens.recording import Variable
+
+STEP_ATTRS = {"long_name": "training step", "units": "1"}
+
+
+class Schema(NamedTuple):
+    """A validated declaration: variables, labels of non-record dims, record dims in order."""
+
+    variables: dict[str, Variable]
+    coords: dict[str, np.ndarray]
+    record_dims: tuple[str, ...]
+
+
+def make_schema(variables: Mapping[str, Variable], coords: Mapping[str, Sequence[Any]]) -> Schema:
+    """Validate a declaration and return it as a :class:`Schema`."""
+    if not variables:
+        raise ValueError("declare at least one variable.")
+    record = tuple(dict.fromkeys(var.dims[0] for var in variables.values()))
+    all_dims = {dim for var in variables.values() for dim in var.dims}
+    for name, var in variables.items():
+        if name in all_dims:
+            raise ValueError(f"variable {name!r} has the name of a dim; rename it.")
+        clash = sorted(set(var.dims[1:]) & set(record))
+        if clash:
+            raise ValueError(
+                f"variable {name!r} has dims {var.dims}, but {clash} are record dims of other "
+                "variables, which can only come first."
+            )
+    for dim in coords:
+        if dim in record:
+            raise ValueError(f"coords for record dim {dim!r}: its values are the logged steps.")
+        if dim not in all_dims:
+            raise ValueError(f"coords for {dim!r}, which no variable has; dims: {sorted(all_dims)}")
+    labels = {dim: _label_array(dim, values) for dim, values in coords.items()}
+    return Schema(dict(variables), labels, record)
+
+
+def _label_array(dim: str, values: Sequence[Any]) -> np.ndarray:
+    """Return coordinate labels as an int, float or (object) str array."""
+    array = np.asarray(values)
+    if array.ndim != 1:
+        raise ValueError(f"coords[{dim!r}] must be one-dimensional, got shape {array.shape}.")
+    if array.dtype.kind in "US":
+        return array.astype(str)
+    if array.dtype.kind not in "iuf":
+        raise ValueError(f"coords[{dim!r}] must hold numbers or strings, got {array.dtype}.")
+    return array
+
+
+def no_rows(schema: Schema) -> tuple[dict[str, list[int]], dict[str, list[np.ndarray | None]]]:
+    """Return empty ``(steps, rows)``: a list per record dim and per variable."""
+    return {dim: [] for dim in schema.record_dims}, {name: [] for name in schema.variables}
+
+
+def record_dims_hit(
+    schema: Schema, last_step: Mapping[str, int], step: int, names: Collection[str]
+) -> tuple[str, ...]:
+    """Return the record dims that get a row when ``names`` are logged at ``step``.
+
+    Raises:
+        ValueError: For an unknown name, a step not after the last one of a
+            record dim, or an int variable of such a dim missing from ``names``.
+    """
+    unknown = sorted(set(names) - set(schema.variables))
+    if unknown:
+        raise ValueError(f"unknown variables {unknown}; declared: {list(schema.variables)}.")
+    dims = tuple(dict.fromkeys(schema.variables[name].dims[0] for name in names))
+    for dim in dims:
+        last = last_step.get(dim)
+        if last is not None and step <= last:
+            raise ValueError(
+                f"steps along {dim!r} must strictly increase: got step {step} after {last}."
+            )
+        missing = [
+            name
+            for name, var in schema.variables.items()
+            if var.dims[0] == dim and not var.is_float and name not in names
+        ]
+        if missing:
+            raise ValueError(
+                f"int variables {missing} have no NaN to fill a row of {dim!r}: log them "
+                f"whenever {dim!r} gets a row (step {step})."
+            )
+    return dims
+
+
+def to_numpy(name: str, var: Variable, value: object) -> np.ndarray:
+    """Convert a logged value (number, array or tensor on any device) to the declared dtype."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        if value.is_floating_point() and value.dtype not in (torch.float16, torch.float32):
+            value = value.double()
+        value = value.numpy()
+    array = np.asarray(value)
+    if not var.is_float and array.dtype.kind not in "iub":
+        raise ValueError(f"{name!r} is declared {var.dtype} but got values of {array.dtype}.")
+    return array.astype(var.dtype)
+
+
+def fit_shape(
+    name: str, var: Variable, array: np.ndarray, sizes: Mapping[str, int]
+) -> dict[str, int]:
+    """Check ``array`` against the known sizes of ``var``'s non-record dims.
+
+    Returns:
+        ``sizes`` with the sizes of ``var``'s dims that were not known yet.
+
+    Raises:
+        ValueError: Naming the variable, its dims, the expected and the given shape.
+    """
+    dims = var.dims[1:]
+    expected = tuple(sizes.get(dim, dim) for dim in dims)
+    if array.ndim != len(dims) or any(
+        sizes.get(dim, n) != n for dim, n in zip(dims, array.shape, strict=True)
+    ):
+        raise ValueError(
+            f"{name!r} has dims {var.dims}, so each row has shape {expected}, but got a value "
+            f"of shape {array.shape}."
+        )
+    return {**sizes, **dict(zip(dims, array.shape, strict=True))}
+
+
+def sized(var: Variable, sizes: Mapping[str, int]) -> bool:
+    """Whether the sizes of all of ``var``'s non-record dims are known."""
+    return all(dim in sizes for dim in var.dims[1:])
+
+
+def block(var: Variable, rows: Sequence[np.ndarray | None], sizes: Mapping[str, int]) -> np.ndarray:
+    """Stack rows into shape ``(row, *non-record dims)``, NaN where a row is ``None``."""
+    shape = tuple(sizes[dim] for dim in var.dims[1:])
+    array = np.full((len(rows), *shape), np.nan if var.is_float else 0, dtype=var.dtype)
+    for i, row in enumerate(rows):
+        if row is not None:
+            array[i] = row
+    return array
+
+
+def var_attrs(var: Variable) -> dict[str, str]:
+    """Return the ``long_name`` and ``units`` attrs of a variable."""
+    return {"long_name": var.long_name, "units": var.units}
+
+
+def label_attrs(dim: str) -> dict[str, str]:
+    """Return the attrs of the labels of a non-record dim."""
+    return {"long_name": dim, "units": "1"}
