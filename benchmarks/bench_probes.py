@@ -9,6 +9,7 @@ netCDF), ``table.md`` (ratios to the plain backward of the same run) and
 Example:
     python -m benchmarks.bench_probes --smoke --out /tmp/bench
     python -m benchmarks.bench_probes --device cpu --threads 1
+    python -m benchmarks.bench_probes --render benchmarks/results/<slug>/results.nc
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from benchmarks.measure import Case, Protocol, run_isolated
 from benchmarks.models import MODELS, make_workload, n_params
 from benchmarks.report import (
     ROOT,
+    add_ratios,
     build_dataset,
     device_slug,
     load_average,
@@ -166,12 +168,23 @@ def main(config: BenchConfig) -> xr.Dataset:
     )
     out.mkdir(parents=True, exist_ok=True)
     ds.to_netcdf(out / "results.nc")
-    table = markdown(ds) + "\n" + targets_markdown(ds)
-    (out / "table.md").write_text(table)
-    plot(ds, out / "probes.png")
-    print(table)
-    print(f"wrote {out / 'results.nc'}, {out / 'table.md'}, {out / 'probes.png'}")
+    render(out / "results.nc")
     return ds
+
+
+def render(results: Path) -> None:
+    """Write ``table.md`` and ``probes.png`` next to a ``results.nc``, and print the table.
+
+    Also run on its own (``--render``) to redraw the outputs of an earlier run
+    without measuring again.
+    """
+    with xr.open_dataset(results) as stored:
+        ds = add_ratios(stored.load())
+    table = markdown(ds) + "\n" + targets_markdown(ds)
+    (results.parent / "table.md").write_text(table)
+    plot(ds, results.parent / "probes.png")
+    print(table)
+    print(f"wrote {results}, {results.parent / 'table.md'}, {results.parent / 'probes.png'}")
 
 
 def _measure(
@@ -231,6 +244,13 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--memory-limit-gb", type=float, default=None)
     p.add_argument("--timeout", type=float, default=default.timeout_s)
+    p.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        metavar="RESULTS_NC",
+        help="only redraw table.md and probes.png from an existing results.nc",
+    )
     args = p.parse_args(argv)
     base = SMOKE if args.smoke else {}
     protocol = base.get("protocol", default.protocol)
@@ -260,4 +280,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    if "--render" in sys.argv:
+        render(Path(sys.argv[sys.argv.index("--render") + 1]))
+    else:
+        main(parse_args())

@@ -25,7 +25,15 @@ from benchmarks.cases import METHODS
 from benchmarks.models import MODELS
 from gradlens.provenance import make_attrs
 
-__all__ = ["build_dataset", "device_name", "device_slug", "markdown", "plot", "provenance"]
+__all__ = [
+    "add_ratios",
+    "build_dataset",
+    "device_name",
+    "device_slug",
+    "markdown",
+    "plot",
+    "provenance",
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -150,11 +158,7 @@ def build_dataset(
     ds["repeats"] = ds["repeats"].astype(np.int64)
     ds["status"] = (dims, status, {"long_name": "outcome of the case", "units": "1"})
     ds["note"] = (dims, note, {"long_name": "why a case was not measured", "units": "1"})
-    plain = _at(ds, method="plain").drop_vars(["method", "method_label"])
-    ds["time_ratio"] = ds["time_median"] / plain["time_median"]
-    ds["time_ratio"].attrs = {"long_name": "median time / plain backward", "units": "1"}
-    ds["memory_ratio"] = ds["peak_memory"] / plain["peak_memory"]
-    ds["memory_ratio"].attrs = {"long_name": "peak memory / plain backward", "units": "1"}
+    ds = add_ratios(ds)
     pair = ("model", "method")
     check = {
         k: np.full((len(models), len(methods)), v, dtype=object)
@@ -182,6 +186,24 @@ def build_dataset(
         {"long_name": "trainable parameters", "units": "1"},
     )
     return ds
+
+
+_RATIOS = {
+    "time_ratio": ("time_median", "median time / plain backward"),
+    "cpu_time_ratio": ("cpu_time_median", "median process CPU time / plain backward"),
+    "memory_ratio": ("peak_memory", "peak memory / plain backward"),
+}
+
+
+def add_ratios(ds: xr.Dataset) -> xr.Dataset:
+    """Add (or refresh) every ratio to the plain backward of the same model and batch."""
+    plain = _at(ds, method="plain").drop_vars(["method", "method_label"])
+    ratios = {
+        name: (ds[var] / plain[var]).assign_attrs(long_name=long_name, units="1")
+        for name, (var, long_name) in _RATIOS.items()
+        if var in ds
+    }
+    return ds.assign(ratios)
 
 
 def _n_params(model: str) -> int:
@@ -224,9 +246,8 @@ def _cell(ds: xr.Dataset, var: str, model: str, batch: int, method: str) -> str:
     if status != "ok":
         return _SHORT.get(status, status)
     if method == "plain":
-        if var == "time_ratio":
-            return _fmt_time(float(at["time_median"].item()))
-        return _fmt_bytes(float(at["peak_memory"].item()))
+        absolute = float(at[_RATIOS[var][0]].item())
+        return _fmt_bytes(absolute) if var == "memory_ratio" else _fmt_time(absolute)
     value = float(at[var].item())
     if not math.isfinite(value):
         return "-"
@@ -240,12 +261,16 @@ def _cell(ds: xr.Dataset, var: str, model: str, batch: int, method: str) -> str:
     return f"{value:.2f}x"
 
 
+_CPU_TIME_TITLE = "Process CPU time (the steadier number on a shared CPU; see the docs)"
+
+
 def markdown(ds: xr.Dataset) -> str:
     """Per model: time and peak memory of every method as a ratio to the plain backward.
 
     The plain row gives the absolute median time and peak memory of the plain
-    backward; the other rows give ratios in the same run, the time with the
-    inter-quartile range of the method divided by the plain median.
+    backward; the other rows give ratios in the same run, the wall-clock time
+    with the inter-quartile range of the method divided by the plain median.
+    On CPU a third table gives the ratio of median process CPU times.
     """
     lines = [
         f"Device: {ds.attrs['device_name']} (`{ds.attrs['device']}`); torch "
@@ -261,7 +286,10 @@ def markdown(ds: xr.Dataset) -> str:
         n = int(_at(ds, model=model)["n_params"])
         desc = _coord(ds, "model_description", "model", model)
         lines += [f"### {model}: {desc} ({n:,} parameters)", ""]
-        for var, title in (("time_ratio", "Time"), ("memory_ratio", "Peak memory")):
+        tables = [("time_ratio", "Time (wall clock)"), ("memory_ratio", "Peak memory")]
+        if ds.attrs["device"] == "cpu":
+            tables.insert(1, ("cpu_time_ratio", _CPU_TIME_TITLE))
+        for var, title in tables:
             lines += [f"{title}, ratio to plain backward (plain row: absolute)", "", head, rule]
             for method in ds["method"].values:
                 label = _coord(ds, "method_label", "method", method)
