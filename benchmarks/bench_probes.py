@@ -17,7 +17,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,10 +113,25 @@ def main(config: BenchConfig) -> xr.Dataset:
     Returns:
         The results dataset (see :func:`benchmarks.report.build_dataset`).
     """
+    with _torch_threads(config.protocol.threads):
+        return _run(config)
+
+
+@contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """Use ``threads`` intra-op threads inside the block, then restore the caller's setting."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(config: BenchConfig) -> xr.Dataset:
     device = torch.device(config.device)
     protocol = dataclasses.replace(config.protocol, device=str(device))
-    if protocol.threads is not None:
-        torch.set_num_threads(protocol.threads)
     methods = ["plain", *(m for m in config.methods if m != "plain")]
     for m in methods:
         note = missing_requirement(METHODS[m])

@@ -22,7 +22,9 @@ EXPECTED_UNSUPPORTED = {("cnn", "dots_ghost")}
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bench")
+    threads = torch.get_num_threads()
     main(parse_args(["--smoke", "--device", "cpu", "--out", str(out)]))
+    assert torch.get_num_threads() == threads, "the smoke run (1 thread) restores torch's setting"
     return out
 
 
