@@ -42,6 +42,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import torch
 from einops import einsum
 from torch import Tensor, nn
 
@@ -120,15 +121,31 @@ def linear_dots(
         if name.endswith("bias"):
             summed = b.sum(dim=1)
             dots[name] = summed @ reference[name]
-            sq_norms[name] = summed.pow(2).sum(dim=1)
+            sq_norms[name] = _sq_rows(summed.unsqueeze(1))
             continue
-        dots[name] = einsum(b @ reference[name], a, "e t i, e t i -> e")
+        dots[name] = _bilinear(a, b, reference[name])
         if tokens == 1:
-            sq_norms[name] = a.pow(2).sum(dim=(1, 2)) * b.pow(2).sum(dim=(1, 2))
+            sq_norms[name] = _sq_rows(a) * _sq_rows(b)
         elif tokens * tokens <= d_in * d_out:
             gram_a = einsum(a, a, "e t i, e s i -> e t s")
             gram_b = einsum(b, b, "e t o, e s o -> e t s")
             sq_norms[name] = (gram_a * gram_b).sum(dim=(1, 2))
         else:
-            sq_norms[name] = einsum(b, a, "e t o, e t i -> e o i").pow(2).sum(dim=(1, 2))
+            sq_norms[name] = _sq_rows(einsum(b, a, "e t o, e t i -> e o i"))
     return dots, sq_norms
+
+
+def _sq_rows(x: Tensor) -> Tensor:
+    """Squared norm of each example's slice, ``(example, ...) -> (example,)``, no temporaries."""
+    return torch.linalg.vector_norm(x.flatten(start_dim=1), dim=1).square()
+
+
+def _bilinear(a: Tensor, b: Tensor, weight_ref: Tensor) -> Tensor:
+    """``sum_t b_it^T R a_it`` per example, projecting the wider side through ``R``.
+
+    ``a @ R^T`` has ``d_out`` columns and ``b @ R`` has ``d_in``; the smaller
+    product costs the same matmul but a smaller temporary and elementwise pass.
+    """
+    if b.shape[2] <= a.shape[2]:
+        return ((a @ weight_ref.T) * b).sum(dim=(1, 2))
+    return ((b @ weight_ref) * a).sum(dim=(1, 2))

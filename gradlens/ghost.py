@@ -86,7 +86,7 @@ def _vmap_dots(
         for name, g in grads.items():
             flat = g.flatten(start_dim=1)
             dots[name].append(flat @ reference[name].reshape(-1))
-            sq_norms[name].append(flat.pow(2).sum(dim=1))
+            sq_norms[name].append(torch.linalg.vector_norm(flat, dim=1).square())
             grad_sum[name] = g.sum(dim=0) + grad_sum.get(name, 0.0)
     return (
         {n: torch.cat(v) for n, v in dots.items()},
