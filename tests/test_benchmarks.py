@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -98,3 +99,19 @@ def test_flags_map_onto_the_config() -> None:
     with pytest.raises(SystemExit):
         parse_args(["--methods", "plain,nonsense"])
     assert math.isfinite(config.timeout_s)
+
+
+def test_step_benchmark_smoke_checks_updates_and_writes_its_table(tmp_path: Path) -> None:
+    from benchmarks import bench_step
+
+    out = bench_step.main(bench_step.parse(["--smoke", "--out", str(tmp_path)]))
+    result = json.loads((out / "step.json").read_text())
+    steps = {row["step"] for row in result["rows"]}
+    assert steps == {
+        "unprobed step",
+        "probed step",
+        "probed step, no measured change",
+        "probed step + remove_aligned",
+    }
+    assert all(row["median_s"] > 0 and row["update_agreement"] < 1e-4 for row in result["rows"])
+    assert "probed step" in (out / "step.md").read_text()
