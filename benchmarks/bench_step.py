@@ -136,13 +136,14 @@ def measure(config: StepConfig) -> dict[str, object]:
             for name, run in _steps(state).items():
                 for _ in range(config.warmup):
                     run()
-                times = []
+                times, cpu_times = [], []
                 for _ in range(config.repeats):
                     sync(device)
-                    start = time.perf_counter()
+                    start, start_cpu = time.perf_counter(), time.process_time()
                     run()
                     sync(device)
                     times.append(time.perf_counter() - start)
+                    cpu_times.append(time.process_time() - start_cpu)
                 q = statistics.quantiles(times, n=4)
                 rows.append(
                     {
@@ -150,6 +151,7 @@ def measure(config: StepConfig) -> dict[str, object]:
                         "step": name,
                         "median_s": statistics.median(times),
                         "iqr_s": q[2] - q[0],
+                        "median_cpu_s": statistics.median(cpu_times),
                         "peak_bytes": allocator_peak(run, device),
                         "update_agreement": agreement,
                     }
@@ -163,13 +165,20 @@ def measure(config: StepConfig) -> dict[str, object]:
 
 
 def markdown(result: dict[str, object]) -> str:
-    """A table of each variant's time and peak memory as a ratio to the unprobed step."""
+    """A table of each variant's time and peak memory as a ratio to the unprobed step.
+
+    On a CPU the ratio is of process CPU time (steadier on a shared machine;
+    wall-clock medians are in the JSON file); on a GPU, of wall-clock time.
+    """
     rows = result["rows"]
+    key = "median_cpu_s" if result["config"]["device"] == "cpu" else "median_s"
+    clock = "process CPU time" if key == "median_cpu_s" else "wall-clock time"
     batches = sorted({r["batch"] for r in rows})
     names = list(dict.fromkeys(r["step"] for r in rows))
     base = {r["batch"]: r for r in rows if r["step"] == "unprobed step"}
     lines = [
-        f"Device: {result['device']}; commit `{result['attrs']['git_commit'][:10]}`.",
+        f"Device: {result['device']}; commit `{result['attrs']['git_commit'][:10]}`; "
+        f"{clock}, median of {result['config']['repeats']} steps.",
         "",
         "| step | " + " | ".join(f"B={b}" for b in batches) + " |",
         "|---|" + "---:|" * len(batches),
@@ -179,9 +188,9 @@ def markdown(result: dict[str, object]) -> str:
         for b in batches:
             r = next(r for r in rows if r["batch"] == b and r["step"] == name)
             if name == "unprobed step":
-                cells.append(f"{r['median_s'] * 1e3:.2f} ms, {r['peak_bytes'] / 2**20:.1f} MiB")
+                cells.append(f"{r[key] * 1e3:.2f} ms, {r['peak_bytes'] / 2**20:.1f} MiB")
             else:
-                t = r["median_s"] / base[b]["median_s"]
+                t = r[key] / base[b][key]
                 m = r["peak_bytes"] / max(base[b]["peak_bytes"], 1)
                 cells.append(f"{t:.2f}x time, {m:.2f}x memory")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
