@@ -206,9 +206,23 @@ def per_example_grads(
     buffers = dict(model.named_buffers())
     loss = _one_example_loss(model, loss_fn, frozen, buffers)
     in_dims = (None, 0, *([0] * len(targets)))
-    batched = vmap(grad(loss), in_dims=in_dims, chunk_size=chunk_size, randomness=randomness)
+    batched = vmap(grad(loss), in_dims=in_dims, randomness=randomness)
+    count = inputs.shape[0]
+    step = chunk_size or count
+    result: dict[str, Tensor] = {}
     with _explain_vmap_failures(model, lambda: loss(selected, inputs[0], *(t[0] for t in targets))):
-        return batched(selected, inputs, *targets)
+        # Chunks are written into one preallocated result: vmap's own chunk_size
+        # concatenates them at the end, which doubles the peak memory.
+        for start in range(0, count, step):
+            part = slice(start, start + step)
+            grads = batched(selected, inputs[part], *(t[part] for t in targets))
+            if step == count:
+                return grads
+            for name, g in grads.items():
+                if name not in result:
+                    result[name] = g.new_empty((count, *g.shape[1:]))
+                result[name][part] = g
+    return result
 
 
 def per_example_losses(loss_fn: LossFn, outputs: Tensor, *targets: Tensor) -> Tensor:
