@@ -38,6 +38,7 @@ def plot_over_steps(
     ylabel: str | None = None,
     zero_line: bool = False,
     panels: bool = False,
+    logy: bool = False,
 ) -> Figure:
     """Mean over seeds with its 95% CI band, per condition.
 
@@ -51,6 +52,7 @@ def plot_over_steps(
         zero_line: Draw ``y = 0``.
         panels: One panel per condition with its own y range (for values of
             very different size), instead of one shared axis.
+        logy: Logarithmic y axis (for losses).
     """
     names = _conditions(ds, conditions)
     rows = len(names) if panels else 1
@@ -67,6 +69,8 @@ def plot_over_steps(
             ax.axhline(0.0, color="k", lw=0.6)
         if panels:
             ax.set_ylabel(condition, rotation=0, ha="right", va="center")
+        if logy:
+            ax.set_yscale("log")
     if not panels:
         axes[0].set_ylabel(ylabel or ds[var].attrs.get("long_name", var))
         axes[0].legend(fontsize="small")
@@ -156,13 +160,24 @@ def plot_predicted_vs_measured(
     return fig
 
 
-def plot_final_vs_alignment(ds: xr.Dataset, *, conditions: Sequence[str] | None = None) -> Figure:
-    """Final student accuracy against mean alignment over the run, per condition (95% CIs)."""
+def plot_final_vs_alignment(
+    ds: xr.Dataset,
+    var: str = "cosine",
+    *,
+    conditions: Sequence[str] | None = None,
+    xlabel: str | None = None,
+) -> Figure:
+    """Final student accuracy against the run's mean of ``var``, per condition (95% CIs).
+
+    ``var="cosine"`` is the raw gradient alignment (measured before any
+    intervention acts); ``var="update_cosine"`` is the alignment of the update
+    actually applied, where interventions show.
+    """
     fig = Figure(figsize=(6, 4.5), layout="constrained")
     ax = fig.add_subplot()
     accuracy = ds["test_accuracy"].dropna("step", how="all").isel(step=-1)
     for condition in _conditions(ds, conditions):
-        x = mean_ci(ds["cosine"].sel(condition=condition).mean("step"))
+        x = mean_ci(ds[var].sel(condition=condition).mean("step"))
         y = mean_ci(accuracy.sel(condition=condition))
         ax.errorbar(
             float(x["mean"]),
@@ -173,7 +188,8 @@ def plot_final_vs_alignment(ds: xr.Dataset, *, conditions: Sequence[str] | None 
             capsize=3,
             label=condition,
         )
-    ax.set_xlabel("mean cos(g_t, g_d) over the run")
+    ax.axvline(0.0, color="k", lw=0.6)
+    ax.set_xlabel(xlabel or f"mean {ds[var].attrs.get('long_name', var)} over the run")
     ax.set_ylabel("final student test accuracy")
     ax.legend(fontsize="small")
     ax.set_title("trait acquired against alignment (mean and 95% CI over seeds)")
@@ -189,14 +205,21 @@ def save_figures(ds: xr.Dataset, out_dir: str | Path) -> list[Path]:
             ds, "cosine", ylabel="cos(g_t, g_d)", zero_line=True, panels=True
         ),
         "accuracy.png": plot_over_steps(ds, "test_accuracy", ylabel="test accuracy"),
-        "distill_loss.png": plot_over_steps(ds, "distill_loss", ylabel="distillation loss"),
+        "distill_loss.png": plot_over_steps(
+            ds, "distill_loss", ylabel="distillation loss (nat)", logy=True
+        ),
         "update_alignment.png": plot_over_steps(
             ds, "update_cosine", ylabel="cos(g_t, applied update)", zero_line=True, panels=True
         ),
         "layer_alignment.png": plot_layer_heatmap(ds),
         "example_histograms.png": plot_example_histograms(ds),
         "predicted_vs_measured.png": plot_predicted_vs_measured(ds),
-        "accuracy_vs_alignment.png": plot_final_vs_alignment(ds),
+        "accuracy_vs_alignment.png": plot_final_vs_alignment(
+            ds, "cosine", xlabel="mean cos(g_t, g_d) over the run (before any intervention)"
+        ),
+        "accuracy_vs_update_alignment.png": plot_final_vs_alignment(
+            ds, "update_cosine", xlabel="mean cos(g_t, applied update) (< 0: lowers trait loss)"
+        ),
     }
     paths = []
     for name, fig in figures.items():

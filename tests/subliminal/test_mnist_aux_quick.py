@@ -30,7 +30,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> xr.Dataset:
     )
     path = mnist_aux.main(config)
     assert (out / "summary.md").is_file()
-    assert len(list((out / "figures").glob("*.png"))) == 8
+    assert len(list((out / "figures").glob("*.png"))) == 9
     return xr.open_dataset(path)
 
 
