@@ -65,7 +65,6 @@ def quick(config: Config) -> Config:
         noise_per_epoch=20 * 1024,
         eval_every=5,
         store_every=10,
-        liminal_period=20,
     )
     return dataclasses.replace(config, seeds=2, teacher_epochs=1, student=student)
 

@@ -38,7 +38,8 @@ class StudentSetup:
         eval_every: Test accuracy every this many steps (and after the last).
         store_every: Full per-example cosines every this many steps.
         liminal_lambda0: Liminal weight at step 0.
-        liminal_period: Steps over which it decays to 0.
+        liminal_period: Steps over which it decays to 0; ``None`` (default) is
+            the first epoch, ``steps_per_epoch``.
     """
 
     epochs: int = 5
@@ -50,7 +51,7 @@ class StudentSetup:
     eval_every: int = 10
     store_every: int = 10
     liminal_lambda0: float = 1.0
-    liminal_period: int = 59
+    liminal_period: int | None = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -198,7 +199,9 @@ def run_student(
                 loss_fn, all_targets, extra = distill, (targets,), {}
                 if base_logits is not None:
                     weight = liminal_weight(
-                        step, lambda0=setup.liminal_lambda0, period=setup.liminal_period
+                        step,
+                        lambda0=setup.liminal_lambda0,
+                        period=setup.liminal_period or setup.steps_per_epoch,
                     )
                     loss_fn = weighted_sum(distill, _class_slice(setup.num_classes), weight, 1)
                     all_targets = (targets, base_logits)
