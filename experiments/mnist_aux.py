@@ -158,6 +158,9 @@ def parse(argv: list[str] | None = None) -> Config:
         help=f"conditions to run, from {sorted(CONDITIONS)}",
     )
     parser.add_argument("--trait", choices=["ce", "kl"], help="trait loss (default ce)")
+    parser.add_argument(
+        "--liminal-lambda0", type=float, help="liminal weight at step 0 (default 1)"
+    )
     parser.add_argument("--out", type=Path, help="output folder (default runs/mnist_aux)")
     parser.add_argument("--data-dir", help="folder holding MNIST/raw (else $GRADLENS_DATA_DIR)")
     parser.add_argument("--device", help="torch device (default cuda when available)")
@@ -174,10 +177,10 @@ def parse(argv: list[str] | None = None) -> Config:
         "device": args.device,
     }
     config = dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})
-    if args.trait:
-        config = dataclasses.replace(
-            config, student=dataclasses.replace(config.student, trait=args.trait)
-        )
+    student = {"trait": args.trait, "liminal_lambda0": args.liminal_lambda0}
+    student = {k: v for k, v in student.items() if v is not None}
+    if student:
+        config = dataclasses.replace(config, student=dataclasses.replace(config.student, **student))
     return dataclasses.replace(config, progress=not args.no_progress)
 
 
