@@ -95,3 +95,31 @@ def test_interventions_quick_run_writes_transform_records(tmp_path: Path) -> Non
     assert np.isnan(ds["liminal_weight"].sel(condition="remove")).all()
     reverse = ds["before_t0_scale_aligned_coef"].sel(condition="reverse")
     assert np.isfinite(reverse).all()
+
+
+def test_flags_map_onto_the_config() -> None:
+    config = mnist_aux.parse(
+        [
+            "--seeds",
+            "3",
+            "--conditions",
+            "aux",
+            "liminal",
+            "--trait",
+            "kl",
+            "--liminal-lambda0",
+            "10",
+            "--device",
+            "cpu",
+            "--out",
+            "x",
+        ]
+    )
+    assert config.seeds == 3 and config.conditions == ("aux", "liminal")
+    assert config.student.trait == "kl" and config.student.liminal_lambda0 == 10.0
+    assert config.device == "cpu" and str(config.out) == "x"
+    defaults = mnist_aux.parse([])
+    assert defaults.seeds == 5 and defaults.student.epochs == 5
+    assert defaults.conditions == ("aux", "all_logits", "cross_init")
+    with pytest.raises(SystemExit):
+        mnist_aux.parse(["--conditions", "bogus"])
