@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from gradlens.alignment import alignment, example_alignment, summarize
 from gradlens.ghost import Method, probe_batch
-from gradlens.gradops import check_finite, cosine, dot, scale
+from gradlens.gradops import check_finite, dot, norm, safe_divide, scale
 from gradlens.per_example import LossFn, loss_and_grad
 from gradlens.transforms.base import GradientTransform
 
@@ -160,7 +160,7 @@ def probed_step(
             grads, before_state, old, reference=g_t, example_dots=probe.dots
         )
     for name, p in params.items():
-        p.grad = grads[name].detach().clone()
+        p.grad = grads[name].detach()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
@@ -171,6 +171,7 @@ def probed_step(
             for name, p in params.items():
                 p.copy_(old[name] + delta[name])
 
+    predicted = dot(g_t, delta)  # first-order trait-loss change of the applied update
     summary = summarize(per_example.cosine)
     records = {
         "train_loss": probe.losses.mean(),
@@ -182,8 +183,8 @@ def probed_step(
         "layer_cosine": align.layer_cosine,
         "layer_trait_norm": align.layer_trait_norm,
         "layer_distill_norm": align.layer_distill_norm,
-        "update_cosine": cosine(g_t, delta),
-        "predicted_change": dot(g_t, delta),
+        "update_cosine": safe_divide(predicted, align.trait_norm * norm(delta)),
+        "predicted_change": predicted,
         "example_cosine_mean": summary["mean"],
         "example_cosine_quantile": summary["quantile"],
         "example_cosine_frac_positive": summary["frac_positive"],

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from gradlens.data import Digits
 from gradlens.gradops import group_by_layer
 from gradlens.liminal import liminal_loss, liminal_weight
+from gradlens.per_example import LossFn
 from gradlens.recording import Recorder, Variable
 from gradlens.subliminal.conditions import Condition
 from gradlens.subliminal.losses import class_cross_entropy, class_kl, logit_kl
@@ -205,11 +206,10 @@ def run_student(
                     )
                     loss_fn = weighted_sum(distill, _class_slice(setup.num_classes), weight, 1)
                     all_targets = (targets, base_logits)
-                    with torch.no_grad():
-                        extra = {
-                            "liminal_weight": weight,
-                            "distill_loss": distill(student(x), targets),
-                        }
+                    extra = {"liminal_weight": weight}
+                    if weight > 0:  # else the training loss is the distillation loss
+                        with torch.no_grad():
+                            extra["distill_loss"] = distill(student(x), targets)
                 result = probed_step(
                     student,
                     optimizer,
@@ -243,7 +243,9 @@ def _pad(values: Tensor, size: int) -> Tensor:
     return torch.cat([values, values.new_full((size - len(values),), float("nan"))])
 
 
-def _class_slice(num_classes: int):
+def _class_slice(num_classes: int) -> LossFn:
+    """Liminal term on the first ``num_classes`` logits: ``loss(outputs, base_logits)``."""
+
     def loss(outputs: Tensor, base_logits: Tensor) -> Tensor:
         return liminal_loss(outputs[:, :num_classes], base_logits)
 
