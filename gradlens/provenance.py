@@ -47,8 +47,12 @@ def git_commit(*places: str | os.PathLike[str]) -> str:
 
     Returns:
         The full commit hash, or ``"unknown"`` when no place is a git checkout
-        or git is missing. Never raises.
+        or git is missing. A copy of a checkout without its ``.git`` folder
+        (a remote machine) can name its commit in ``GRADLENS_GIT_COMMIT``.
+        Never raises.
     """
+    if os.environ.get("GRADLENS_GIT_COMMIT"):
+        return os.environ["GRADLENS_GIT_COMMIT"]
     for place in places or (Path.cwd(), Path(gradlens.__file__).parent):
         try:
             done = subprocess.run(
