@@ -296,6 +296,8 @@ def run_isolated(case: Case, protocol: Protocol, timeout_s: float = 600.0) -> di
     A child that dies (for example killed for memory) or runs past
     ``timeout_s`` gives a record with ``status="failed"`` and a note.
     """
+    # Read by the forkserver's preload, which must not touch CUDA before forking.
+    os.environ["GRADLENS_BENCH_DEVICE"] = protocol.device
     ctx = _context()
     receive, send = ctx.Pipe(duplex=False)
     process = ctx.Process(target=_child, args=(send, case, protocol), daemon=True)

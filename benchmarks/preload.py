@@ -1,12 +1,15 @@
 """Imported once by the benchmark's forkserver, never by user code.
 
-Besides the imports, it runs the CPU profiler once on a tiny tensor: its first
-use costs over a second of lazy initialisation, which every case would pay
-otherwise. The op is too small to start torch's OpenMP threads, so forking
-afterwards is safe. Last, ``gc.freeze()`` moves every object created so far
-out of the collector's reach, as the ``gc`` docs advise before forking: a
-case's ``gc.collect()`` then takes milliseconds instead of a tenth of a second,
-and does not copy the parent's pages.
+Besides the imports, for CPU runs it runs the CPU profiler once on a tiny
+tensor: its first use costs over a second of lazy initialisation, which every
+case would pay otherwise. Not for CUDA runs (``GRADLENS_BENCH_DEVICE``, set by
+:func:`benchmarks.measure.run_isolated`): the profiler asks the CUDA driver
+for its devices, and a driver initialised before ``fork`` fails in every
+child with "CUDA error: initialization error". The op is too small to start
+torch's OpenMP threads, so forking afterwards is safe. Last, ``gc.freeze()``
+moves every object created so far out of the collector's reach, as the ``gc``
+docs advise before forking: a case's ``gc.collect()`` then takes milliseconds
+instead of a tenth of a second, and does not copy the parent's pages.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from torch.profiler import ProfilerActivity, profile
 import benchmarks.cases
 import benchmarks.models  # noqa: F401 - imported for the forked cases
 
-with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as _prof:
-    torch.ones(2).add(1)
+if not os.environ.get("GRADLENS_BENCH_DEVICE", "cpu").startswith("cuda"):
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as _prof:
+        torch.ones(2).add(1)
 
 gc.freeze()
 atexit.register(gc.unfreeze)  # let shutdown free them, or nanobind reports leaks
