@@ -156,7 +156,7 @@ def _dots(w: Workload, _options: Options, method: Literal["ghost", "vmap"]) -> I
 
     def run() -> Output:
         dots, sq_norms = per_example_dots(
-            w.model, w.loss_fn, w.reference, w.inputs, w.targets, method=method
+            w.model, w.loss_fn, w.inputs, w.targets, reference=w.reference, method=method
         )
         return Output(dots=dots, sq_norms=sq_norms)
 

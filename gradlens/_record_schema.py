@@ -1,7 +1,7 @@
 """What a :class:`~gradlens.recording.Recorder`'s declaration means (private).
 
-A declaration of :class:`~gradlens.recording.Variable` s and coords becomes a
-validated :class:`Schema`. Here too are the checks every logged row must pass
+A declaration of :class:`Variable` s (re-exported as ``gradlens.Variable``)
+and coords becomes a validated :class:`Schema`. Here too are the checks every logged row must pass
 against it (:func:`record_dims_hit`, :func:`to_numpy`, :func:`fit_shape`) and
 the arrays and attrs a buffer of rows becomes (:func:`block`,
 :func:`var_attrs`, :func:`label_attrs`), shared by the in-memory dataset
@@ -11,15 +11,53 @@ builder and the netCDF4 writer so that both lay out rows the same way.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from gradlens.recording import Variable
-
 STEP_ATTRS = {"long_name": "training step", "units": "1"}
+
+DType = Literal["float32", "float64", "int64", "int32"]
+
+
+@dataclass(frozen=True)
+class Variable:
+    """The declaration of one recorded variable.
+
+    Attributes:
+        dims: Dim names; the first is the variable's record dim, along which
+            it grows by one row per logged step.
+        long_name: What the variable is, for people and plots.
+        units: Its units, ``"1"`` when dimensionless.
+        dtype: ``"float32"``, ``"float64"``, ``"int64"`` or ``"int32"``.
+            Float variables read NaN where not logged; int variables must be
+            logged at every row of their record dim.
+        coord: Make it a non-dimension coordinate (for example ``"epoch"``
+            along ``"step"``) instead of a data variable.
+    """
+
+    dims: tuple[str, ...]
+    long_name: str
+    units: str = "1"
+    dtype: DType = "float32"
+    coord: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dims, str) or not self.dims:
+            raise TypeError(
+                f"dims must be a non-empty tuple of dim names such as ('step',), got {self.dims!r}."
+            )
+        if self.dtype not in ("float32", "float64", "int64", "int32"):
+            raise ValueError(
+                f"dtype must be 'float32', 'float64', 'int64' or 'int32', got {self.dtype!r}."
+            )
+
+    @property
+    def is_float(self) -> bool:
+        """Whether missing rows are filled with NaN."""
+        return self.dtype.startswith("float")
 
 
 class Schema(NamedTuple):

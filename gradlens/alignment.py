@@ -1,16 +1,18 @@
-"""Alignment between a trait gradient and a distillation gradient.
+"""Alignment between a gradient and a reference gradient.
 
-The trait gradient ``g_t`` is the gradient of the loss that measures the trait
-(for MNIST, cross-entropy on labelled digits); the distillation gradient
-``g_d`` is the gradient of the loss the student is trained on. Their cosine,
-norms and projection coefficient say how much a distillation step moves the
-student along the trait, globally and layer by layer.
+In gradlens the reference is usually the trait gradient ``g_t`` (the gradient
+of the loss that measures the trait, for MNIST cross-entropy on labelled
+digits) and the gradient is the training gradient ``g`` (the gradient of the
+loss the model is trained on, for example a distillation loss). Their cosine,
+norms and projection coefficient say how much a training step moves the model
+along the trait, globally and layer by layer. The statistics come from
+:func:`gradlens.layerstats.layer_stats`.
 
 Example:
     >>> import torch
     >>> g_t = {"0.weight": torch.tensor([[1.0, 0.0]]), "1.weight": torch.tensor([[0.0, 2.0]])}
-    >>> g_d = {"0.weight": torch.tensor([[1.0, 1.0]]), "1.weight": torch.tensor([[0.0, -2.0]])}
-    >>> a = alignment(g_t, g_d)
+    >>> g = {"0.weight": torch.tensor([[1.0, 1.0]]), "1.weight": torch.tensor([[0.0, -2.0]])}
+    >>> a = alignment(g, reference=g_t)
     >>> round(float(a.cosine), 4), a.layers, [round(c, 4) for c in a.layer_cosine.tolist()]
     (-0.5477, ('0', '1'), [0.7071, -1.0])
 """
@@ -23,9 +25,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from gradlens.gradops import check_compatible, group_by_layer, safe_divide
+from gradlens.gradops import check_compatible, safe_divide
+from gradlens.layerstats import groups_for, layer_sq_norms, layer_stats, sum_groups
 
 __all__ = [
+    "QUANTILES",
     "Alignment",
     "ExampleAlignment",
     "alignment",
@@ -35,66 +39,57 @@ __all__ = [
 
 
 class Alignment(NamedTuple):
-    """Alignment of a distillation gradient with a trait gradient.
+    """Alignment of a gradient ``g`` with a reference gradient ``r``.
 
     Attributes:
-        cosine: ``cos(g_t, g_d)``, shape ``()``.
-        trait_norm: ``||g_t||``, shape ``()``.
-        distill_norm: ``||g_d||``, shape ``()``.
-        projection: ``<g_d, g_t> / ||g_t||^2``, the coefficient of ``g_d`` along ``g_t``, ``()``.
+        cosine: ``cos(g, r)``, shape ``()``.
+        norm: ``||g||``, shape ``()``.
+        reference_norm: ``||r||``, shape ``()``.
+        projection: ``<g, r> / ||r||^2``, the coefficient of ``g`` along ``r``, ``()``.
         layer_cosine: Per layer, shape ``(layer,)``.
-        layer_trait_norm: Shape ``(layer,)``.
-        layer_distill_norm: Shape ``(layer,)``.
+        layer_norm: Shape ``(layer,)``.
+        layer_reference_norm: Shape ``(layer,)``.
         layer_projection: Shape ``(layer,)``.
         layers: Layer names (module prefixes), in parameter order.
     """
 
     cosine: Tensor
-    trait_norm: Tensor
-    distill_norm: Tensor
+    norm: Tensor
+    reference_norm: Tensor
     projection: Tensor
     layer_cosine: Tensor
-    layer_trait_norm: Tensor
-    layer_distill_norm: Tensor
+    layer_norm: Tensor
+    layer_reference_norm: Tensor
     layer_projection: Tensor
     layers: tuple[str, ...]
 
 
-def _by_layer(values: Mapping[str, Tensor], groups: Mapping[str, list[str]]) -> Tensor:
-    """Sum per-parameter values within each layer; shape ``(layer, *rest)``."""
-    return torch.stack([sum(values[n] for n in names) for names in groups.values()])
-
-
-def alignment(trait: Mapping[str, Tensor], distill: Mapping[str, Tensor]) -> Alignment:
-    """Measure how a distillation gradient lines up with a trait gradient.
+def alignment(grad: Mapping[str, Tensor], *, reference: Mapping[str, Tensor]) -> Alignment:
+    """Measure how a gradient lines up with a reference gradient.
 
     Zero-norm gradients give cosine and projection 0.0 (the norms show the
     zero), never NaN.
 
     Args:
-        trait: The trait gradient ``g_t``.
-        distill: The distillation gradient ``g_d``, with the same keys and shapes.
+        grad: The gradient ``g``, for example the training gradient.
+        reference: The reference ``r``, for example the trait gradient, with
+            the same keys and shapes.
 
     Returns:
         The global and per-layer :class:`Alignment`.
     """
-    check_compatible(trait, distill, what="trait and distillation gradients")
-    groups = group_by_layer(trait)
-    dot = {n: torch.vdot(trait[n].reshape(-1), distill[n].reshape(-1)) for n in trait}
-    sq_t = {n: trait[n].pow(2).sum() for n in trait}
-    sq_d = {n: distill[n].pow(2).sum() for n in trait}
-    layer_dot, layer_sq_t, layer_sq_d = (_by_layer(v, groups) for v in (dot, sq_t, sq_d))
-    total_dot, total_sq_t, total_sq_d = layer_dot.sum(), layer_sq_t.sum(), layer_sq_d.sum()
+    layers = layer_stats(grad, reference=reference)
+    total = layers.total()
     return Alignment(
-        cosine=safe_divide(total_dot, (total_sq_t * total_sq_d).sqrt()),
-        trait_norm=total_sq_t.sqrt(),
-        distill_norm=total_sq_d.sqrt(),
-        projection=safe_divide(total_dot, total_sq_t),
-        layer_cosine=safe_divide(layer_dot, (layer_sq_t * layer_sq_d).sqrt()),
-        layer_trait_norm=layer_sq_t.sqrt(),
-        layer_distill_norm=layer_sq_d.sqrt(),
-        layer_projection=safe_divide(layer_dot, layer_sq_t),
-        layers=tuple(groups),
+        cosine=total.cosine[0],
+        norm=total.norm[0],
+        reference_norm=total.ref_norm[0],
+        projection=total.coef[0],
+        layer_cosine=layers.cosine,
+        layer_norm=layers.norm,
+        layer_reference_norm=layers.ref_norm,
+        layer_projection=layers.coef,
+        layers=layers.groups,
     )
 
 
@@ -117,7 +112,10 @@ class ExampleAlignment(NamedTuple):
 
 
 def example_alignment(
-    dots: Mapping[str, Tensor], sq_norms: Mapping[str, Tensor], reference: Mapping[str, Tensor]
+    dots: Mapping[str, Tensor],
+    sq_norms: Mapping[str, Tensor],
+    *,
+    reference: Mapping[str, Tensor],
 ) -> ExampleAlignment:
     """Per-example alignment from :func:`~gradlens.per_example_dots` output.
 
@@ -132,10 +130,12 @@ def example_alignment(
     check_compatible(dots, sq_norms, what="per-example dots and squared norms")
     if dots.keys() != reference.keys():
         check_compatible({n: dots[n][0] for n in dots}, reference, what="dots and reference")
-    groups = group_by_layer(dots)
-    ref_sq = _by_layer({n: reference[n].pow(2).sum() for n in reference}, groups)
-    layer_dot = _by_layer(dots, groups).T
-    layer_sq = _by_layer(sq_norms, groups).T
+    groups = groups_for(list(dots), "layer")
+    order = [name for names in groups.values() for name in names]
+    sizes = [len(names) for names in groups.values()]
+    ref_sq = layer_sq_norms({n: reference[n] for n in order})
+    layer_dot = sum_groups(torch.stack([dots[n] for n in order]), sizes).T
+    layer_sq = sum_groups(torch.stack([sq_norms[n] for n in order]), sizes).T
     dot, sq = layer_dot.sum(dim=1), layer_sq.sum(dim=1)
     return ExampleAlignment(
         cosine=safe_divide(dot, (sq * ref_sq.sum()).sqrt()),

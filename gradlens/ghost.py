@@ -20,10 +20,10 @@ Example:
     >>> x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
     >>> ref = {n: torch.randn_like(p) for n, p in model.named_parameters()}
     >>> loss = torch.nn.functional.cross_entropy
-    >>> dots, sq_norms = per_example_dots(model, loss, ref, x, y)
+    >>> dots, sq_norms = per_example_dots(model, loss, x, y, reference=ref)
     >>> tuple(dots["0.weight"].shape), tuple(sq_norms["2.bias"].shape)
     ((6,), (6,))
-    >>> dots_v, _ = per_example_dots(model, loss, ref, x, y, method="vmap")
+    >>> dots_v, _ = per_example_dots(model, loss, x, y, reference=ref, method="vmap")
     >>> torch.allclose(dots["0.weight"], dots_v["0.weight"], atol=1e-5)
     True
 """
@@ -170,9 +170,9 @@ def _probe(
 def per_example_dots(
     model: nn.Module,
     loss_fn: LossFn,
-    reference: Mapping[str, Tensor],
     inputs: Tensor,
     *targets: Tensor,
+    reference: Mapping[str, Tensor],
     params: Collection[str] | None = None,
     method: Method = "auto",
     chunk_size: int | None = None,
@@ -187,9 +187,10 @@ def per_example_dots(
     Args:
         model: The model; BatchNorm must be in eval mode.
         loss_fn: ``loss_fn(outputs, *targets) -> scalar``, written for a batch.
-        reference: Gradient dict with exactly the selected parameter names.
         inputs: Shape ``(example, ...)``.
         *targets: Each of shape ``(example, ...)``.
+        reference: Gradient dict with exactly the selected parameter names
+            (keyword-only, as everywhere in gradlens).
         params: Parameter names; default all that require grad.
         method: ``"ghost"`` uses the factored form for every parameter and
             raises if one has none; ``"vmap"`` materialises per-example
@@ -225,9 +226,9 @@ def per_example_dots(
 def probe_batch(
     model: nn.Module,
     loss_fn: LossFn,
-    reference: Mapping[str, Tensor],
     inputs: Tensor,
     *targets: Tensor,
+    reference: Mapping[str, Tensor],
     params: Collection[str] | None = None,
     method: Method = "auto",
     chunk_size: int | None = None,

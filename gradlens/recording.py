@@ -41,10 +41,9 @@ from __future__ import annotations
 import operator
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,50 +51,17 @@ import xarray as xr
 
 from gradlens._dataset_builder import build_dataset
 from gradlens._netcdf_writer import append_netcdf
-from gradlens._record_schema import fit_shape, make_schema, no_rows, record_dims_hit, to_numpy
+from gradlens._record_schema import (
+    Variable,
+    fit_shape,
+    make_schema,
+    no_rows,
+    record_dims_hit,
+    to_numpy,
+)
 from gradlens.provenance import make_attrs
 
 __all__ = ["Recorder", "Variable", "open_run"]
-
-DType = Literal["float32", "float64", "int64", "int32"]
-
-
-@dataclass(frozen=True)
-class Variable:
-    """The declaration of one recorded variable.
-
-    Attributes:
-        dims: Dim names; the first is the variable's record dim, along which
-            it grows by one row per logged step.
-        long_name: What the variable is, for people and plots.
-        units: Its units, ``"1"`` when dimensionless.
-        dtype: ``"float32"``, ``"float64"``, ``"int64"`` or ``"int32"``.
-            Float variables read NaN where not logged; int variables must be
-            logged at every row of their record dim.
-        coord: Make it a non-dimension coordinate (for example ``"epoch"``
-            along ``"step"``) instead of a data variable.
-    """
-
-    dims: tuple[str, ...]
-    long_name: str
-    units: str = "1"
-    dtype: DType = "float32"
-    coord: bool = False
-
-    def __post_init__(self) -> None:
-        if isinstance(self.dims, str) or not self.dims:
-            raise TypeError(
-                f"dims must be a non-empty tuple of dim names such as ('step',), got {self.dims!r}."
-            )
-        if self.dtype not in ("float32", "float64", "int64", "int32"):
-            raise ValueError(
-                f"dtype must be 'float32', 'float64', 'int64' or 'int32', got {self.dtype!r}."
-            )
-
-    @property
-    def is_float(self) -> bool:
-        """Whether missing rows are filled with NaN."""
-        return self.dtype.startswith("float")
 
 
 def open_run(path: str | os.PathLike[str]) -> xr.Dataset:

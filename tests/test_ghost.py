@@ -20,7 +20,7 @@ def test_dots_and_norms_match_autograd_loop(kind: str, method: str) -> None:
     model, x, y = make_case(kind)
     ref = reference_for(model)
     expected = loop_grads(model, x, y)
-    dots, sq_norms = per_example_dots(model, loss_fn, ref, x, y, method=method)
+    dots, sq_norms = per_example_dots(model, loss_fn, x, y, reference=ref, method=method)
     for name, g in expected.items():
         flat = g.flatten(start_dim=1)
         torch.testing.assert_close(dots[name], flat @ ref[name].reshape(-1), rtol=1e-9, atol=1e-12)
@@ -31,8 +31,8 @@ def test_dots_and_norms_match_autograd_loop(kind: str, method: str) -> None:
 def test_ghost_path_equals_materialised_path(kind: str) -> None:
     model, x, y = make_case(kind, batch=9)
     ref = reference_for(model)
-    ghost = per_example_dots(model, loss_fn, ref, x, y, method="auto")
-    vmap = per_example_dots(model, loss_fn, ref, x, y, method="vmap", chunk_size=4)
+    ghost = per_example_dots(model, loss_fn, x, y, reference=ref, method="auto")
+    vmap = per_example_dots(model, loss_fn, x, y, reference=ref, method="vmap", chunk_size=4)
     for got, want in zip(ghost, vmap, strict=True):
         assert got.keys() == want.keys()
         for name in want:
@@ -50,7 +50,7 @@ def test_long_sequences_use_materialised_norm_branch() -> None:
         return loss_fn(out.mean(dim=1), t)
 
     ref = reference_for(model)
-    ghost = per_example_dots(model, loss, ref, x, y, method="ghost")
+    ghost = per_example_dots(model, loss, x, y, reference=ref, method="ghost")
     grads = per_example_grads(model, loss, x, y)
     for name, g in grads.items():
         torch.testing.assert_close(ghost[1][name], g.flatten(1).pow(2).sum(1))
@@ -59,7 +59,7 @@ def test_long_sequences_use_materialised_norm_branch() -> None:
 def test_ghost_only_raises_for_layers_without_factored_form() -> None:
     model, x, y = make_case("cnn")
     with pytest.raises(UnsupportedModelError, match=r"\['0.weight', '0.bias'\] have no factored"):
-        per_example_dots(model, loss_fn, reference_for(model), x, y, method="ghost")
+        per_example_dots(model, loss_fn, x, y, reference=reference_for(model), method="ghost")
 
 
 def test_linear_used_twice_falls_back_and_stays_exact() -> None:
@@ -75,7 +75,7 @@ def test_linear_used_twice_falls_back_and_stays_exact() -> None:
     model = Twice().double()
     x, y = torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 3, (4,))
     ref = reference_for(model)
-    dots, sq_norms = per_example_dots(model, loss_fn, ref, x, y)
+    dots, sq_norms = per_example_dots(model, loss_fn, x, y, reference=ref)
     expected = loop_grads(model, x, y)
     for name, g in expected.items():
         torch.testing.assert_close(sq_norms[name], g.flatten(1).pow(2).sum(1))
@@ -85,7 +85,7 @@ def test_linear_used_twice_falls_back_and_stays_exact() -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_no_hook_stays_installed(kind: str) -> None:
     model, x, y = make_case(kind)
-    per_example_dots(model, loss_fn, reference_for(model), x, y)
+    per_example_dots(model, loss_fn, x, y, reference=reference_for(model))
     for module in model.modules():
         assert not module._forward_hooks
         assert not module._forward_pre_hooks
@@ -96,7 +96,7 @@ def test_no_grad_context_and_params_subset() -> None:
     model, x, y = make_case("mlp")
     ref = {"2.weight": reference_for(model)["2.weight"]}
     with torch.no_grad():
-        dots, _ = per_example_dots(model, loss_fn, ref, x, y, params=["2.weight"])
+        dots, _ = per_example_dots(model, loss_fn, x, y, reference=ref, params=["2.weight"])
     expected = loop_grads(model, x, y)["2.weight"].flatten(1) @ ref["2.weight"].reshape(-1)
     torch.testing.assert_close(dots["2.weight"], expected)
     assert all(p.grad is None for p in model.parameters())
@@ -107,17 +107,17 @@ def test_reference_mismatch_names_the_difference() -> None:
     ref = reference_for(model)
     del ref["0.bias"]
     with pytest.raises(GradientMismatchError, match=r"only in the first \['0.bias'\]"):
-        per_example_dots(model, loss_fn, ref, x, y)
+        per_example_dots(model, loss_fn, x, y, reference=ref)
     ref = reference_for(model)
     ref["0.bias"] = torch.zeros(2, dtype=torch.float64)
     with pytest.raises(GradientMismatchError, match=r"'0.bias': \(6,\) against \(2,\)"):
-        per_example_dots(model, loss_fn, ref, x, y)
+        per_example_dots(model, loss_fn, x, y, reference=ref)
 
 
 def test_unknown_method_is_an_error() -> None:
     model, x, y = make_case("mlp")
     with pytest.raises(ValueError, match="method must be"):
-        per_example_dots(model, loss_fn, reference_for(model), x, y, method="fast")  # type: ignore[arg-type]
+        per_example_dots(model, loss_fn, x, y, reference=reference_for(model), method="fast")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -128,7 +128,7 @@ def test_probe_batch_gives_losses_mean_grad_and_dots(kind: str, method: str) -> 
 
     model, x, y = make_case(kind, batch=6)
     ref = reference_for(model)
-    found = probe_batch(model, loss_fn, ref, x, y, method=method, chunk_size=4)
+    found = probe_batch(model, loss_fn, x, y, reference=ref, method=method, chunk_size=4)
     expected = loop_grads(model, x, y)
     plain = mean_grad(model, loss_fn, x, y)
     losses = torch.stack([loss_fn(model(x[i : i + 1]), y[i : i + 1]) for i in range(6)])

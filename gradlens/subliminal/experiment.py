@@ -11,7 +11,6 @@ import torch
 import xarray as xr
 from torch import nn
 
-from gradlens.alignment import QUANTILES as QUANTILE_LEVELS
 from gradlens.data import Digits
 from gradlens.recording import Recorder, open_run
 from gradlens.subliminal.conditions import Condition
@@ -20,9 +19,10 @@ from gradlens.subliminal.student import (
     StudentSetup,
     layer_names,
     run_student,
+    student_transforms,
     student_variables,
-    transform_shapes,
 )
+from gradlens.training import step_coords, transform_layout
 
 __all__ = ["combine_runs", "cross_seed", "probe_subset", "run_condition"]
 
@@ -85,12 +85,13 @@ def run_condition(
     init_seed = seed if condition.init == "same" else cross_seed(seed, seeds)
     student = init_mlp(sizes, seed=init_seed).to(device)
     base = copy.deepcopy(student).requires_grad_(False)
-    variables = student_variables(student, condition, transform_shapes(condition, student))
+    layout = transform_layout(dict(student.named_parameters()), *student_transforms(condition))
+    variables = student_variables(condition, layout)
     partial = path.with_name(path.name + ".part")
     with Recorder(
         partial,
         variables,
-        coords={"layer": layer_names(student), "quantile": list(QUANTILE_LEVELS)},
+        coords=step_coords(layer_names(student), layout),
         attrs={"condition": condition.name, "seed": seed, "init_seed": init_seed},
         config=config,
         overwrite=True,
@@ -134,7 +135,11 @@ def combine_runs(parts: Mapping[tuple[int, str], Path], attrs: Mapping[str, str]
     seeds = sorted({s for s, _ in parts})
     merged = merged.reindex(condition=conditions, seed=seeds)
     merged.attrs = dict(attrs)
+    for variable in merged.variables.values():
+        # Encodings come from the first part read; its fixed-width string labels
+        # (e.g. 6 characters for "remove") would truncate longer ones on writing.
+        variable.encoding = {}
     order = [
         d for d in ("step", "layer", "quantile", "example_step", "example") if d in merged.dims
     ]
-    return merged.transpose(*order, "condition", "seed")
+    return merged.transpose(*order, ..., "condition", "seed")

@@ -18,10 +18,18 @@ from gradlens.subliminal.conditions import Condition
 from gradlens.subliminal.losses import class_cross_entropy, class_kl, logit_kl
 from gradlens.subliminal.noise import noise_batch
 from gradlens.subliminal.teacher import accuracy
-from gradlens.training import Objective, probed_step, weighted_sum
-from gradlens.transforms import transform_records
+from gradlens.training import (
+    Objective,
+    TransformLayout,
+    probed_step,
+    step_values,
+    step_variables,
+    transform_layout,
+    weighted_sum,
+)
+from gradlens.transforms import GradientTransform, named_chain
 
-__all__ = ["StudentSetup", "run_student", "student_variables"]
+__all__ = ["StudentSetup", "run_student", "student_transforms", "student_variables"]
 
 
 @dataclass(frozen=True)
@@ -66,48 +74,23 @@ class StudentSetup:
 
 
 def student_variables(
-    model: nn.Module, condition: Condition, transform_shapes: dict[str, int]
+    condition: Condition, transforms: TransformLayout | None
 ) -> dict[str, Variable]:
-    """Declare every record a student run writes.
+    """Declare every record a student run writes: the probed step's and the experiment's.
 
     Args:
-        model: The student, for its layers.
-        condition: The condition, for liminal and transform records.
-        transform_shapes: Record name -> number of dims (0 or 1, per layer) of
-            each transform state field, prefixed ``before_``/``after_``.
+        condition: The condition, for the liminal weight.
+        transforms: The condition's transform layout (:func:`student_transforms`).
     """
-    s, sl = ("step",), ("step", "layer")
+    s = ("step",)
     v = {
+        **step_variables(transforms),
         "epoch": Variable(s, "epoch of the step", dtype="int64", coord=True),
         "distill_loss": Variable(s, "distillation loss on the step's noise batch", units="nat"),
-        "train_loss": Variable(s, "training loss (distillation plus any extra term)", units="nat"),
-        "trait_loss": Variable(s, "trait loss on the probe batch before the step", units="nat"),
-        "cosine": Variable(s, "cos(g_t, g_d)"),
-        "trait_norm": Variable(s, "||g_t||"),
-        "distill_norm": Variable(s, "||g_d||"),
-        "projection": Variable(s, "<g_d, g_t> / ||g_t||^2"),
-        "layer_cosine": Variable(sl, "cos(g_t, g_d) per layer"),
-        "layer_trait_norm": Variable(sl, "||g_t|| per layer"),
-        "layer_distill_norm": Variable(sl, "||g_d|| per layer"),
-        "update_cosine": Variable(s, "cos(g_t, parameter update applied)"),
-        "predicted_change": Variable(
-            s, "first-order predicted trait-loss change g_t . delta", units="nat"
-        ),
-        "measured_change": Variable(s, "measured trait-loss change over the step", units="nat"),
-        "example_cosine_mean": Variable(s, "mean over examples of cos(g_i, g_t)"),
-        "example_cosine_quantile": Variable(
-            ("step", "quantile"), "quantiles over examples of cos(g_i, g_t)"
-        ),
-        "example_cosine_frac_positive": Variable(s, "fraction of examples with cos(g_i, g_t) > 0"),
         "test_accuracy": Variable(s, "student test accuracy after the step (class logits)"),
-        "example_cosine": Variable(
-            ("example_step", "example"), "cos(g_i, g_t) of each distillation example"
-        ),
     }
     if condition.liminal:
         v["liminal_weight"] = Variable(s, "liminal KL weight lambda(t)")
-    for name, ndim in transform_shapes.items():
-        v[name] = Variable(sl if ndim else s, f"transform state: {name}")
     return v
 
 
@@ -116,29 +99,13 @@ def layer_names(model: nn.Module) -> list[str]:
     return list(group_by_layer(n for n, p in model.named_parameters() if p.requires_grad))
 
 
-def _transform_fields(prefix: str, state: object) -> dict[str, Tensor]:
-    """Name a transform state's records for the recorder.
-
-    Global values become ``{prefix}_{name}`` and per-layer values
-    ``{prefix}_layer_{name}``, so the two never share a name across conditions.
-    """
-    if state is None:
-        return {}
-    return {
-        f"{prefix}_layer_{k}" if v.ndim else f"{prefix}_{k}": v
-        for k, v in transform_records(state).items()
-    }
-
-
-def transform_shapes(condition: Condition, model: nn.Module) -> dict[str, int]:
-    """Record names and ranks of the condition's transform states."""
-    params = dict(model.named_parameters())
-    out = {}
-    for prefix, factory in (("before", condition.before), ("after", condition.after)):
-        if factory is not None:
-            fields = _transform_fields(prefix, factory().init(params))
-            out.update({k: v.ndim for k, v in fields.items()})
-    return out
+def student_transforms(
+    condition: Condition,
+) -> tuple[GradientTransform | None, GradientTransform | None]:
+    """The condition's transforms before and after the optimizer, named after the condition."""
+    before = named_chain((condition.name, condition.before())) if condition.before else None
+    after = named_chain((condition.name, condition.after())) if condition.after else None
+    return before, after
 
 
 def run_student(
@@ -164,7 +131,7 @@ def run_student(
         probe: Labelled images for the trait gradient (never trained on).
         test: Test images for accuracy.
         recorder: A :class:`~gradlens.recording.Recorder` declared with
-            :func:`student_variables`.
+            :func:`student_variables` and :func:`gradlens.training.step_coords`.
         seed: Seed of the noise stream.
         setup: Hyper-parameters.
         progress: Show a progress bar.
@@ -183,8 +150,8 @@ def run_student(
         trait = Objective(class_kl(setup.num_classes), probe.images, (teacher_classes,))
     optimizer = torch.optim.Adam(student.parameters(), lr=setup.lr)
     params = dict(student.named_parameters())
-    before = condition.before() if condition.before else None
-    after = condition.after() if condition.after else None
+    before, after = student_transforms(condition)
+    layout = transform_layout(params, before, after)
     before_state = before.init(params) if before else None
     after_state = after.init(params) if after else None
 
@@ -222,11 +189,9 @@ def run_student(
                     step=step,
                 )
                 before_state, after_state = result.before_state, result.after_state
-                values = dict(result.records)
+                values = step_values(result, layout)
                 values["distill_loss"] = values["train_loss"]
                 values.update(extra)
-                values.update(_transform_fields("before", before_state))
-                values.update(_transform_fields("after", after_state))
                 last = step == setup.steps - 1
                 if step % setup.eval_every == 0 or last:
                     values["test_accuracy"] = accuracy(student, test, setup.num_classes)

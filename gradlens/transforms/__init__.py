@@ -23,7 +23,7 @@ from gradlens.transforms.base import (
     TransformUpdate,
     identity,
 )
-from gradlens.transforms.combining import chain
+from gradlens.transforms.combining import chain, named_chain
 from gradlens.transforms.per_example import (
     ScaleAlignedPerExampleState,
     remove_aligned_per_example,
@@ -44,6 +44,7 @@ __all__ = [
     "TransformUpdate",
     "chain",
     "identity",
+    "named_chain",
     "remove_aligned",
     "remove_aligned_per_example",
     "reverse_aligned",

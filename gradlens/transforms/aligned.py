@@ -33,10 +33,10 @@ from typing import NamedTuple
 
 from torch import Tensor
 
+from gradlens.layerstats import layer_stats
 from gradlens.transforms._groups import (
     check_options,
     cosine_after,
-    group_stats,
     groups_of,
     match_reference,
     subtract_along,
@@ -110,13 +110,15 @@ def scale_aligned(
         check_state(state, ScaleAlignedState, factory="scale_aligned")
         reference = match_reference(grads, reference)
         groups = groups_of(grads, scope)
-        before = group_stats(grads, reference, groups)
+        before = layer_stats(grads, reference=reference, scope=scope)
         coef = before.coef
         acted = before.ref_sq_norm > 0
         if only_positive:
             acted = acted & (coef > 0)
         new_grads = subtract_along(grads, reference, groups, (1 - alpha) * (acted * coef))
-        after = group_stats(new_grads, reference, groups, before.ref_sq_norm)
+        after = layer_stats(
+            new_grads, reference=reference, scope=scope, ref_sq_norm=before.ref_sq_norm
+        )
         new_state = ScaleAlignedState(
             cosine_before=to_scope(before.cosine, scope),
             cosine_after=to_scope(cosine_after(after, before), scope),

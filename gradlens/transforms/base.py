@@ -29,11 +29,12 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 from torch import Tensor
 
 from gradlens.errors import GradlensError
+from gradlens.layerstats import Scope
 
 __all__ = [
     "GradientTransform",
@@ -47,8 +48,6 @@ __all__ = [
     "identity",
 ]
 
-Scope = Literal["global", "layer"]
-"""``"global"``: one coefficient for the whole gradient; ``"layer"``: one per layer."""
 
 State = Any
 """A transform's state: a small NamedTuple, or a tuple of states for a chain."""

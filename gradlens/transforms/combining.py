@@ -30,7 +30,7 @@ from torch import Tensor
 
 from gradlens.transforms.base import GradientTransform, State, StateMismatchError
 
-__all__ = ["chain"]
+__all__ = ["chain", "named_chain"]
 
 
 def _name(transform: GradientTransform) -> str:
@@ -93,5 +93,68 @@ def chain(*transforms: GradientTransform) -> GradientTransform:
                 ) from err
             new_state.append(new_inner)
         return new_grads, tuple(new_state)
+
+    return GradientTransform(init, update)
+
+
+def named_chain(*members: tuple[str, GradientTransform]) -> GradientTransform:
+    """Apply named transforms in order, as one transform (optax's ``named_chain``).
+
+    The names label the members' records (:func:`~gradlens.transforms.transform_records`),
+    so a run file says ``transform="remove"`` instead of a chain position.
+
+    Args:
+        *members: ``(name, transform)`` pairs, first applied first; names unique.
+
+    Returns:
+        A :class:`~gradlens.transforms.GradientTransform` whose state is a
+        ``dict`` from name to the member's state.
+
+    Raises:
+        ValueError: If a name repeats or is empty.
+        TypeError: If a member is not a ``(str, GradientTransform)`` pair.
+
+    Example:
+        >>> import torch
+        >>> from gradlens.transforms import identity, remove_aligned
+        >>> tx = named_chain(("keep", identity()), ("remove", remove_aligned()))
+        >>> g, r = {"w": torch.tensor([1.0, 1.0])}, {"w": torch.tensor([1.0, 0.0])}
+        >>> new_g, state = tx.update(g, tx.init(g), reference=r)
+        >>> list(state), new_g["w"]
+        (['keep', 'remove'], tensor([0., 1.]))
+    """
+    for index, member in enumerate(members):
+        ok = isinstance(member, tuple) and len(member) == 2 and isinstance(member[0], str)
+        if not ok or not isinstance(member[1], GradientTransform):
+            raise TypeError(
+                f"named_chain argument {index} must be a (name, transform) pair such as "
+                f"('remove', remove_aligned()), got {member!r}."
+            )
+    names = [name for name, _ in members]
+    if len(set(names)) != len(names) or not all(names):
+        raise ValueError(f"named_chain names must be unique and non-empty, got {names}.")
+    inner = chain(*(t for _, t in members))
+
+    def init(params: Mapping[str, Tensor]) -> dict[str, State]:
+        return dict(zip(names, inner.init(params), strict=True))
+
+    def update(
+        grads: Mapping[str, Tensor],
+        state: State,
+        params: Mapping[str, Tensor] | None = None,
+        *,
+        reference: Mapping[str, Tensor],
+        **extra: object,
+    ) -> tuple[dict[str, Tensor], dict[str, State]]:
+        if not isinstance(state, dict) or list(state) != names:
+            got = list(state) if isinstance(state, dict) else type(state).__name__
+            raise StateMismatchError(
+                f"named_chain({', '.join(names)}) expected a dict of states keyed {names}, got "
+                f"{got}. Pass the state returned by the chain's init or by its previous update."
+            )
+        new_grads, states = inner.update(
+            grads, tuple(state.values()), params, reference=reference, **extra
+        )
+        return new_grads, dict(zip(names, states, strict=True))
 
     return GradientTransform(init, update)

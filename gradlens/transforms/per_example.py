@@ -41,10 +41,10 @@ from torch import Tensor
 
 from gradlens.errors import GradientMismatchError
 from gradlens.gradops import safe_divide
+from gradlens.layerstats import layer_stats, sum_groups
 from gradlens.transforms._groups import (
     check_options,
     cosine_after,
-    group_stats,
     groups_of,
     match_reference,
     subtract_along,
@@ -101,9 +101,9 @@ def _dots_by_group(
         raise GradientMismatchError(
             f"example_dots must all have the same shape (example,) with example > 0; got {lengths}."
         )
-    return torch.stack(
-        [torch.stack([example_dots[name] for name in names]).sum(0) for names in groups], dim=1
-    )
+    order = [name for names in groups for name in names]
+    sizes = [len(names) for names in groups]
+    return sum_groups(torch.stack([example_dots[name] for name in order]), sizes).T
 
 
 def scale_aligned_per_example(
@@ -154,7 +154,7 @@ def scale_aligned_per_example(
         check_state(state, ScaleAlignedPerExampleState, factory="scale_aligned_per_example")
         reference = match_reference(grads, reference)
         groups = groups_of(grads, scope)
-        before = group_stats(grads, reference, groups)
+        before = layer_stats(grads, reference=reference, scope=scope)
         dots = _dots_by_group(example_dots, grads, groups).to(before.dot)
         coef = safe_divide(dots, before.ref_sq_norm)  # (example, group)
         acted = (before.ref_sq_norm > 0).expand_as(coef)
@@ -162,7 +162,9 @@ def scale_aligned_per_example(
             acted = acted & (coef > 0)
         acted_coef = (acted * coef).mean(0)
         new_grads = subtract_along(grads, reference, groups, (1 - alpha) * acted_coef)
-        after = group_stats(new_grads, reference, groups, before.ref_sq_norm)
+        after = layer_stats(
+            new_grads, reference=reference, scope=scope, ref_sq_norm=before.ref_sq_norm
+        )
         new_state = ScaleAlignedPerExampleState(
             cosine_before=to_scope(before.cosine, scope),
             cosine_after=to_scope(cosine_after(after, before), scope),

@@ -1,25 +1,30 @@
-"""Flatten a transform state, chained or not, into named tensors for a recorder.
+"""A transform state, chained or not, as named records: ``{transform: {field: value}}``.
 
-A chain's state is a tuple of states, possibly nested; its leaves, in the
-order the transforms run, are numbered ``t0, t1, ...``. Each field of leaf
-``k`` becomes the record ``f"t{k}_{factory}_{field}"``, where ``factory`` is
-the snake_case name of the state type without ``State``
-(``ScaleAlignedState`` -> ``scale_aligned``). Empty states add nothing.
+Each leaf state (a NamedTuple such as :class:`~gradlens.transforms.ScaleAlignedState`)
+is one transform. Its name is the one given to :func:`~gradlens.transforms.named_chain`
+(joined with ``"."`` for nested named chains); a transform outside a named chain
+is named after its state type (``ScaleAlignedState`` -> ``scale_aligned``), with
+its position in a plain :func:`~gradlens.transforms.chain` appended when that name
+repeats. Empty states (``identity``) add nothing. How a probed step lays these out
+in a run file (``placement``, ``transform``, ``stage`` and ``group`` dims) is
+:mod:`gradlens.training.records`.
 
 Example:
     >>> import torch
-    >>> from gradlens.transforms import chain, identity, remove_aligned, reverse_aligned
+    >>> from gradlens.transforms import identity, named_chain, remove_aligned
     >>> g = {"w": torch.tensor([1.0, 1.0])}
-    >>> tx = chain(remove_aligned(), identity(), chain(reverse_aligned()))
-    >>> sorted(transform_records(tx.init(g)))[:3]
-    ['t0_scale_aligned_acted', 't0_scale_aligned_coef', 't0_scale_aligned_cosine_after']
-    >>> "t2_scale_aligned_coef" in transform_records(tx.init(g))
-    True
+    >>> tx = named_chain(("keep", identity()), ("remove", remove_aligned()))
+    >>> records = transform_records(tx.init(g))
+    >>> list(records), sorted(records["remove"])
+    (['remove'], ['acted', 'coef', 'cosine_after', 'cosine_before'])
+    >>> list(transform_records(remove_aligned().init(g)))
+    ['scale_aligned']
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Iterator
 
 import torch
@@ -27,44 +32,54 @@ from torch import Tensor
 
 from gradlens.transforms.base import State
 
-__all__ = ["transform_records"]
+__all__ = ["state_name", "transform_records"]
 
 
-def _leaves(state: State) -> Iterator[tuple]:
-    """Yield the NamedTuple states of a (nested) chain state, in order."""
-    if type(state) is tuple:
-        for inner in state:
-            yield from _leaves(inner)
-    elif isinstance(state, tuple) and hasattr(state, "_fields"):
-        yield state
-    else:
-        raise TypeError(
-            f"a transform state is a NamedTuple or a tuple of states, got {type(state).__name__}."
-        )
-
-
-def _factory(state_type: type) -> str:
+def state_name(state_type: type) -> str:
     """``ScaleAlignedPerExampleState`` -> ``scale_aligned_per_example``."""
     name = state_type.__name__.removesuffix("State")
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
-def transform_records(state: State) -> dict[str, Tensor]:
-    """Return every field of a transform state as a detached tensor under a unique name.
+def _is_leaf(state: State) -> bool:
+    return isinstance(state, tuple) and hasattr(state, "_fields")
+
+
+def _leaves(state: State, prefix: str) -> Iterator[tuple[str, tuple]]:
+    """Yield ``(name, leaf)`` for the NamedTuple states of a (nested) chain state."""
+    if _is_leaf(state):
+        yield prefix or state_name(type(state)), state
+    elif isinstance(state, dict):
+        for key, inner in state.items():
+            yield from _leaves(inner, f"{prefix}.{key}" if prefix else key)
+    elif type(state) is tuple:
+        named = [(n, leaf) for inner in state for n, leaf in _leaves(inner, "")]
+        counts = Counter(n for n, _ in named)
+        for index, (n, leaf) in enumerate(named):
+            n = n if counts[n] == 1 else f"{n}_{index}"
+            yield (f"{prefix}.{n}" if prefix else n), leaf
+    else:
+        raise TypeError(
+            "a transform state is a NamedTuple, or a tuple or dict of states, got "
+            f"{type(state).__name__}."
+        )
+
+
+def transform_records(state: State) -> dict[str, dict[str, Tensor]]:
+    """Return every field of every transform in a state, detached, by transform name.
 
     Args:
-        state: A transform's state, or a chain's (nested) tuple of states.
+        state: A transform's state, a chain's tuple or a named chain's dict of states.
 
     Returns:
-        ``{"t{k}_{factory}_{field}": value}`` over the leaves ``k`` in run
-        order; values keep the state's shapes (``()`` or ``(layer,)``).
+        ``{transform: {field: value}}`` in run order; values keep the state's
+        shapes (``()`` for ``scope="global"``, ``(layer,)`` for ``scope="layer"``).
 
     Raises:
-        TypeError: If ``state`` is neither a NamedTuple nor a tuple of states.
+        TypeError: If ``state`` is not a transform state.
     """
-    records = {}
-    for index, leaf in enumerate(_leaves(state)):
-        prefix = f"t{index}_{_factory(type(leaf))}"
-        for field in leaf._fields:
-            records[f"{prefix}_{field}"] = torch.as_tensor(getattr(leaf, field)).detach()
-    return records
+    return {
+        name: {field: torch.as_tensor(getattr(leaf, field)).detach() for field in leaf._fields}
+        for name, leaf in _leaves(state, "")
+        if leaf._fields
+    }

@@ -83,17 +83,23 @@ def test_interventions_quick_run_writes_transform_records(tmp_path: Path) -> Non
     )
     ds = xr.open_dataset(mnist_aux.main(config))
     assert list(ds.condition.values) == conditions
-    cos_after = ds["before_t0_scale_aligned_cosine_after"]
-    assert float(abs(cos_after.sel(condition="remove")).max()) < 1e-4
+    cos = ds["transform_cosine"]
+    assert cos.dims[:5] == ("step", "placement", "transform", "stage", "group")
+    out = cos.sel(placement="before", stage="after")
+    assert float(abs(out.sel(condition="remove", transform="remove", group="all")).max()) < 1e-4
     assert float(abs(ds["update_cosine"].sel(condition="remove_update")).max()) < 1e-4
-    per_layer = ds["before_layer_t0_scale_aligned_cosine_after"]
-    assert per_layer.dims[:2] == ("step", "layer")
-    assert float(abs(per_layer.sel(condition="remove_layer")).max()) < 1e-4
-    assert np.isnan(per_layer.sel(condition="remove")).all()
+    per_layer = out.sel(condition="remove_layer", transform="remove_layer").drop_sel(group="all")
+    assert per_layer.sizes["group"] == 3 and float(abs(per_layer).max()) < 1e-4
+    assert np.isnan(out.sel(condition="remove", transform="remove").drop_sel(group="all")).all()
+    assert np.isnan(out.sel(condition="remove", transform="reverse")).all()
+    after = cos.sel(placement="after", condition="remove_update", transform="remove_update")
+    assert float(abs(after.sel(stage="after", group="all")).max()) < 1e-4
     weight = ds["liminal_weight"].sel(condition="liminal", seed=0)
     assert float(weight.isel(step=0)) == 1.0 and float(weight.isel(step=-1)) == 0.0
     assert np.isnan(ds["liminal_weight"].sel(condition="remove")).all()
-    reverse = ds["before_t0_scale_aligned_coef"].sel(condition="reverse")
+    reverse = ds["transform_coef"].sel(
+        condition="reverse", transform="reverse", placement="before", group="all"
+    )
     assert np.isfinite(reverse).all()
 
 

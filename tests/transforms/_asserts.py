@@ -70,6 +70,15 @@ def expected_output(case: Case, problem: Problem) -> dict[str, Tensor]:
     return {n: g - amounts[n] * problem.reference[n] for n, g in problem.grads.items()}
 
 
+def _flat_records(state: State) -> dict[str, torch.Tensor]:
+    """Every transform field as ``"<transform>/<field>"``."""
+    return {
+        f"{name}/{field}": value
+        for name, fields in transform_records(state).items()
+        for field, value in fields.items()
+    }
+
+
 def assert_structure_preserved(case: Case, problem: Problem) -> None:
     out, state = apply(case, problem)
     assert list(out) == list(problem.grads)
@@ -77,8 +86,8 @@ def assert_structure_preserved(case: Case, problem: Problem) -> None:
         assert out[name].shape == g.shape
         assert out[name].dtype == g.dtype
         assert out[name].isfinite().all()
-    before = transform_records(case.make().init(problem.grads))
-    after = transform_records(state)
+    before = _flat_records(case.make().init(problem.grads))
+    after = _flat_records(state)
     assert before.keys() == after.keys()
     for name, value in after.items():
         assert value.shape == before[name].shape
@@ -129,7 +138,7 @@ def assert_zero_reference_is_noop(case: Case, problem: Problem) -> None:
     out, state = apply(case, make_problem(problem.examples, zero))
     for name, g in problem.grads.items():
         assert torch.equal(out[name], g)
-    for value in transform_records(state).values():
+    for value in _flat_records(state).values():
         assert value.isfinite().all()
 
 
@@ -152,8 +161,8 @@ def assert_identity_chain_is_noop(case: Case, problem: Problem) -> None:
     chained_out, chained_state = apply(case, problem, transform_chain=True)
     for name, value in out.items():
         assert torch.equal(chained_out[name], value)
-    plain = transform_records(state)
-    chained = transform_records(chained_state[1])
+    plain = _flat_records(state)
+    chained = _flat_records(chained_state[1])
     assert plain.keys() == chained.keys()
     for name, value in plain.items():
         assert torch.equal(chained[name], value)
@@ -166,8 +175,8 @@ def assert_records_cosine_after(case: Case, problem: Problem) -> None:
     tolerance on the cosine grows as ``||g|| / ||g'||``.
     """
     out, state = apply(case, problem)
-    records = transform_records(state)
-    names = [name for name in records if name.endswith("_cosine_after")]
+    records = _flat_records(state)
+    names = [name for name in records if name.endswith("/cosine_after")]
     if not names:
         return
     recorded = records[names[-1]].reshape(-1)

@@ -81,7 +81,7 @@ def test_with_ghost_dots(alpha: float, scope: Scope, only_positive: bool, method
     from gradlens.ghost import per_example_dots
 
     examples, reference, (model, x, y) = distillation_batch()
-    dots, _ = per_example_dots(model, F.cross_entropy, reference, x, y, method=method)
+    dots, _ = per_example_dots(model, F.cross_entropy, x, y, reference=reference, method=method)
     out, _ = run_per_example(alpha, scope, only_positive, examples, reference, dots)
     assert_close(out, materialised(alpha, scope, only_positive, examples, reference))
 

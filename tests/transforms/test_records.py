@@ -6,6 +6,7 @@ import torch
 from gradlens.transforms import (
     chain,
     identity,
+    named_chain,
     remove_aligned,
     remove_aligned_per_example,
     reverse_aligned,
@@ -19,40 +20,41 @@ def small() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     return g, r
 
 
-def test_single_state_is_t0() -> None:
+def test_a_bare_transform_is_named_after_its_state() -> None:
     g, r = small()
     tx = remove_aligned("layer")
     _, state = tx.update(g, tx.init(g), reference=r)
     records = transform_records(state)
-    assert sorted(records) == [
-        "t0_scale_aligned_acted",
-        "t0_scale_aligned_coef",
-        "t0_scale_aligned_cosine_after",
-        "t0_scale_aligned_cosine_before",
-    ]
-    assert torch.equal(records["t0_scale_aligned_coef"], state.coef)
+    assert list(records) == ["scale_aligned"]
+    assert sorted(records["scale_aligned"]) == ["acted", "coef", "cosine_after", "cosine_before"]
+    assert torch.equal(records["scale_aligned"]["coef"], state.coef)
 
 
-def test_chain_of_two_has_distinct_names() -> None:
+def test_named_chain_names_label_the_records() -> None:
     g, r = small()
-    tx = chain(remove_aligned(), reverse_aligned("layer"))
+    tx = named_chain(("remove", remove_aligned()), ("flip", reverse_aligned("layer")))
     _, state = tx.update(g, tx.init(g), reference=r)
     records = transform_records(state)
-    assert len(records) == 8
-    assert records["t0_scale_aligned_coef"].shape == ()
-    assert records["t1_scale_aligned_coef"].shape == (2,)
+    assert list(records) == ["remove", "flip"]
+    assert records["remove"]["coef"].shape == ()
+    assert records["flip"]["coef"].shape == (2,)
+    assert torch.equal(records["flip"]["coef"], state["flip"].coef)
 
 
-def test_nested_chains_are_numbered_in_run_order() -> None:
+def test_repeated_names_in_a_plain_chain_get_their_position() -> None:
     g, _ = small()
-    tx = chain(identity(), chain(remove_aligned(), chain(remove_aligned_per_example())))
-    names = transform_records(tx.init(g))
-    assert sorted(name for name in names if name.endswith("coef")) == [
-        "t1_scale_aligned_coef",
-        "t2_scale_aligned_per_example_acted_coef",
-        "t2_scale_aligned_per_example_coef",
+    tx = chain(identity(), remove_aligned(), chain(remove_aligned(), remove_aligned_per_example()))
+    assert list(transform_records(tx.init(g))) == [
+        "scale_aligned_1",
+        "scale_aligned_2",
+        "scale_aligned_per_example",
     ]
-    assert not any(name.startswith("t0") for name in names)  # the identity records nothing
+
+
+def test_nested_named_chains_join_names_with_a_dot() -> None:
+    g, _ = small()
+    tx = named_chain(("outer", named_chain(("inner", remove_aligned()))), ("id", identity()))
+    assert list(transform_records(tx.init(g))) == ["outer.inner"]
 
 
 def test_records_are_detached() -> None:
@@ -61,7 +63,7 @@ def test_records_are_detached() -> None:
     tx = remove_aligned()
     _, state = tx.update(g, tx.init(g), reference=r)
     assert state.cosine_after.requires_grad
-    assert not any(v.requires_grad for v in transform_records(state).values())
+    assert not any(v.requires_grad for v in transform_records(state)["scale_aligned"].values())
 
 
 def test_identity_adds_nothing() -> None:
@@ -69,5 +71,19 @@ def test_identity_adds_nothing() -> None:
 
 
 def test_non_state_is_refused() -> None:
-    with pytest.raises(TypeError, match="NamedTuple or a tuple of states"):
-        transform_records({"coef": torch.zeros(())})
+    with pytest.raises(TypeError, match="NamedTuple, or a tuple or dict of states"):
+        transform_records([torch.zeros(())])
+
+
+def test_named_chain_refuses_repeated_names_and_bad_members() -> None:
+    with pytest.raises(ValueError, match="unique"):
+        named_chain(("a", identity()), ("a", identity()))
+    with pytest.raises(TypeError, match=r"\(name, transform\) pair"):
+        named_chain(identity())  # type: ignore[arg-type]
+
+
+def test_named_chain_state_mismatch_names_the_members() -> None:
+    g, r = small()
+    tx = named_chain(("remove", remove_aligned()))
+    with pytest.raises(TypeError, match=r"keyed \['remove'\]"):
+        tx.update(g, {"other": remove_aligned().init(g)}, reference=r)

@@ -1,7 +1,8 @@
-"""One probed training step, shared by every condition of an experiment.
+"""One probed training step.
 
 :func:`probed_step` measures the trait gradient ``g_t`` and the training
-(distillation) gradient ``g_d`` at the current parameters, applies optional
+gradient ``g`` (for a student, the distillation gradient) at the current
+parameters, applies optional
 gradient transforms before the optimizer (to ``g_d``) and after it (to the
 optimizer's update), takes the step, and returns what it measured. Any extra
 loss term (for example liminal training's KL to the base model) is part of
@@ -35,7 +36,7 @@ from torch import Tensor, nn
 from gradlens.alignment import alignment, example_alignment, summarize
 from gradlens.ghost import Method, probe_batch
 from gradlens.gradops import check_finite, dot, norm, safe_divide, scale
-from gradlens.per_example import LossFn, loss_and_grad
+from gradlens.per_example import LossFn, Randomness, loss_and_grad
 from gradlens.transforms.base import GradientTransform
 
 __all__ = ["Objective", "StepResult", "probed_step", "weighted_sum"]
@@ -80,7 +81,9 @@ class StepResult(NamedTuple):
 
     Attributes:
         records: Named values: ``()`` scalars, ``(layer,)`` per-layer values and
-            ``(quantile,)`` quantiles of the per-example cosines (see docs/experiment.md).
+            ``(quantile,)`` quantiles of the per-example cosines; their
+            definitions (long names, units, dims) are
+            :data:`gradlens.training.records.STEP_RECORDS`.
         example_cosine: ``cos(g_i, g_t)`` of each training example, shape ``(example,)``.
         before_state: New state of the ``before`` transform (``None`` without one).
         after_state: New state of the ``after`` transform (``None`` without one).
@@ -108,14 +111,16 @@ def probed_step(
     after_state: Any = None,
     step: int | None = None,
     method: Method = "auto",
+    chunk_size: int | None = None,
+    randomness: Randomness = "error",
     measure_change: bool = True,
 ) -> StepResult:
     """Take one optimizer step on ``train`` while probing its alignment with ``trait``.
 
     1. ``g_t``: gradient of the trait loss at the current parameters.
-    2. ``g_d``, the training losses and the per-example dots with ``g_t``, from
+    2. ``g``, the training losses and the per-example dots with ``g_t``, from
        one forward and backward (:func:`~gradlens.probe_batch`).
-    3. ``before`` transforms ``g_d`` (reference ``g_t``, extra ``example_dots``);
+    3. ``before`` transforms ``g`` (reference ``g_t``, extra ``example_dots``);
        the optimizer steps; ``after`` transforms the optimizer's update
        ``delta`` with reference ``-g_t`` (the direction in which a step lowers
        the trait loss, so a positive coefficient again means "teaches the
@@ -129,30 +134,44 @@ def probed_step(
     Args:
         model: The student.
         optimizer: A ``torch.optim`` optimizer over ``model``'s parameters.
-        train: The training objective (distillation loss plus any extra term).
+        train: The training objective (for a student, the distillation loss
+            plus any extra term).
         trait: The trait objective, for example cross-entropy on labelled probes.
-        before: Transform applied to ``g_d`` before the optimizer.
+        before: Transform applied to ``g`` before the optimizer; name its
+            members with :func:`~gradlens.transforms.named_chain` to name their records.
         before_state: Its state, from ``before.init(params)`` or the last step.
         after: Transform applied to the optimizer's update.
         after_state: Its state.
         step: The step number, for error messages.
         method: ``per_example_dots`` method for the per-example probe.
+        chunk_size: Examples per chunk where the probe falls back to ``vmap``.
+        randomness: ``vmap`` randomness (``"different"`` for dropout), as in
+            :func:`~gradlens.per_example_grads`.
         measure_change: Also evaluate the trait loss after the step (one forward).
 
     Returns:
         A :class:`StepResult`.
 
     Raises:
-        NonFiniteGradientError: If ``g_t`` or ``g_d`` has NaN or infinite values.
+        NonFiniteGradientError: If ``g_t`` or ``g`` has NaN or infinite values.
     """
     params = _params(model)
     old = {n: p.detach().clone() for n, p in params.items()}
     trait_loss, g_t = loss_and_grad(model, trait.loss_fn, trait.inputs, *trait.targets)
     check_finite(g_t, step=step, what="trait gradient")
-    probe = probe_batch(model, train.loss_fn, g_t, train.inputs, *train.targets, method=method)
+    probe = probe_batch(
+        model,
+        train.loss_fn,
+        train.inputs,
+        *train.targets,
+        reference=g_t,
+        method=method,
+        chunk_size=chunk_size,
+        randomness=randomness,
+    )
     check_finite(probe.grad, step=step, what="training gradient")
-    align = alignment(g_t, probe.grad)
-    per_example = example_alignment(probe.dots, probe.sq_norms, g_t)
+    align = alignment(probe.grad, reference=g_t)
+    per_example = example_alignment(probe.dots, probe.sq_norms, reference=g_t)
 
     grads = probe.grad
     if before is not None:
@@ -177,13 +196,13 @@ def probed_step(
         "train_loss": probe.losses.mean(),
         "trait_loss": trait_loss,
         "cosine": align.cosine,
-        "trait_norm": align.trait_norm,
-        "distill_norm": align.distill_norm,
+        "trait_norm": align.reference_norm,
+        "train_norm": align.norm,
         "projection": align.projection,
         "layer_cosine": align.layer_cosine,
-        "layer_trait_norm": align.layer_trait_norm,
-        "layer_distill_norm": align.layer_distill_norm,
-        "update_cosine": safe_divide(predicted, align.trait_norm * norm(delta)),
+        "layer_trait_norm": align.layer_reference_norm,
+        "layer_train_norm": align.layer_norm,
+        "update_cosine": safe_divide(predicted, align.reference_norm * norm(delta)),
         "predicted_change": predicted,
         "example_cosine_mean": summary["mean"],
         "example_cosine_quantile": summary["quantile"],

@@ -1,0 +1,26 @@
+"""The probed training step and the definition of what it records."""
+
+from __future__ import annotations
+
+from gradlens.training.records import (
+    STEP_RECORDS,
+    TransformLayout,
+    step_coords,
+    step_values,
+    step_variables,
+    transform_layout,
+)
+from gradlens.training.step import Objective, StepResult, probed_step, weighted_sum
+
+__all__ = [
+    "STEP_RECORDS",
+    "Objective",
+    "StepResult",
+    "TransformLayout",
+    "probed_step",
+    "step_coords",
+    "step_values",
+    "step_variables",
+    "transform_layout",
+    "weighted_sum",
+]
