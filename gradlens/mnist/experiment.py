@@ -12,17 +12,17 @@ import xarray as xr
 from torch import nn
 
 from gradlens.alignment import QUANTILES as QUANTILE_LEVELS
-from gradlens.data import Digits
-from gradlens.recording import Recorder, open_run
-from gradlens.subliminal.conditions import Condition
-from gradlens.subliminal.models import init_mlp
-from gradlens.subliminal.student import (
+from gradlens.mnist.conditions import Condition
+from gradlens.mnist.data import Digits
+from gradlens.mnist.models import init_mlp
+from gradlens.mnist.student import (
     StudentSetup,
     layer_names,
     run_student,
     student_variables,
     transform_shapes,
 )
+from gradlens.recording import Recorder, open_run
 
 __all__ = ["combine_runs", "cross_seed", "probe_subset", "run_condition"]
 
