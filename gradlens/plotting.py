@@ -72,20 +72,25 @@ def check_layout(
     da = ds[var]
     missing = [d for d in dims if d not in da.dims]
     if missing:
+        hint = (
+            "Record it with dims ('step', ...), or rename yours with ds.rename(...)."
+            if "step" in missing
+            else "Pass a dim it has, or add one by concatenating runs along it "
+            f"(xr.concat(runs, dim={missing[0]!r}))."
+        )
         raise ValueError(
             f"{who} needs a {' and a '.join(map(repr, missing))} dim, but {var!r} has dims "
-            f"{tuple(map(str, da.dims))}. Record it with that dim first (a step-indexed "
-            "Variable has dims ('step', ...)), or rename yours with ds.rename(...)."
+            f"{tuple(map(str, da.dims))}. {hint}"
         )
     return da
 
 
-def _check_rest(da: xr.DataArray, used: Sequence[Hashable | None], who: str) -> None:
+def _check_rest(da: xr.DataArray, used: Sequence[Hashable | None], who: str, spread: str) -> None:
     rest = [str(d) for d in da.dims if d not in used]
     if rest:
         raise ValueError(
             f"{who}: {da.name!r} has dims {rest} that this figure has no place for; spread one "
-            f"with hue= or row=, or select or average it first (ds.sel({rest[0]}=...) or "
+            f"with {spread}=, or select or average it first (ds.sel({rest[0]}=...) or "
             f"ds.mean({rest[0]!r}))."
         )
 
@@ -144,7 +149,7 @@ def plot_over_steps(
     who = "plot_over_steps"
     da = check_layout(ds, var, ["step"] + ([hue] if hue else []), who=who)
     averaged = replicate if replicate in da.dims else None
-    _check_rest(da, ["step", hue, averaged], who)
+    _check_rest(da, ["step", hue, averaged], who, "hue")
     groups = _groups(da, hue)
     rows = len(groups) if panels else 1
     fig = Figure(figsize=(7, 3.5 if rows == 1 else 1.0 + 1.3 * rows), layout="constrained")
@@ -202,7 +207,7 @@ def plot_layer_heatmap(
     who = "plot_layer_heatmap"
     da = check_layout(ds, var, ["step", "layer"] + ([row] if row else []), who=who)
     averaged = replicate if replicate in da.dims else None
-    _check_rest(da, ["step", "layer", row, averaged], who)
+    _check_rest(da, ["step", "layer", row, averaged], who, "row")
     mean = da.mean(averaged) if averaged else da
     finite = mean.values[np.isfinite(mean.values)]
     if symmetric:
