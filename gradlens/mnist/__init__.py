@@ -24,12 +24,12 @@ from gradlens.mnist.conditions import (
 )
 from gradlens.mnist.data import Digits, load_mnist
 from gradlens.mnist.experiment import combine_runs, cross_seed, probe_subset, run_condition
-from gradlens.mnist.figures import draw_figures, save_figures
+from gradlens.mnist.figures import draw_figures, plot_final_vs_alignment, save_figures
 from gradlens.mnist.losses import class_cross_entropy, class_kl, logit_kl
 from gradlens.mnist.models import init_mlp
 from gradlens.mnist.noise import noise_batch
 from gradlens.mnist.report import summary_markdown
-from gradlens.mnist.student import StudentSetup
+from gradlens.mnist.student import StudentSetup, run_student, student_variables
 from gradlens.mnist.teacher import accuracy, train_classifier
 
 __all__ = [
@@ -50,9 +50,12 @@ __all__ = [
     "load_mnist",
     "logit_kl",
     "noise_batch",
+    "plot_final_vs_alignment",
     "probe_subset",
     "run_condition",
+    "run_student",
     "save_figures",
+    "student_variables",
     "summary_markdown",
     "train_classifier",
 ]
