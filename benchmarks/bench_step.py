@@ -27,7 +27,7 @@ import torch
 from benchmarks.measure import allocator_peak, sync
 from benchmarks.report import device_name, device_slug, provenance
 from gradlens import Objective, flush_denormal, probed_step, remove_aligned
-from gradlens.subliminal import class_cross_entropy, init_mlp, logit_kl, noise_batch
+from gradlens.mnist import class_cross_entropy, init_mlp, logit_kl, noise_batch
 
 SIZES = (784, 256, 256, 13)
 

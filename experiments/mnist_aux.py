@@ -22,21 +22,23 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from gradlens.data import load_mnist
-from gradlens.numerics import flush_denormal
-from gradlens.plotting import save_figures
-from gradlens.provenance import make_attrs
-from gradlens.subliminal import (
+from gradlens.mnist import (
     BASE_CONDITIONS,
     CONDITIONS,
+    StudentSetup,
     accuracy,
+    combine_runs,
     get_conditions,
     init_mlp,
+    load_mnist,
+    probe_subset,
+    run_condition,
+    save_figures,
+    summary_markdown,
     train_classifier,
 )
-from gradlens.subliminal.experiment import combine_runs, probe_subset, run_condition
-from gradlens.subliminal.report import summary_markdown
-from gradlens.subliminal.student import StudentSetup
+from gradlens.numerics import flush_denormal
+from gradlens.provenance import make_attrs
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from gradlens.alignment import Alignment, ExampleAlignment, alignment, example_alignment, summarize
-from gradlens.data import Digits, load_mnist
 from gradlens.errors import (
     DataNotFoundError,
     GradientMismatchError,
@@ -12,7 +11,6 @@ from gradlens.errors import (
     UnsupportedModelError,
 )
 from gradlens.ghost import Probe, per_example_dots, probe_batch
-from gradlens.liminal import liminal_loss, liminal_weight
 from gradlens.numerics import flush_denormal
 from gradlens.per_example import mean_grad, per_example_grads, per_example_losses
 from gradlens.provenance import config_from_attrs, make_attrs
@@ -36,7 +34,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Alignment",
     "DataNotFoundError",
-    "Digits",
     "ExampleAlignment",
     "GradientMismatchError",
     "GradientTransform",
@@ -55,9 +52,6 @@ __all__ = [
     "example_alignment",
     "flush_denormal",
     "identity",
-    "liminal_loss",
-    "liminal_weight",
-    "load_mnist",
     "make_attrs",
     "mean_grad",
     "open_run",

@@ -1,228 +1,359 @@
-"""Figures drawn from a combined run Dataset, so they can be redrawn from a saved file.
+"""Figures for any recorded run, drawn from its Dataset so they can be redrawn from a file.
 
-Every function takes the Dataset (dims ``step``, ``condition``, ``seed``, ...)
-and returns a :class:`matplotlib.figure.Figure`; nothing here touches pyplot's
-global state, so it works headless and inside other programs.
+The layout these helpers read is the one :class:`gradlens.Recorder` writes
+(see docs/recording.md): a variable has a ``step`` dim first, then any of
+``layer``, ``example`` and the dims a comparison adds by concatenation, such
+as ``condition``, ``seed`` or ``model``. Only ``step`` is required; a
+replicate dim (``seed`` by default) is averaged with a confidence band when
+the variable has it, and one other dim may be spread over colours (``hue``)
+or panels (``row``). A variable or dim that is missing raises a
+:class:`ValueError` that names it and what the dataset has instead.
+
+Every function returns a :class:`matplotlib.figure.Figure`; nothing here
+touches pyplot's global state, so it works headless and inside other programs.
+
+Example:
+    >>> import numpy as np, xarray as xr
+    >>> ds = xr.Dataset({"cosine": (("step",), np.linspace(-0.1, 0.1, 20))})
+    >>> fig = plot_over_steps(ds, "cosine", zero_line=True)
+    >>> len(fig.axes)
+    1
+    >>> plot_over_steps(ds, "loss")
+    Traceback (most recent call last):
+    ...
+    ValueError: plot_over_steps: the dataset has no variable 'loss'; it has ['cosine'].
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Hashable, Sequence
 
 import numpy as np
 import xarray as xr
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from gradlens.stats import mean_ci
 
 __all__ = [
-    "plot_example_histograms",
-    "plot_final_vs_alignment",
+    "check_layout",
+    "plot_histograms",
     "plot_layer_heatmap",
     "plot_over_steps",
-    "plot_predicted_vs_measured",
-    "save_figures",
+    "plot_scatter",
 ]
 
 
-def _conditions(ds: xr.Dataset, conditions: Sequence[str] | None) -> list[str]:
-    return list(conditions) if conditions is not None else [str(c) for c in ds.condition.values]
+def check_layout(
+    ds: xr.Dataset, var: str, dims: Sequence[str] = (), *, who: str = "plot"
+) -> xr.DataArray:
+    """The variable ``var`` of ``ds``, after checking that it has every dim in ``dims``.
+
+    Args:
+        ds: A run's Dataset.
+        var: The variable a figure draws.
+        dims: Dims the figure needs ``var`` to have.
+        who: The caller's name, for the message.
+
+    Returns:
+        ``ds[var]``.
+
+    Raises:
+        TypeError: ``ds`` is not an :class:`xarray.Dataset`.
+        ValueError: ``var`` is missing, or lacks one of ``dims``; the message
+            names what is missing and what the dataset has.
+    """
+    if not isinstance(ds, xr.Dataset):
+        raise TypeError(f"{who}: expected an xarray.Dataset, got {type(ds).__name__}.")
+    if var not in ds.data_vars:
+        raise ValueError(
+            f"{who}: the dataset has no variable {var!r}; it has {sorted(map(str, ds.data_vars))}."
+        )
+    da = ds[var]
+    missing = [d for d in dims if d not in da.dims]
+    if missing:
+        hint = (
+            "Record it with dims ('step', ...), or rename yours with ds.rename(...)."
+            if "step" in missing
+            else "Pass a dim it has, or add one by concatenating runs along it "
+            f"(xr.concat(runs, dim={missing[0]!r}))."
+        )
+        raise ValueError(
+            f"{who} needs a {' and a '.join(map(repr, missing))} dim, but {var!r} has dims "
+            f"{tuple(map(str, da.dims))}. {hint}"
+        )
+    return da
+
+
+def _check_rest(da: xr.DataArray, used: Sequence[Hashable | None], who: str, spread: str) -> None:
+    rest = [str(d) for d in da.dims if d not in used]
+    if rest:
+        raise ValueError(
+            f"{who}: {da.name!r} has dims {rest} that this figure has no place for; spread one "
+            f"with {spread}=, or select or average it first (ds.sel({rest[0]}=...) or "
+            f"ds.mean({rest[0]!r}))."
+        )
+
+
+def _groups(da: xr.DataArray, dim: str | None) -> list[tuple[str | None, xr.DataArray]]:
+    """``(label, slice)`` per value of ``dim``; one unlabelled slice without it."""
+    if dim is None:
+        return [(None, da)]
+    return [(str(v), da.isel({dim: i})) for i, v in enumerate(da[dim].values)]
+
+
+def _label(da: xr.DataArray) -> str:
+    return str(da.attrs.get("long_name", da.name))
+
+
+def _row_label(ax: Axes, label: str | None) -> None:
+    if label is not None:
+        ax.set_ylabel(label, rotation=0, ha="right", va="center")
 
 
 def plot_over_steps(
     ds: xr.Dataset,
     var: str,
     *,
-    conditions: Sequence[str] | None = None,
-    ylabel: str | None = None,
-    zero_line: bool = False,
+    hue: str | None = None,
+    replicate: str | None = "seed",
+    level: float = 0.95,
     panels: bool = False,
+    ylabel: str | None = None,
+    xlabel: str = "step",
+    zero_line: bool = False,
     logy: bool = False,
 ) -> Figure:
-    """Mean over seeds with its 95% CI band, per condition.
+    """A variable over steps: one line per value of ``hue``, with a CI band over replicates.
 
-    Steps where ``var`` was not measured (NaN for every seed) are skipped.
+    Steps where ``var`` was not measured (NaN for every replicate) are skipped.
 
     Args:
-        ds: Combined Dataset.
-        var: Variable with a ``step`` dim.
-        conditions: Which conditions, in order; default all.
+        ds: A run's Dataset.
+        var: Variable with dims ``(step,)``, plus optionally ``hue`` and ``replicate``.
+        hue: A dim to draw one line (or panel) per value of, e.g. ``"condition"``.
+        replicate: A dim of independent repeats to average over with a
+            Student-t band, used when ``var`` has it; ``None`` never averages.
+        level: Confidence level of the band.
+        panels: One panel per ``hue`` value with its own y range, instead of
+            one shared axis.
         ylabel: Axis label; default the variable's ``long_name``.
+        xlabel: Label of the step axis.
         zero_line: Draw ``y = 0``.
-        panels: One panel per condition with its own y range (for values of
-            very different size), instead of one shared axis.
         logy: Logarithmic y axis (for losses).
+
+    Raises:
+        ValueError: ``var`` is missing, lacks ``step`` or ``hue``, or has a dim
+            beyond these and ``replicate``.
     """
-    names = _conditions(ds, conditions)
-    rows = len(names) if panels else 1
+    who = "plot_over_steps"
+    da = check_layout(ds, var, ["step"] + ([hue] if hue else []), who=who)
+    averaged = replicate if replicate in da.dims else None
+    _check_rest(da, ["step", hue, averaged], who, "hue")
+    groups = _groups(da, hue)
+    rows = len(groups) if panels else 1
     fig = Figure(figsize=(7, 3.5 if rows == 1 else 1.0 + 1.3 * rows), layout="constrained")
     axes = fig.subplots(rows, 1, sharex=True, squeeze=False)[:, 0]
-    colors = [f"C{i}" for i in range(len(names))]
-    for i, condition in enumerate(names):
-        ax = axes[i if panels else 0]
-        da = ds[var].sel(condition=condition).dropna("step", how="all")
-        ci = mean_ci(da)
-        ax.plot(da.step, ci["mean"], label=condition, lw=1.2, color=colors[i])
-        ax.fill_between(da.step, ci["lower"], ci["upper"], color=colors[i], alpha=0.2)
+    for i, (name, values) in enumerate(groups):
+        ax, color = axes[i if panels else 0], f"C{i}"
+        values = values.dropna("step", how="all")
+        if averaged:
+            ci = mean_ci(values, dim=averaged, level=level)
+            ax.plot(values.step, ci["mean"], label=name, lw=1.2, color=color)
+            ax.fill_between(values.step, ci["lower"], ci["upper"], color=color, alpha=0.2)
+        else:
+            ax.plot(values.step, values, label=name, lw=1.2, color=color)
         if zero_line:
             ax.axhline(0.0, color="k", lw=0.6)
-        if panels:
-            ax.set_ylabel(condition, rotation=0, ha="right", va="center")
         if logy:
             ax.set_yscale("log")
+        if panels:
+            _row_label(ax, name)
+    label = ylabel or _label(da)
     if not panels:
-        axes[0].set_ylabel(ylabel or ds[var].attrs.get("long_name", var))
-        axes[0].legend(fontsize="small")
-    axes[-1].set_xlabel("student step")
-    fig.suptitle(f"{ylabel or ds[var].attrs.get('long_name', var)}: mean and 95% CI over seeds")
+        axes[0].set_ylabel(label)
+        if hue:
+            axes[0].legend(fontsize="small")
+    axes[-1].set_xlabel(xlabel)
+    band = f": mean and {level:.0%} CI over {averaged}s" if averaged else ""
+    fig.suptitle(label + band)
     return fig
 
 
 def plot_layer_heatmap(
-    ds: xr.Dataset, var: str = "layer_cosine", *, conditions: Sequence[str] | None = None
+    ds: xr.Dataset,
+    var: str = "layer_cosine",
+    *,
+    row: str | None = None,
+    replicate: str | None = "seed",
+    xlabel: str = "step",
+    symmetric: bool = True,
 ) -> Figure:
-    """Per-layer values over steps, averaged over seeds: one panel per condition."""
-    names = _conditions(ds, conditions)
-    fig = Figure(figsize=(7, 1.2 + 1.0 * len(names)), layout="constrained")
-    axes = fig.subplots(len(names), 1, sharex=True, squeeze=False)[:, 0]
-    mean = ds[var].mean("seed")
-    limit = float(np.nanmax(np.abs(mean.sel(condition=names).values))) or 1.0
-    for ax, condition in zip(axes, names, strict=True):
-        values = mean.sel(condition=condition).transpose("layer", "step")
-        image = ax.pcolormesh(
-            values.step,
-            np.arange(values.sizes["layer"]),
-            values,
-            cmap="RdBu_r",
-            vmin=-limit,
-            vmax=limit,
-            shading="nearest",
-        )
-        ax.set_yticks(np.arange(values.sizes["layer"]), [str(v) for v in values.layer.values])
-        ax.set_ylabel(condition, rotation=0, ha="right", va="center")
-    axes[-1].set_xlabel("student step")
-    fig.colorbar(image, ax=list(axes), label=ds[var].attrs.get("long_name", var))
-    fig.suptitle(f"{ds[var].attrs.get('long_name', var)}, mean over seeds (rows: layers)")
-    return fig
+    """Per-layer values over steps as a heatmap, averaged over replicates; a panel per ``row``.
 
+    Args:
+        ds: A run's Dataset.
+        var: Variable with dims ``(step, layer)``, plus optionally ``row`` and ``replicate``.
+        row: A dim to draw one panel per value of, e.g. ``"condition"``.
+        replicate: A dim to average over when ``var`` has it.
+        xlabel: Label of the step axis.
+        symmetric: A diverging colour scale centred on 0 (for signed values
+            such as cosines); otherwise the data range.
 
-def plot_example_histograms(
-    ds: xr.Dataset, *, conditions: Sequence[str] | None = None, bins: int = 50
-) -> Figure:
-    """Histograms of per-example cosines at an early, a middle and a late stored step.
-
-    One row per condition (its own x range), one column per step; all seeds pooled.
+    Raises:
+        ValueError: ``var`` is missing, lacks ``step``, ``layer`` or ``row``, or
+            has another dim.
     """
-    names = _conditions(ds, conditions)
-    stored = ds.example_step.values
-    picks = [stored[0], stored[len(stored) // 2], stored[-1]]
-    fig = Figure(figsize=(9, 1.0 + 1.4 * len(names)), layout="constrained")
-    axes = fig.subplots(len(names), 3, sharey="row", squeeze=False)
-    for row, condition in zip(axes, names, strict=True):
-        values = ds["example_cosine"].sel(condition=condition)
-        lim = float(np.nanquantile(np.abs(values.values), 0.995)) or 1.0
-        edges = np.linspace(-lim, lim, bins + 1)
-        for ax, step in zip(row, picks, strict=True):
-            v = values.sel(example_step=step).values.ravel()
-            ax.hist(v[np.isfinite(v)], bins=edges, color="C0", alpha=0.8)
-            ax.axvline(0.0, color="k", lw=0.6)
-            ax.tick_params(labelsize="small")
-        row[0].set_ylabel(condition, rotation=0, ha="right", va="center")
-    for ax, step in zip(axes[0], picks, strict=True):
-        ax.set_title(f"step {int(step)}")
-    for ax in axes[-1]:
-        ax.set_xlabel("cos(g_i, g_t)")
-    fig.suptitle("per-example alignment of distillation examples with g_t (counts, all seeds)")
+    who = "plot_layer_heatmap"
+    da = check_layout(ds, var, ["step", "layer"] + ([row] if row else []), who=who)
+    averaged = replicate if replicate in da.dims else None
+    _check_rest(da, ["step", "layer", row, averaged], who, "row")
+    mean = da.mean(averaged) if averaged else da
+    finite = mean.values[np.isfinite(mean.values)]
+    if symmetric:
+        limit = (float(np.abs(finite).max()) if finite.size else 0.0) or 1.0
+        scale = {"cmap": "RdBu_r", "vmin": -limit, "vmax": limit}
+    else:
+        scale = {"cmap": "viridis"}
+    groups = _groups(mean, row)
+    fig = Figure(figsize=(7, 1.2 + 1.0 * len(groups)), layout="constrained")
+    axes = fig.subplots(len(groups), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, (name, values) in zip(axes, groups, strict=True):
+        values = values.transpose("layer", "step")
+        ticks = np.arange(values.sizes["layer"])
+        image = ax.pcolormesh(values.step, ticks, values, shading="nearest", **scale)
+        ax.set_yticks(ticks, [str(v) for v in values.layer.values])
+        _row_label(ax, name)
+    axes[-1].set_xlabel(xlabel)
+    fig.colorbar(image, ax=list(axes), label=_label(da))
+    over = f", mean over {averaged}s" if averaged else ""
+    fig.suptitle(f"{_label(da)}{over} (rows: layers)")
     return fig
 
 
-def plot_predicted_vs_measured(
-    ds: xr.Dataset, *, conditions: Sequence[str] | None = None
+def _picks(da: xr.DataArray, column: str, at: Sequence[object] | None) -> list[object]:
+    """The ``column`` values to draw: ``at``, else an early, a middle and a late measured one."""
+    if at is not None:
+        return list(at)
+    others = [d for d in da.dims if d != column]
+    present = da.notnull().any(others) if others else da.notnull()
+    measured = da[column].values[present.values]
+    if measured.size == 0:
+        raise ValueError(f"plot_histograms: {da.name!r} has no finite value at any {column}.")
+    return list(dict.fromkeys([measured[0], measured[len(measured) // 2], measured[-1]]))
+
+
+def plot_histograms(
+    ds: xr.Dataset,
+    var: str,
+    *,
+    column: str | None = "step",
+    at: Sequence[object] | None = None,
+    row: str | None = None,
+    bins: int = 50,
+    symmetric: bool = True,
+    xlabel: str | None = None,
+    title: str | None = None,
 ) -> Figure:
-    """First-order predicted trait-loss change ``g_t . delta`` against the measured one."""
+    """Histograms of per-example values: a column per picked step, a row per ``row`` value.
+
+    Every dim other than ``column`` and ``row`` (``example``, ``seed``, ...)
+    is pooled into each histogram.
+
+    Args:
+        ds: A run's Dataset.
+        var: Variable of per-example values, e.g. dims ``(step, example)``.
+        column: The dim to pick columns from (a step dim); ``None`` pools
+            everything into one column.
+        at: Values of ``column`` to draw; default an early, a middle and a late
+            one among those where ``var`` was measured.
+        row: A dim to draw one row per value of, e.g. ``"condition"``; each
+            row has its own x range.
+        bins: Number of bins.
+        symmetric: Bins symmetric about 0 with a line at 0 (for signed values).
+        xlabel: Label of the value axis; default the variable's ``long_name``.
+        title: Figure title.
+
+    Raises:
+        ValueError: ``var`` is missing or lacks ``column`` or ``row``.
+    """
+    who = "plot_histograms"
+    needed = [d for d in (column, row) if d]
+    da = check_layout(ds, var, needed, who=who)
+    picks = _picks(da, column, at) if column else [None]
+    groups = _groups(da, row)
+    fig = Figure(figsize=(3 * len(picks), 1.0 + 1.4 * len(groups)), layout="constrained")
+    axes = fig.subplots(len(groups), len(picks), sharey="row", squeeze=False)
+    for ax_row, (name, values) in zip(axes, groups, strict=True):
+        finite = values.values[np.isfinite(values.values)]
+        if symmetric:
+            lim = float(np.quantile(np.abs(finite), 0.995)) if finite.size else 0.0
+            edges = np.linspace(-(lim or 1.0), lim or 1.0, bins + 1)
+        else:
+            lo, hi = np.quantile(finite, [0.0025, 0.9975]) if finite.size else (0.0, 1.0)
+            edges = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
+        for ax, pick in zip(ax_row, picks, strict=True):
+            v = (values if column is None else values.sel({column: pick})).values.ravel()
+            ax.hist(v[np.isfinite(v)], bins=edges, color="C0", alpha=0.8)
+            if symmetric:
+                ax.axvline(0.0, color="k", lw=0.6)
+            ax.tick_params(labelsize="small")
+        _row_label(ax_row[0], name)
+    if column:
+        for ax, pick in zip(axes[0], picks, strict=True):
+            ax.set_title(f"step {pick}" if column.endswith("step") else f"{column} = {pick}")
+    for ax in axes[-1]:
+        ax.set_xlabel(xlabel or _label(da))
+    fig.suptitle(title or f"{_label(da)} (counts)")
+    return fig
+
+
+def plot_scatter(
+    ds: xr.Dataset,
+    x: str,
+    y: str,
+    *,
+    hue: str | None = None,
+    identity_line: bool = False,
+    xlabel: str | None = None,
+    ylabel: str | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Every recorded value of ``y`` against ``x`` (broadcast together), coloured by ``hue``.
+
+    Args:
+        ds: A run's Dataset.
+        x: Variable on the x axis.
+        y: Variable on the y axis, with dims that broadcast against ``x``'s.
+        hue: A dim of both to colour by, e.g. ``"condition"``.
+        identity_line: Draw ``y = x`` over the data range.
+        xlabel: Default the ``long_name`` of ``x``.
+        ylabel: Default the ``long_name`` of ``y``.
+        title: Axes title.
+
+    Raises:
+        ValueError: ``x`` or ``y`` is missing, or lacks ``hue``.
+    """
+    who = "plot_scatter"
+    needed = [hue] if hue else []
+    xs, ys = xr.broadcast(
+        check_layout(ds, x, needed, who=who), check_layout(ds, y, needed, who=who)
+    )
     fig = Figure(figsize=(5, 5), layout="constrained")
     ax = fig.add_subplot()
     lo, hi = np.inf, -np.inf
-    for condition in _conditions(ds, conditions):
-        p = ds["predicted_change"].sel(condition=condition).values.ravel()
-        m = ds["measured_change"].sel(condition=condition).values.ravel()
+    for (name, px), (_, py) in zip(_groups(xs, hue), _groups(ys, hue), strict=True):
+        p, m = px.values.ravel(), py.values.ravel()
         ok = np.isfinite(p) & np.isfinite(m)
-        ax.scatter(p[ok], m[ok], s=4, alpha=0.4, label=condition)
+        ax.scatter(p[ok], m[ok], s=4, alpha=0.4, label=name)
         if ok.any():
             lo, hi = min(lo, p[ok].min(), m[ok].min()), max(hi, p[ok].max(), m[ok].max())
-    if np.isfinite(lo):
+    if identity_line and np.isfinite(lo):
         ax.plot([lo, hi], [lo, hi], color="k", lw=0.6, label="y = x")
-    ax.set_xlabel("predicted change  g_t . delta")
-    ax.set_ylabel("measured change of the trait loss")
-    ax.legend(fontsize="small", markerscale=3)
-    ax.set_title("trait-loss change per step, every seed")
+    ax.set_xlabel(xlabel or _label(xs))
+    ax.set_ylabel(ylabel or _label(ys))
+    if hue or identity_line:
+        ax.legend(fontsize="small", markerscale=3)
+    if title:
+        ax.set_title(title)
     return fig
-
-
-def plot_final_vs_alignment(
-    ds: xr.Dataset,
-    var: str = "cosine",
-    *,
-    conditions: Sequence[str] | None = None,
-    xlabel: str | None = None,
-) -> Figure:
-    """Final student accuracy against the run's mean of ``var``, per condition (95% CIs).
-
-    ``var="cosine"`` is the raw gradient alignment (measured before any
-    intervention acts); ``var="update_cosine"`` is the alignment of the update
-    actually applied, where interventions show.
-    """
-    fig = Figure(figsize=(6, 4.5), layout="constrained")
-    ax = fig.add_subplot()
-    accuracy = ds["test_accuracy"].dropna("step", how="all").isel(step=-1)
-    for condition in _conditions(ds, conditions):
-        x = mean_ci(ds[var].sel(condition=condition).mean("step"))
-        y = mean_ci(accuracy.sel(condition=condition))
-        ax.errorbar(
-            float(x["mean"]),
-            float(y["mean"]),
-            xerr=float(x["half_width"]),
-            yerr=float(y["half_width"]),
-            fmt="o",
-            capsize=3,
-            label=condition,
-        )
-    ax.axvline(0.0, color="k", lw=0.6)
-    ax.set_xlabel(xlabel or f"mean {ds[var].attrs.get('long_name', var)} over the run")
-    ax.set_ylabel("final student test accuracy")
-    ax.legend(fontsize="small")
-    ax.set_title("trait acquired against alignment (mean and 95% CI over seeds)")
-    return fig
-
-
-def save_figures(ds: xr.Dataset, out_dir: str | Path) -> list[Path]:
-    """Draw the standard figures of a run and save them as PNG files in ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    figures = {
-        "alignment.png": plot_over_steps(
-            ds, "cosine", ylabel="cos(g_t, g_d)", zero_line=True, panels=True
-        ),
-        "accuracy.png": plot_over_steps(ds, "test_accuracy", ylabel="test accuracy"),
-        "distill_loss.png": plot_over_steps(
-            ds, "distill_loss", ylabel="distillation loss (nat)", logy=True
-        ),
-        "update_alignment.png": plot_over_steps(
-            ds, "update_cosine", ylabel="cos(g_t, applied update)", zero_line=True, panels=True
-        ),
-        "layer_alignment.png": plot_layer_heatmap(ds),
-        "example_histograms.png": plot_example_histograms(ds),
-        "predicted_vs_measured.png": plot_predicted_vs_measured(ds),
-        "accuracy_vs_alignment.png": plot_final_vs_alignment(
-            ds, "cosine", xlabel="mean cos(g_t, g_d) over the run (before any intervention)"
-        ),
-        "accuracy_vs_update_alignment.png": plot_final_vs_alignment(
-            ds, "update_cosine", xlabel="mean cos(g_t, applied update) (< 0: lowers trait loss)"
-        ),
-    }
-    paths = []
-    for name, fig in figures.items():
-        fig.savefig(out / name, dpi=120)
-        paths.append(out / name)
-    return paths

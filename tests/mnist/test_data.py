@@ -3,9 +3,9 @@ from pathlib import Path
 import pytest
 
 from gradlens import DataNotFoundError
-from gradlens.data import DATA_DIR_ENV, candidate_roots, load_mnist
+from gradlens.mnist.data import DATA_DIR_ENV, candidate_roots, load_mnist
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def test_missing_data_names_every_path_tried_and_the_fix(

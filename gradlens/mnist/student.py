@@ -9,15 +9,15 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from gradlens.data import Digits
 from gradlens.gradops import group_by_layer
 from gradlens.liminal import liminal_loss, liminal_weight
+from gradlens.mnist.conditions import Condition
+from gradlens.mnist.data import Digits
+from gradlens.mnist.losses import class_cross_entropy, class_kl, logit_kl
+from gradlens.mnist.noise import noise_batch
+from gradlens.mnist.teacher import accuracy
 from gradlens.per_example import LossFn
 from gradlens.recording import Recorder, Variable
-from gradlens.subliminal.conditions import Condition
-from gradlens.subliminal.losses import class_cross_entropy, class_kl, logit_kl
-from gradlens.subliminal.noise import noise_batch
-from gradlens.subliminal.teacher import accuracy
 from gradlens.training import (
     Objective,
     TransformLayout,

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from gradlens.data import Digits
+from gradlens.mnist.data import Digits
 
 __all__ = ["accuracy", "train_classifier"]
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from gradlens.data import DATA_DIR_ENV
+from gradlens.mnist.data import DATA_DIR_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "experiments"))

@@ -1,0 +1,131 @@
+"""The figures of a combined MNIST auxiliary-logit run, built on :mod:`gradlens.plotting`.
+
+The run's Dataset is the one :func:`gradlens.mnist.experiment.combine_runs`
+writes: dims ``step``, ``layer``, ``example_step``, ``example``, ``condition``
+and ``seed``, with the variables of :func:`gradlens.mnist.student.student_variables`
+and ``test_accuracy``. Each figure draws one line or panel per condition and
+averages over seeds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import xarray as xr
+from matplotlib.figure import Figure
+
+from gradlens.plotting import (
+    check_layout,
+    plot_histograms,
+    plot_layer_heatmap,
+    plot_over_steps,
+    plot_scatter,
+)
+from gradlens.stats import mean_ci
+
+__all__ = ["draw_figures", "plot_final_vs_alignment", "save_figures"]
+
+STEP = "student step"
+
+
+def plot_final_vs_alignment(
+    ds: xr.Dataset, var: str = "cosine", *, xlabel: str | None = None
+) -> Figure:
+    """Final student accuracy against the run's mean of ``var``, per condition (95% CIs).
+
+    ``var="cosine"`` is the raw gradient alignment (measured before any
+    intervention acts); ``var="update_cosine"`` is the alignment of the update
+    actually applied, where interventions show.
+
+    Raises:
+        ValueError: ``var`` or ``test_accuracy`` is missing or lacks a
+            ``step``, ``condition`` or ``seed`` dim.
+    """
+    who = "plot_final_vs_alignment"
+    dims = ["step", "condition", "seed"]
+    values = check_layout(ds, var, dims, who=who)
+    accuracy = check_layout(ds, "test_accuracy", dims, who=who)
+    accuracy = accuracy.dropna("step", how="all").isel(step=-1)
+    fig = Figure(figsize=(6, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    for condition in ds.condition.values:
+        x = mean_ci(values.sel(condition=condition).mean("step"))
+        y = mean_ci(accuracy.sel(condition=condition))
+        ax.errorbar(
+            float(x["mean"]),
+            float(y["mean"]),
+            xerr=float(x["half_width"]),
+            yerr=float(y["half_width"]),
+            fmt="o",
+            capsize=3,
+            label=str(condition),
+        )
+    ax.axvline(0.0, color="k", lw=0.6)
+    ax.set_xlabel(xlabel or f"mean {values.attrs.get('long_name', var)} over the run")
+    ax.set_ylabel("final student test accuracy")
+    ax.legend(fontsize="small")
+    ax.set_title("trait acquired against alignment (mean and 95% CI over seeds)")
+    return fig
+
+
+def draw_figures(ds: xr.Dataset) -> dict[str, Figure]:
+    """The nine standard figures of a run, keyed by their PNG file names."""
+    over_steps = {"hue": "condition", "xlabel": STEP}
+    figures = {
+        "alignment.png": plot_over_steps(
+            ds, "cosine", ylabel="cos(g_t, g_d)", zero_line=True, panels=True, **over_steps
+        ),
+        "accuracy.png": plot_over_steps(ds, "test_accuracy", ylabel="test accuracy", **over_steps),
+        "distill_loss.png": plot_over_steps(
+            ds, "distill_loss", ylabel="distillation loss (nat)", logy=True, **over_steps
+        ),
+        "update_alignment.png": plot_over_steps(
+            ds,
+            "update_cosine",
+            ylabel="cos(g_t, applied update)",
+            zero_line=True,
+            panels=True,
+            **over_steps,
+        ),
+        "layer_alignment.png": plot_layer_heatmap(ds, "layer_cosine", row="condition", xlabel=STEP),
+        "example_histograms.png": plot_histograms(
+            ds,
+            "example_cosine",
+            column="example_step",
+            row="condition",
+            xlabel="cos(g_i, g_t)",
+            title="per-example alignment of distillation examples with g_t (counts, all seeds)",
+        ),
+        "predicted_vs_measured.png": plot_scatter(
+            ds,
+            "predicted_change",
+            "measured_change",
+            hue="condition",
+            identity_line=True,
+            xlabel="predicted change  g_t . delta",
+            ylabel="measured change of the trait loss",
+            title="trait-loss change per step, every seed",
+        ),
+        "accuracy_vs_alignment.png": plot_final_vs_alignment(
+            ds, "cosine", xlabel="mean cos(g_t, g_d) over the run (before any intervention)"
+        ),
+        "accuracy_vs_update_alignment.png": plot_final_vs_alignment(
+            ds, "update_cosine", xlabel="mean cos(g_t, applied update) (< 0: lowers trait loss)"
+        ),
+    }
+    return figures
+
+
+def save_figures(ds: xr.Dataset, out_dir: str | Path) -> list[Path]:
+    """Draw the standard figures of a run and save them as PNG files in ``out_dir``.
+
+    Returns:
+        The paths written, in the order of :func:`draw_figures`.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, fig in draw_figures(ds).items():
+        fig.savefig(out / name, dpi=120)
+        paths.append(out / name)
+    return paths
