@@ -41,6 +41,11 @@ def test_chain_of_two_has_distinct_names() -> None:
     assert len(records) == 8
     assert records["t0_scale_aligned_coef"].shape == ()
     assert records["t1_scale_aligned_coef"].shape == (2,)
+    # each name holds its own member's values, not the other's
+    for k, member in enumerate(state):
+        for field in member._fields:
+            assert torch.equal(records[f"t{k}_scale_aligned_{field}"], getattr(member, field))
+    assert not torch.equal(records["t0_scale_aligned_cosine_before"], torch.zeros(()))
 
 
 def test_nested_chains_are_numbered_in_run_order() -> None:
