@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from gradlens._version import __version__
 from gradlens.alignment import Alignment, ExampleAlignment, alignment, example_alignment, summarize
 from gradlens.errors import (
     DataNotFoundError,
@@ -13,7 +14,7 @@ from gradlens.errors import (
 from gradlens.ghost import Probe, per_example_dots, probe_batch
 from gradlens.numerics import flush_denormal
 from gradlens.per_example import mean_grad, per_example_grads, per_example_losses
-from gradlens.provenance import config_from_attrs, make_attrs
+from gradlens.provenance import RunProvenance, config_from_attrs, make_attrs, run_provenance
 from gradlens.recording import Recorder, Variable, open_run
 from gradlens.training import Objective, StepResult, probed_step
 from gradlens.transforms import (
@@ -29,8 +30,6 @@ from gradlens.transforms import (
     transform_records,
 )
 
-__version__ = "0.1.0"
-
 __all__ = [
     "Alignment",
     "DataNotFoundError",
@@ -42,6 +41,7 @@ __all__ = [
     "Objective",
     "Probe",
     "Recorder",
+    "RunProvenance",
     "StepResult",
     "UnsupportedModelError",
     "Variable",
@@ -64,6 +64,7 @@ __all__ = [
     "remove_aligned_per_example",
     "reverse_aligned",
     "reverse_aligned_per_example",
+    "run_provenance",
     "scale_aligned",
     "scale_aligned_per_example",
     "summarize",

@@ -59,7 +59,7 @@ from gradlens._record_schema import (
     record_dims_hit,
     to_numpy,
 )
-from gradlens.provenance import make_attrs
+from gradlens.provenance import RunProvenance, make_attrs
 
 __all__ = ["Recorder", "Variable", "open_run"]
 
@@ -84,8 +84,13 @@ class Recorder:
         variables: The variables to record, by name.
         coords: Labels of non-record dims, for example ``{"layer": ["net.0", "net.2"]}``;
             a non-record dim without labels takes its size from the first value logged.
-        attrs: Extra dataset attrs (str, int or float), merged over ``make_attrs(config)``.
+        attrs: Extra dataset attrs (str, int or float), merged over
+            ``make_attrs(config, provenance=provenance)``.
         config: The run's config (a dataclass or Mapping), stored as JSON in the attrs.
+        provenance: The run's :func:`~gradlens.run_provenance` snapshot, when
+            the run started before the recorder; by default it is taken here,
+            so the git commit and ``git_dirty`` in the file are those of the
+            code at construction, not at a later flush.
         flush_every: With a path, append the buffered rows to the file whenever
             a record dim has this many.
         overwrite: Replace an existing file at ``path``; without it that is an error.
@@ -102,6 +107,7 @@ class Recorder:
         coords: Mapping[str, Sequence[Any]] | None = None,
         attrs: Mapping[str, str | int | float] | None = None,
         config: object | None = None,
+        provenance: RunProvenance | None = None,
         flush_every: int = 50,
         overwrite: bool = False,
     ) -> None:
@@ -115,7 +121,8 @@ class Recorder:
                 )
         self._schema = make_schema(variables, coords or {})
         self._sizes = {dim: len(labels) for dim, labels in self._schema.coords.items()}
-        self._attrs = {**make_attrs(config), **(attrs or {})}
+        # Without a snapshot, make_attrs takes one now: construction is the run's start.
+        self._attrs = {**make_attrs(config, provenance=provenance), **(attrs or {})}
         self._flush_every = flush_every
         self._path = None if path is None else Path(path)
         if self._path is not None and self._path.exists():

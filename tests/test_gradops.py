@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -56,9 +57,15 @@ def test_projection_leaves_an_orthogonal_residual(g: dict, r: dict) -> None:
 
 
 @given(grads(), grads())
-def test_dot_equals_flattened_dot(a: dict, b: dict) -> None:
-    torch.testing.assert_close(dot(a, b), flatten(a) @ flatten(b))
-    torch.testing.assert_close(norm(a), flatten(a).norm())
+def test_dot_norm_cosine_and_projection_equal_flattened_float64(a: dict, b: dict) -> None:
+    x = np.concatenate([v.numpy().reshape(-1) for v in a.values()])
+    y = np.concatenate([v.numpy().reshape(-1) for v in b.values()])
+    np.testing.assert_allclose(flatten(a).numpy(), x)
+    np.testing.assert_allclose(float(dot(a, b)), x @ y, rtol=1e-12)
+    np.testing.assert_allclose(float(norm(a)), np.linalg.norm(x), rtol=1e-12)
+    cos = x @ y / (np.linalg.norm(x) * np.linalg.norm(y))
+    np.testing.assert_allclose(float(cosine(a, b)), cos, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(float(projection_coef(a, b)), x @ y / (y @ y), rtol=1e-10)
 
 
 def test_zero_norm_gives_zero_cosine_and_projection_without_warning() -> None:

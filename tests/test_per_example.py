@@ -78,6 +78,10 @@ def test_dropout_needs_a_randomness_choice() -> None:
         per_example_grads(model, loss_fn, x, y)
     grads = per_example_grads(model, loss_fn, x, y, randomness="different")
     assert grads["0.weight"].shape == (5, 4, 4)
+    # a dropped hidden unit gets no gradient in its row of 0.weight; masks differ by example
+    dropped = (grads["0.weight"] == 0).all(dim=2)
+    assert dropped.any() and not dropped.all()
+    assert len({tuple(row.tolist()) for row in dropped}) > 1
 
 
 class InPlaceIntoShared(nn.Module):

@@ -171,14 +171,20 @@ def assert_identity_chain_is_noop(case: Case, problem: Problem) -> None:
 def assert_records_cosine_after(case: Case, problem: Problem) -> None:
     """The last recorded ``cosine_after`` is the cosine of the output (per group).
 
+    Every transform but the identity must record one; the identity records nothing.
+
     Rounding in ``<g', r>`` is relative to the incoming ``||g||``, so the
     tolerance on the cosine grows as ``||g|| / ||g'||``.
     """
     out, state = apply(case, problem)
     records = _flat_records(state)
     names = [name for name in records if name.endswith("/cosine_after")]
-    if not names:
+    if case.alpha == 1.0:  # the identity: it records nothing, and changes nothing
+        assert not records
+        for name, g in problem.grads.items():
+            assert torch.equal(out[name], g)
         return
+    assert names, f"{case.id} records no cosine_after: {sorted(records)}"
     recorded = records[names[-1]].reshape(-1)
     for k, group in enumerate(groups(case, problem)):
         g, new, r = (dense(d, group) for d in (problem.grads, out, problem.reference))

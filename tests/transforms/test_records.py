@@ -39,6 +39,11 @@ def test_named_chain_names_label_the_records() -> None:
     assert records["remove"]["coef"].shape == ()
     assert records["flip"]["coef"].shape == (2,)
     assert torch.equal(records["flip"]["coef"], state["flip"].coef)
+    # each name holds its own member's values, not the other's
+    for name, member in state.items():
+        for field in member._fields:
+            assert torch.equal(records[name][field], getattr(member, field))
+    assert not torch.equal(records["remove"]["cosine_before"], torch.zeros(()))
 
 
 def test_repeated_names_in_a_plain_chain_get_their_position() -> None:
