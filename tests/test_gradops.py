@@ -65,7 +65,7 @@ def test_dot_norm_cosine_and_projection_equal_flattened_float64(a: dict, b: dict
     np.testing.assert_allclose(float(norm(a)), np.linalg.norm(x), rtol=1e-12)
     cos = x @ y / (np.linalg.norm(x) * np.linalg.norm(y))
     np.testing.assert_allclose(float(cosine(a, b)), cos, rtol=1e-10, atol=1e-14)
-    np.testing.assert_allclose(float(projection_coef(a, b)), x @ y / (y @ y), rtol=1e-10)
+    np.testing.assert_allclose(float(projection_coef(a, reference=b)), x @ y / (y @ y), rtol=1e-10)
 
 
 def test_zero_norm_gives_zero_cosine_and_projection_without_warning() -> None:
