@@ -12,6 +12,7 @@ from gradlens.errors import (
     UnsupportedModelError,
 )
 from gradlens.ghost import Probe, per_example_dots, probe_batch
+from gradlens.layerstats import LayerStats, layer_stats
 from gradlens.numerics import flush_denormal
 from gradlens.per_example import mean_grad, per_example_grads, per_example_losses
 from gradlens.provenance import RunProvenance, config_from_attrs, make_attrs, run_provenance
@@ -21,6 +22,7 @@ from gradlens.transforms import (
     GradientTransform,
     chain,
     identity,
+    named_chain,
     remove_aligned,
     remove_aligned_per_example,
     reverse_aligned,
@@ -37,6 +39,7 @@ __all__ = [
     "GradientMismatchError",
     "GradientTransform",
     "GradlensError",
+    "LayerStats",
     "NonFiniteGradientError",
     "Objective",
     "Probe",
@@ -52,8 +55,10 @@ __all__ = [
     "example_alignment",
     "flush_denormal",
     "identity",
+    "layer_stats",
     "make_attrs",
     "mean_grad",
+    "named_chain",
     "open_run",
     "per_example_dots",
     "per_example_grads",
