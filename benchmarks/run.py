@@ -107,6 +107,7 @@ def main(config: BenchConfig) -> xr.Dataset:
     records: list[dict[str, object]] = []
     agreements: dict[tuple[str, str], dict[str, object]] = {}
     attrs = provenance(device, config)  # records the thread count of the run
+    out = config.out or ROOT / "benchmarks" / "results" / device_slug(device)
     total = len(config.models) * len(config.batch_sizes) * len(methods)
     with tqdm(total=total, desc="cases", unit="case") as bar:
         for model in config.models:
@@ -152,7 +153,6 @@ def main(config: BenchConfig) -> xr.Dataset:
         methods=methods,
         attrs=attrs,
     )
-    out = config.out or ROOT / "benchmarks" / "results" / device_slug(device)
     out.mkdir(parents=True, exist_ok=True)
     ds.to_netcdf(out / "results.nc")
     print(render(out / "results.nc"))
