@@ -81,8 +81,11 @@ def test_every_case_is_measured_or_says_why(results: xr.Dataset) -> None:
 def test_baselines_have_ratio_one(results: xr.Dataset) -> None:
     for model, base in (("mlp", "plain"), ("mnist_step", "step_unprobed")):
         at = results.sel({"model": model, "method": base})
-        for var in ("time_ratio", "cpu_time_ratio", "memory_ratio"):
+        for var in ("time_ratio", "memory_ratio"):
             assert (at[var].values == 1.0).all(), (model, var)
+        # process CPU time needs two timed blocks, which a --smoke case may not reach
+        timed = np.isfinite(at["cpu_time_median"].values)
+        assert (at["cpu_time_ratio"].values[timed] == 1.0).all(), model
     assert set(results["baseline"].values) == {"plain", "step_unprobed"}
 
 
