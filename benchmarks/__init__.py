@@ -1,1 +1,1 @@
-"""Benchmarks for gradlens; run ``python -m benchmarks.bench_probes --help``."""
+"""Benchmarks for gradlens; run ``python -m benchmarks.run --help``."""

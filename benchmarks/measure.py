@@ -1,45 +1,29 @@
 """Time and peak memory of one (model, batch, method) case, in a fresh process.
 
 Each case runs in its own child process, forked from a ``forkserver`` that has
-already imported torch, gradlens and the optional libraries, so a case costs
-no import time yet inherits no memory, caches or threads from another case.
+already imported torch, gradlens and the optional libraries
+(:mod:`benchmarks.preload`), so a case costs no import time yet inherits no
+memory, caches or threads from another case.
 
-Timing: the device is synchronised before every clock read; on CUDA the
-interval is taken with CUDA events. After ``warmup`` calls, the number of
-timed calls is chosen so that they take about ``min_time_s`` in all, within
-``[min_repeats, max_repeats]``, but calls so slow that ``min_repeats`` of them
-would pass ``max_time_s`` are timed only as often as fits, and at least 3
-times. We report the median and the inter-quartile range.
+Time: :class:`torch.utils.benchmark.Timer` (``adaptive_autorange``), which
+synchronises the accelerator before each clock read and runs with
+``num_threads`` intra-op threads. After one warm-up call it times blocks of
+calls, each long enough that the timer's overhead is negligible: at least 4
+blocks and ``min_time_s``, then until the inter-quartile range is within 10%
+of the median or ``max_time_s`` has passed (stretched to 3 calls for slow
+calls). The median and quartiles are over blocks, per call. On CPU the
+process CPU time (all threads, user + system) of each block but the first is
+read too, per call.
 
-Peak memory is the increase over what the process held after setup (model,
-batch, reference gradient and the method's own wrapping), including the
-method's result. Two numbers:
-
-- ``peak_memory``, tensor bytes from torch's allocator during one extra,
-  untimed call. CUDA: ``torch.cuda.max_memory_allocated()`` after
-  ``reset_peak_memory_stats()``, minus ``torch.cuda.memory_allocated()`` before
-  the call. CPU: the call runs under ``torch.profiler`` with
-  ``profile_memory=True``, and the peak is the maximum running sum of the
-  allocation and free events it records (the CPU counterpart of
-  ``max_memory_allocated``). Memory that libraries allocate outside torch's
-  allocator (for example oneDNN scratch space) is not seen.
-- ``peak_rss`` (CPU, Linux), over the warm-up and timed calls: the process's
-  resident-set high-water mark ``VmHWM``, reset to the current resident set by
-  writing ``5`` to ``/proc/self/clear_refs`` after setup, minus ``VmRSS`` then.
-  It sees every allocation, but also allocator caching: glibc keeps some
-  freed blocks and reuses them, so it is page-granular (4 KiB) and noisy below
-  a few MiB. Elsewhere ``ru_maxrss`` is used, an upper bound.
-
-One-time costs are kept out of both numbers: the forkserver preloads the
-modules that the first call would import, and each case first runs its method
-once on 2 examples, before the baseline is taken.
+Peak memory is the increase over what the process held after setup, including
+the method's result: ``peak_memory`` from torch's allocator during one extra,
+untimed call (:func:`allocator_peak`), and on CPU ``peak_rss``, the
+resident-set high-water mark over the timed calls (:class:`PeakRSS`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import gc
-import math
 import multiprocessing as mp
 import os
 import re
@@ -48,16 +32,19 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from importlib.util import find_spec
+from itertools import pairwise
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils.benchmark import Timer
 
-__all__ = ["Case", "PeakRSS", "Protocol", "allocator_peak", "measure_case", "run_isolated", "sync"]
+__all__ = ["Case", "PeakRSS", "Protocol", "allocator_peak", "configure", "run_isolated", "sync"]
 
 
 @dataclass(frozen=True)
@@ -71,46 +58,35 @@ class Case:
 
 @dataclass(frozen=True)
 class Protocol:
-    """How a case is measured."""
+    """How a case is measured; see the module docstring."""
 
     device: str = "cpu"
-    warmup: int = 1
-    min_repeats: int = 5
-    max_repeats: int = 30
-    min_time_s: float = 1.0
-    max_time_s: float = 8.0
-    chunk_size: int = 128
     threads: int | None = None
+    min_time_s: float = 1.0
+    max_time_s: float = 4.0
+    threshold: float = 0.1
+    slow_calls: int = 3
 
 
-_SLOW_REPEATS = 3
-"""Fewest timed calls of a case, however slow."""
+def configure(device: torch.device, threads: int | None) -> None:
+    """Set the intra-op threads and switch TF32 off, in every process that computes.
+
+    On CUDA, cuDNN convolutions and (with some settings) matmuls run in TF32 by
+    default, about 1e-3 relative error: the agreement check would fail and the
+    methods would not be compared at float32. Setting the flags does not
+    initialise CUDA.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    del device
 
 
 def sync(device: torch.device) -> None:
     """Wait for queued device work; a no-op on CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _timed(run: Callable[[], object], device: torch.device) -> tuple[float, float]:
-    """Wall-clock seconds for one call, and process CPU seconds (NaN on CUDA).
-
-    The result of ``run`` is dropped after the clock stops.
-    """
-    sync(device)
-    if device.type == "cuda":
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3, float("nan")
-    start_cpu, start_s = time.process_time(), time.perf_counter()
-    run()
-    sync(device)
-    return time.perf_counter() - start_s, time.process_time() - start_cpu
 
 
 _STATUS = Path("/proc/self/status")
@@ -125,42 +101,41 @@ def _status_kib(field: str) -> int:
 
 
 class PeakRSS:
-    """Peak resident-set increase over a block of code, in bytes; see the module docstring."""
+    """Peak resident-set increase over a block of code, in bytes.
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.how = ""
+    Linux: ``VmHWM`` after resetting it to ``VmRSS`` by writing ``5`` to
+    ``/proc/self/clear_refs``, minus ``VmRSS`` then. It sees every allocation,
+    but also allocator caching and page granularity. Elsewhere ``ru_maxrss``,
+    an upper bound.
+    """
+
+    def __init__(self) -> None:
+        self.how = "ru_maxrss"
         self._base = 0
 
     def start(self) -> None:
         """Take the baseline and reset the high-water mark."""
         gc.collect()
-        sync(self.device)
         try:
             _CLEAR_REFS.write_text("5")
             self._base = _status_kib("VmRSS") * 1024
             self.how = "rss_hwm_reset"
         except OSError:
-            self._base = _current_rss_bytes()
-            self.how = "ru_maxrss"
+            self._base = 0
 
     def stop(self) -> int:
         """Bytes above the baseline at the highest point since :meth:`start`."""
-        sync(self.device)
         if self.how == "rss_hwm_reset":
-            peak = _status_kib("VmHWM") * 1024
-        else:
-            scale = 1 if sys.platform == "darwin" else 1024
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-        return max(peak - self._base, 0)
+            return max(_status_kib("VmHWM") * 1024 - self._base, 0)
+        scale = 1 if sys.platform == "darwin" else 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 @contextmanager
 def _quiet_stderr() -> Iterator[None]:
     """Send file descriptor 2 to /dev/null: kineto logs profiler start and stop there."""
     sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, 2)
         yield
@@ -173,7 +148,10 @@ def _quiet_stderr() -> Iterator[None]:
 def allocator_peak(run: Callable[[], object], device: torch.device) -> int:
     """Peak bytes held by torch's allocator during one call, above the level before it.
 
-    The call's result is dropped inside the measured window, so its frees count.
+    CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats``. CPU: the
+    call runs under ``torch.profiler`` with ``profile_memory=True`` and the
+    peak is the maximum running sum of its allocation and free events. The
+    call's result is dropped inside the window, so its frees count.
     """
     sync(device)
     if device.type == "cuda":
@@ -196,17 +174,32 @@ def allocator_peak(run: Callable[[], object], device: torch.device) -> int:
     return peak
 
 
-def _current_rss_bytes() -> int:
-    try:
-        return _status_kib("VmRSS") * 1024
-    except OSError:
-        return 0
-
-
-def _quantile(values: Sequence[float], q: float) -> float:
-    if len(values) < 2:
-        return values[0]
-    return statistics.quantiles(values, n=4, method="inclusive")[int(q * 4) - 1]
+def _time(run: Callable[[], object], device: torch.device, p: Protocol) -> dict[str, float]:
+    """Wall-clock and process CPU seconds per call, by :class:`Timer`, after one warm-up call."""
+    sync(device)
+    start = time.perf_counter()
+    run()
+    sync(device)
+    first = time.perf_counter() - start
+    max_run = max(p.max_time_s, p.slow_calls * first)
+    threads = p.threads or torch.get_num_threads()
+    timer = Timer("run()", globals={"run": run}, num_threads=threads)
+    cpu_marks: list[float] = []
+    measured = timer.adaptive_autorange(
+        p.threshold,
+        min_run_time=p.min_time_s,
+        max_run_time=max_run,
+        callback=lambda _n, _t: cpu_marks.append(time.process_time()),
+    )
+    n = measured.number_per_run
+    cpu = [(b - a) / n for a, b in pairwise(cpu_marks)]
+    return {
+        "time_median": measured.median,
+        "time_q25": float(torch.tensor(measured.times).quantile(0.25)),
+        "time_q75": float(torch.tensor(measured.times).quantile(0.75)),
+        "cpu_time_median": statistics.median(cpu) if cpu and device.type == "cpu" else float("nan"),
+        "repeats": n * len(measured.times),
+    }
 
 
 def measure_case(case: Case, protocol: Protocol) -> dict[str, object]:
@@ -214,35 +207,22 @@ def measure_case(case: Case, protocol: Protocol) -> dict[str, object]:
 
     Returns:
         A flat record: the case, ``status="ok"``, ``time_median``/``time_q25``/
-        ``time_q75`` in seconds, ``cpu_time_median`` (process CPU seconds, all
-        threads; NaN on CUDA), ``repeats``, ``peak_memory`` and ``peak_rss`` in
-        bytes, and ``rss_measure`` naming how the resident set was read.
+        ``time_q75`` in seconds per call, ``cpu_time_median`` (NaN on CUDA),
+        ``repeats`` (timed calls), ``peak_memory`` and ``peak_rss`` in bytes.
     """
-    from benchmarks.cases import METHODS, Options
+    from benchmarks.methods import METHODS
     from benchmarks.models import make_workload
 
-    if protocol.threads is not None:
-        torch.set_num_threads(protocol.threads)
     device = torch.device(protocol.device)
-    workload = make_workload(case.model, case.batch, device)
+    configure(device, protocol.threads)
     method = METHODS[case.method]
-    options = Options(chunk_size=protocol.chunk_size)
-    tiny = dataclasses.replace(workload, inputs=workload.inputs[:2], targets=workload.targets[:2])
-    with method.prepare(tiny, options) as run:
+    with method.prepare(make_workload(case.model, 2, device)) as run:
         run()  # one-time initialisation (lazy imports, first dispatch) stays out of the numbers
     del run
-    with method.prepare(workload, options) as run:
-        rss = PeakRSS(device)
+    with method.prepare(make_workload(case.model, case.batch, device)) as run:
+        rss = PeakRSS()
         rss.start()
-        first, _ = _timed(run, device)
-        for _ in range(protocol.warmup - 1):
-            first, _ = _timed(run, device)
-        first = max(first, 1e-9)
-        repeats = min(
-            max(math.ceil(protocol.min_time_s / first), protocol.min_repeats), protocol.max_repeats
-        )
-        repeats = min(repeats, max(_SLOW_REPEATS, math.floor(protocol.max_time_s / first)))
-        times, cpu_times = zip(*(_timed(run, device) for _ in range(repeats)), strict=True)
+        timing = _time(run, device, protocol)
         peak_rss = rss.stop()
         gc.collect()
         peak = allocator_peak(run, device)
@@ -250,11 +230,7 @@ def measure_case(case: Case, protocol: Protocol) -> dict[str, object]:
         **asdict(case),
         "status": "ok",
         "note": "",
-        "time_median": statistics.median(times),
-        "time_q25": _quantile(times, 0.25),
-        "time_q75": _quantile(times, 0.75),
-        "cpu_time_median": statistics.median(cpu_times),
-        "repeats": repeats,
+        **timing,
         "peak_memory": peak,
         "peak_rss": peak_rss if device.type == "cpu" else float("nan"),
         "rss_measure": rss.how,
@@ -271,23 +247,8 @@ def _child(conn: Connection, case: Case, protocol: Protocol) -> None:
         conn.close()
 
 
-_PRELOAD = [
-    "torch",
-    "torch._dynamo",  # imported lazily by the first torch.func call: 1 s and tens of MB
-    "gradlens",
-    "opacus",
-    "backpack",
-    "benchmarks.preload",
-]
-"""Modules the forkserver imports once, so that no case pays or measures their import."""
-
-
-def _context() -> mp.context.BaseContext:
-    ctx = mp.get_context("forkserver")
-    from importlib.util import find_spec
-
-    ctx.set_forkserver_preload([m for m in _PRELOAD if find_spec(m) is not None])
-    return ctx
+_PRELOAD = ["torch", "torch._dynamo", "gradlens", "opacus", "backpack", "benchmarks.preload"]
+"""Modules the forkserver imports once (``torch._dynamo``: the first torch.func call's 1 s)."""
 
 
 def run_isolated(case: Case, protocol: Protocol, timeout_s: float = 600.0) -> dict[str, object]:
@@ -298,7 +259,8 @@ def run_isolated(case: Case, protocol: Protocol, timeout_s: float = 600.0) -> di
     """
     # Read by the forkserver's preload, which must not touch CUDA before forking.
     os.environ["GRADLENS_BENCH_DEVICE"] = protocol.device
-    ctx = _context()
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([m for m in _PRELOAD if find_spec(m) is not None])
     receive, send = ctx.Pipe(duplex=False)
     process = ctx.Process(target=_child, args=(send, case, protocol), daemon=True)
     process.start()

@@ -1,9 +1,11 @@
-"""The models and synthetic batches the probe benchmark runs on.
+"""The workloads the benchmark runs on: models with one batch each.
 
 Every model is built from a fixed seed and maps its inputs to 13 logits, the
-class count of the experiment. A :class:`Workload` bundles a model with one
-batch, the loss and a reference gradient, so that every method is timed on
-exactly the same tensors.
+class count of the experiment. Two families: ``"probe"`` models come with a
+labelled batch, a cross-entropy loss and a reference gradient
+(:class:`ProbeWorkload`); the ``"step"`` model is the experiment's student with
+its teacher, optimizer and probe batch (:class:`benchmarks.step.StepWorkload`).
+A method runs on the models of its own family.
 """
 
 from __future__ import annotations
@@ -11,15 +13,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from benchmarks.step import SIZES, StepWorkload, make_step_workload, mlp
 from gradlens import mean_grad
 
-__all__ = ["MODELS", "ModelSpec", "Workload", "make_workload", "n_params"]
+__all__ = ["MODELS", "Family", "ModelSpec", "ProbeWorkload", "Workload", "make_workload"]
 
 CLASSES = 13
+Family = Literal["probe", "step"]
 
 
 class MeanOverTokens(nn.Module):
@@ -56,12 +61,13 @@ def _tokens(d: int = 128) -> nn.Module:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A benchmark model: how to build it and the shape of one example."""
+    """A benchmark model: its family, how to build it and the shape of one example."""
 
     name: str
     description: str
     build: Callable[[], nn.Module]
     example_shape: tuple[int, ...]
+    family: Family = "probe"
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -81,18 +87,20 @@ MODELS: dict[str, ModelSpec] = {
         ),
         ModelSpec("cnn", "2 conv (16, 32) + linear on 1x28x28", _cnn, (1, 28, 28)),
         ModelSpec("tokens", "(B,16,128): Linear-ReLU-Linear, mean over T", _tokens, (16, 128)),
+        ModelSpec(
+            "mnist_step",
+            "student step: MLP 784-256-256-13, KL on logits 10..12, Adam, 1024 probe images",
+            lambda: mlp(SIZES, seed=0),
+            (784,),
+            family="step",
+        ),
     )
 }
 
 
-def n_params(model: nn.Module) -> int:
-    """Number of trainable scalars."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 @dataclass(frozen=True)
-class Workload:
-    """One model with one batch, on one device: what every method is given."""
+class ProbeWorkload:
+    """One model with one batch, on one device: what every probe method is given."""
 
     model: nn.Module
     loss_fn: Callable[..., Tensor]
@@ -101,13 +109,18 @@ class Workload:
     reference: dict[str, Tensor]
 
 
-def make_workload(model_name: str, batch: int, device: torch.device, seed: int = 0) -> Workload:
-    """Build the model, a random batch and a reference gradient, all from ``seed``.
+Workload = ProbeWorkload | StepWorkload
 
-    The reference is the mean gradient of a separate batch of 64 examples, as a
-    probe would use a teacher's or a held-out batch's gradient.
+
+def make_workload(model_name: str, batch: int, device: torch.device, seed: int = 0) -> Workload:
+    """Build the model and its batch of ``batch`` examples, all from ``seed``.
+
+    For probe models the reference is the mean gradient of a separate batch of
+    64 examples, as a probe would use a teacher's or a held-out batch's gradient.
     """
     spec = MODELS[model_name]
+    if spec.family == "step":
+        return make_step_workload(batch, device, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = spec.build().to(device)
@@ -121,4 +134,4 @@ def make_workload(model_name: str, batch: int, device: torch.device, seed: int =
     loss_fn = nn.functional.cross_entropy
     reference = mean_grad(model, loss_fn, ref_x, ref_y)
     inputs, targets = draw(batch)
-    return Workload(model, loss_fn, inputs, targets, reference)
+    return ProbeWorkload(model, loss_fn, inputs, targets, reference)

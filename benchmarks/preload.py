@@ -1,6 +1,7 @@
 """Imported once by the benchmark's forkserver, never by user code.
 
-Besides the imports, for CPU runs it runs the CPU profiler once on a tiny
+Besides the imports (also those of the entry point, which every case re-runs
+as ``__mp_main__``), for CPU runs it runs the CPU profiler once on a tiny
 tensor: its first use costs over a second of lazy initialisation, which every
 case would pay otherwise. Not for CUDA runs (``GRADLENS_BENCH_DEVICE``, set by
 :func:`benchmarks.measure.run_isolated`): the profiler asks the CUDA driver
@@ -21,10 +22,12 @@ import os
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # this process and its cases only
 
 import torch
+import torch.utils.benchmark
+import tqdm  # noqa: F401 - and the rest: what the entry point, re-run as __mp_main__, imports
 from torch.profiler import ProfilerActivity, profile
 
-import benchmarks.cases
-import benchmarks.models  # noqa: F401 - imported for the forked cases
+import benchmarks.methods
+import benchmarks.render  # noqa: F401 - matplotlib and xarray
 
 if not os.environ.get("GRADLENS_BENCH_DEVICE", "cpu").startswith("cuda"):
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as _prof:

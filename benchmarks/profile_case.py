@@ -1,20 +1,18 @@
 """Where the time of one benchmark case goes: a ``torch.profiler`` table.
 
-Profiles methods of the probe registry (``model:batch:method``) and the
-student step variants of :mod:`benchmarks.bench_step` (``step:batch:variant``)
+Profiles cases of the registry (``model:batch:method``, step methods included)
 after a warm-up, and writes one operator table per case, sorted by device time
 on CUDA and by CPU time otherwise.
 
 Example:
     python -m benchmarks.profile_case mlp:1024:pe_grads mlp:1024:dots_ghost --out /tmp/prof
-    python -m benchmarks.profile_case "step:1024:probed step" --device cuda
+    python benchmarks/profile_case.py mnist_step:1024:step_probed --device cpu
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: make ``benchmarks`` importable
@@ -23,52 +21,31 @@ if __package__ in (None, ""):  # run as a file: make ``benchmarks`` importable
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.cases import METHODS, Options
-from benchmarks.measure import sync
+from benchmarks.measure import configure, sync
+from benchmarks.methods import METHODS
 from benchmarks.models import make_workload
 
 __all__ = ["profile_table"]
 
 
-def _step_run(batch: int, variant: str, device: torch.device) -> Callable[[], object]:
-    from benchmarks.bench_step import _state, _steps
-
-    return _steps(_state(device, batch, 1024))[variant]
-
-
 def profile_table(spec: str, device: torch.device, repeats: int = 5, rows: int = 25) -> str:
-    """Profile ``repeats`` calls of the case ``spec`` after 3 warm-ups.
-
-    Args:
-        spec: ``model:batch:method`` (a registry method) or ``step:batch:variant``.
-        device: Where to run.
-        repeats: Profiled calls.
-        rows: Operators listed.
+    """Profile ``repeats`` calls of the case ``spec`` (``model:batch:method``) after 3 warm-ups.
 
     Returns:
-        The profiler's operator table, headed by the case and its total time.
+        The profiler's operator table, headed by the case.
     """
     model, batch, method = spec.split(":", 2)
-    if model == "step":
-        run = _step_run(int(batch), method, device)
-        cm = None
-    else:
-        cm = METHODS[method].prepare(make_workload(model, int(batch), device), Options())
-        run = cm.__enter__()
-    try:
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with METHODS[method].prepare(make_workload(model, int(batch), device)) as run:
         for _ in range(3):
             run()
         sync(device)
-        activities = [ProfilerActivity.CPU]
-        if device.type == "cuda":
-            activities.append(ProfilerActivity.CUDA)
         with profile(activities=activities) as prof:
             for _ in range(repeats):
                 run()
             sync(device)
-    finally:
-        if cm is not None:
-            cm.__exit__(None, None, None)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
     return f"## {spec} ({repeats} calls, {device})\n\n```\n{table}\n```\n"
@@ -77,12 +54,14 @@ def profile_table(spec: str, device: torch.device, repeats: int = 5, rows: int =
 def main(argv: list[str] | None = None) -> None:
     """Profile each case named on the command line."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("cases", nargs="+", help="model:batch:method or step:batch:variant")
+    p.add_argument("cases", nargs="+", help="model:batch:method")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, default=None, help="write profiles.md here")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    configure(device, args.threads)
     text = "".join(profile_table(c, device, args.repeats) for c in args.cases)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)

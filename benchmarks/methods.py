@@ -1,0 +1,315 @@
+"""The benchmark's one registry: every timed method, with the baseline it is compared with.
+
+A method is a context manager ``prepare(workload)`` that does the one-off setup
+(wrapping or extending a copy of the model), yields a ``run()`` closure that
+does the measured work once, and undoes the setup on exit. Probe methods run
+on the probe models and are compared with ``plain`` (forward and backward of
+the mean loss); step methods run on the step model and are compared with
+``step_unprobed``. ``run()`` leaves nothing behind on the model (``.grad``,
+``grad_sample`` and ``grad_batch`` move into its :class:`Output`), so calls
+of probe methods are independent; each call of a step method takes one more
+optimizer step.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+
+from torch import Tensor, nn
+
+from benchmarks import step
+from benchmarks.agreement import Check, against_loop, loop_grads, same_update
+from benchmarks.models import Family, ProbeWorkload, Workload
+from gradlens import flush_denormal, per_example_grads
+from gradlens.ghost import per_example_dots
+from gradlens.transforms import remove_aligned
+
+__all__ = ["CHUNK_SIZE", "METHODS", "Method", "Output", "quiet_hooks"]
+
+CHUNK_SIZE = 128
+
+
+@dataclass(frozen=True)
+class Output:
+    """What one probe ``run()`` returns; the fields that apply to the method are set.
+
+    ``mean`` is the batch gradient, ``grads`` the per-example gradients with a
+    leading ``example`` axis, ``dots``/``sq_norms`` the per-example inner
+    products with the reference and squared norms, all keyed by parameter name.
+    """
+
+    mean: dict[str, Tensor] | None = None
+    grads: dict[str, Tensor] | None = None
+    dots: dict[str, Tensor] | None = None
+    sq_norms: dict[str, Tensor] | None = None
+
+
+Run = Callable[[], Any]
+Prepare = Callable[[Any], AbstractContextManager[Run]]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A benchmarked method.
+
+    Attributes:
+        name: Registry key, used in flags and result files.
+        label: Human-readable name for tables and plots.
+        family: The models it runs on (:data:`benchmarks.models.MODELS`).
+        baseline: The method its time and memory are divided by.
+        prepare: Setup context manager yielding ``run``.
+        check: The agreement check; ``None`` for a reference cost that computes
+            no gradient.
+        requires: Module that must be importable (optional dependency), if any.
+        max_batch: Largest batch worth timing (slow methods), if limited.
+        materialises: Holds ``example x parameter`` gradient entries at once;
+            used to skip batches that would not fit in memory.
+    """
+
+    name: str
+    label: str
+    family: Family
+    baseline: str
+    prepare: Prepare
+    check: Check | None
+    requires: str | None = None
+    max_batch: int | None = None
+    materialises: bool = False
+
+    def missing(self) -> str | None:
+        """A note if the optional dependency is not installed, else ``None``."""
+        if self.requires is None or importlib.util.find_spec(self.requires) is not None:
+            return None
+        return f"{self.requires} is not installed (pip install gradlens[bench])"
+
+
+@contextmanager
+def quiet_hooks() -> Iterator[None]:
+    """Silence torch's note that full backward hooks fire on module outputs.
+
+    Opacus and BackPACK register full backward hooks on the first layer, whose
+    input does not require grad; torch then warns once per call.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        yield
+
+
+def _named(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _once(fn: Callable[[ProbeWorkload], Output]) -> Prepare:
+    """A method without setup: ``run()`` is ``fn(w)``."""
+
+    @contextmanager
+    def prepare(w: Workload) -> Iterator[Run]:
+        yield lambda: fn(cast(ProbeWorkload, w))
+
+    return prepare
+
+
+def _plain(w: ProbeWorkload) -> Output:
+    """(a) The floor: forward and backward of the mean loss, gradients into ``.grad``."""
+    w.loss_fn(w.model(w.inputs), w.targets).backward()
+    mean = {n: p.grad for n, p in _named(w.model)}
+    w.model.zero_grad(set_to_none=True)  # the result lives in the Output only
+    return Output(mean=mean)
+
+
+def _write_floor(w: ProbeWorkload) -> Output:
+    """Allocate and zero an ``example x parameter`` result: no gradient, just its memory."""
+    return Output(grads={n: p.new_zeros((len(w.inputs), *p.shape)) for n, p in _named(w.model)})
+
+
+@contextmanager
+def _opacus(w: ProbeWorkload) -> Iterator[Run]:
+    """(e) Opacus ``GradSampleModule`` hooks; ``loss_reduction="mean"`` matches the loss."""
+    from opacus import GradSampleModule
+
+    module = GradSampleModule(copy.deepcopy(w.model), loss_reduction="mean")
+    named = [(n.removeprefix("_module."), p) for n, p in _named(module)]
+
+    def run() -> Output:
+        with quiet_hooks():
+            w.loss_fn(module(w.inputs), w.targets).backward()
+        grads = {n: p.grad_sample for n, p in named}
+        module.zero_grad(set_to_none=True)  # drops .grad and .grad_sample
+        return Output(grads=grads)
+
+    try:
+        yield run
+    finally:
+        module.remove_hooks()
+
+
+@contextmanager
+def _backpack(w: ProbeWorkload) -> Iterator[Run]:
+    """(f) BackPACK ``BatchGrad``; the summed loss makes ``grad_batch[i]`` example i's gradient."""
+    from backpack import backpack, extend
+    from backpack.extensions import BatchGrad
+
+    model = extend(copy.deepcopy(w.model))
+    loss_fn = extend(nn.CrossEntropyLoss(reduction="sum"))
+    named = _named(model)
+
+    def run() -> Output:
+        with quiet_hooks():
+            loss = loss_fn(model(w.inputs), w.targets)
+            with backpack(BatchGrad()):
+                loss.backward()
+        grads = {n: p.grad_batch for n, p in named}
+        model.zero_grad(set_to_none=True)
+        for _, p in named:
+            del p.grad_batch
+        return Output(grads=grads)
+
+    yield run
+
+
+def _step(probe: bool, measure_change: bool = True, remove: bool = False) -> Prepare:
+    """(g) One student step, unprobed or through ``probed_step``; subnormals flushed."""
+
+    @contextmanager
+    def prepare(workload: Workload) -> Iterator[Run]:
+        w = cast(step.StepWorkload, workload)
+        tx = remove_aligned() if remove else None
+        state = tx.init(dict(w.student.named_parameters())) if tx is not None else None
+        with flush_denormal():
+            if probe:
+                yield lambda: step.probed(w, tx, state, measure_change)
+            else:
+                yield lambda: step.unprobed(w)
+
+    return prepare
+
+
+def _dots(method: Literal["ghost", "vmap"]) -> Callable[[ProbeWorkload], Output]:
+    def run(w: ProbeWorkload) -> Output:
+        dots, sq = per_example_dots(
+            w.model, w.loss_fn, w.inputs, w.targets, reference=w.reference, method=method
+        )
+        return Output(dots=dots, sq_norms=sq)
+
+    return run
+
+
+def _grads(chunk_size: int | None) -> Callable[[ProbeWorkload], Output]:
+    def run(w: ProbeWorkload) -> Output:
+        return Output(
+            grads=per_example_grads(w.model, w.loss_fn, w.inputs, w.targets, chunk_size=chunk_size)
+        )
+
+    return run
+
+
+_GRADS = against_loop("grads")
+_DOTS = against_loop("dots")
+_STEP = same_update()
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method(
+            "plain", "plain backward (a)", "probe", "plain", _once(_plain), against_loop("mean")
+        ),
+        Method(
+            "write_floor",
+            "zero-filled B x P result (floor)",
+            "probe",
+            "plain",
+            _once(_write_floor),
+            None,
+            materialises=True,
+        ),
+        Method(
+            "pe_grads",
+            "per_example_grads (b)",
+            "probe",
+            "plain",
+            _once(_grads(None)),
+            _GRADS,
+            materialises=True,
+        ),
+        Method(
+            "pe_grads_chunked",
+            "per_example_grads chunked (b)",
+            "probe",
+            "plain",
+            _once(_grads(CHUNK_SIZE)),
+            _GRADS,
+            materialises=True,
+        ),
+        Method(
+            "dots_ghost",
+            "per_example_dots ghost (c)",
+            "probe",
+            "plain",
+            _once(_dots("ghost")),
+            _DOTS,
+        ),
+        Method(
+            "dots_vmap",
+            "per_example_dots vmap (c)",
+            "probe",
+            "plain",
+            _once(_dots("vmap")),
+            _DOTS,
+            materialises=True,
+        ),
+        Method(
+            "loop",
+            "autograd loop (d)",
+            "probe",
+            "plain",
+            _once(lambda w: Output(grads=loop_grads(w))),
+            against_loop("loop"),
+            max_batch=256,
+            materialises=True,
+        ),
+        Method(
+            "opacus",
+            "Opacus grad_sample (e)",
+            "probe",
+            "plain",
+            _opacus,
+            _GRADS,
+            requires="opacus",
+            materialises=True,
+        ),
+        Method(
+            "backpack",
+            "BackPACK BatchGrad (f)",
+            "probe",
+            "plain",
+            _backpack,
+            _GRADS,
+            requires="backpack",
+            materialises=True,
+        ),
+        Method("step_unprobed", "unprobed step (g)", "step", "step_unprobed", _step(False), _STEP),
+        Method("step_probed", "probed step (g)", "step", "step_unprobed", _step(True), _STEP),
+        Method(
+            "step_probed_no_change",
+            "probed step, no measured change (g)",
+            "step",
+            "step_unprobed",
+            _step(True, measure_change=False),
+            _STEP,
+        ),
+        Method(
+            "step_remove_aligned",
+            "probed step + remove_aligned (g)",
+            "step",
+            "step_unprobed",
+            _step(True, remove=True),
+            same_update(project=True),
+        ),
+    )
+}

@@ -1,0 +1,216 @@
+"""Benchmark per-example gradient probes and the probed training step against their baselines.
+
+For every model and batch size, each method of :data:`benchmarks.methods.METHODS`
+that runs on the model is first checked (:mod:`benchmarks.agreement`), then
+timed and its peak memory measured in a fresh process
+(:mod:`benchmarks.measure`). Results go to ``results.nc``, ``table.md`` and
+``probes.png`` under ``--out``.
+
+Example:
+    python -m benchmarks.run --smoke --out /tmp/bench
+    python benchmarks/run.py --device cpu --threads 1
+    python -m benchmarks.run --render benchmarks/results/<slug>/results.nc
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make ``benchmarks`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+import xarray as xr
+from tqdm import tqdm
+
+from benchmarks.agreement import verify
+from benchmarks.measure import Case, Protocol, configure, run_isolated
+from benchmarks.methods import METHODS, quiet_hooks
+from benchmarks.models import MODELS, make_workload
+from benchmarks.render import render
+from benchmarks.results import ROOT, build_dataset, device_slug, load_average, provenance
+
+__all__ = ["BenchConfig", "main", "parse_args"]
+
+MATERIALISED_FACTOR = 2.5
+"""Peak memory of a materialising method, in units of its ``example x parameter`` result."""
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to run and how.
+
+    Attributes:
+        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        out: Output folder; ``None`` means ``benchmarks/results/<device-slug>``.
+        models: Model names from :data:`benchmarks.models.MODELS`.
+        batch_sizes: Batch sizes, ascending.
+        methods: Method names; every chosen method's baseline is added.
+        protocol: Timing protocol shared by every case (its device is overwritten).
+        verify_batch: Examples used to check agreement, once per model.
+        memory_limit_gb: Skip materialising cases whose estimated peak exceeds
+            this; ``None`` means half the RAM (CPU) or 80% of the GPU memory.
+        timeout_s: Longest a single case may take.
+    """
+
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    out: Path | None = None
+    models: tuple[str, ...] = tuple(MODELS)
+    batch_sizes: tuple[int, ...] = (64, 256, 1024, 4096)
+    methods: tuple[str, ...] = tuple(METHODS)
+    protocol: Protocol = field(default_factory=Protocol)
+    verify_batch: int = 16
+    memory_limit_gb: float | None = None
+    timeout_s: float = 600.0
+
+
+def _memory_limit(config: BenchConfig, device: torch.device) -> float:
+    if config.memory_limit_gb is not None:
+        return config.memory_limit_gb * 2**30
+    if device.type == "cuda":
+        return 0.8 * torch.cuda.get_device_properties(device).total_memory
+    return 0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _skip_reason(method: str, batch: int, params: int, limit: float) -> str | None:
+    spec = METHODS[method]
+    if spec.max_batch is not None and batch > spec.max_batch:
+        return f"timed only up to B={spec.max_batch}"
+    need = MATERIALISED_FACTOR * batch * params * 4
+    if spec.materialises and need > limit:
+        return f"needs about {need / 2**30:.1f} GiB, over the {limit / 2**30:.1f} GiB limit"
+    return None
+
+
+def _methods(config: BenchConfig) -> list[str]:
+    """The chosen methods with their baselines, in registry order."""
+    chosen = set(config.methods) | {METHODS[m].baseline for m in config.methods}
+    return [m for m in METHODS if m in chosen]
+
+
+def main(config: BenchConfig) -> xr.Dataset:
+    """Check, then measure every case; write ``results.nc``, ``table.md`` and ``probes.png``.
+
+    Returns:
+        The results dataset (see :func:`benchmarks.results.build_dataset`).
+    """
+    device = torch.device(config.device)
+    protocol = Protocol(**{**asdict(config.protocol), "device": str(device)})
+    threads = torch.get_num_threads()
+    configure(device, protocol.threads)
+    methods = _methods(config)
+    limit = _memory_limit(config, device)
+    records: list[dict[str, object]] = []
+    agreements: dict[tuple[str, str], dict[str, object]] = {}
+    attrs = provenance(device, config)  # records the thread count of the run
+    out = config.out or ROOT / "benchmarks" / "results" / device_slug(device)
+    total = len(config.models) * len(config.batch_sizes) * len(methods)
+    with tqdm(total=total, desc="cases", unit="case") as bar:
+        for model in config.models:
+            spec = MODELS[model]
+            mine = [m for m in methods if METHODS[m].family == spec.family]
+            bar.set_postfix_str(f"{model}: checking agreement")
+            small = make_workload(model, config.verify_batch, device)
+            with quiet_hooks():
+                checks = {m: verify(METHODS[m], small) for m in mine}
+            agreements.update({(model, m): asdict(a) for m, a in checks.items()})
+            params = sum(p.numel() for p in spec.build().parameters())
+            for batch in config.batch_sizes:
+                for method in methods:
+                    bar.set_postfix_str(f"{model} B={batch} {method}")
+                    record = {"model": model, "batch": batch, "method": method}
+                    if method not in mine:
+                        record |= {"status": "not applicable", "note": ""}
+                    elif checks[method].status != "ok":
+                        record |= {"status": checks[method].status, "note": checks[method].note}
+                    elif reason := _skip_reason(method, batch, params, limit):
+                        record |= {"status": "skipped", "note": reason}
+                    else:
+                        load = load_average()
+                        record = run_isolated(Case(**record), protocol, config.timeout_s)
+                        record["load_average"] = load
+                    records.append(record)
+                    bar.update()
+    torch.set_num_threads(threads)
+    attrs |= {
+        "peak_memory_measure": "cuda_max_memory_allocated"
+        if device.type == "cuda"
+        else "torch_profiler_memory_events",
+        "peak_rss_measure": next(
+            (str(r["rss_measure"]) for r in records if "rss_measure" in r), ""
+        ),
+        "memory_limit_bytes": int(limit),
+    }
+    ds = build_dataset(
+        records,
+        agreements,
+        models=list(config.models),
+        batches=list(config.batch_sizes),
+        methods=methods,
+        attrs=attrs,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    ds.to_netcdf(out / "results.nc")
+    print(render(out / "results.nc"))
+    return ds
+
+
+def _csv(kind: type, choices: list[str] | None = None) -> object:
+    def parse(text: str) -> tuple:
+        items = tuple(kind(t) for t in text.split(",") if t)
+        bad = [i for i in items if choices is not None and i not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {choices}")
+        return items
+
+    return parse
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default=BenchConfig.device)
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads")
+    p.add_argument("--models", type=_csv(str, list(MODELS)), default=tuple(MODELS))
+    p.add_argument("--batch-sizes", type=_csv(int), default=None)
+    p.add_argument("--methods", type=_csv(str, list(METHODS)), default=tuple(METHODS))
+    p.add_argument("--out", type=Path, default=None, help="default benchmarks/results/<device>/")
+    p.add_argument("--smoke", action="store_true", help="B=16, few calls: checks that all runs")
+    p.add_argument("--render", type=Path, default=None, metavar="RESULTS_NC", help="only redraw")
+    p.add_argument("--min-time", type=float, default=None, help="seconds of timed calls per case")
+    p.add_argument("--memory-limit-gb", type=float, default=None)
+    p.add_argument("--timeout", type=float, default=BenchConfig.timeout_s, help="seconds per case")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, Path | None]:
+    """Map command-line flags onto a :class:`BenchConfig`, and the ``--render`` path if given."""
+    args = _parser().parse_args(argv)
+    protocol = Protocol(min_time_s=0.0, max_time_s=0.2, threads=1) if args.smoke else Protocol()
+    changes = {"threads": args.threads, "min_time_s": args.min_time}
+    protocol = Protocol(
+        **{**asdict(protocol), **{k: v for k, v in changes.items() if v is not None}}
+    )
+    config = BenchConfig(
+        device=args.device,
+        out=args.out,
+        models=args.models,
+        batch_sizes=args.batch_sizes or ((16,) if args.smoke else BenchConfig.batch_sizes),
+        methods=args.methods,
+        protocol=protocol,
+        verify_batch=4 if args.smoke else BenchConfig.verify_batch,
+        memory_limit_gb=args.memory_limit_gb,
+        timeout_s=args.timeout,
+    )
+    return config, args.render
+
+
+if __name__ == "__main__":
+    config, results = parse_args()
+    if results is not None:
+        print(render(results))
+    else:
+        main(config)
