@@ -259,6 +259,11 @@ def run_isolated(case: Case, protocol: Protocol, timeout_s: float = 600.0) -> di
     """
     # Read by the forkserver's preload, which must not touch CUDA before forking.
     os.environ["GRADLENS_BENCH_DEVICE"] = protocol.device
+    # Importing torch.utils.benchmark imports torch.utils.cpp_extension, which calls
+    # torch.cuda.is_available(); its default check initialises the CUDA driver and so
+    # poisons every fork ("Cannot re-initialize CUDA in forked subprocess"). NVML's check
+    # does not (seen on an H100, 2026-11-23).
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload([m for m in _PRELOAD if find_spec(m) is not None])
     receive, send = ctx.Pipe(duplex=False)

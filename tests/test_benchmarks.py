@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -154,3 +155,33 @@ def test_flags_map_onto_the_config() -> None:
     assert parse_args(["--threads", "1"])[0].protocol.threads == 1
     with pytest.raises(SystemExit):
         parse_args(["--methods", "plain,nonsense"])
+
+
+def test_the_forkserver_preload_leaves_the_cuda_driver_alone(tmp_path: Path) -> None:
+    """A CUDA driver initialised before fork fails every case (seen on an H100).
+
+    For a CUDA run the preload must not reach ``torch._C._cuda_getDeviceCount``
+    (which initialises the driver); a CPU run's preload does (through the import
+    of ``torch.utils.benchmark``), which shows the check can fail. ``CUDA_HOME``
+    points at a folder so that ``torch.utils.cpp_extension`` asks on any machine.
+    """
+    code = (
+        "import torch\n"
+        "calls = []\n"
+        "orig = torch._C._cuda_getDeviceCount\n"
+        "torch._C._cuda_getDeviceCount = lambda: calls.append(1) or orig()\n"
+        "import torch._dynamo, gradlens, benchmarks.preload\n"
+        "print(len(calls))\n"
+    )
+
+    def device_counts(device: str) -> int:
+        env = {**os.environ, "GRADLENS_BENCH_DEVICE": device, "CUDA_HOME": str(tmp_path)}
+        env.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
+        done = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return int(done.stdout.split()[-1])
+
+    assert device_counts("cuda") == 0
+    assert device_counts("cpu") > 0
