@@ -38,7 +38,7 @@ from gradlens.mnist import (
     train_classifier,
 )
 from gradlens.numerics import flush_denormal
-from gradlens.provenance import make_attrs
+from gradlens.provenance import make_attrs, run_provenance
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,7 @@ def main(config: Config) -> Path:
 
 def _run(config: Config) -> Path:
     start = time.perf_counter()
+    provenance = run_provenance()  # the code that runs, not the code at the end of the run
     conditions = get_conditions(config.conditions)
     config.out.mkdir(parents=True, exist_ok=True)
     device = torch.device(config.device)
@@ -126,7 +127,7 @@ def _run(config: Config) -> Path:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     device_text = f"{name} ({torch.get_num_threads()} threads)" if name == "CPU" else name
     command = "python " + shlex.join(sys.argv) if sys.argv[0].endswith(".py") else "main(config)"
-    attrs = make_attrs(config) | {"device": device_text, "wall_time_s": f"{wall:.1f}"}
+    attrs = make_attrs(config, provenance=provenance) | {"device": device_text, "wall_time_s": f"{wall:.1f}"}
     ds = combine_runs(parts, attrs)
     ds["teacher_accuracy"] = (
         "seed",

@@ -1,13 +1,10 @@
-"""Shared test settings: a seed before every test, a fixed hypothesis profile, ``--runslow``."""
+"""Shared test settings: a fixed hypothesis profile, ``--runslow`` (the seed: ../conftest.py)."""
 
 from __future__ import annotations
 
 import os
-import random
 
-import numpy as np
 import pytest
-import torch
 from hypothesis import settings
 
 # derandomize: hypothesis draws the same examples on every run, so a failure
@@ -15,14 +12,6 @@ from hypothesis import settings
 settings.register_profile("ci", max_examples=30, deadline=None, derandomize=True)
 settings.register_profile("dev", max_examples=20, deadline=None, derandomize=True)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
-
-
-@pytest.fixture(autouse=True)
-def _seed() -> None:
-    """Seed torch, numpy and ``random`` before every test, so no draw is unseeded."""
-    random.seed(0)
-    np.random.seed(0)
-    torch.manual_seed(0)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
