@@ -77,7 +77,7 @@ def capture_linear(model: nn.Module, wanted: Collection[str]) -> Iterator[dict[s
         return hook
 
     for module_name, module in model.named_modules():
-        if type(module) is not nn.Linear:
+        if not is_plain_linear(module):
             continue
         prefix = f"{module_name}." if module_name else ""
         names = [prefix + p for p, _ in module.named_parameters(recurse=False)]
@@ -90,6 +90,11 @@ def capture_linear(model: nn.Module, wanted: Collection[str]) -> Iterator[dict[s
     finally:
         for handle in handles:
             handle.remove()
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear``, or a subclass that keeps its ``forward`` (``out_proj`` of attention)."""
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
 
 
 def as_tokens(x: Tensor, example_axis: int) -> Tensor:

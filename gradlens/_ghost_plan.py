@@ -47,6 +47,7 @@ from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from gradlens._ghost_linear import is_plain_linear
 from gradlens.errors import UnsupportedModelError
 from gradlens.per_example import Randomness, check_vmap_compatible, split_params
 
@@ -116,7 +117,7 @@ def _linear_owners(model: nn.Module, names: Collection[str]) -> dict[str, str]:
     """Parameter name -> module name, for the selected weights and biases of ``nn.Linear``."""
     owners = {}
     for module_name, module in model.named_modules():
-        if type(module) is nn.Linear:
+        if is_plain_linear(module):
             prefix = f"{module_name}." if module_name else ""
             for p, _ in module.named_parameters(recurse=False):
                 if prefix + p in names:
@@ -201,11 +202,18 @@ def _decide(
     uses = (first.uses.get(name, 0), second.uses.get(name, 0))
     if uses[0] == 0:
         return PlanEntry("vmap", "not used in the forward")
-    if uses != (1, 1) or first.calls.get(owner) != 1 or second.calls.get(owner) != 1:
+    calls = (first.calls.get(owner, 0), second.calls.get(owner, 0))
+    if calls != (1, 1):
         return PlanEntry(
             "vmap",
-            f"read by {uses[0]} operations of the forward (nn.Linear {owner!r} called "
-            f"{first.calls.get(owner, 0)} times): shared, tied or functional uses",
+            f"its nn.Linear {owner!r} is called {calls[0]} times per forward, not once "
+            "(applied several times, or its parameters read functionally)",
+        )
+    if uses != (1, 1):
+        return PlanEntry(
+            "vmap",
+            f"read by {uses[0]} operations of the forward, not only by {owner!r}: a shared, "
+            "tied or functional use",
         )
     if name not in first.linear_input or name not in second.linear_input:
         return PlanEntry("vmap", f"not read by the F.linear call of {owner!r}")

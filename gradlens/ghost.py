@@ -10,9 +10,11 @@ gradient is ``G_i = sum_t b_it a_it^T``. So, for a reference ``R``,
 (Goodfellow 2015; Li et al. 2021, "ghost clipping"; shapes, the bias and the
 cost of each form in :mod:`gradlens._ghost_linear`). Both come from the
 activations and output gradients of one ordinary forward and backward pass, so
-the ``example x parameter`` matrix is never built. Parameters of other layers,
-and linear layers that are called more than once or see inputs of another
-shape, fall back to ``vmap`` per-example gradients, reduced chunk by chunk.
+the ``example x parameter`` matrix is never built. Which parameters may go this
+way is established, not inferred from sizes, by :func:`ghost_plan` (the example
+axis of each linear input, every use of each parameter, and a check that the
+forward does not mix examples; see :mod:`gradlens._ghost_plan`). The others
+fall back to ``vmap`` per-example gradients, reduced chunk by chunk.
 
 Example:
     >>> import torch
@@ -230,20 +232,24 @@ def per_example_dots(
             (keyword-only, as everywhere in gradlens).
         params: Parameter names; default all that require grad.
         method: ``"ghost"`` uses the factored form for every parameter and
-            raises if one has none; ``"vmap"`` materialises per-example
-            gradients; ``"auto"`` uses the factored form where it exists and
-            ``vmap`` elsewhere.
+            raises, naming each parameter and why, if one has none;
+            ``"vmap"`` materialises per-example gradients; ``"auto"`` follows
+            :func:`ghost_plan`: the factored form where it is established
+            exact, ``vmap`` elsewhere.
         chunk_size: Examples per chunk on the ``vmap`` path.
         randomness: ``vmap`` randomness choice (dropout) on the ``vmap`` path.
             The ghost path draws a mask per example, like ``"different"``.
 
     Returns:
-        ``(dots, sq_norms)``: for every selected name, shape ``(example,)``.
+        ``(dots, sq_norms)``: for every selected name, shape ``(example,)``
+        (``(0,)`` for a batch without examples).
 
     Raises:
         GradientMismatchError: If ``reference`` does not match the selected parameters.
-        UnsupportedModelError: If the model cannot be probed per example, or
-            ``method="ghost"`` meets a parameter without a factored form.
+        UnsupportedModelError: If the model cannot be probed per example (its
+            forward mixes examples, for one), or ``method="ghost"`` meets a
+            parameter without an exact factored form.
+        ValueError: If ``chunk_size`` is zero or negative.
     """
     found = _probe(
         model,

@@ -97,6 +97,7 @@ def test_ghost_is_exact_or_refuses_naming_each_parameter(kind: str, tokens: int 
     ("kind", "name", "reason"),
     [
         ("shared_weight", "first.weight", "read by 2 operations"),
+        ("sequence_first", "encoder.self_attn.out_proj.weight", "called 0 times per forward"),
         ("tied_embedding", "embed.weight", "not the weight or bias of an nn.Linear"),
         ("functional_reuse", "inp.weight", "read by 2 operations"),
         ("table_lookup", "key_proj.bias", r"does not change with the batch size"),
