@@ -180,3 +180,18 @@ def test_chunk_size_must_be_positive(chunk_size: int) -> None:
     with pytest.raises(ValueError, match="chunk_size must be a positive"):
         ref = reference_for(model)
         per_example_dots(model, loss_fn, x, y, reference=ref, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("kind", ["time_major", "shared_weight", "table_lookup"])
+def test_probed_step_example_cosine_matches_the_loop(kind: str) -> None:
+    from gradlens import Objective, probed_step
+    from gradlens.gradops import cosine
+
+    model, x, y = make(kind)
+    trait = Objective(loss_fn, x.flip(0), (y.flip(0),))
+    g_t = mean_grad(model, loss_fn, x.flip(0), y.flip(0))
+    each = loop_grads(model, x, y)
+    want = [cosine({n: g[i] for n, g in each.items()}, g_t) for i in range(x.shape[0])]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    result = probed_step(model, opt, Objective(loss_fn, x, (y,)), trait, measure_change=False)
+    torch.testing.assert_close(result.example_cosine, torch.stack(want), rtol=1e-9, atol=1e-12)
