@@ -127,7 +127,10 @@ def _run(config: Config) -> Path:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     device_text = f"{name} ({torch.get_num_threads()} threads)" if name == "CPU" else name
     command = "python " + shlex.join(sys.argv) if sys.argv[0].endswith(".py") else "main(config)"
-    attrs = make_attrs(config, provenance=provenance) | {"device": device_text, "wall_time_s": f"{wall:.1f}"}
+    attrs = make_attrs(config, provenance=provenance) | {
+        "device": device_text,
+        "wall_time_s": f"{wall:.1f}",
+    }
     ds = combine_runs(parts, attrs)
     ds["teacher_accuracy"] = (
         "seed",

@@ -11,7 +11,7 @@ from gradlens.errors import (
     NonFiniteGradientError,
     UnsupportedModelError,
 )
-from gradlens.ghost import Probe, per_example_dots, probe_batch
+from gradlens.ghost import PlanEntry, Probe, ghost_plan, per_example_dots, probe_batch
 from gradlens.layerstats import LayerStats, layer_stats
 from gradlens.numerics import flush_denormal
 from gradlens.per_example import mean_grad, per_example_grads, per_example_losses
@@ -42,6 +42,7 @@ __all__ = [
     "LayerStats",
     "NonFiniteGradientError",
     "Objective",
+    "PlanEntry",
     "Probe",
     "Recorder",
     "RunProvenance",
@@ -54,6 +55,7 @@ __all__ = [
     "config_from_attrs",
     "example_alignment",
     "flush_denormal",
+    "ghost_plan",
     "identity",
     "layer_stats",
     "make_attrs",

@@ -54,16 +54,15 @@ class Capture:
     calls: int = 0
     activations: Tensor | None = None
     outputs: Tensor | None = None
-    shapes_ok: bool = True
     names: list[str] = field(default_factory=list)
 
 
 @contextmanager
-def capture_linear(
-    model: nn.Module, wanted: Collection[str], batch: int
-) -> Iterator[dict[str, Capture]]:
+def capture_linear(model: nn.Module, wanted: Collection[str]) -> Iterator[dict[str, Capture]]:
     """Record inputs and outputs of the linear layers owning ``wanted`` params.
 
+    Which axis holds the examples, and whether the layer may be treated per
+    example at all, is not decided here but by :mod:`gradlens._ghost_plan`.
     Hooks live only inside the ``with`` block and are removed even on error.
     """
     captures: dict[str, Capture] = {}
@@ -72,15 +71,13 @@ def capture_linear(
     def make_hook(capture: Capture) -> Callable[..., None]:
         def hook(_module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
             capture.calls += 1
-            x = args[0]
-            capture.shapes_ok &= x.ndim in (2, 3) and x.shape[0] == batch
-            capture.activations = x.detach()
+            capture.activations = args[0].detach()
             capture.outputs = output
 
         return hook
 
     for module_name, module in model.named_modules():
-        if type(module) is not nn.Linear:
+        if not is_plain_linear(module):
             continue
         prefix = f"{module_name}." if module_name else ""
         names = [prefix + p for p, _ in module.named_parameters(recurse=False)]
@@ -95,9 +92,24 @@ def capture_linear(
             handle.remove()
 
 
-def as_tokens(x: Tensor) -> Tensor:
-    """View ``(example, d)`` as ``(example, 1, d)``; keep ``(example, token, d)``."""
-    return x.unsqueeze(1) if x.ndim == 2 else x
+def is_plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear``, or a subclass that keeps its ``forward`` (``out_proj`` of attention)."""
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
+def as_tokens(x: Tensor, example_axis: int) -> Tensor:
+    """Bring a linear input or output to ``(example, token, d)``.
+
+    Args:
+        x: Shape ``(..., d)`` with the examples along ``example_axis`` (not the last).
+        example_axis: The axis established by the plan.
+
+    Returns:
+        Shape ``(example, token, d)``, ``token`` the product of the other
+        axes (1 for ``(example, d)``); a view when ``example_axis`` is 0.
+    """
+    x = x.movedim(example_axis, 0)
+    return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
 def linear_dots(

@@ -10,9 +10,11 @@ gradient is ``G_i = sum_t b_it a_it^T``. So, for a reference ``R``,
 (Goodfellow 2015; Li et al. 2021, "ghost clipping"; shapes, the bias and the
 cost of each form in :mod:`gradlens._ghost_linear`). Both come from the
 activations and output gradients of one ordinary forward and backward pass, so
-the ``example x parameter`` matrix is never built. Parameters of other layers,
-and linear layers that are called more than once or see inputs of another
-shape, fall back to ``vmap`` per-example gradients, reduced chunk by chunk.
+the ``example x parameter`` matrix is never built. Which parameters may go this
+way is established, not inferred from sizes, by :func:`ghost_plan` (the example
+axis of each linear input, every use of each parameter, and a check that the
+forward does not mix examples; see :mod:`gradlens._ghost_plan`). The others
+fall back to ``vmap`` per-example gradients, reduced chunk by chunk.
 
 Example:
     >>> import torch
@@ -37,19 +39,21 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from gradlens._ghost_linear import as_tokens, capture_linear, linear_dots
+from gradlens._ghost_linear import Capture, as_tokens, capture_linear, linear_dots
+from gradlens._ghost_plan import PlanEntry, ghost_plan, plan_for
 from gradlens.errors import UnsupportedModelError
 from gradlens.gradops import check_compatible
 from gradlens.per_example import (
     LossFn,
     Randomness,
+    check_chunk_size,
     check_vmap_compatible,
     per_example_grads,
     per_example_losses,
     split_params,
 )
 
-__all__ = ["Method", "Probe", "per_example_dots", "probe_batch"]
+__all__ = ["Method", "PlanEntry", "Probe", "ghost_plan", "per_example_dots", "probe_batch"]
 
 Method = Literal["auto", "ghost", "vmap"]
 
@@ -104,12 +108,18 @@ class Probe(NamedTuple):
             mean-reduced loss, the ordinary batch gradient); name -> param shape.
         dots: ``<g_i[p], reference[p]>``, name -> ``(example,)``.
         sq_norms: ``||g_i[p]||^2``, name -> ``(example,)``.
+        plan: The path each parameter took and why, name -> :class:`PlanEntry`
+            (as from :func:`ghost_plan`; empty for a batch without examples).
+
+    A batch without examples gives ``(0,)`` values and a zero ``grad`` (the
+    mean of no gradients, taken as no step rather than NaN).
     """
 
     losses: Tensor
     grad: dict[str, Tensor]
     dots: dict[str, Tensor]
     sq_norms: dict[str, Tensor]
+    plan: dict[str, PlanEntry]
 
 
 def _probe(
@@ -128,10 +138,24 @@ def _probe(
     """Shared body of :func:`per_example_dots` and :func:`probe_batch`."""
     if method not in ("auto", "ghost", "vmap"):
         raise ValueError(f"method must be 'auto', 'ghost' or 'vmap', not {method!r}.")
+    check_chunk_size(chunk_size)
     check_vmap_compatible(model, randomness)
     selected, frozen = split_params(model, params)
     check_compatible(selected, reference, what="model parameters and reference")
     names = list(selected)
+    if inputs.shape[0] == 0:
+        return _empty_probe(selected, with_grad=with_grad)
+    plan = plan_for(model, inputs, selected, frozen, randomness)  # also the mixing check
+    if method == "vmap":
+        plan = {n: PlanEntry("vmap", "method='vmap'") for n in names}
+    refused = [f"{n!r} ({e.reason})" for n, e in plan.items() if e.path != "ghost"]
+    if method == "ghost" and refused:
+        raise UnsupportedModelError(
+            f"parameters without an exact ghost form: {'; '.join(refused)}. The ghost path "
+            "takes only nn.Linear parameters read once by the forward, on inputs with an "
+            "established example axis; use method='auto' to send the others to vmap "
+            "(ghost_plan shows the plan)."
+        )
     if method == "vmap":
         losses = torch.empty(0)
         if with_grad:
@@ -143,14 +167,16 @@ def _probe(
         dots, sq_norms, grad_sum = {}, {}, {}
     else:
         losses, grad_sum, dots, sq_norms = _ghost_pass(
-            model, loss_fn, reference, inputs, targets, selected, frozen, with_grad=with_grad
+            model, loss_fn, reference, inputs, targets, selected, frozen, plan, with_grad=with_grad
         )
     rest = [n for n in names if n not in dots]
+    for name in rest:
+        if plan[name].path == "ghost":  # the forward did not do what its trace did
+            plan[name] = PlanEntry("vmap", "the forward differed from its traced plan")
     if method == "ghost" and rest:
         raise UnsupportedModelError(
-            f"parameters {rest} have no factored (ghost) form: only nn.Linear layers called "
-            "once per forward on inputs (example, d) or (example, token, d) have one. Use "
-            "method='auto' to fall back to vmap for them."
+            f"parameters {rest} were planned for the ghost path but the forward differed from "
+            "its trace (a forward that depends on the data?); use method='auto'."
         )
     if rest:
         more = _vmap_dots(model, loss_fn, reference, inputs, targets, rest, chunk_size, randomness)
@@ -164,6 +190,19 @@ def _probe(
         grad={n: grad_sum[n] / count for n in names} if with_grad else {},
         dots={n: dots[n] for n in names},
         sq_norms={n: sq_norms[n] for n in names},
+        plan=plan,
+    )
+
+
+def _empty_probe(selected: dict[str, Tensor], *, with_grad: bool) -> Probe:
+    """The probe of a batch without examples: empty values, a zero mean gradient."""
+    empty = {n: p.new_zeros(0) for n, p in selected.items()}
+    return Probe(
+        losses=next(iter(selected.values())).new_zeros(0),
+        grad={n: torch.zeros_like(p) for n, p in selected.items()} if with_grad else {},
+        dots=empty,
+        sq_norms=dict(empty),
+        plan={},
     )
 
 
@@ -193,20 +232,24 @@ def per_example_dots(
             (keyword-only, as everywhere in gradlens).
         params: Parameter names; default all that require grad.
         method: ``"ghost"`` uses the factored form for every parameter and
-            raises if one has none; ``"vmap"`` materialises per-example
-            gradients; ``"auto"`` uses the factored form where it exists and
-            ``vmap`` elsewhere.
+            raises, naming each parameter and why, if one has none;
+            ``"vmap"`` materialises per-example gradients; ``"auto"`` follows
+            :func:`ghost_plan`: the factored form where it is established
+            exact, ``vmap`` elsewhere.
         chunk_size: Examples per chunk on the ``vmap`` path.
         randomness: ``vmap`` randomness choice (dropout) on the ``vmap`` path.
             The ghost path draws a mask per example, like ``"different"``.
 
     Returns:
-        ``(dots, sq_norms)``: for every selected name, shape ``(example,)``.
+        ``(dots, sq_norms)``: for every selected name, shape ``(example,)``
+        (``(0,)`` for a batch without examples).
 
     Raises:
         GradientMismatchError: If ``reference`` does not match the selected parameters.
-        UnsupportedModelError: If the model cannot be probed per example, or
-            ``method="ghost"`` meets a parameter without a factored form.
+        UnsupportedModelError: If the model cannot be probed per example (its
+            forward mixes examples, for one), or ``method="ghost"`` meets a
+            parameter without an exact factored form.
+        ValueError: If ``chunk_size`` is zero or negative.
     """
     found = _probe(
         model,
@@ -266,29 +309,40 @@ def _ghost_pass(
     targets: tuple[Tensor, ...],
     selected: dict[str, Tensor],
     frozen: dict[str, Tensor],
+    plan: Mapping[str, PlanEntry],
     *,
     with_grad: bool,
 ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
-    """One forward and one backward; ghost values for the eligible linear layers.
+    """One forward and one backward; ghost values for the parameters planned so.
+
+    The example axis of each captured input and output comes from ``plan``;
+    a layer whose capture does not match it (called again, another shape)
+    gets no ghost value, so the caller sends it to ``vmap``.
 
     Returns:
         ``(losses, grad_sum, dots, sq_norms)``: per-example losses ``(example,)``;
         with ``with_grad`` the sum over examples of the per-example gradients of
         every selected parameter (else empty); dots and squared norms of the
-        eligible layers' parameters.
+        ghost parameters.
     """
     batch = inputs.shape[0]
     params = {n: p.requires_grad_() for n, p in selected.items()}
     buffers = dict(model.named_buffers())
-    with torch.enable_grad(), capture_linear(model, params, batch) as captures:
+    ghost = [n for n, e in plan.items() if e.path == "ghost"]
+    with torch.enable_grad(), capture_linear(model, ghost) as captures:
         outputs = functional_call(model, (params, frozen, buffers), (inputs,))
         losses = per_example_losses(loss_fn, outputs, *targets)
-    eligible = {
-        name: c
-        for name, c in captures.items()
-        if c.calls == 1 and c.shapes_ok and c.outputs is not None and c.outputs.requires_grad
-    }
-    wrt = [c.outputs for c in eligible.values()] + (list(params.values()) if with_grad else [])
+    eligible: dict[str, tuple[Capture, int]] = {}
+    for module_name, c in captures.items():
+        axis = plan[c.names[0]].example_axis
+        assert axis is not None
+        x = c.activations
+        out = c.outputs
+        if c.calls == 1 and x is not None and x.ndim > axis and x.shape[axis] == batch:
+            if out is None or not out.requires_grad:
+                continue
+            eligible[module_name] = (c, axis)
+    wrt = [c.outputs for c, _ in eligible.values()] + (list(params.values()) if with_grad else [])
     if not wrt:
         return losses.detach(), {}, {}, {}
     with torch.enable_grad():
@@ -304,11 +358,12 @@ def _ghost_pass(
     )
     dots: dict[str, Tensor] = {}
     sq_norms: dict[str, Tensor] = {}
-    for capture, b in zip(eligible.values(), output_grads, strict=True):
+    for (capture, axis), b in zip(eligible.values(), output_grads, strict=True):
         assert capture.activations is not None and capture.outputs is not None
         if b is None:
             b = torch.zeros_like(capture.outputs)
-        more = linear_dots(as_tokens(capture.activations), as_tokens(b), capture.names, reference)
+        a = as_tokens(capture.activations, axis)
+        more = linear_dots(a, as_tokens(b, axis), capture.names, reference)
         dots.update(more[0])
         sq_norms.update(more[1])
     return losses.detach(), grad_sum, dots, sq_norms

@@ -29,6 +29,7 @@ from gradlens.errors import UnsupportedModelError
 __all__ = [
     "LossFn",
     "Randomness",
+    "check_chunk_size",
     "check_vmap_compatible",
     "loss_and_grad",
     "mean_grad",
@@ -80,6 +81,19 @@ def split_params(
     selected = {name: named[name].detach() for name in chosen}
     frozen = {name: p.detach() for name, p in named.items() if name not in selected}
     return selected, frozen
+
+
+def check_chunk_size(chunk_size: int | None) -> None:
+    """Raise if ``chunk_size`` is neither ``None`` nor a positive number of examples.
+
+    Raises:
+        ValueError: For zero or a negative ``chunk_size``.
+    """
+    if chunk_size is not None and chunk_size <= 0:
+        raise ValueError(
+            f"chunk_size must be a positive number of examples, or None for all at once; "
+            f"got {chunk_size}."
+        )
 
 
 def check_vmap_compatible(model: nn.Module, randomness: Randomness = "error") -> None:
@@ -196,13 +210,18 @@ def per_example_grads(
         randomness: ``torch.func.vmap``'s choice for random ops such as dropout.
 
     Returns:
-        For every selected name, shape ``(example, *param.shape)``.
+        For every selected name, shape ``(example, *param.shape)`` (``(0,
+        *param.shape)`` for a batch without examples).
 
     Raises:
         UnsupportedModelError: If the model cannot be batched per example.
+        ValueError: If ``chunk_size`` is zero or negative.
     """
+    check_chunk_size(chunk_size)
     check_vmap_compatible(model, randomness)
     selected, frozen = split_params(model, params)
+    if inputs.shape[0] == 0:
+        return {name: p.new_zeros((0, *p.shape)) for name, p in selected.items()}
     buffers = dict(model.named_buffers())
     loss = _one_example_loss(model, loss_fn, frozen, buffers)
     in_dims = (None, 0, *([0] * len(targets)))

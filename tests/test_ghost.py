@@ -58,7 +58,8 @@ def test_long_sequences_use_materialised_norm_branch() -> None:
 
 def test_ghost_only_raises_for_layers_without_factored_form() -> None:
     model, x, y = make_case("cnn")
-    with pytest.raises(UnsupportedModelError, match=r"\['0.weight', '0.bias'\] have no factored"):
+    why = r"exact ghost form: '0.weight' \(not the weight or bias of an nn.Linear\); '0.bias'"
+    with pytest.raises(UnsupportedModelError, match=why):
         per_example_dots(model, loss_fn, x, y, reference=reference_for(model), method="ghost")
 
 
