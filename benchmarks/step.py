@@ -11,9 +11,7 @@ labelled probe batch of 1024 images; Adam with learning rate 3e-4.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import pairwise
 from typing import Any
 
 import torch
@@ -21,26 +19,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradlens.losses import kl_divergence
+from gradlens.mnist.models import init_mlp
 from gradlens.training import Objective, StepResult, probed_step
 from gradlens.transforms.base import GradientTransform
 
-__all__ = ["SIZES", "StepWorkload", "distill", "make_step_workload", "mlp", "probed", "trait"]
+__all__ = ["SIZES", "StepWorkload", "distill", "make_step_workload", "probed", "trait"]
 
 SIZES = (784, 256, 256, 13)
 PROBE_SIZE = 1024
-
-
-def mlp(sizes: Sequence[int], *, seed: int) -> nn.Sequential:
-    """A ReLU MLP with weights from N(0, 1/d_in) and zero biases, the experiment's init."""
-    gen = torch.Generator().manual_seed(seed)
-    layers: list[nn.Module] = []
-    for d_in, d_out in pairwise(sizes):
-        linear = nn.Linear(d_in, d_out)
-        with torch.no_grad():
-            linear.weight.copy_(torch.randn(d_out, d_in, generator=gen) / d_in**0.5)
-            linear.bias.zero_()
-        layers += [linear, nn.ReLU()]
-    return nn.Sequential(*layers[:-1])
 
 
 def distill(outputs: Tensor, target_logits: Tensor) -> Tensor:
@@ -73,11 +59,11 @@ class StepWorkload:
 def make_step_workload(batch: int, device: torch.device, seed: int = 0) -> StepWorkload:
     """The student's state before its first step, with ``batch`` noise images."""
     gen = torch.Generator().manual_seed(seed + 1)
-    teacher = mlp(SIZES, seed=seed).requires_grad_(False)
+    teacher = init_mlp(SIZES, seed=seed).requires_grad_(False)
     with torch.no_grad():
         for p in teacher.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    student = mlp(SIZES, seed=seed).to(device)
+    student = init_mlp(SIZES, seed=seed).to(device)
     return StepWorkload(
         student=student,
         teacher=teacher.to(device),
