@@ -18,8 +18,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from benchmarks.step import SIZES, StepWorkload, make_step_workload, mlp
+from benchmarks.step import SIZES, StepWorkload, make_step_workload
 from gradlens import mean_grad
+from gradlens.mnist.models import init_mlp
 
 __all__ = ["MODELS", "Family", "ModelSpec", "ProbeWorkload", "Workload", "make_workload"]
 
@@ -90,7 +91,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec(
             "mnist_step",
             "student step: MLP 784-256-256-13, KL on logits 10..12, Adam, 1024 probe images",
-            lambda: mlp(SIZES, seed=0),
+            lambda: init_mlp(SIZES, seed=0),
             (784,),
             family="step",
         ),
