@@ -9,6 +9,7 @@ from gradlens.errors import (
     GradientMismatchError,
     GradlensError,
     NonFiniteGradientError,
+    RecordWriteError,
     UnsupportedModelError,
 )
 from gradlens.ghost import PlanEntry, Probe, ghost_plan, per_example_dots, probe_batch
@@ -44,6 +45,7 @@ __all__ = [
     "Objective",
     "PlanEntry",
     "Probe",
+    "RecordWriteError",
     "Recorder",
     "RunProvenance",
     "StepResult",

@@ -7,6 +7,7 @@ __all__ = [
     "GradientMismatchError",
     "GradlensError",
     "NonFiniteGradientError",
+    "RecordWriteError",
     "UnsupportedModelError",
 ]
 
@@ -39,3 +40,24 @@ class NonFiniteGradientError(GradlensError, FloatingPointError):
 
 class DataNotFoundError(GradlensError, FileNotFoundError):
     """A dataset that is in none of the places gradlens looked."""
+
+
+class RecordWriteError(GradlensError, OSError):
+    """A :class:`~gradlens.recording.Recorder` that could not write its file (a full disk, say).
+
+    The recorder is closed; the file at its path still holds every row up to
+    its last successful flush.
+
+    Attributes:
+        errno: The cause's error number (``errno.ENOSPC`` for a full disk), or ``None``.
+        filename: The file that could not be written.
+    """
+
+    def __init__(self, message: str, *, errno: int | None, filename: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.errno = errno
+        self.filename = filename
+
+    def __str__(self) -> str:
+        return self.message

@@ -8,10 +8,15 @@ at the logged step, whenever one of its variables is logged, and has an int64
 coordinate of the same name holding those steps. Float variables of a record
 dim that gets a row but no value read as NaN.
 
-With a path, rows are buffered and appended to a netCDF4 file every
-``flush_every`` rows and on :meth:`Recorder.close`; the file is closed between
-flushes, so a killed process leaves a readable file holding every row up to
-its last flush. Without a path, everything stays in memory. Either way
+With a path, rows are buffered and appended every ``flush_every`` rows and
+on :meth:`Recorder.close` to a private working file beside it
+(``<path>.writing``), which is closed between flushes; after each flush a
+copy of it is renamed onto ``path`` (:mod:`gradlens._atomic`). So ``path``
+always holds a whole file as of some flush: readers in other processes
+(:func:`open_run`, plain ``xarray.open_dataset``) never touch the file being
+written and cannot disturb the writer, and a killed process leaves a
+readable file holding every row up to its last flush. Without a path,
+everything stays in memory. Either way
 :meth:`Recorder.dataset` returns the ``xarray.Dataset`` of everything logged,
 and :func:`open_run` reads a file back. (Validation and layout live in the
 private :mod:`gradlens._record_schema`, :mod:`gradlens._netcdf_writer` and
@@ -38,8 +43,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -49,6 +56,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from gradlens._atomic import atomic_copy, atomic_rename
 from gradlens._dataset_builder import build_dataset
 from gradlens._netcdf_writer import append_netcdf
 from gradlens._record_schema import (
@@ -59,6 +67,7 @@ from gradlens._record_schema import (
     record_dims_hit,
     to_numpy,
 )
+from gradlens.errors import RecordWriteError
 from gradlens.provenance import RunProvenance, make_attrs
 
 __all__ = ["Recorder", "Variable", "open_run"]
@@ -74,6 +83,12 @@ def open_run(path: str | os.PathLike[str]) -> xr.Dataset:
         The dataset, with the same dims, coords and attrs as the in-memory one.
     """
     return xr.load_dataset(path, engine="netcdf4", decode_times=False, decode_timedelta=False)
+
+
+def working_path(path: str | os.PathLike[str]) -> Path:
+    """The private file a :class:`Recorder` appends to while it writes ``path``."""
+    path = Path(path)
+    return path.with_name(path.name + ".writing")
 
 
 class Recorder:
@@ -92,11 +107,14 @@ class Recorder:
             so the git commit and ``git_dirty`` in the file are those of the
             code at construction, not at a later flush.
         flush_every: With a path, append the buffered rows to the file whenever
-            a record dim has this many.
+            a record dim has this many. Each flush also copies the whole file
+            onto ``path`` (a few ms for a few MB); for files of hundreds of MB
+            raise it.
         overwrite: Replace an existing file at ``path``; without it that is an error.
 
     Raises:
         FileExistsError: If ``path`` exists and ``overwrite`` is not set.
+        FileNotFoundError: If the folder of ``path`` does not exist.
     """
 
     def __init__(
@@ -125,13 +143,8 @@ class Recorder:
         self._attrs = {**make_attrs(config, provenance=provenance), **(attrs or {})}
         self._flush_every = flush_every
         self._path = None if path is None else Path(path)
-        if self._path is not None and self._path.exists():
-            if not overwrite:
-                raise FileExistsError(
-                    f"{self._path} already exists; pass overwrite=True to replace it, or "
-                    "choose another path."
-                )
-            self._path.unlink()
+        if self._path is not None:
+            _check_destination(self._path, overwrite)
         self._created = False
         self._closed = False
         self._last_step: dict[str, int] = {}
@@ -182,19 +195,74 @@ class Recorder:
             self.flush()
 
     def flush(self) -> None:
-        """Append the buffered rows to the file (creating it the first time); no-op in memory."""
-        if self._path is None or (self._created and not any(self._steps.values())):
-            return
-        attrs = None if self._created else self._attrs
-        append_netcdf(self._path, self._schema, self._sizes, self._steps, self._rows, attrs)
-        self._created = True
-        self._steps, self._rows = no_rows(self._schema)
+        """Write the buffered rows to the file (creating it the first time); no-op in memory.
+
+        Raises:
+            RecordWriteError: If the rows could not be written (a full disk,
+                say). The recorder is then closed and ``path`` still holds
+                every row up to the previous flush.
+        """
+        self._flush(final=False)
 
     def close(self) -> None:
-        """Flush and stop recording; calling it again does nothing."""
+        """Flush and stop recording; calling it again does nothing.
+
+        Raises:
+            RecordWriteError: As :meth:`flush`.
+        """
         if not self._closed:
-            self.flush()
-            self._closed = True
+            self._closed = True  # a failed final flush is not tried again
+            self._flush(final=True)
+
+    def _flush(self, *, final: bool) -> None:
+        """Append to the working file, then publish it onto the path (rename it if ``final``)."""
+        path = self._path
+        if path is None or (self._created and not any(self._steps.values()) and not final):
+            return
+        writing = working_path(path)
+        pending = ", ".join(f"{dim} {s[0]}..{s[-1]}" for dim, s in self._steps.items() if s)
+        pending = f"the rows of {pending}" if pending else "the file's header"
+        if any(self._steps.values()) or not self._created:
+            attrs = None if self._created else self._attrs
+            try:
+                append_netcdf(writing, self._schema, self._sizes, self._steps, self._rows, attrs)
+            except (OSError, RuntimeError) as exc:
+                self._fail(pending, writing, exc)
+            self._created = True
+            self._steps, self._rows = no_rows(self._schema)
+        try:
+            if final:
+                atomic_rename(writing, path)
+            else:
+                atomic_copy(writing, path)
+        except OSError as exc:
+            self._fail(pending, path, exc)
+
+    def _fail(self, rows: str, where: Path, exc: BaseException) -> None:
+        """Close the recorder, drop the working file and raise a :class:`RecordWriteError`."""
+        self._closed = True
+        self._steps, self._rows = no_rows(self._schema)
+        path = self._path
+        assert path is not None
+        with contextlib.suppress(OSError):
+            working_path(path).unlink()
+        kept = (
+            f"{path} still holds every row up to the previous flush"
+            if path.exists()
+            else f"{path} was not created"
+        )
+        try:
+            free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free there"
+        except OSError:
+            free = "its free space unknown"
+        errno = getattr(exc, "errno", None)
+        raise RecordWriteError(
+            f"could not write {rows} to {where} ({type(exc).__name__}: {exc}; {free}). "
+            f"{kept}; this Recorder is closed and those rows are lost. Free disk space or fix "
+            "the cause, then record to a new path or with overwrite=True.",
+            errno=errno if isinstance(errno, int) and errno > 0 else None,
+            filename=str(where),
+        ) from exc
 
     def __enter__(self) -> Recorder:
         return self
@@ -213,3 +281,20 @@ class Recorder:
             self.flush()
             return open_run(self._path)
         return build_dataset(self._schema, self._sizes, self._steps, self._rows, self._attrs)
+
+
+def _check_destination(path: Path, overwrite: bool) -> None:
+    """Refuse an existing ``path`` without ``overwrite`` or a missing folder; clear old files."""
+    if not path.parent.is_dir():
+        raise FileNotFoundError(
+            f"the folder {path.parent} of {path.name} does not exist; create it first "
+            "(Path.mkdir(parents=True)) or choose another path."
+        )
+    if path.exists():
+        if not overwrite:
+            raise FileExistsError(
+                f"{path} already exists; pass overwrite=True to replace it, or choose another path."
+            )
+        path.unlink()
+    # A working file left by a killed recorder of this path is private scratch.
+    working_path(path).unlink(missing_ok=True)
