@@ -27,15 +27,20 @@ from gradlens.mnist import (
     CONDITIONS,
     StudentSetup,
     accuracy,
+    check_settings,
     combine_runs,
     get_conditions,
     init_mlp,
     load_mnist,
+    part_path,
     probe_subset,
+    reusable_parts,
     run_condition,
     save_figures,
     summary_markdown,
     train_classifier,
+    write_combined,
+    write_summary,
 )
 from gradlens.numerics import flush_denormal
 from gradlens.provenance import make_attrs, run_provenance
@@ -57,6 +62,7 @@ class Config:
     data_dir: str | None = None
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     progress: bool = True
+    overwrite: bool = False
 
 
 def quick(config: Config) -> Config:
@@ -84,18 +90,29 @@ def main(config: Config) -> Path:
 def _run(config: Config) -> Path:
     start = time.perf_counter()
     provenance = run_provenance()  # the code that runs, not the code at the end of the run
+    # Everything that can fail without data or training fails here, before them.
     conditions = get_conditions(config.conditions)
-    config.out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(config.device)
-    train = load_mnist(config.data_dir, train=True)
-    test = load_mnist(config.data_dir, train=False)
-    train = type(train)(*(t.to(device) for t in train))
-    test = type(test)(*(t.to(device) for t in test))
+    device = check_settings(seeds=config.seeds, device=config.device, out=config.out)
     seeds = list(range(config.seeds))
-    parts, teacher_acc, reference_acc = {}, [], []
+    parts = reusable_parts(
+        config.out, config, seeds, [c.name for c in conditions], overwrite=config.overwrite
+    )
+    if parts:
+        print(
+            f"resuming in {config.out}: {len(parts)} of {len(seeds) * len(conditions)} parts "
+            "are complete and reused (--overwrite runs them again)"
+        )
+    todo = {s: [c for c in conditions if (s, c.name) not in parts] for s in seeds}
+    if any(todo.values()):
+        train = load_mnist(config.data_dir, train=True)
+        test = load_mnist(config.data_dir, train=False)
+        train = type(train)(*(t.to(device) for t in train))
+        test = type(test)(*(t.to(device) for t in test))
     for seed in tqdm(seeds, desc="seeds", disable=not config.progress):
+        if not todo[seed]:
+            continue
         reference = init_mlp(config.sizes, seed=seed).to(device)
-        reference_acc.append(accuracy(reference, test))
+        reference_acc = accuracy(reference, test)
         teacher = train_classifier(
             copy.deepcopy(reference),
             train,
@@ -105,10 +122,10 @@ def _run(config: Config) -> Path:
             seed=seed,
             progress=config.progress,
         ).requires_grad_(False)
-        teacher_acc.append(accuracy(teacher, test))
+        teacher_acc = accuracy(teacher, test)
         probe = probe_subset(train, config.probe_size, seed)
-        for condition in conditions:
-            path = config.out / "parts" / f"seed{seed}_{condition.name}.nc"
+        for condition in todo[seed]:
+            path = part_path(config.out, seed, condition.name)
             path.parent.mkdir(parents=True, exist_ok=True)
             parts[seed, condition.name] = run_condition(
                 condition,
@@ -121,6 +138,7 @@ def _run(config: Config) -> Path:
                 setup=config.student,
                 path=path,
                 config=config,
+                attrs={"teacher_accuracy": teacher_acc, "reference_accuracy": reference_acc},
                 progress=config.progress,
             )
     wall = time.perf_counter() - start
@@ -131,22 +149,12 @@ def _run(config: Config) -> Path:
         "device": device_text,
         "wall_time_s": f"{wall:.1f}",
     }
-    ds = combine_runs(parts, attrs)
-    ds["teacher_accuracy"] = (
-        "seed",
-        teacher_acc,
-        {"long_name": "teacher test accuracy", "units": "1"},
-    )
-    ds["reference_accuracy"] = (
-        "seed",
-        reference_acc,
-        {"long_name": "untrained reference test accuracy", "units": "1"},
-    )
-    result = config.out / "mnist_aux.nc"
-    ds.to_netcdf(result, engine="netcdf4")
+    order = [(s, c.name) for s in seeds for c in conditions]
+    ds = combine_runs({key: parts[key] for key in order}, attrs)
+    result = write_combined(ds, config.out)
     save_figures(ds, config.out / "figures")
     summary = summary_markdown(ds, wall_time_s=wall, device=device_text, command=command)
-    (config.out / "summary.md").write_text(summary)
+    write_summary(summary, config.out)
     print(summary)
     return result
 
@@ -171,6 +179,12 @@ def parse(argv: list[str] | None = None) -> Config:
     parser.add_argument("--data-dir", help="folder holding MNIST/raw (else $GRADLENS_DATA_DIR)")
     parser.add_argument("--device", help="torch device (default cuda when available)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="run every part again and replace the results in --out (default: resume, reusing "
+        "complete parts of the same configuration, and refuse results of another one)",
+    )
     args = parser.parse_args(argv)
     config = quick(Config()) if args.quick else Config()
     if args.quick and args.out is None:
@@ -187,7 +201,7 @@ def parse(argv: list[str] | None = None) -> Config:
     student = {k: v for k, v in student.items() if v is not None}
     if student:
         config = dataclasses.replace(config, student=dataclasses.replace(config.student, **student))
-    return dataclasses.replace(config, progress=not args.no_progress)
+    return dataclasses.replace(config, progress=not args.no_progress, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

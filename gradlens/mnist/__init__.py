@@ -29,6 +29,13 @@ from gradlens.mnist.losses import class_cross_entropy, class_kl, logit_kl
 from gradlens.mnist.models import init_mlp
 from gradlens.mnist.noise import noise_batch
 from gradlens.mnist.report import summary_markdown
+from gradlens.mnist.resume import (
+    check_settings,
+    part_path,
+    reusable_parts,
+    write_combined,
+    write_summary,
+)
 from gradlens.mnist.student import StudentSetup, run_student, student_variables
 from gradlens.mnist.teacher import accuracy, train_classifier
 
@@ -40,6 +47,7 @@ __all__ = [
     "Digits",
     "StudentSetup",
     "accuracy",
+    "check_settings",
     "class_cross_entropy",
     "class_kl",
     "combine_runs",
@@ -50,12 +58,16 @@ __all__ = [
     "load_mnist",
     "logit_kl",
     "noise_batch",
+    "part_path",
     "plot_final_vs_alignment",
     "probe_subset",
+    "reusable_parts",
     "run_condition",
     "run_student",
     "save_figures",
     "student_variables",
     "summary_markdown",
     "train_classifier",
+    "write_combined",
+    "write_summary",
 ]

@@ -27,6 +27,10 @@ from gradlens.training import step_coords, transform_layout
 __all__ = ["combine_runs", "cross_seed", "probe_subset", "run_condition"]
 
 UNRELATED_SEED_OFFSET = 1_000_003
+SEED_ACCURACIES = {
+    "teacher_accuracy": "teacher test accuracy",
+    "reference_accuracy": "untrained reference test accuracy",
+}
 
 
 def cross_seed(seed: int, seeds: Sequence[int]) -> int:
@@ -71,12 +75,31 @@ def run_condition(
     setup: StudentSetup,
     path: Path,
     config: object,
+    attrs: Mapping[str, str | int | float] | None = None,
     progress: bool = True,
 ) -> Path:
     """Distil one student under ``condition`` and record it to ``path``.
 
     The run is written to ``path + ".part"`` and renamed to ``path`` only when
-    it completes, so an interrupted run never looks finished.
+    it completes, so an interrupted run never looks finished, and an earlier
+    ``path`` stays until the new one is complete.
+
+    Args:
+        condition: The condition (transforms, liminal term, initialisation).
+        teacher: The trained teacher, frozen.
+        sizes: Layer widths of the student MLP.
+        seed: The run's seed; the student starts from its initialisation
+            (``"same"``) or from :func:`cross_seed`'s.
+        seeds: Every seed of the experiment (for :func:`cross_seed`).
+        probe: The labelled images of the trait gradient.
+        test: The test digits.
+        setup: How the student is distilled and probed.
+        path: The file to write.
+        config: The experiment's config, stored as JSON in the attrs.
+        attrs: More dataset attrs of the run, for example the teacher's
+            ``teacher_accuracy`` and ``reference_accuracy`` that
+            :func:`combine_runs` gathers along ``seed``.
+        progress: Show a progress bar.
 
     Returns:
         ``path``.
@@ -92,7 +115,7 @@ def run_condition(
         partial,
         variables,
         coords=step_coords(layer_names(student), layout),
-        attrs={"condition": condition.name, "seed": seed, "init_seed": init_seed},
+        attrs={**(attrs or {}), "condition": condition.name, "seed": seed, "init_seed": init_seed},
         config=config,
         overwrite=True,
     ) as recorder:
@@ -116,7 +139,9 @@ def combine_runs(parts: Mapping[tuple[int, str], Path], attrs: Mapping[str, str]
     """Merge per-(seed, condition) run files into one Dataset.
 
     Variables that only some conditions have (transform states, the liminal
-    weight) are NaN elsewhere.
+    weight) are NaN elsewhere. The parts' ``teacher_accuracy`` and
+    ``reference_accuracy`` attrs, when every part has them, become variables
+    along ``seed``.
 
     Args:
         parts: ``(seed, condition) -> path`` of completed runs.
@@ -126,9 +151,10 @@ def combine_runs(parts: Mapping[tuple[int, str], Path], attrs: Mapping[str, str]
         Dims ``step``, ``layer``, ``quantile``, ``example_step``, ``example``,
         ``condition``, ``seed``, in that order where present.
     """
+    opened = {key: open_run(path) for key, path in parts.items()}
     runs = [
-        open_run(path).expand_dims(condition=[condition], seed=[seed])
-        for (seed, condition), path in parts.items()
+        run.expand_dims(condition=[condition], seed=[seed])
+        for (seed, condition), run in opened.items()
     ]
     merged = xr.merge(runs, combine_attrs="drop_conflicts", join="outer", compat="no_conflicts")
     conditions = list(dict.fromkeys(c for _, c in parts))
@@ -139,6 +165,11 @@ def combine_runs(parts: Mapping[tuple[int, str], Path], attrs: Mapping[str, str]
         # Encodings come from the first part read; its fixed-width string labels
         # (e.g. 6 characters for "remove") would truncate longer ones on writing.
         variable.encoding = {}
+    for name, long_name in SEED_ACCURACIES.items():
+        by_seed = {seed: run.attrs.get(name) for (seed, _), run in opened.items()}
+        if None not in by_seed.values():
+            values = [float(by_seed[seed]) for seed in seeds]
+            merged[name] = ("seed", values, {"long_name": long_name, "units": "1"})
     order = [
         d for d in ("step", "layer", "quantile", "example_step", "example") if d in merged.dims
     ]

@@ -1,0 +1,199 @@
+"""Where an experiment's results go, and what of them a rerun may reuse.
+
+An output folder holds one file per (seed, condition),
+``parts/seed{s}_{condition}.nc``, renamed into place only when that run is
+complete, and the results built from them (:func:`write_combined`, :func:`write_summary`:
+atomically, so a crash leaves the previous version). Before anything is loaded or
+trained, :func:`check_settings` catches the settings that would fail later
+(a device that is not there, an output folder that cannot be written, no
+seeds), and :func:`reusable_parts` says which parts an earlier run with the
+same configuration already finished, or refuses a folder that holds results
+of another one, so that nothing is silently replaced.
+
+Example:
+    >>> part_path(Path("runs/mnist_aux"), 0, "aux").as_posix()
+    'runs/mnist_aux/parts/seed0_aux.nc'
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Collection, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import xarray as xr
+
+from gradlens._atomic import atomic_write, atomic_write_text
+from gradlens.mnist.experiment import cross_seed
+from gradlens.provenance import config_from_attrs, config_to_json
+
+__all__ = [
+    "SETTINGS_THAT_SELECT",
+    "check_settings",
+    "part_path",
+    "reusable_parts",
+    "write_combined",
+    "write_summary",
+]
+
+SETTINGS_THAT_SELECT: frozenset[str] = frozenset(
+    {"seeds", "conditions", "out", "data_dir", "progress", "overwrite"}
+)
+"""Config fields that choose which parts run, or where, but not what a part holds."""
+
+COMBINED = "mnist_aux.nc"
+SUMMARY = "summary.md"
+
+
+def part_path(out: Path, seed: int, condition: str) -> Path:
+    """The file of one (seed, condition) run in the output folder ``out``."""
+    return out / "parts" / f"seed{seed}_{condition}.nc"
+
+
+def write_combined(ds: xr.Dataset, out: Path) -> Path:
+    """Write the combined dataset to ``out/mnist_aux.nc`` atomically (a crash leaves the old)."""
+    return atomic_write(out / COMBINED, lambda tmp: ds.to_netcdf(tmp, engine="netcdf4"))
+
+
+def write_summary(text: str, out: Path) -> Path:
+    """Write the summary to ``out/summary.md`` atomically."""
+    return atomic_write_text(out / SUMMARY, text)
+
+
+def check_settings(*, seeds: int, device: str, out: Path) -> torch.device:
+    """Check what would otherwise fail after data loading or training; create ``out``.
+
+    Returns:
+        The torch device.
+
+    Raises:
+        ValueError: No seeds, or a device that does not exist here.
+        OSError: ``out`` cannot be created or written to.
+    """
+    if seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {seeds}.")
+    try:
+        torch_device = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {device!r} is not a torch device ({exc}); try cpu.") from exc
+    if not _available(torch_device):
+        raise ValueError(
+            f"--device {device!r} is not available on this machine "
+            f"({torch.cuda.device_count()} CUDA devices); pass --device cpu."
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise type(exc)(
+            exc.errno,
+            f"cannot write to the output folder {out} ({exc.strerror}); fix its permissions "
+            "or choose another with --out",
+        ) from exc
+    return torch_device
+
+
+def _available(device: torch.device) -> bool:
+    """Whether tensors can be put on ``device`` here."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+    if device.type == "mps":
+        return torch.backends.mps.is_available()
+    return device.type == "cpu"
+
+
+def reusable_parts(
+    out: Path,
+    config: object,
+    seeds: Sequence[int],
+    conditions: Collection[str],
+    *,
+    overwrite: bool = False,
+) -> dict[tuple[int, str], Path]:
+    """The complete parts in ``out`` that an earlier run with this configuration wrote.
+
+    A part is reused when its stored config equals ``config`` in every field
+    but :data:`SETTINGS_THAT_SELECT`, its student started from the
+    initialisation this run would use, and it stores the teacher and
+    reference accuracies. Unfinished parts (``*.nc.part``) are run again.
+
+    Args:
+        out: The output folder.
+        config: This run's config (a dataclass or Mapping).
+        seeds: The seeds of this run.
+        conditions: The condition names of this run.
+        overwrite: Reuse nothing and refuse nothing: every part is run again
+            and replaces the old one when it completes.
+
+    Returns:
+        ``(seed, condition) -> path`` of the parts to reuse.
+
+    Raises:
+        FileExistsError: If ``out`` holds results of another configuration
+            (or results that cannot be checked), naming them and ``--overwrite``.
+    """
+    if overwrite:
+        return {}
+    wanted = _results_config(config)
+    problems: list[str] = []
+    combined = out / COMBINED
+    if combined.exists():
+        problems += _mismatch(combined, wanted)
+    elif (out / SUMMARY).exists():
+        problems.append(f"{out / SUMMARY} has no {COMBINED} beside it to check")
+    reuse = {}
+    for seed in seeds:
+        for condition in conditions:
+            path = part_path(out, seed, condition)
+            if not path.exists():
+                continue
+            init_seed = seed if condition != "cross_init" else cross_seed(seed, seeds)
+            found = _mismatch(path, wanted, init_seed=init_seed)
+            problems += found
+            if not found:
+                reuse[seed, condition] = path
+    if problems:
+        listed = "\n  ".join(problems)
+        raise FileExistsError(
+            f"{out} holds results of another configuration:\n  {listed}\nPass --overwrite "
+            "(overwrite=True) to run again and replace them, or choose another --out."
+        )
+    return reuse
+
+
+def _results_config(config: object) -> dict[str, Any]:
+    """The config as stored in a file, less the fields that only select."""
+    stored = json.loads(config_to_json(config))
+    return {k: v for k, v in stored.items() if k not in SETTINGS_THAT_SELECT}
+
+
+def _mismatch(path: Path, wanted: dict[str, Any], init_seed: int | None = None) -> list[str]:
+    """Why the results file ``path`` cannot be reused (empty when it can)."""
+    try:
+        with xr.open_dataset(path, engine="netcdf4", decode_times=False) as ds:
+            attrs = dict(ds.attrs)
+    except (OSError, ValueError) as exc:
+        return [f"{path} cannot be read ({exc})"]
+    try:
+        stored = {
+            k: v for k, v in config_from_attrs(attrs).items() if k not in SETTINGS_THAT_SELECT
+        }
+    except (KeyError, ValueError):
+        return [f"{path} stores no config"]
+    if stored != wanted:
+        changed = sorted(k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k))
+        return [f"{path} was written with other {', '.join(changed)}"]
+    if init_seed is None:
+        return []
+    if int(attrs.get("init_seed", -1)) != init_seed:
+        return [
+            f"{path} started from seed {attrs.get('init_seed')}'s initialisation, this run's "
+            f"from seed {init_seed}'s (cross_init takes the next seed; --seeds changed)"
+        ]
+    if not {"teacher_accuracy", "reference_accuracy"} <= attrs.keys():
+        return [f"{path} was written before parts stored the teacher's accuracy"]
+    return []
