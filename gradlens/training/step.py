@@ -2,11 +2,11 @@
 
 :func:`probed_step` measures the trait gradient ``g_t`` and the training
 gradient ``g`` (for a student, the distillation gradient) at the current
-parameters, applies optional
-gradient transforms before the optimizer (to ``g_d``) and after it (to the
-optimizer's update), takes the step, and returns what it measured. Any extra
-loss term (for example liminal training's KL to the base model) is part of
-the :class:`Objective`, so interventions need no special cases.
+parameters, applies optional gradient transforms before the optimizer (to
+``g``) and after it (to the optimizer's update), takes the step, and returns
+what it measured. Any extra loss term (for example liminal training's KL to
+the base model) is part of the :class:`Objective`, so interventions need no
+special cases.
 
 Example:
     >>> import torch
