@@ -1,9 +1,9 @@
 """Liminal training as published: a temperature-scaled pull of the student towards its base model.
 
-Yanagisawa et al. (2025), "Liminal training: characterizing and mitigating
-subliminal learning in large language models", add to the training loss a KL
-term that keeps the student close to the base model it started from, with a
-weight that changes over training::
+Yanagisawa, Gho et al., "On Mitigation of Subliminal Learning in Large Language
+Models" (Findings of EMNLP 2026, as the code's ``CITATION.cff`` names it), add to
+the training loss a KL term that keeps the student close to the base model it
+started from, with a weight that changes over training::
 
     loss = task_loss + liminal_schedule("liminal", step=..., steps_per_epoch=...,
                                         total_steps=..., lambda_0=...)
