@@ -2,18 +2,24 @@
 
 Training ``M`` independent models at once keeps every parameter as one tensor
 of shape ``(model, *shape)``. :func:`per_model` turns any transform of one
-model's gradients into the same transform of each model's own gradients,
-with ``torch.func.vmap`` over the leading ``model`` axis: model ``m``'s
-output and state are exactly those of the plain transform applied to model
-``m`` alone (its gradients, its reference, its extras, its state). A
-``scope="global"`` transform takes one coefficient per model (over that
-model's parameters), a ``scope="layer"`` one per model and layer.
+model's gradients into the same transform of each model's own gradients:
+model ``m``'s output and state are exactly those of the plain transform
+applied to model ``m`` alone (its gradients, its reference, its extras, its
+state). A ``scope="global"`` transform takes one coefficient per model (over
+that model's parameters), a ``scope="layer"`` one per model and layer.
 
-Every transform of ``gradlens.transforms`` works here (the aligned, the
-per-example and the random-direction ones, and chains of them). Tensor
-extras (``example_dots``: name -> ``(model, example)``) and ``params`` are
-split along the model axis too; other extras go to every model as they are.
-The state gets a leading ``model`` axis on every field.
+``vectorize=True`` (default) runs ``torch.func.vmap`` over the leading
+``model`` axis: one batched computation, what a GPU wants. It serves the
+aligned and per-example transforms and chains of them, not
+:func:`~gradlens.transforms.remove_random` (a ``torch.Generator`` cannot be
+batched), which raises a clear error there. ``vectorize=False`` loops over the
+models in Python and stacks the results: it serves every transform, and on a
+CPU it is also the faster of the two (vmap turns each per-model inner product
+into a batched matrix product).
+
+Tensor extras (``example_dots``: name -> ``(model, example)``) and ``params``
+are split along the model axis too; other extras go to every model as they
+are. The state gets a leading ``model`` axis on every field.
 
 Random keys: ``init`` folds the model index into every state field named
 ``key`` (as in :func:`~gradlens.transforms.remove_random`), so each model
@@ -43,7 +49,7 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from gradlens.errors import GradientMismatchError
-from gradlens.transforms._random import fold_in
+from gradlens.transforms._random import mix_seed
 from gradlens.transforms.base import GradientTransform, State
 
 __all__ = ["per_model"]
@@ -69,12 +75,17 @@ def _num_models(what: str, values: Mapping[str, Tensor]) -> int:
     return distinct.pop()
 
 
+def model_key(key: int, model: int) -> int:
+    """The random key ``per_model`` gives model ``model`` of a transform seeded with ``key``."""
+    return mix_seed(key, model) >> 1  # < 2**62: an int64 that mix_seed can take again
+
+
 def _fold_model_index(state: State, models: int) -> State:
-    """Give each model its own random key: ``key[m] <- fold_in(key[m], m)``."""
+    """Give each model its own random key: ``key[m] <- model_key(key[m], m)``."""
     if isinstance(state, tuple) and hasattr(state, "_fields"):
         if "key" in state._fields:
-            index = torch.arange(models, device=state.key.device)
-            return state._replace(key=fold_in(state.key, index))
+            keys = [model_key(int(k), m) for m, k in enumerate(state.key.reshape(-1).tolist())]
+            return state._replace(key=torch.tensor(keys, dtype=state.key.dtype))
         return state
     if isinstance(state, dict):
         return {name: _fold_model_index(inner, models) for name, inner in state.items()}
@@ -83,11 +94,15 @@ def _fold_model_index(state: State, models: int) -> State:
     return state
 
 
-def per_model(transform: GradientTransform, *, chunk_size: int | None = None) -> GradientTransform:
+def per_model(
+    transform: GradientTransform, *, vectorize: bool = True, chunk_size: int | None = None
+) -> GradientTransform:
     """Return ``transform`` applied to each model of parameters stacked along a leading axis.
 
     Args:
         transform: Any transform of one model's gradient dict.
+        vectorize: ``torch.func.vmap`` over the models (one batched
+            computation; not for ``remove_random``), or a Python loop over them.
         chunk_size: ``torch.func.vmap``'s ``chunk_size``: models per vectorised
             chunk, to bound memory; ``None`` (default) does all at once.
 
@@ -105,8 +120,11 @@ def per_model(transform: GradientTransform, *, chunk_size: int | None = None) ->
 
     def init(params: Mapping[str, Tensor]) -> State:
         models = _num_models("parameter", params)
-        state = torch.func.vmap(transform.init, chunk_size=chunk_size)(dict(params))
-        state = pytree.tree_map_only(Tensor, torch.clone, state)
+        if vectorize:
+            state = torch.func.vmap(transform.init, chunk_size=chunk_size)(dict(params))
+            state = pytree.tree_map_only(Tensor, torch.clone, state)
+        else:
+            state = _stack([transform.init(_model(params, m)) for m in range(models)])
         return _fold_model_index(state, models)
 
     def update(
@@ -135,9 +153,38 @@ def per_model(transform: GradientTransform, *, chunk_size: int | None = None) ->
         ) -> tuple[dict[str, Tensor], State]:
             return transform.update(g, s, p, reference=r, **e, **shared)
 
+        if not vectorize:
+            results = [
+                one(
+                    _model(grads, m),
+                    pytree.tree_map_only(Tensor, lambda t, m=m: t[m], state),
+                    None if params is None else _model(params, m),
+                    _model(reference, m),
+                    {k: _model_extra(v, m) for k, v in batched.items()},
+                )
+                for m in range(models)
+            ]
+            return _stack([out for out, _ in results]), _stack([s for _, s in results])
         in_dims = (0, 0, None if params is None else 0, 0, 0)
         vmapped = torch.func.vmap(one, in_dims=in_dims, chunk_size=chunk_size)
         p = None if params is None else dict(params)
         return vmapped(dict(grads), state, p, dict(reference), batched)
 
     return GradientTransform(init, update)
+
+
+def _model(values: Mapping[str, Tensor], m: int) -> dict[str, Tensor]:
+    """Model ``m``'s tensors of a stacked dict."""
+    return {name: value[m] for name, value in values.items()}
+
+
+def _model_extra(value: Tensor | Mapping[str, Tensor], m: int) -> Tensor | dict[str, Tensor]:
+    """Model ``m``'s part of a tensor extra, or of a dict of tensors."""
+    return value[m] if isinstance(value, Tensor) else _model(value, m)
+
+
+def _stack(trees: list[Any]) -> Any:
+    """Stack a list of same-structure pytrees (dicts, tuples, NamedTuples of tensors) leafwise."""
+    leaves, spec = zip(*(pytree.tree_flatten(tree) for tree in trees), strict=True)
+    stacked = [torch.stack(column) for column in zip(*leaves, strict=True)]
+    return pytree.tree_unflatten(stacked, spec[0])

@@ -15,11 +15,15 @@ direction and not from perturbing the update by that much, the random
 removal should not reproduce it. Where ``remove_aligned`` would do nothing
 (a zero reference, or ``c <= 0`` with ``only_positive``) this does nothing.
 
-``u`` is a fresh standard-normal draw, normalised per group, at every update,
-from the state's ``key`` and ``count`` alone (a counter-based hash, so the
-same key gives the same directions on every device and under
-``torch.func.vmap``); ``count`` goes up by one per update. Nothing else is
-random, and no global random state is read or changed.
+``u`` is a fresh standard-normal draw (``torch.randn`` on the gradients'
+device, in their dtype, at least float32), normalised per group, at every
+update, from a ``torch.Generator`` seeded with the state's ``key`` and
+``count`` alone; ``count`` goes up by one per update. The same state gives the
+same direction on the same kind of device (CPU and CUDA generators differ).
+No global random state is read or changed. ``torch.func.vmap`` cannot batch a
+``torch.Generator``: for stacked models use
+``per_model(remove_random(...), vectorize=False)``, which gives each model its
+own key.
 
 Example:
     >>> import torch
@@ -41,6 +45,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from gradlens.errors import GradlensError
 from gradlens.gradops import safe_divide
 from gradlens.layerstats import layer_stats
 from gradlens.transforms._groups import (
@@ -52,7 +57,7 @@ from gradlens.transforms._groups import (
     to_scope,
     zeros_for,
 )
-from gradlens.transforms._random import normal
+from gradlens.transforms._random import mix_seed
 from gradlens.transforms.base import GradientTransform, Scope, State, check_state
 
 __all__ = ["RemoveRandomState", "remove_random"]
@@ -61,8 +66,9 @@ __all__ = ["RemoveRandomState", "remove_random"]
 class RemoveRandomState(NamedTuple):
     """The random key and what :func:`remove_random` did at its last step.
 
-    ``key`` and ``count`` are int64 of shape ``()``; the other fields have
-    shape ``()`` with ``scope="global"`` and ``(layer,)`` with ``scope="layer"``.
+    ``key`` and ``count`` are int64 of shape ``()``, kept on the CPU (read
+    without a device sync); the other fields have shape ``()`` with
+    ``scope="global"`` and ``(layer,)`` with ``scope="layer"``.
 
     Attributes:
         key: The random key (the factory's ``seed``); the same key and count
@@ -104,6 +110,7 @@ def remove_random(
 
     Raises:
         ValueError: For a negative ``seed`` or an unknown ``scope``.
+        GradlensError: From ``update`` under ``torch.func.vmap``, naming the fix.
     """
     check_options(0.0, scope)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -111,7 +118,7 @@ def remove_random(
 
     def init(params: Mapping[str, Tensor]) -> RemoveRandomState:
         zeros = zeros_for(params, scope)
-        key = torch.tensor(seed, dtype=torch.int64, device=zeros.device)
+        key = torch.tensor(seed, dtype=torch.int64)
         return RemoveRandomState(key, torch.zeros_like(key), zeros, zeros, zeros, zeros, zeros)
 
     def update(
@@ -154,9 +161,24 @@ def remove_random(
 
 
 def _direction(grads: Mapping[str, Tensor], key: Tensor, count: Tensor) -> dict[str, Tensor]:
-    """Standard-normal draws shaped like ``grads``, from ``(key, count)``, in ``grads``' order."""
-    sizes = [g.numel() for g in grads.values()]
-    parts = normal(key, count, sum(sizes), torch.float64).split(sizes)
+    """Standard-normal draws shaped like ``grads``, from ``(key, count)``, in ``grads``' order.
+
+    One ``torch.randn`` of all entries, in key order, then split by parameter.
+    """
+    values = list(grads.values())
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(v) for v in [*values, key]):
+        raise GradlensError(
+            "remove_random draws its directions with a torch.Generator, which torch.func.vmap "
+            "cannot batch. For models stacked along a leading axis use "
+            "per_model(remove_random(...), vectorize=False)."
+        )
+    first = values[0]
+    dtype = torch.promote_types(first.dtype, torch.float32)
+    generator = torch.Generator(device=first.device)
+    generator.manual_seed(mix_seed(int(key), int(count)))
+    sizes = [g.numel() for g in values]
+    flat = torch.randn(sum(sizes), generator=generator, dtype=dtype, device=first.device)
+    parts = flat.split(sizes)
     return {
         name: part.reshape(g.shape).to(g)
         for (name, g), part in zip(grads.items(), parts, strict=True)

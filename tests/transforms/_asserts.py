@@ -14,7 +14,7 @@ from torch.testing import assert_close
 
 from gradlens.gradops import flatten
 from gradlens.transforms import State, chain, identity, transform_records
-from gradlens.transforms._random import normal
+from gradlens.transforms._random import mix_seed
 
 from ._cases import RANDOM_SEED, Case, Problem, make_problem
 
@@ -99,11 +99,13 @@ def assert_structure_preserved(case: Case, problem: Problem) -> None:
 def expected_random_output(case: Case, problem: Problem) -> dict[str, Tensor]:
     """``g - s sign(<g, u>) u`` per group: ``s = |<g, r>| / ||r||`` where it acts, ``u`` unit.
 
-    ``u`` is the first draw of the seed, ``normal(seed, 0)`` over the flattened
-    gradient in key order, normalised per group.
+    ``u`` is the first draw of the seed: ``torch.randn`` over the flattened
+    gradient in key order, from a generator seeded with ``mix_seed(seed, 0)``,
+    normalised per group.
     """
     total = sum(g.numel() for g in problem.grads.values())
-    z = normal(torch.tensor(RANDOM_SEED), torch.tensor(0), total, torch.float64)
+    generator = torch.Generator().manual_seed(mix_seed(RANDOM_SEED, 0))
+    z = torch.randn(total, generator=generator, dtype=torch.float64)
     offsets, start = {}, 0
     for name, g in problem.grads.items():
         offsets[name] = (start, start + g.numel())

@@ -17,7 +17,7 @@ from gradlens.transforms import (
     scale_aligned,
     transform_records,
 )
-from gradlens.transforms._random import fold_in
+from gradlens.transforms.per_model import model_key
 
 from ._cases import CASES, Case, Problem, example_dots, problems
 
@@ -51,7 +51,9 @@ def model(values: dict[str, Tensor], m: int) -> dict[str, Tensor]:
 def with_model_key(state: object, m: int) -> object:
     """The state a lone model ``m`` starts from under per_model: its key folded with ``m``."""
     if isinstance(state, tuple) and hasattr(state, "_fields"):
-        return state._replace(key=fold_in(state.key, m)) if "key" in state._fields else state
+        if "key" in state._fields:
+            return state._replace(key=torch.tensor(model_key(int(state.key), m)))
+        return state
     if isinstance(state, dict):
         return {k: with_model_key(v, m) for k, v in state.items()}
     if isinstance(state, tuple):
@@ -67,13 +69,23 @@ def flat_records(state: object) -> dict[str, Tensor]:
     }
 
 
-@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+# vmap cannot batch remove_random's torch.Generator: it runs looped only.
+MODES = [(case, False) for case in CASES] + [(case, True) for case in CASES if not case.random]
+
+
+@pytest.mark.parametrize(
+    ("case", "vectorize"),
+    MODES,
+    ids=[f"{case.id}-{'vmap' if v else 'loop'}" for case, v in MODES],
+)
 @given(problem=problems())
-@settings(max_examples=3)
-def test_per_model_is_the_transform_on_each_model(case: Case, problem: Problem) -> None:
+@settings(max_examples=2)
+def test_per_model_is_the_transform_on_each_model(
+    case: Case, vectorize: bool, problem: Problem
+) -> None:
     grads, reference, dots = stacked(problem)
     # Two steps against lone models, each carrying its own state.
-    tx = per_model(case.make())
+    tx = per_model(case.make(), vectorize=vectorize)
     state = tx.init(grads)
     lone = [case.make() for _ in range(MODELS)]
     lone_states = [with_model_key(t.init(model(grads, m)), m) for m, t in enumerate(lone)]
@@ -93,17 +105,18 @@ def test_per_model_is_the_transform_on_each_model(case: Case, problem: Problem) 
 def test_each_model_draws_its_own_random_directions() -> None:
     g = {"w": torch.ones(MODELS, 6, dtype=torch.float64)}
     r = {"w": torch.ones(MODELS, 6, dtype=torch.float64)}
-    tx = per_model(named_chain(("control", remove_random(seed=0))))
+    tx = per_model(named_chain(("control", remove_random(seed=0))), vectorize=False)
     out, state = tx.update(g, tx.init(g), reference=r)
     assert state["control"].key.unique().numel() == MODELS
     assert not torch.allclose(out["w"][0], out["w"][1])
 
 
-def test_state_fields_get_a_model_axis() -> None:
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_state_fields_get_a_model_axis(vectorize: bool) -> None:
     g = {"0.weight": torch.zeros(4, 2, 3), "1.weight": torch.zeros(4, 5)}
-    state = per_model(scale_aligned(0.5, scope="layer")).init(g)
+    state = per_model(scale_aligned(0.5, scope="layer"), vectorize=vectorize).init(g)
     assert all(field.shape == (4, 2) for field in state)
-    assert per_model(remove_aligned()).init(g).coef.shape == (4,)
+    assert per_model(remove_aligned(), vectorize=vectorize).init(g).coef.shape == (4,)
 
 
 @pytest.mark.parametrize(
