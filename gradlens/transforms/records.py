@@ -5,7 +5,10 @@ is one transform. Its name is the one given to :func:`~gradlens.transforms.named
 (joined with ``"."`` for nested named chains); a transform outside a named chain
 is named after its state type (``ScaleAlignedState`` -> ``scale_aligned``), with
 its position in a plain :func:`~gradlens.transforms.chain` appended when that name
-repeats. Empty states (``identity``) add nothing. How a probed step lays these out
+repeats. Empty states (``identity``) add nothing, and integer fields (the random
+``key`` and ``count`` of :func:`~gradlens.transforms.remove_random`) are state, not
+measurements: they are left out (a float32 record would round a 63-bit key). How a
+probed step lays these out
 in a run file (``placement``, ``transform``, ``stage`` and ``group`` dims) is
 :mod:`gradlens.training.records`.
 
@@ -72,14 +75,17 @@ def transform_records(state: State) -> dict[str, dict[str, Tensor]]:
         state: A transform's state, a chain's tuple or a named chain's dict of states.
 
     Returns:
-        ``{transform: {field: value}}`` in run order; values keep the state's
-        shapes (``()`` for ``scope="global"``, ``(layer,)`` for ``scope="layer"``).
+        ``{transform: {field: value}}`` in run order, floating-point fields only;
+        values keep the state's shapes (``()`` for ``scope="global"``,
+        ``(layer,)`` for ``scope="layer"``).
 
     Raises:
         TypeError: If ``state`` is not a transform state.
     """
-    return {
-        name: {field: torch.as_tensor(getattr(leaf, field)).detach() for field in leaf._fields}
-        for name, leaf in _leaves(state, "")
-        if leaf._fields
-    }
+    records = {}
+    for name, leaf in _leaves(state, ""):
+        values = {field: torch.as_tensor(getattr(leaf, field)).detach() for field in leaf._fields}
+        kept = {f: v for f, v in values.items() if v.is_floating_point()}
+        if kept:
+            records[name] = kept
+    return records
