@@ -10,15 +10,27 @@ capture the inputs and outputs it needs, and then hands the model a copy of each
 captured output, so in-place operations that follow (``ReLU(inplace=True)``,
 ``out += identity``) cannot change what the output gradient refers to.
 
+Composite functions that hand parameters to inner operations, here
+``F.multi_head_attention_forward``, are *transparent*: the log runs torch's own
+code of that function (a copy whose own torch-function check is off, nothing
+patched) with itself active, so it sees the ``F.linear`` calls inside. Inside
+``nn.MultiheadAttention``, self-attention reads ``in_proj_weight`` once, by
+``F.linear`` on ``(token, example, 3 d)``, and ``out_proj`` is ``F.linear`` on
+``(token * example, d)``, flattened token-major; cross-attention splits
+``in_proj_weight`` first, which has no factored form here.
+
 :func:`establish_layout` finds a captured input's example axis from its shapes
 and values at two batch sizes; it never guesses.
 """
 
 from __future__ import annotations
 
+import types
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
@@ -35,6 +47,25 @@ FORMS: tuple[Form, ...] = (LINEAR, ADDMM, *CONV, EMBEDDING, *NORMS)
 """Every layer kind with a factored form."""
 
 _BY_FUNC = {func: form for form in FORMS for func in form.funcs}
+
+
+def _transparent(func: Callable[..., Any]) -> Callable[..., Any]:
+    """A copy of a ``torch.nn.functional`` composite whose own torch-function check is off.
+
+    Only the copy's global names ``has_torch_function*`` differ; the functions
+    it calls keep theirs, so an active mode sees each operation inside it.
+    """
+    names = dict(func.__globals__)
+    for check in ("has_torch_function", "has_torch_function_unary", "has_torch_function_variadic"):
+        names[check] = lambda *_: False
+    copy = types.FunctionType(
+        func.__code__, names, func.__name__, func.__defaults__, func.__closure__
+    )
+    copy.__kwdefaults__ = func.__kwdefaults__
+    return copy
+
+
+_TRANSPARENT = {F.multi_head_attention_forward: _transparent(F.multi_head_attention_forward)}
 
 
 class Seen(NamedTuple):
@@ -82,6 +113,10 @@ class OpLog(TorchFunctionMode):
         self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
     ) -> Any:
         kwargs = kwargs or {}
+        inner = _TRANSPARENT.get(func)
+        if inner is not None:
+            with self:  # see the operations inside
+                return inner(*args, **kwargs)
         out = func(*args, **kwargs)
         if not any(isinstance(t, Tensor) for t in tree_leaves(out)):
             return out  # a metadata query (shape, dim, requires_grad) is no use
