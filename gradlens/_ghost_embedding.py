@@ -10,9 +10,13 @@ repeated ids within an example adding up. So
   ``(example, id)`` pair (``index_add`` over the unique pairs) and the sums'
   squared norms added per example, ``O(example token d)``, never ``vocab``.
 
-``max_norm`` renormalises table rows in place during the forward (the gradient
-then depends on that rewrite) and ``scale_grad_by_freq`` scales by counts in
-the batch; neither has a factored form here, so those tables go to ``vmap``.
+``max_norm`` renormalises, in place and without gradient, each looked-up row
+whose norm exceeds it, before the lookup. That is per row: a row is rewritten
+the same way whether the batch or one example looks it up, and a rewritten row
+is not rewritten again, so the batch's lookups and output gradients are each
+example's own, and the form above is exact at the table the forward leaves
+(the traces of the plan rewrite the same rows first, as the forward would).
+``scale_grad_by_freq`` scales by counts in the batch: no factored form, ``vmap``.
 Opacus's embedding sampler ignores ``padding_idx`` (its per-sample gradient of
 the padding row is not zero); this form does not.
 """
@@ -36,8 +40,6 @@ def _bind_embedding(args: tuple, kwargs: dict[str, Any]) -> Call | str:
     ids = argument(args, kwargs, 0, "input", None)
     weight = argument(args, kwargs, 1, "weight", None)
     padding_idx = argument(args, kwargs, 2, "padding_idx", None)
-    if argument(args, kwargs, 3, "max_norm", None) is not None:
-        return "F.embedding with max_norm renormalises the table in place during the forward"
     if argument(args, kwargs, 5, "scale_grad_by_freq", False):
         return "F.embedding with scale_grad_by_freq scales gradients by counts in the batch"
     if ids.ndim < 1:

@@ -127,7 +127,7 @@ class OpLog(TorchFunctionMode):
         ]
         for name in read:
             self.uses[name] = self.uses.get(name, 0) + 1
-            self.readers.setdefault(name, []).append(getattr(func, "__name__", repr(func)))
+            self.readers.setdefault(name, []).append(_op_name(func))
         form = _BY_FUNC.get(func)
         if not read or form is None or not isinstance(out, Tensor):
             return out
@@ -143,6 +143,15 @@ class OpLog(TorchFunctionMode):
             version = call.input._version
         self.seen.append(Seen(form, call, roles, read, out, version))
         return out.clone() if self.copy_outputs else out
+
+
+def _op_name(func: Any) -> str:
+    """How a plan names an operation: ``linear``, ``Tensor.T``, ``split``."""
+    name = getattr(func, "__name__", repr(func))
+    owner = getattr(func, "__self__", None)
+    if name == "__get__" and owner is not None:  # a property, such as Tensor.T
+        return f"Tensor.{getattr(owner, '__name__', '?')}"
+    return name
 
 
 def establish_layout(
