@@ -49,6 +49,10 @@ _CHUNK_ELEMENTS = 2**24
 def grouped_dots(a: Tensor, b: Tensor, references: Tensor) -> tuple[Tensor, Tensor]:
     """Dots and squared norms of ``G_ig = sum_t b_igt a_igt^T`` over groups ``g``.
 
+    With one token, or ``token^2 <= d_in d_out``, the dots are ``sum_t b^T R a``
+    and the norms the Gram form; otherwise ``G_i`` is built, a chunk of
+    examples at a time, and gives both.
+
     Args:
         a: Input rows, shape ``(example, group, token, d_in)``.
         b: Output gradients, shape ``(example, group, token, d_out)``.
@@ -58,36 +62,34 @@ def grouped_dots(a: Tensor, b: Tensor, references: Tensor) -> tuple[Tensor, Tens
         ``(dots (example, reference), sq_norms (example,))``; ``G_i`` is never
         built for all examples at once.
     """
-    d_in, d_out = a.shape[-1], b.shape[-1]
-    dots = [
+    groups, tokens, d_in, d_out = a.shape[1], a.shape[2], a.shape[3], b.shape[3]
+    if tokens > 1 and tokens * tokens > d_in * d_out:
+        flat_refs = references.reshape(references.shape[0], -1).T
+        step = max(1, _CHUNK_ELEMENTS // max(groups * d_in * d_out, 1))
+        dots, sq_norms = [], []
+        for start in range(0, a.shape[0], step):
+            x, y = a[start : start + step], b[start : start + step]
+            g = einsum(y, x, "e g t o, e g t i -> e g o i").flatten(start_dim=1)
+            dots.append(g @ flat_refs)
+            sq_norms.append(g.square().sum(dim=1))
+        return torch.cat(dots), torch.cat(sq_norms)
+    found = [
         ((a @ r.transpose(-1, -2)) * b).sum(dim=(1, 2, 3))
         if d_out <= d_in
         else ((b @ r) * a).sum(dim=(1, 2, 3))
         for r in references
     ]
-    found = torch.stack(dots, dim=1) if dots else a.new_zeros(a.shape[0], 0)
-    return found, _grouped_sq_norms(a, b)
-
-
-def _grouped_sq_norms(a: Tensor, b: Tensor) -> Tensor:
-    """``sum_g ||G_ig||^2`` by the cheaper of the Gram and the materialised form."""
-    groups, tokens, d_in, d_out = a.shape[1], a.shape[2], a.shape[3], b.shape[3]
+    dots_k = torch.stack(found, dim=1) if found else a.new_zeros(a.shape[0], 0)
     if tokens == 1:
-        return (a.square().sum(dim=-1) * b.square().sum(dim=-1)).sum(dim=(1, 2))
-    gram = tokens * tokens <= d_in * d_out
-    per_example = groups * (tokens * tokens if gram else d_in * d_out)
-    step = max(1, _CHUNK_ELEMENTS // max(per_example, 1))
+        return dots_k, (a.square().sum(dim=-1) * b.square().sum(dim=-1)).sum(dim=(1, 2))
+    step = max(1, _CHUNK_ELEMENTS // max(groups * tokens * tokens, 1))
     parts = []
     for start in range(0, a.shape[0], step):
         x, y = a[start : start + step], b[start : start + step]
-        if gram:
-            gram_a = einsum(x, x, "e g t i, e g s i -> e g t s")
-            gram_b = einsum(y, y, "e g t o, e g s o -> e g t s")
-            parts.append((gram_a * gram_b).sum(dim=(1, 2, 3)))
-        else:
-            g = einsum(y, x, "e g t o, e g t i -> e g o i")
-            parts.append(g.flatten(start_dim=1).square().sum(dim=1))
-    return torch.cat(parts)
+        gram_a = einsum(x, x, "e g t i, e g s i -> e g t s")
+        gram_b = einsum(y, y, "e g t o, e g s o -> e g t s")
+        parts.append((gram_a * gram_b).sum(dim=(1, 2, 3)))
+    return dots_k, torch.cat(parts)
 
 
 def bias_results(b: Tensor, references: Tensor) -> tuple[Tensor, Tensor]:

@@ -6,9 +6,11 @@ Opacus's ``grad_sample`` table, but keyed by the function the forward calls).
 every operation reading each named parameter and notes each call of a
 registered form that reads one. The plan (:mod:`gradlens._ghost_plan`) runs it
 on two traced forwards; the ghost pass (:mod:`gradlens.ghost`) runs it again to
-capture the inputs and outputs it needs, and then hands the model a copy of each
-captured output, so in-place operations that follow (``ReLU(inplace=True)``,
-``out += identity``) cannot change what the output gradient refers to.
+capture the inputs and outputs it needs. Where the traces saw a captured output
+written in place later (``ReLU(inplace=True)``, ``out += identity``), the pass
+hands the model a copy of it instead, so the output gradient still refers to
+the call's own output; a write the traces did not see sends the parameter to
+``vmap``.
 
 Composite functions that hand parameters to inner operations, here
 ``F.multi_head_attention_forward``, are *transparent*: the log runs torch's own
@@ -26,7 +28,7 @@ and values at two batch sizes; it never guesses.
 from __future__ import annotations
 
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, NamedTuple
 
 import torch
@@ -78,6 +80,7 @@ class Seen(NamedTuple):
         read: Every named parameter among its arguments.
         output: What the call returned (the original, not the copy handed on).
         version: ``call.input._version`` when called, to detect later in-place writes.
+        output_version: ``output._version`` when called, likewise.
     """
 
     form: Form
@@ -86,10 +89,15 @@ class Seen(NamedTuple):
     read: list[str]
     output: Tensor
     version: int
+    output_version: int
 
     def input_modified(self) -> bool:
         """Whether the captured input was written in place after the call."""
         return isinstance(self.call, Call) and self.call.input._version != self.version
+
+    def output_modified(self) -> bool:
+        """Whether the captured output was written in place after the call."""
+        return self.output._version != self.output_version
 
 
 class OpLog(TorchFunctionMode):
@@ -97,11 +105,11 @@ class OpLog(TorchFunctionMode):
 
     Args:
         names: ``id(tensor) -> name`` for the parameters to watch.
-        copy_outputs: Hand the forward a copy of each noted output (the ghost
-            pass) instead of the output itself (the traces).
+        copy_outputs: Parameter names whose calls hand the forward a copy of
+            their output, not the output itself.
     """
 
-    def __init__(self, names: dict[int, str], *, copy_outputs: bool) -> None:
+    def __init__(self, names: dict[int, str], *, copy_outputs: Collection[str] = ()) -> None:
         super().__init__()
         self.names = names
         self.copy_outputs = copy_outputs
@@ -141,8 +149,8 @@ class OpLog(TorchFunctionMode):
                 if t is not None and id(t) in self.names
             }
             version = call.input._version
-        self.seen.append(Seen(form, call, roles, read, out, version))
-        return out.clone() if self.copy_outputs else out
+        self.seen.append(Seen(form, call, roles, read, out, version, out._version))
+        return out.clone() if any(n in self.copy_outputs for n in read) else out
 
 
 def _op_name(func: Any) -> str:

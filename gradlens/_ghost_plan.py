@@ -80,6 +80,8 @@ class PlanEntry(NamedTuple):
         rows: Rows of the example axis per example (``token`` when
             ``(example, token)`` is flattened into one axis, else 1).
         token_major: With ``rows > 1``, whether that axis is token-major.
+        copy_output: Whether the layer's output is written in place later in
+            the forward, so the ghost pass hands the forward a copy of it.
     """
 
     path: Literal["ghost", "vmap"]
@@ -88,6 +90,7 @@ class PlanEntry(NamedTuple):
     form: str | None = None
     rows: int = 1
     token_major: bool = False
+    copy_output: bool = False
 
     @property
     def layout(self) -> Layout:
@@ -118,7 +121,7 @@ def _trace(
     buffers = {n: b.clone() for n, b in model.named_buffers()}  # a forward may update them
     # With grad, as in the ghost pass: a module may branch on grad mode (fast paths).
     params = {n: p.detach().requires_grad_() for n, p in selected.items()}
-    log = OpLog({id(t): n for n, t in params.items()}, copy_outputs=False)
+    log = OpLog({id(t): n for n, t in params.items()})
     with torch.enable_grad(), log:
         out = functional_call(model, (params, frozen, buffers), (inputs,))
     outputs = [t.detach() for t in tree_leaves(out) if isinstance(t, Tensor)]
@@ -185,7 +188,10 @@ def _decide(
     flat = f", {layout.rows} rows per example" if layout.rows > 1 else ""
     order = " (token-major)" if layout.token_major else ""
     reason = f"{seen.form.name} {role} on {shape}, example axis {layout.axis}{flat}{order}"
-    return PlanEntry("ghost", reason, layout.axis, seen.form.name, layout.rows, layout.token_major)
+    copy = seen.output_modified() or again.output_modified()
+    return PlanEntry(
+        "ghost", reason, layout.axis, seen.form.name, layout.rows, layout.token_major, copy
+    )
 
 
 def plan_for(

@@ -406,7 +406,7 @@ def _ghost_pass(
     params = {n: p.requires_grad_() for n, p in selected.items()}
     buffers = dict(model.named_buffers())
     ghost = {id(params[n]): n for n, e in plan.items() if e.path == "ghost"}
-    log = OpLog(ghost, copy_outputs=True)
+    log = OpLog(ghost, copy_outputs={n for n, e in plan.items() if e.copy_output})
     with torch.enable_grad(), log:
         outputs = functional_call(model, (params, frozen, buffers), (inputs,))
         losses = per_example_losses(loss_fn, outputs, *targets)
@@ -444,6 +444,8 @@ def _ghost_pass(
 def _as_planned(seen: Seen, log: OpLog, plan: Mapping[str, PlanEntry], batch: int) -> bool:
     """Whether a captured call is the one its parameters were planned for, on this batch."""
     if isinstance(seen.call, str) or not seen.roles or seen.input_modified():
+        return False
+    if seen.output_modified():  # written in place, unlike in the traces: no copy was made
         return False
     entries = [plan[n] for n in seen.roles.values()]
     layout = entries[0].layout

@@ -198,6 +198,8 @@ def test_an_in_place_op_after_a_layer_does_not_change_its_output_gradient() -> N
 
     net = Scaled()
     x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    plan = ghost_plan(net, x)
+    assert [plan[f"inner.{k}.weight"].copy_output for k in (0, 2, 4)] == [True, True, False]
     ref = {"r": reference_for(net)}
     dots, sq_norms = per_example_dots(net, loss_fn, x, y, references=ref, method="ghost")
     assert_matches(dots, sq_norms, loop_grads(net, x, y), ref)
