@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gradlens._ghost_forms import Call, Form, Layout, Results, argument, to_examples
+from gradlens._ghost_shared import Outer
 
 __all__ = ["EMBEDDING"]
 
@@ -72,4 +73,21 @@ def _compute_embedding(
     return {"weight": (dots, sq)}
 
 
-EMBEDDING = Form("F.embedding", (F.embedding,), _bind_embedding, _compute_embedding)
+def _parts_embedding(call: Call, grad_output: Tensor, layout: Layout) -> dict[str, Any]:
+    """``G = sum_t onehot(id_t) b_t^T``, padding rows masked out."""
+    batch = call.input.shape[layout.axis] // layout.rows
+    ids = to_examples(call.input, layout, batch).reshape(batch, -1)
+    b = to_examples(grad_output, layout, batch).reshape(batch, ids.shape[1], -1)
+    if call.options["padding_idx"] is not None:
+        b = b * (ids != call.options["padding_idx"]).unsqueeze(-1).to(b.dtype)
+    return {"weight": Outer(None, ids, b)}
+
+
+EMBEDDING = Form(
+    "F.embedding",
+    (F.embedding,),
+    _bind_embedding,
+    _compute_embedding,
+    _parts_embedding,
+    {"weight": "outer"},
+)

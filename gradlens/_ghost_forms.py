@@ -25,6 +25,7 @@ the output gradient has the same layout as the input.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import torch
@@ -67,12 +68,20 @@ class Call(NamedTuple):
 
 
 class Form(NamedTuple):
-    """One layer kind with a factored form; see the module docstring."""
+    """One layer kind with a factored form; see the module docstring.
+
+    ``parts(call, grad_output, layout)`` gives, per role, the parameter's
+    gradient in a form that adds across calls (:mod:`gradlens._ghost_shared`);
+    ``shared`` names each role's kind (``"outer"`` or ``"materialised"``), and
+    a role absent from it cannot be combined with other calls.
+    """
 
     name: str
     funcs: tuple[Any, ...]
     bind: Callable[[tuple, dict[str, Any]], Call | str]
     compute: Callable[[Call, Tensor, Layout, Mapping[str, Tensor]], Results]
+    parts: Callable[[Call, Tensor, Layout], dict[str, Any]] | None = None
+    shared: Mapping[str, str] = MappingProxyType({})
 
 
 def argument(args: tuple, kwargs: dict[str, Any], position: int, name: str, default: Any) -> Any:

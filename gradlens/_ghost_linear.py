@@ -39,6 +39,7 @@ from einops import einsum
 from torch import Tensor
 
 from gradlens._ghost_forms import Call, Form, Layout, Results, argument, to_examples
+from gradlens._ghost_shared import Materialised, Outer
 
 __all__ = ["ADDMM", "LINEAR", "grouped_dots"]
 
@@ -125,6 +126,26 @@ def _compute_linear(
     return found
 
 
+def _linear_rows(call: Call, grad_output: Tensor, layout: Layout) -> tuple[Tensor, Tensor]:
+    """Input and output-gradient rows, ``(example, token, d_in)`` and ``(..., d_out)``."""
+    batch = call.input.shape[layout.axis] // layout.rows
+    a = to_examples(call.input.detach(), layout, batch)
+    b = to_examples(grad_output, layout, batch)
+    return a.reshape(batch, -1, a.shape[-1]), b.reshape(batch, -1, b.shape[-1])
+
+
+def _parts_linear(call: Call, grad_output: Tensor, layout: Layout) -> dict[str, Any]:
+    """``F.linear``: ``G = sum_t b_t a_t^T``, bias ``sum_t b_t``."""
+    a, b = _linear_rows(call, grad_output, layout)
+    return {"weight": Outer(b, None, a), "bias": Materialised(b.sum(dim=1))}
+
+
+def _parts_addmm(call: Call, grad_output: Tensor, layout: Layout) -> dict[str, Any]:
+    """HF ``Conv1D``: ``G = sum_t a_t b_t^T`` (the weight is stored ``(d_in, d_out)``)."""
+    a, b = _linear_rows(call, grad_output, layout)
+    return {"weight": Outer(a, None, b), "bias": Materialised(b.sum(dim=1))}
+
+
 def _bind_addmm(args: tuple, kwargs: dict[str, Any]) -> Call | str:
     """``torch.addmm(bias, input, weight)`` with ``weight (d_in, d_out)``, as in HF ``Conv1D``."""
     bias = argument(args, kwargs, 0, "input", None)
@@ -145,5 +166,8 @@ def _compute_addmm(
     return _compute_linear(call, grad_output, layout, transposed)
 
 
-LINEAR = Form("F.linear", (torch._C._nn.linear,), _bind_linear, _compute_linear)
-ADDMM = Form("torch.addmm", (torch.addmm,), _bind_addmm, _compute_addmm)
+_SHARED = {"weight": "outer", "bias": "materialised"}
+LINEAR = Form(
+    "F.linear", (torch._C._nn.linear,), _bind_linear, _compute_linear, _parts_linear, _SHARED
+)
+ADDMM = Form("torch.addmm", (torch.addmm,), _bind_addmm, _compute_addmm, _parts_addmm, _SHARED)

@@ -32,6 +32,7 @@ from gradlens._ghost_forms import (
     from_materialised,
     to_examples,
 )
+from gradlens._ghost_shared import Materialised
 
 __all__ = ["NORMS"]
 
@@ -143,33 +144,45 @@ def _channels_first(
     return Call(x, params, {"normalise": normalise, "channel_axis": 1, "last_axis": 0})
 
 
-def _compute_norm(
-    call: Call, grad_output: Tensor, layout: Layout, references: Mapping[str, Tensor]
-) -> Results:
-    """Per-example affine gradients, built (they have ``channel`` entries), then dots and norms."""
+def _parts_norm(call: Call, grad_output: Tensor, layout: Layout) -> dict[str, Any]:
+    """Per-example affine gradients, built: they have ``channel`` entries."""
     batch = call.input.shape[layout.axis] // layout.rows
     with torch.no_grad():
         x_hat = call.options["normalise"](call.input.detach())
-    channel_axis = call.options["channel_axis"]
-    # (example, rows, *other axes); the parameter's axes are the trailing ones
+    # (example, rows, *other axes); the parameters' axes are the trailing ones
     # (LayerNorm, RMSNorm) or the channel axis (axis 1 of the input, 2 here).
     b = to_examples(grad_output, layout, batch)
     x_hat = to_examples(x_hat, layout, batch)
-    if channel_axis is not None:
+    if call.options["channel_axis"] is not None:
         b, x_hat = b.movedim(2, -1), x_hat.movedim(2, -1)
-    shape = next(r.shape[1:] for r in references.values())
-    summed = tuple(range(1, b.ndim - len(shape)))
-    found: Results = {}
-    for role, refs in references.items():
-        per_example = (b * x_hat if role == "weight" else b).sum(dim=summed)
-        found[role] = from_materialised(per_example, refs)
-    return found
+    param = next(p for p in call.params.values() if p is not None)
+    summed = tuple(range(1, b.ndim - param.ndim))
+    return {
+        "weight": Materialised((b * x_hat).sum(dim=summed)),
+        "bias": Materialised(b.sum(dim=summed)),
+    }
 
 
+def _compute_norm(
+    call: Call, grad_output: Tensor, layout: Layout, references: Mapping[str, Tensor]
+) -> Results:
+    """Dots and norms from the built per-example affine gradients."""
+    parts = _parts_norm(call, grad_output, layout)
+    return {role: from_materialised(parts[role].grads, refs) for role, refs in references.items()}
+
+
+_SHARED = {"weight": "materialised", "bias": "materialised"}
 NORMS = (
-    Form("F.layer_norm", (F.layer_norm,), _bind_layer_norm, _compute_norm),
-    Form("F.rms_norm", (F.rms_norm,), _bind_rms_norm, _compute_norm),
-    Form("F.group_norm", (F.group_norm,), _bind_group_norm, _compute_norm),
-    Form("F.instance_norm", (F.instance_norm,), _bind_instance_norm, _compute_norm),
-    Form("F.batch_norm", (F.batch_norm,), _bind_batch_norm, _compute_norm),
+    Form("F.layer_norm", (F.layer_norm,), _bind_layer_norm, _compute_norm, _parts_norm, _SHARED),
+    Form("F.rms_norm", (F.rms_norm,), _bind_rms_norm, _compute_norm, _parts_norm, _SHARED),
+    Form("F.group_norm", (F.group_norm,), _bind_group_norm, _compute_norm, _parts_norm, _SHARED),
+    Form(
+        "F.instance_norm",
+        (F.instance_norm,),
+        _bind_instance_norm,
+        _compute_norm,
+        _parts_norm,
+        _SHARED,
+    ),
+    Form("F.batch_norm", (F.batch_norm,), _bind_batch_norm, _compute_norm, _parts_norm, _SHARED),
 )

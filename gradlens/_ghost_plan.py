@@ -82,6 +82,9 @@ class PlanEntry(NamedTuple):
         token_major: With ``rows > 1``, whether that axis is token-major.
         copy_output: Whether the layer's output is written in place later in
             the forward, so the ghost pass hands the forward a copy of it.
+        shared: For a parameter read by several calls, ``(form, layout)`` of
+            each call in the order of the forward (the fields above describe
+            the first); empty when read once.
     """
 
     path: Literal["ghost", "vmap"]
@@ -91,6 +94,7 @@ class PlanEntry(NamedTuple):
     rows: int = 1
     token_major: bool = False
     copy_output: bool = False
+    shared: tuple[tuple[str, Layout], ...] = ()
 
     @property
     def layout(self) -> Layout:
@@ -155,35 +159,70 @@ def _decide(
     if uses[0] == 0:
         return PlanEntry("vmap", "not used in the forward")
     readers = first.log.readers[name]
-    if uses != (1, 1):
+    calls = (first.calls_of(name), second.calls_of(name))
+    if uses[0] != uses[1] or len(calls[0]) != uses[0] or len(calls[1]) != uses[0]:
+        if uses == (1, 1):
+            return PlanEntry("vmap", f"read by {readers[0]}, which has no factored form")
         return PlanEntry(
             "vmap",
-            f"read by {uses[0]} operations of the forward ({', '.join(readers)}): a shared, "
-            "tied or functional use",
+            f"read by {uses[0]} operations of the forward ({', '.join(readers)}), not all "
+            "of them once each by a call with a factored form: a shared, tied or functional use",
         )
-    calls = (first.calls_of(name), second.calls_of(name))
-    if len(calls[0]) != 1 or len(calls[1]) != 1:
-        return PlanEntry("vmap", f"read by {readers[0]}, which has no factored form")
-    seen, again = calls[0][0], calls[1][0]
+    found = [
+        _call_layout(name, s, t, index, batch, check_values) for s, t in zip(*calls, strict=True)
+    ]
+    refused = [f for f in found if isinstance(f, str)]
+    if refused:
+        return PlanEntry("vmap", refused[0])
+    decided = [f for f in found if not isinstance(f, str)]
+    entry = decided[0]
+    if len(decided) == 1:
+        return entry
+    kinds = {seen.form.shared.get(_role_of(name, seen), "") for seen in calls[0]}
+    if len(kinds) != 1 or "" in kinds:
+        forms = ", ".join(f"{e.form}" for e in decided)
+        return PlanEntry(
+            "vmap",
+            f"read by {uses[0]} calls ({forms}) whose contributions have no combined "
+            "factored form here",
+        )
+    reason = f"read by {uses[0]} calls, contributions added, cross terms in the norm: " + "; ".join(
+        e.reason for e in decided
+    )
+    return entry._replace(
+        reason=reason,
+        copy_output=any(e.copy_output for e in decided),
+        shared=tuple((e.form or "", e.layout) for e in decided),
+    )
+
+
+def _role_of(name: str, seen: Seen) -> str | None:
+    """The slot of ``seen``'s call that holds ``name``."""
+    return next((r for r, n in seen.roles.items() if n == name), None)
+
+
+def _call_layout(
+    name: str, seen: Seen, again: Seen, index: Tensor, batch: int, check_values: bool
+) -> PlanEntry | str:
+    """The ghost entry for one call reading ``name`` (seen in both traces), or why not."""
     if isinstance(seen.call, str):
-        return PlanEntry("vmap", seen.call)
+        return seen.call
     assert not isinstance(again.call, str)
-    role = next((r for r, n in seen.roles.items() if n == name), None)
+    role = _role_of(name, seen)
     if role is None or again.roles.get(role) != name:
-        return PlanEntry("vmap", f"read by {seen.form.name}, but not as its weight or bias")
+        return f"read by {seen.form.name}, but not as its weight or bias"
     if seen.input_modified() or again.input_modified():
-        return PlanEntry("vmap", f"the input of its {seen.form.name} is written in place later")
+        return f"the input of its {seen.form.name} is written in place later"
     layout = establish_layout(
         seen.call.input, again.call.input, index, batch, check_values=check_values
     )
     if isinstance(layout, str):
-        return PlanEntry("vmap", layout)
+        return layout
     shape = tuple(seen.call.input.shape)
     if layout.axis > seen.call.options["last_axis"]:
-        return PlanEntry(
-            "vmap",
+        return (
             f"the examples of its input {shape} are on axis {layout.axis}, where "
-            f"{seen.form.name} has no example axis",
+            f"{seen.form.name} has no example axis"
         )
     flat = f", {layout.rows} rows per example" if layout.rows > 1 else ""
     order = " (token-major)" if layout.token_major else ""

@@ -49,8 +49,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from gradlens._ghost_forms import Layout
 from gradlens._ghost_ops import OpLog, Seen
 from gradlens._ghost_plan import PlanEntry, ghost_plan, plan_for
+from gradlens._ghost_shared import combine
 from gradlens.errors import UnsupportedModelError
 from gradlens.gradops import check_compatible
 from gradlens.per_example import (
@@ -410,8 +412,8 @@ def _ghost_pass(
     with torch.enable_grad(), log:
         outputs = functional_call(model, (params, frozen, buffers), (inputs,))
         losses = per_example_losses(loss_fn, outputs, *targets)
-    eligible = [s for s in log.seen if _as_planned(s, log, plan, batch)]
-    wrt = [s.output for s in eligible] + (list(params.values()) if with_grad else [])
+    eligible = _as_planned(log, plan, batch)
+    wrt = [seen.output for seen, _ in eligible] + (list(params.values()) if with_grad else [])
     if not wrt:
         return losses.detach(), {}, {}, {}
     with torch.enable_grad():
@@ -427,32 +429,65 @@ def _ghost_pass(
     )
     dots: dict[str, Tensor] = {}
     sq_norms: dict[str, Tensor] = {}
-    for seen, b in zip(eligible, output_grads, strict=True):
+    parts: dict[str, list] = {}
+    for (seen, layout), b in zip(eligible, output_grads, strict=True):
         assert not isinstance(seen.call, str)
-        if b is None:
-            b = torch.zeros_like(seen.output)
-        layout = plan[next(iter(seen.roles.values()))].layout
-        refs = {role: references[name] for role, name in seen.roles.items()}
+        b = torch.zeros_like(seen.output) if b is None else b.detach()
+        once = {r: n for r, n in seen.roles.items() if not plan[n].shared}
         with torch.no_grad():
-            results = seen.form.compute(seen.call, b.detach(), layout, refs)
-        for role, (d, sq) in results.items():
-            dots[seen.roles[role]] = d
-            sq_norms[seen.roles[role]] = sq
+            if once:
+                refs = {role: references[name] for role, name in once.items()}
+                for role, (d, sq) in seen.form.compute(seen.call, b, layout, refs).items():
+                    dots[once[role]], sq_norms[once[role]] = d, sq
+            if len(once) < len(seen.roles):
+                assert seen.form.parts is not None
+                found_parts = seen.form.parts(seen.call, b, layout)
+                for role, name in seen.roles.items():
+                    if plan[name].shared:
+                        parts.setdefault(name, []).append(found_parts[role])
+    for name, found_parts in parts.items():
+        if len(found_parts) == len(plan[name].shared):  # else: vmap, in the caller
+            with torch.no_grad():
+                dots[name], sq_norms[name] = combine(found_parts, references[name])
     return losses.detach(), grad_sum, dots, sq_norms
 
 
-def _as_planned(seen: Seen, log: OpLog, plan: Mapping[str, PlanEntry], batch: int) -> bool:
-    """Whether a captured call is the one its parameters were planned for, on this batch."""
-    if isinstance(seen.call, str) or not seen.roles or seen.input_modified():
-        return False
-    if seen.output_modified():  # written in place, unlike in the traces: no copy was made
-        return False
-    entries = [plan[n] for n in seen.roles.values()]
-    layout = entries[0].layout
-    return (
-        all(e.form == seen.form.name and e.layout == layout for e in entries)
-        and all(log.uses.get(n) == 1 for n in seen.roles.values())
-        and seen.call.input.ndim > layout.axis
-        and seen.call.input.shape[layout.axis] == layout.rows * batch
-        and seen.output.requires_grad
-    )
+def _as_planned(log: OpLog, plan: Mapping[str, PlanEntry], batch: int) -> list[tuple[Seen, Layout]]:
+    """The captured calls that are the ones their parameters were planned for, on this batch.
+
+    A parameter read by several calls is planned with each call's form and
+    layout in order; a call that does not match (another form, shape, or count
+    of uses than traced, or an input or output written in place unlike in the
+    traces) is dropped, and its parameters then get no ghost value.
+    """
+    position: dict[str, int] = {}
+    found = []
+    for seen in log.seen:
+        planned: list[tuple[str, Layout] | None] = []
+        for name in seen.read:
+            k = position.get(name, 0)
+            position[name] = k + 1
+            entry = plan[name]
+            if name not in seen.roles.values():
+                planned.append(None)
+            elif entry.shared:
+                planned.append(entry.shared[k] if k < len(entry.shared) else None)
+            else:
+                planned.append((entry.form or "", entry.layout) if k == 0 else None)
+        if isinstance(seen.call, str) or not seen.roles or None in planned:
+            continue
+        if seen.input_modified() or seen.output_modified() or not seen.output.requires_grad:
+            continue  # written in place, unlike in the traces: no copy was made
+        layouts = {layout for form, layout in planned if form == seen.form.name}
+        if len(layouts) != 1 or len(planned) != len(seen.roles):
+            continue
+        layout = layouts.pop()
+        x = seen.call.input
+        if x.ndim > layout.axis and x.shape[layout.axis] == layout.rows * batch:
+            found.append((seen, layout))
+    counts = {n: max(len(e.shared), 1) for n, e in plan.items() if e.path == "ghost"}
+    return [
+        (seen, layout)
+        for seen, layout in found
+        if all(log.uses.get(n) == counts[n] for n in seen.roles.values())
+    ]

@@ -7,6 +7,7 @@ logits, so :func:`tests.models.loop_grads` is their reference.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 CLASSES = 3
@@ -321,6 +322,25 @@ class Gpt2Logits(nn.Module):
         return self.gpt(input_ids=ids, use_cache=False).logits[:, -1, :CLASSES]
 
 
+class SharedUses(nn.Module):
+    """One table read by F.embedding (padding_idx) and F.linear, one Linear applied in two
+    layouts, and one bias shared by a Linear and a LayerNorm: each read adds to the gradient."""
+
+    def __init__(self, vocab: int = 6, d: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d, padding_idx=1)
+        self.mix = nn.Linear(d, d)
+        self.norm = nn.LayerNorm(d)
+        self.norm.bias = self.mix.bias
+        self.head = nn.Linear(vocab, CLASSES)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = torch.tanh(self.mix(self.embed(ids)))  # (example, token, d)
+        h = self.mix(h.transpose(0, 1)).transpose(0, 1)  # again, time-major
+        logits = F.linear(self.norm(h), self.embed.weight)  # tied to the table
+        return self.head(logits.mean(dim=1))
+
+
 def resnet() -> nn.Module:
     """torchvision ``resnet18`` in eval mode (BatchNorm with running statistics)."""
     import torchvision
@@ -344,6 +364,7 @@ FORMS_ZOO = (
     "sequence_first",
     "encoder_batch_first",
     "lora",
+    "shared_uses",
     "gpt2",
     "resnet",
 )
@@ -369,11 +390,12 @@ def make_forms(
         "encoder_batch_first": EncoderBatchFirst,
         "lora": Lora,
         "gpt2": Gpt2Logits,
+        "shared_uses": SharedUses,
         "resnet": resnet,
     }[kind]().double()
     labels = torch.randint(0, CLASSES, (batch,), generator=gen)
-    if kind in ("embeddings", "max_norm_embedding", "gpt2"):
-        vocab = 50 if kind == "gpt2" else 5
+    if kind in ("embeddings", "max_norm_embedding", "gpt2", "shared_uses"):
+        vocab = {"gpt2": 50, "shared_uses": 6}.get(kind, 5)
         inputs = torch.randint(0, vocab, (batch, tokens), generator=gen)
         if kind == "embeddings":
             inputs[:, :2] = torch.tensor([0, 4])  # both padding rows, and repeats, in each example
