@@ -226,3 +226,36 @@ def test_reference_and_references_are_exclusive() -> None:
         per_example_dots(model, loss_fn, x, y, references=bad)
     empty = probe_batch(model, loss_fn, x[:0], y[:0], references={"a": ref, "b": ref})
     assert all(d.shape == (0, 2) for d in empty.dots.values())
+
+
+@pytest.mark.parametrize("kind", ["sequence_first", "attention", "shared_uses", "embeddings"])
+def test_a_batch_of_one_is_exact(kind: str) -> None:
+    model, x, y = make_forms(kind, batch=1, tokens=5)
+    refs = two_references(model)
+    dots, sq_norms = per_example_dots(model, loss_fn, x, y, references=refs)
+    assert_matches(dots, sq_norms, loop_grads(copy.deepcopy(model), x, y), refs)
+
+
+def test_a_flattened_axis_is_not_trusted_when_the_forward_draws_random_numbers() -> None:
+    model, x, _ = make_forms("sequence_first", tokens=6)
+    plan = ghost_plan(model, x, randomness="different")
+    entry = plan["encoder.self_attn.out_proj.weight"]
+    assert entry.path == "vmap"
+    assert "cannot be checked when the forward draws random numbers" in entry.reason
+    assert plan["encoder.linear1.weight"].path == "ghost"  # an unflattened axis is by shape
+
+
+def test_float32_models_keep_the_ghost_path() -> None:
+    for kind in ("encoder_batch_first", "gpt2", "convs2d", "norms"):
+        model, x, y = make_forms(kind, batch=8, tokens=6)
+        model = model.float()
+        x = x.float() if x.is_floating_point() else x
+        plan = ghost_plan(model, x)
+        assert {n for n, e in plan.items() if e.path == "vmap"} == VMAP[kind], kind
+        ref = reference_for(model)
+        ghost = per_example_dots(model, loss_fn, x, y, reference=ref)
+        vmap = per_example_dots(model, loss_fn, x, y, reference=ref, method="vmap")
+        for got, want in zip(ghost, vmap, strict=True):
+            for name in want:
+                scale = want[name].abs().max()
+                torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5 * scale)
