@@ -28,14 +28,13 @@ and values at two batch sizes; it never guesses.
 from __future__ import annotations
 
 import types
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
 
 from gradlens._ghost_conv import CONV
 from gradlens._ghost_embedding import EMBEDDING
@@ -126,13 +125,9 @@ class OpLog(TorchFunctionMode):
             with self:  # see the operations inside
                 return inner(*args, **kwargs)
         out = func(*args, **kwargs)
-        if not any(isinstance(t, Tensor) for t in tree_leaves(out)):
+        if not any(True for _ in _tensors(out)):
             return out  # a metadata query (shape, dim, requires_grad) is no use
-        read = [
-            self.names[id(t)]
-            for t in tree_leaves((args, kwargs))
-            if isinstance(t, Tensor) and id(t) in self.names
-        ]
+        read = [self.names[id(t)] for t in _tensors((args, kwargs)) if id(t) in self.names]
         for name in read:
             self.uses[name] = self.uses.get(name, 0) + 1
             self.readers.setdefault(name, []).append(_op_name(func))
@@ -151,6 +146,18 @@ class OpLog(TorchFunctionMode):
             version = call.input._version
         self.seen.append(Seen(form, call, roles, read, out, version, out._version))
         return out.clone() if any(n in self.copy_outputs for n in read) else out
+
+
+def _tensors(obj: Any) -> Iterator[Tensor]:
+    """The tensors in ``obj`` and in its lists, tuples and dicts (cheaper than a pytree walk)."""
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _tensors(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors(item)
 
 
 def _op_name(func: Any) -> str:

@@ -143,7 +143,7 @@ ZOO = (
 
 
 class Convs2d(nn.Module):
-    """Conv2d with every padding mode, ``padding="same"``, stride, dilation and groups."""
+    """Conv2d: every padding mode, ``padding="same"``, stride, dilation, groups; InstanceNorm2d."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -153,11 +153,13 @@ class Convs2d(nn.Module):
         )
         self.same = nn.Conv2d(4, 6, (2, 3), padding="same", padding_mode="replicate", groups=2)
         self.zeros = nn.Conv2d(6, 3, 2, stride=(1, 2), padding=(1, 0), bias=False)
+        self.instance = nn.InstanceNorm2d(6, affine=True)
         self.head = nn.Linear(3, CLASSES)
 
     def forward(self, x: Tensor) -> Tensor:
-        for conv in (self.reflect, self.circular, self.same, self.zeros):
+        for conv in (self.reflect, self.circular, self.same):
             x = torch.tanh(conv(x))
+        x = torch.tanh(self.zeros(self.instance(x)))
         return self.head(x.mean(dim=(2, 3)))
 
 
