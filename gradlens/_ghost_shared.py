@@ -25,7 +25,7 @@ from torch import Tensor
 
 from gradlens._ghost_forms import from_materialised
 
-__all__ = ["Materialised", "Outer", "combine"]
+__all__ = ["Materialised", "Outer", "Part", "combine"]
 
 
 class Outer(NamedTuple):
