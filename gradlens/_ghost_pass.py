@@ -128,8 +128,11 @@ def _as_planned(log: OpLog, plan: Mapping[str, PlanEntry], batch: int) -> list[t
             continue
         if seen.input_modified() or seen.output_modified() or not seen.output.requires_grad:
             continue  # written in place, unlike in the traces: no copy was made
-        layouts = {layout for form, layout in planned if form == seen.form.name}
-        if len(layouts) != 1 or len(planned) != len(seen.roles):
+        matched = [p for p in planned if p is not None]
+        if any(form != seen.form.name for form, _ in matched):
+            continue
+        layouts = {layout for _, layout in matched}
+        if len(layouts) != 1 or len(matched) != len(seen.roles):
             continue
         layout = layouts.pop()
         x = seen.call.input
