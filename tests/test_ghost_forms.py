@@ -259,3 +259,32 @@ def test_float32_models_keep_the_ghost_path() -> None:
             for name in want:
                 scale = want[name].abs().max()
                 torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_a_forward_that_differs_from_its_cached_plan_falls_back_exactly() -> None:
+    class Switch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv1d(2, 2, 3, padding=1)
+            self.head = nn.Linear(2, 3)
+            self.twice = False
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = torch.tanh(self.conv(x))
+            if self.twice:  # not part of the plan's cache key
+                h = torch.tanh(self.conv(h))
+            return self.head(h.mean(dim=2))
+
+    torch.manual_seed(0)
+    model = Switch().double()
+    x, y = torch.randn(5, 2, 7, dtype=torch.float64), torch.randint(0, 3, (5,))
+    ref = {"r": reference_for(model)}
+    assert ghost_plan(model, x)["conv.weight"].path == "ghost"
+    model.twice = True
+    found = probe_batch(model, loss_fn, x, y, references=ref)
+    assert found.plan["conv.weight"].path == "vmap"
+    assert found.plan["conv.weight"].reason == "the forward differed from its traced plan"
+    assert found.plan["head.weight"].path == "ghost"
+    assert_matches(found.dots, found.sq_norms, loop_grads(model, x, y), ref)
+    with pytest.raises(UnsupportedModelError, match="differed from its trace"):
+        per_example_dots(model, loss_fn, x, y, references=ref, method="ghost")
