@@ -66,7 +66,11 @@ def _transparent(func: Callable[..., Any]) -> Callable[..., Any]:
     return copy
 
 
-_TRANSPARENT = {F.multi_head_attention_forward: _transparent(F.multi_head_attention_forward)}
+_TRANSPARENT = {
+    func: _transparent(func)
+    for func in (F.multi_head_attention_forward,)
+    if isinstance(func, types.FunctionType)  # a Python function in this torch version
+}
 
 
 class Seen(NamedTuple):
