@@ -1,23 +1,29 @@
 """Which parameters may take the ghost path, established by tracing the forward (private).
 
-The ghost formulas of :mod:`gradlens._ghost_linear` are exact for a parameter
-only if (1) it is the weight or bias of an ``nn.Linear`` called once, (2) no
-other operation of the forward uses it (tied or shared weights, ``h @
-lin.weight``), (3) one known axis of the layer's input is the example axis,
-and (4) the forward does not mix examples. None of this can be read from the
-sizes of one forward: a ``(token, example, d)`` input with ``token ==
-example``, or a table with as many rows as the batch, look like ``(example,
-token, d)``. So the forward is traced twice, on the batch
+The factored forms of :mod:`gradlens._ghost_ops` (``FORMS``: ``F.linear``, HF
+``Conv1D``'s ``torch.addmm``, ``F.conv1d``/``F.conv2d``, ``F.embedding``, the
+affine parameters of the normalisations) are exact for a parameter only if
+(1) exactly one operation of the forward reads it, a call of a registered form
+with the parameter in a weight or bias slot (no tied or shared weight, no
+``h @ lin.weight``, no ``x @ A.T``); (2) one established axis of that call's
+input holds the examples; and (3) the forward does not mix examples. None of
+this can be read from the sizes of one forward: a ``(token, example, d)`` input
+with ``token == example``, or a table with as many rows as the batch, look like
+``(example, token, d)``. So the forward is traced twice, on the batch
 (``example`` rows) and on ``example - 1`` of its rows in reverse order (the
-first row twice for a batch of one), under a ``TorchFunctionMode`` that logs
-every operation that reads a selected parameter, and the shape of each
-``F.linear`` input.
+first row twice for a batch of one), under :class:`~gradlens._ghost_ops.OpLog`,
+which counts every operation that reads a selected parameter and notes each
+registered call.
 
-- The example axis of a linear input is the one axis whose size went from
-  ``example`` to the second batch size, every other axis unchanged; none
-  changed means the layer never sees the examples; anything else is ambiguous.
-  Either way the parameter goes to ``vmap``: the plan never guesses.
-- A parameter read by more than one operation goes to ``vmap``.
+- The example axis of a captured input is the one axis whose size went from
+  ``rows * example`` to ``rows * example_2``, every other axis unchanged; the
+  second input must equal the first's rows in the reversed order (values, when
+  the forward draws no random numbers), which also settles whether a flattened
+  ``(example, token)`` axis is example- or token-major. None changed means the
+  layer never sees the examples; anything else is ambiguous. Either way the
+  parameter goes to ``vmap``: the plan never guesses.
+- A parameter read by more than one operation, or by one without a factored
+  form, goes to ``vmap``, and its entry names the operations.
 - The second trace's outputs must equal the matching rows of the first; if not,
   the forward mixes examples and :class:`UnsupportedModelError` is raised
   (skipped when ``randomness`` is not ``"error"``, as dropout masks differ).
@@ -29,8 +35,8 @@ Example:
     >>> import torch
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
     >>> plan = ghost_plan(model, torch.randn(6, 4))
-    >>> plan["0.weight"].path, plan["0.weight"].example_axis
-    ('ghost', 0)
+    >>> plan["0.weight"].path, plan["0.weight"].example_axis, plan["0.weight"].form
+    ('ghost', 0, 'F.linear')
 """
 
 from __future__ import annotations
@@ -39,15 +45,15 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Collection, Hashable
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from gradlens._ghost_linear import is_plain_linear
+from gradlens._ghost_forms import Layout
+from gradlens._ghost_ops import OpLog, Seen, establish_layout
 from gradlens.errors import UnsupportedModelError
 from gradlens.per_example import Randomness, check_vmap_compatible, split_params
 
@@ -69,60 +75,44 @@ class PlanEntry(NamedTuple):
         reason: Why, in words.
         example_axis: On the ghost path, the axis of the layer's input that
             holds the examples (0 for ``(example, ..., d_in)``); else ``None``.
+        form: On the ghost path, the operation whose factored form is used
+            (``"F.linear"``, ``"F.conv2d"``, ``"F.embedding"``, ...); else ``None``.
+        rows: Rows of the example axis per example (``token`` when
+            ``(example, token)`` is flattened into one axis, else 1).
+        token_major: With ``rows > 1``, whether that axis is token-major.
+        copy_output: Whether the layer's output is written in place later in
+            the forward, so the ghost pass hands the forward a copy of it.
+        shared: For a parameter read by several calls, ``(form, layout)`` of
+            each call in the order of the forward (the fields above describe
+            the first); empty when read once.
     """
 
     path: Literal["ghost", "vmap"]
     reason: str
     example_axis: int | None = None
+    form: str | None = None
+    rows: int = 1
+    token_major: bool = False
+    copy_output: bool = False
+    shared: tuple[tuple[str, Layout], ...] = ()
+
+    @property
+    def layout(self) -> Layout:
+        """The :class:`~gradlens._ghost_forms.Layout` of a ghost entry."""
+        assert self.example_axis is not None
+        return Layout(self.example_axis, self.rows, self.token_major)
 
 
 @dataclass
 class _Trace:
     """What one traced forward showed."""
 
-    uses: dict[str, int] = field(default_factory=dict)
-    linear_input: dict[str, torch.Size] = field(default_factory=dict)
-    calls: dict[str, int] = field(default_factory=dict)
+    log: OpLog
     outputs: list[Tensor] = field(default_factory=list)
 
-
-class _UseLog(TorchFunctionMode):
-    """Count the operations that read each parameter; note ``F.linear`` input shapes."""
-
-    def __init__(self, names: dict[int, str], trace: _Trace) -> None:
-        super().__init__()
-        self.names = names
-        self.trace = trace
-
-    def __torch_function__(
-        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
-    ) -> Any:
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if not any(isinstance(t, Tensor) for t in tree_leaves(out)):
-            return out  # a metadata query (shape, dim, requires_grad) is no use
-        for t in tree_leaves((args, kwargs)):
-            name = self.names.get(id(t)) if isinstance(t, Tensor) else None
-            if name is not None:
-                self.trace.uses[name] = self.trace.uses.get(name, 0) + 1
-        if func is torch._C._nn.linear:
-            slots = [*args[1:3], kwargs.get("weight"), kwargs.get("bias")]
-            for t in slots:
-                if isinstance(t, Tensor) and id(t) in self.names:
-                    self.trace.linear_input[self.names[id(t)]] = args[0].shape
-        return out
-
-
-def _linear_owners(model: nn.Module, names: Collection[str]) -> dict[str, str]:
-    """Parameter name -> module name, for the selected weights and biases of ``nn.Linear``."""
-    owners = {}
-    for module_name, module in model.named_modules():
-        if is_plain_linear(module):
-            prefix = f"{module_name}." if module_name else ""
-            for p, _ in module.named_parameters(recurse=False):
-                if prefix + p in names:
-                    owners[prefix + p] = module_name
-    return owners
+    def calls_of(self, name: str) -> list[Seen]:
+        """The registered calls that read ``name``."""
+        return [s for s in self.log.seen if name in s.read]
 
 
 def _trace(
@@ -130,30 +120,16 @@ def _trace(
     selected: dict[str, Tensor],
     frozen: dict[str, Tensor],
     inputs: Tensor,
-    owners: dict[str, str],
 ) -> _Trace:
-    """Run the forward once, logging uses, linear inputs and module calls; keep no graph."""
-    trace = _Trace()
-    modules = dict(model.named_modules())
-    handles = []
-    for module_name in set(owners.values()):
-
-        def count(*_: object, name: str = module_name) -> None:
-            trace.calls[name] = trace.calls.get(name, 0) + 1
-
-        handles.append(modules[module_name].register_forward_hook(count))
+    """Run the forward once under an :class:`OpLog`; keep no graph."""
     buffers = {n: b.clone() for n, b in model.named_buffers()}  # a forward may update them
     # With grad, as in the ghost pass: a module may branch on grad mode (fast paths).
     params = {n: p.detach().requires_grad_() for n, p in selected.items()}
-    names = {id(t): n for n, t in params.items()}
-    try:
-        with torch.enable_grad(), _UseLog(names, trace):
-            out = functional_call(model, (params, frozen, buffers), (inputs,))
-    finally:
-        for handle in handles:
-            handle.remove()
-    trace.outputs = [t.detach() for t in tree_leaves(out) if isinstance(t, Tensor)]
-    return trace
+    log = OpLog({id(t): n for n, t in params.items()})
+    with torch.enable_grad(), log:
+        out = functional_call(model, (params, frozen, buffers), (inputs,))
+    outputs = [t.detach() for t in tree_leaves(out) if isinstance(t, Tensor)]
+    return _Trace(log, outputs)
 
 
 def _check_not_mixing(first: _Trace, second: _Trace, index: Tensor, model: nn.Module) -> None:
@@ -175,54 +151,86 @@ def _check_not_mixing(first: _Trace, second: _Trace, index: Tensor, model: nn.Mo
             )
 
 
-def _example_axis(first: torch.Size, second: torch.Size, sizes: tuple[int, int]) -> int | str:
-    """The example axis of a linear input seen at two batch sizes, or why there is none."""
-    changed = [k for k, (s, t) in enumerate(zip(first, second, strict=False)) if s != t]
-    if first == second:
-        return (
-            f"its input {tuple(first)} does not change with the batch size: it is applied "
-            "to something other than the examples (a table or buffer)"
-        )
-    if len(first) != len(second) or len(changed) != 1:
-        changed = [-1]
-    if changed[0] < 0 or (first[changed[0]], second[changed[0]]) != sizes:
-        return (
-            f"no single example axis in its input: {tuple(first)} at {sizes[0]} examples, "
-            f"{tuple(second)} at {sizes[1]}"
-        )
-    return changed[0]
-
-
 def _decide(
-    name: str, owner: str | None, first: _Trace, second: _Trace, sizes: tuple[int, int]
+    name: str, first: _Trace, second: _Trace, index: Tensor, batch: int, check_values: bool
 ) -> PlanEntry:
     """The path of one parameter from the two traces."""
-    if owner is None:
-        return PlanEntry("vmap", "not the weight or bias of an nn.Linear")
-    uses = (first.uses.get(name, 0), second.uses.get(name, 0))
+    uses = (first.log.uses.get(name, 0), second.log.uses.get(name, 0))
     if uses[0] == 0:
         return PlanEntry("vmap", "not used in the forward")
-    calls = (first.calls.get(owner, 0), second.calls.get(owner, 0))
-    if calls != (1, 1):
+    readers = first.log.readers[name]
+    calls = (first.calls_of(name), second.calls_of(name))
+    if uses[0] != uses[1] or len(calls[0]) != uses[0] or len(calls[1]) != uses[0]:
+        if uses == (1, 1):
+            return PlanEntry("vmap", f"read by {readers[0]}, which has no factored form")
         return PlanEntry(
             "vmap",
-            f"its nn.Linear {owner!r} is called {calls[0]} times per forward, not once "
-            "(applied several times, or its parameters read functionally)",
+            f"read by {uses[0]} operations of the forward ({', '.join(readers)}), not all "
+            "of them once each by a call with a factored form: a shared, tied or functional use",
         )
-    if uses != (1, 1):
+    found = [
+        _call_layout(name, s, t, index, batch, check_values) for s, t in zip(*calls, strict=True)
+    ]
+    refused = [f for f in found if isinstance(f, str)]
+    if refused:
+        return PlanEntry("vmap", refused[0])
+    decided = [f for f in found if not isinstance(f, str)]
+    entry = decided[0]
+    if len(decided) == 1:
+        return entry
+    kinds = {seen.form.shared.get(_role_of(name, seen), "") for seen in calls[0]}
+    if len(kinds) != 1 or "" in kinds:
+        forms = ", ".join(f"{e.form}" for e in decided)
         return PlanEntry(
             "vmap",
-            f"read by {uses[0]} operations of the forward, not only by {owner!r}: a shared, "
-            "tied or functional use",
+            f"read by {uses[0]} calls ({forms}) whose contributions have no combined "
+            "factored form here",
         )
-    if name not in first.linear_input or name not in second.linear_input:
-        return PlanEntry("vmap", f"not read by the F.linear call of {owner!r}")
-    axis = _example_axis(first.linear_input[name], second.linear_input[name], sizes)
-    if isinstance(axis, str):
-        return PlanEntry("vmap", axis)
-    shape = tuple(first.linear_input[name])
-    reason = f"nn.Linear {owner!r} called once on {shape}, example axis {axis}"
-    return PlanEntry("ghost", reason, axis)
+    reason = f"read by {uses[0]} calls, contributions added, cross terms in the norm: " + "; ".join(
+        e.reason for e in decided
+    )
+    return entry._replace(
+        reason=reason,
+        copy_output=any(e.copy_output for e in decided),
+        shared=tuple((e.form or "", e.layout) for e in decided),
+    )
+
+
+def _role_of(name: str, seen: Seen) -> str | None:
+    """The slot of ``seen``'s call that holds ``name``."""
+    return next((r for r, n in seen.roles.items() if n == name), None)
+
+
+def _call_layout(
+    name: str, seen: Seen, again: Seen, index: Tensor, batch: int, check_values: bool
+) -> PlanEntry | str:
+    """The ghost entry for one call reading ``name`` (seen in both traces), or why not."""
+    if isinstance(seen.call, str):
+        return seen.call
+    assert not isinstance(again.call, str)
+    role = _role_of(name, seen)
+    if role is None or again.roles.get(role) != name:
+        return f"read by {seen.form.name}, but not as its weight or bias"
+    if seen.input_modified() or again.input_modified():
+        return f"the input of its {seen.form.name} is written in place later"
+    layout = establish_layout(
+        seen.call.input, again.call.input, index, batch, check_values=check_values
+    )
+    if isinstance(layout, str):
+        return layout
+    shape = tuple(seen.call.input.shape)
+    if layout.axis > seen.call.options["last_axis"]:
+        return (
+            f"the examples of its input {shape} are on axis {layout.axis}, where "
+            f"{seen.form.name} has no example axis"
+        )
+    flat = f", {layout.rows} rows per example" if layout.rows > 1 else ""
+    order = " (token-major)" if layout.token_major else ""
+    reason = f"{seen.form.name} {role} on {shape}, example axis {layout.axis}{flat}{order}"
+    copy = seen.output_modified() or again.output_modified()
+    return PlanEntry(
+        "ghost", reason, layout.axis, seen.form.name, layout.rows, layout.token_major, copy
+    )
 
 
 def plan_for(
@@ -263,15 +271,15 @@ def plan_for(
     batch = inputs.shape[0]
     index = torch.arange(batch - 1, 0, -1) if batch > 1 else torch.zeros(2, dtype=torch.long)
     index = index.to(inputs.device)
-    owners = _linear_owners(model, selected)
     devices = [inputs.device] if inputs.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        first = _trace(model, selected, frozen, inputs, owners)
-        second = _trace(model, selected, frozen, inputs[index], owners)
+        first = _trace(model, selected, frozen, inputs)
+        second = _trace(model, selected, frozen, inputs[index])
     if randomness == "error" and batch > 1:
         _check_not_mixing(first, second, index, model)
-    sizes = (batch, index.shape[0])
-    plan = {n: _decide(n, owners.get(n), first, second, sizes) for n in selected}
+    check = randomness == "error"
+    plan = {n: _decide(n, first, second, index, batch, check) for n in selected}
+    del first, second  # the traces hold activations; the plan holds only names and ints
     plans[key] = plan
     if len(plans) > CACHE_SIZE:
         plans.popitem(last=False)
@@ -289,8 +297,8 @@ def ghost_plan(
 
     The same plan that :func:`~gradlens.per_example_dots` and
     :func:`~gradlens.probe_batch` follow (and return as ``Probe.plan``): the
-    forward is traced at two batch sizes to establish each linear input's
-    example axis and every use of each parameter (see
+    forward is traced at two batch sizes to establish the example axis of
+    each captured layer input and every use of each parameter (see
     :mod:`gradlens._ghost_plan`). Cached per model and input signature.
 
     Args:
@@ -300,7 +308,7 @@ def ghost_plan(
         randomness: ``vmap`` randomness choice, as in :func:`~gradlens.per_example_dots`.
 
     Returns:
-        Name -> :class:`PlanEntry` (``path``, ``reason``, ``example_axis``).
+        Name -> :class:`PlanEntry` (``path``, ``reason``, ``example_axis``, ``form``, ...).
 
     Raises:
         ValueError: If ``inputs`` has no example.

@@ -8,13 +8,16 @@ gradient is ``G_i = sum_t b_it a_it^T``. So, for a reference ``R``,
 - ``||G_i||^2 = sum_{t,s} (a_it . a_is)(b_it . b_is)``
 
 (Goodfellow 2015; Li et al. 2021, "ghost clipping"; shapes, the bias and the
-cost of each form in :mod:`gradlens._ghost_linear`). Both come from the
-activations and output gradients of one ordinary forward and backward pass, so
-the ``example x parameter`` matrix is never built. Which parameters may go this
-way is established, not inferred from sizes, by :func:`ghost_plan` (the example
-axis of each linear input, every use of each parameter, and a check that the
-forward does not mix examples; see :mod:`gradlens._ghost_plan`). The others
-fall back to ``vmap`` per-example gradients, reduced chunk by chunk.
+cost of each form in :mod:`gradlens._ghost_linear`). Convolutions, embeddings,
+HF ``Conv1D`` and the affine parameters of normalisations have factored forms
+of their own (the registry in :mod:`gradlens._ghost_ops`). All come from the
+inputs and output gradients of one ordinary forward and backward pass, so
+the ``example x parameter`` matrix is never built, and ``K`` references cost
+``K`` inner products, not ``K`` passes. Which parameters may go this way is
+established, not inferred from sizes, by :func:`ghost_plan` (the example axis of
+each captured input, every use of each parameter, and a check that the forward
+does not mix examples; see :mod:`gradlens._ghost_plan`). The others fall back to
+``vmap`` per-example gradients, reduced chunk by chunk.
 
 Example:
     >>> import torch
@@ -28,6 +31,13 @@ Example:
     >>> dots_v, _ = per_example_dots(model, loss, x, y, reference=ref, method="vmap")
     >>> torch.allclose(dots["0.weight"], dots_v["0.weight"], atol=1e-5)
     True
+    >>> teacher = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    >>> refs = {"trait": ref, "teacher": teacher}
+    >>> dots_k, _ = per_example_dots(model, loss, x, y, references=refs)
+    >>> tuple(dots_k["0.weight"].shape)  # (example, reference), in the order of refs
+    (6, 2)
+    >>> torch.allclose(dots_k["0.weight"][:, 0], dots["0.weight"], atol=1e-5)
+    True
 """
 
 from __future__ import annotations
@@ -39,7 +49,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from gradlens._ghost_linear import Capture, as_tokens, capture_linear, linear_dots
+from gradlens._ghost_pass import ghost_pass
 from gradlens._ghost_plan import PlanEntry, ghost_plan, plan_for
 from gradlens.errors import UnsupportedModelError
 from gradlens.gradops import check_compatible
@@ -58,6 +68,41 @@ __all__ = ["Method", "PlanEntry", "Probe", "ghost_plan", "per_example_dots", "pr
 Method = Literal["auto", "ghost", "vmap"]
 
 
+References = Mapping[str, Mapping[str, Tensor]]
+"""Named reference gradients: reference name -> gradient dict."""
+
+
+def _stack_references(
+    selected: Mapping[str, Tensor],
+    reference: Mapping[str, Tensor] | None,
+    references: References | None,
+) -> tuple[dict[str, Tensor], tuple[str, ...] | None]:
+    """Each parameter's references stacked, ``(reference, *param)``, and their names.
+
+    Returns:
+        ``(stacked, names)``; ``names`` is ``None`` for a single ``reference``.
+
+    Raises:
+        ValueError: Unless exactly one of ``reference`` and ``references`` is given.
+        GradientMismatchError: If a reference does not match the selected parameters.
+    """
+    if (reference is None) == (references is None):
+        raise ValueError(
+            "give exactly one of reference= (one gradient dict) and references= "
+            "(name -> gradient dict, for several at once)."
+        )
+    if reference is not None:
+        check_compatible(selected, reference, what="model parameters and reference")
+        return {n: reference[n].unsqueeze(0) for n in selected}, None
+    assert references is not None
+    if not references:
+        raise ValueError("references= needs at least one named reference gradient.")
+    for key, ref in references.items():
+        check_compatible(selected, ref, what=f"model parameters and references[{key!r}]")
+    stacked = {n: torch.stack([ref[n] for ref in references.values()]) for n in selected}
+    return stacked, tuple(references)
+
+
 def _vmap_dots(
     model: nn.Module,
     loss_fn: LossFn,
@@ -72,6 +117,8 @@ def _vmap_dots(
 
     Examples are processed ``chunk_size`` at a time and reduced at once, so at
     most ``chunk_size x parameter`` gradient entries exist at any moment.
+    ``reference`` holds stacked references, ``(reference, *param)``; the dots
+    have shape ``(example, reference)``.
     """
     step = chunk_size or inputs.shape[0]
     dots: dict[str, list[Tensor]] = {n: [] for n in names}
@@ -89,7 +136,8 @@ def _vmap_dots(
         )
         for name, g in grads.items():
             flat = g.flatten(start_dim=1)
-            dots[name].append(flat @ reference[name].reshape(-1))
+            refs = reference[name]
+            dots[name].append(flat @ refs.reshape(refs.shape[0], -1).T)
             sq_norms[name].append(torch.linalg.vector_norm(flat, dim=1).square())
             grad_sum[name] = g.sum(dim=0) + grad_sum.get(name, 0.0)
     return (
@@ -106,10 +154,13 @@ class Probe(NamedTuple):
         losses: Each example's loss, shape ``(example,)``.
         grad: The mean over examples of the per-example gradients (for a
             mean-reduced loss, the ordinary batch gradient); name -> param shape.
-        dots: ``<g_i[p], reference[p]>``, name -> ``(example,)``.
+        dots: ``<g_i[p], reference[p]>``, name -> ``(example,)``; with
+            ``references=``, name -> ``(example, reference)``.
         sq_norms: ``||g_i[p]||^2``, name -> ``(example,)``.
         plan: The path each parameter took and why, name -> :class:`PlanEntry`
             (as from :func:`ghost_plan`; empty for a batch without examples).
+        references: The names along the ``reference`` axis of ``dots``, in
+            order (the keys of ``references=``); ``None`` with ``reference=``.
 
     A batch without examples gives ``(0,)`` values and a zero ``grad`` (the
     mean of no gradients, taken as no step rather than NaN).
@@ -120,12 +171,14 @@ class Probe(NamedTuple):
     dots: dict[str, Tensor]
     sq_norms: dict[str, Tensor]
     plan: dict[str, PlanEntry]
+    references: tuple[str, ...] | None = None
 
 
 def _probe(
     model: nn.Module,
     loss_fn: LossFn,
-    reference: Mapping[str, Tensor],
+    reference: Mapping[str, Tensor] | None,
+    references: References | None,
     inputs: Tensor,
     targets: tuple[Tensor, ...],
     *,
@@ -141,10 +194,10 @@ def _probe(
     check_chunk_size(chunk_size)
     check_vmap_compatible(model, randomness)
     selected, frozen = split_params(model, params)
-    check_compatible(selected, reference, what="model parameters and reference")
+    stacked, ref_names = _stack_references(selected, reference, references)
     names = list(selected)
     if inputs.shape[0] == 0:
-        return _empty_probe(selected, with_grad=with_grad)
+        return _empty_probe(selected, stacked, ref_names, with_grad=with_grad)
     plan = plan_for(model, inputs, selected, frozen, randomness)  # also the mixing check
     if method == "vmap":
         plan = {n: PlanEntry("vmap", "method='vmap'") for n in names}
@@ -152,9 +205,10 @@ def _probe(
     if method == "ghost" and refused:
         raise UnsupportedModelError(
             f"parameters without an exact ghost form: {'; '.join(refused)}. The ghost path "
-            "takes only nn.Linear parameters read once by the forward, on inputs with an "
-            "established example axis; use method='auto' to send the others to vmap "
-            "(ghost_plan shows the plan)."
+            "takes only parameters read once by the forward, in the weight or bias of a layer "
+            "with a factored form (linear, HF Conv1D, conv, embedding, normalisations), on "
+            "inputs with an established example axis; use method='auto' to send the others "
+            "to vmap (ghost_plan shows the plan)."
         )
     if method == "vmap":
         losses = torch.empty(0)
@@ -166,8 +220,8 @@ def _probe(
                 losses = per_example_losses(loss_fn, outputs, *targets)
         dots, sq_norms, grad_sum = {}, {}, {}
     else:
-        losses, grad_sum, dots, sq_norms = _ghost_pass(
-            model, loss_fn, reference, inputs, targets, selected, frozen, plan, with_grad=with_grad
+        losses, grad_sum, dots, sq_norms = ghost_pass(
+            model, loss_fn, stacked, inputs, targets, selected, frozen, plan, with_grad=with_grad
         )
     rest = [n for n in names if n not in dots]
     for name in rest:
@@ -179,7 +233,7 @@ def _probe(
             "its trace (a forward that depends on the data?); use method='auto'."
         )
     if rest:
-        more = _vmap_dots(model, loss_fn, reference, inputs, targets, rest, chunk_size, randomness)
+        more = _vmap_dots(model, loss_fn, stacked, inputs, targets, rest, chunk_size, randomness)
         dots.update(more[0])
         sq_norms.update(more[1])
         if method == "vmap":
@@ -188,21 +242,30 @@ def _probe(
     return Probe(
         losses=losses,
         grad={n: grad_sum[n] / count for n in names} if with_grad else {},
-        dots={n: dots[n] for n in names},
+        dots={n: dots[n] if ref_names else dots[n][:, 0] for n in names},
         sq_norms={n: sq_norms[n] for n in names},
         plan=plan,
+        references=ref_names,
     )
 
 
-def _empty_probe(selected: dict[str, Tensor], *, with_grad: bool) -> Probe:
+def _empty_probe(
+    selected: dict[str, Tensor],
+    stacked: dict[str, Tensor],
+    ref_names: tuple[str, ...] | None,
+    *,
+    with_grad: bool,
+) -> Probe:
     """The probe of a batch without examples: empty values, a zero mean gradient."""
     empty = {n: p.new_zeros(0) for n, p in selected.items()}
+    dots = {n: p.new_zeros(0, stacked[n].shape[0]) for n, p in selected.items()}
     return Probe(
         losses=next(iter(selected.values())).new_zeros(0),
         grad={n: torch.zeros_like(p) for n, p in selected.items()} if with_grad else {},
-        dots=empty,
+        dots=dots if ref_names else empty,
         sq_norms=dict(empty),
         plan={},
+        references=ref_names,
     )
 
 
@@ -211,7 +274,8 @@ def per_example_dots(
     loss_fn: LossFn,
     inputs: Tensor,
     *targets: Tensor,
-    reference: Mapping[str, Tensor],
+    reference: Mapping[str, Tensor] | None = None,
+    references: References | None = None,
     params: Collection[str] | None = None,
     method: Method = "auto",
     chunk_size: int | None = None,
@@ -230,6 +294,10 @@ def per_example_dots(
         *targets: Each of shape ``(example, ...)``.
         reference: Gradient dict with exactly the selected parameter names
             (keyword-only, as everywhere in gradlens).
+        references: Instead of ``reference``, several at once: name -> gradient
+            dict (e.g. ``{"trait": g_t, "teacher": theta_T - theta_0}``), all
+            from one forward and backward; the dots then gain a ``reference``
+            axis in the order of its keys.
         params: Parameter names; default all that require grad.
         method: ``"ghost"`` uses the factored form for every parameter and
             raises, naming each parameter and why, if one has none;
@@ -242,19 +310,22 @@ def per_example_dots(
 
     Returns:
         ``(dots, sq_norms)``: for every selected name, shape ``(example,)``
-        (``(0,)`` for a batch without examples).
+        (``(0,)`` for a batch without examples); with ``references=`` the dots
+        have shape ``(example, reference)``.
 
     Raises:
         GradientMismatchError: If ``reference`` does not match the selected parameters.
         UnsupportedModelError: If the model cannot be probed per example (its
             forward mixes examples, for one), or ``method="ghost"`` meets a
             parameter without an exact factored form.
-        ValueError: If ``chunk_size`` is zero or negative.
+        ValueError: If ``chunk_size`` is zero or negative, or not exactly one of
+            ``reference`` and ``references`` is given.
     """
     found = _probe(
         model,
         loss_fn,
         reference,
+        references,
         inputs,
         targets,
         params=params,
@@ -271,7 +342,8 @@ def probe_batch(
     loss_fn: LossFn,
     inputs: Tensor,
     *targets: Tensor,
-    reference: Mapping[str, Tensor],
+    reference: Mapping[str, Tensor] | None = None,
+    references: References | None = None,
     params: Collection[str] | None = None,
     method: Method = "auto",
     chunk_size: int | None = None,
@@ -291,6 +363,7 @@ def probe_batch(
         model,
         loss_fn,
         reference,
+        references,
         inputs,
         targets,
         params=params,
@@ -299,71 +372,3 @@ def probe_batch(
         randomness=randomness,
         with_grad=True,
     )
-
-
-def _ghost_pass(
-    model: nn.Module,
-    loss_fn: LossFn,
-    reference: Mapping[str, Tensor],
-    inputs: Tensor,
-    targets: tuple[Tensor, ...],
-    selected: dict[str, Tensor],
-    frozen: dict[str, Tensor],
-    plan: Mapping[str, PlanEntry],
-    *,
-    with_grad: bool,
-) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
-    """One forward and one backward; ghost values for the parameters planned so.
-
-    The example axis of each captured input and output comes from ``plan``;
-    a layer whose capture does not match it (called again, another shape)
-    gets no ghost value, so the caller sends it to ``vmap``.
-
-    Returns:
-        ``(losses, grad_sum, dots, sq_norms)``: per-example losses ``(example,)``;
-        with ``with_grad`` the sum over examples of the per-example gradients of
-        every selected parameter (else empty); dots and squared norms of the
-        ghost parameters.
-    """
-    batch = inputs.shape[0]
-    params = {n: p.requires_grad_() for n, p in selected.items()}
-    buffers = dict(model.named_buffers())
-    ghost = [n for n, e in plan.items() if e.path == "ghost"]
-    with torch.enable_grad(), capture_linear(model, ghost) as captures:
-        outputs = functional_call(model, (params, frozen, buffers), (inputs,))
-        losses = per_example_losses(loss_fn, outputs, *targets)
-    eligible: dict[str, tuple[Capture, int]] = {}
-    for module_name, c in captures.items():
-        axis = plan[c.names[0]].example_axis
-        assert axis is not None
-        x = c.activations
-        out = c.outputs
-        if c.calls == 1 and x is not None and x.ndim > axis and x.shape[axis] == batch:
-            if out is None or not out.requires_grad:
-                continue
-            eligible[module_name] = (c, axis)
-    wrt = [c.outputs for c, _ in eligible.values()] + (list(params.values()) if with_grad else [])
-    if not wrt:
-        return losses.detach(), {}, {}, {}
-    with torch.enable_grad():
-        found = torch.autograd.grad(losses.sum(), wrt, allow_unused=True)
-    output_grads, param_grads = found[: len(eligible)], found[len(eligible) :]
-    grad_sum = (
-        {
-            n: torch.zeros_like(p) if g is None else g
-            for (n, p), g in zip(params.items(), param_grads, strict=True)
-        }
-        if with_grad
-        else {}
-    )
-    dots: dict[str, Tensor] = {}
-    sq_norms: dict[str, Tensor] = {}
-    for (capture, axis), b in zip(eligible.values(), output_grads, strict=True):
-        assert capture.activations is not None and capture.outputs is not None
-        if b is None:
-            b = torch.zeros_like(capture.outputs)
-        a = as_tokens(capture.activations, axis)
-        more = linear_dots(a, as_tokens(b, axis), capture.names, reference)
-        dots.update(more[0])
-        sq_norms.update(more[1])
-    return losses.detach(), grad_sum, dots, sq_norms

@@ -57,8 +57,9 @@ def test_long_sequences_use_materialised_norm_branch() -> None:
 
 
 def test_ghost_only_raises_for_layers_without_factored_form() -> None:
-    model, x, y = make_case("cnn")
-    why = r"exact ghost form: '0.weight' \(not the weight or bias of an nn.Linear\); '0.bias'"
+    model, x, y = make_case("mlp")
+    model[1] = nn.PReLU().double()
+    why = r"exact ghost form: '1.weight' \(read by prelu, which has no factored form\)"
     with pytest.raises(UnsupportedModelError, match=why):
         per_example_dots(model, loss_fn, x, y, reference=reference_for(model), method="ghost")
 

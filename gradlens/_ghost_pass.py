@@ -1,0 +1,146 @@
+"""The ghost pass: one forward and backward, factored forms for planned parameters (private).
+
+Runs the forward under an :class:`~gradlens._ghost_ops.OpLog` that captures each
+registered call reading a ghost parameter (see :mod:`gradlens._ghost_plan` for
+how the plan was established), backpropagates the summed per-example losses to
+the captured outputs (and to the parameters for the batch gradient), and hands
+each call's input and output gradient to its form. Parameters read by several
+calls are combined by :mod:`gradlens._ghost_shared`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from gradlens._ghost_forms import Layout
+from gradlens._ghost_ops import OpLog, Seen
+from gradlens._ghost_plan import PlanEntry
+from gradlens._ghost_shared import Part, combine
+from gradlens.per_example import LossFn, per_example_losses
+
+__all__ = ["ghost_pass"]
+
+
+def ghost_pass(
+    model: nn.Module,
+    loss_fn: LossFn,
+    references: Mapping[str, Tensor],
+    inputs: Tensor,
+    targets: tuple[Tensor, ...],
+    selected: dict[str, Tensor],
+    frozen: dict[str, Tensor],
+    plan: Mapping[str, PlanEntry],
+    *,
+    with_grad: bool,
+) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+    """One forward and one backward; ghost values for the parameters planned so.
+
+    Each registered call reading a ghost parameter is captured by an
+    :class:`~gradlens._ghost_ops.OpLog`; its example layout comes from ``plan``.
+    A parameter whose capture does not match its plan (read again, another
+    form or shape) gets no ghost value, so the caller sends it to ``vmap``.
+
+    ``references`` holds stacked references, name -> ``(reference, *param)``;
+    the other arguments are those of :func:`gradlens.ghost.probe_batch`, with the
+    parameters split by ``split_params``.
+
+    Returns:
+        ``(losses, grad_sum, dots, sq_norms)``: per-example losses ``(example,)``;
+        with ``with_grad`` the sum over examples of the per-example gradients of
+        every selected parameter (else empty); dots ``(example, reference)`` and
+        squared norms ``(example,)`` of the ghost parameters.
+    """
+    batch = inputs.shape[0]
+    params = {n: p.requires_grad_() for n, p in selected.items()}
+    buffers = dict(model.named_buffers())
+    ghost = {id(params[n]): n for n, e in plan.items() if e.path == "ghost"}
+    log = OpLog(ghost, copy_outputs={n for n, e in plan.items() if e.copy_output})
+    with torch.enable_grad(), log:
+        outputs = functional_call(model, (params, frozen, buffers), (inputs,))
+        losses = per_example_losses(loss_fn, outputs, *targets)
+    eligible = _as_planned(log, plan, batch)
+    wrt = [seen.output for seen, _ in eligible] + (list(params.values()) if with_grad else [])
+    if not wrt:
+        return losses.detach(), {}, {}, {}
+    with torch.enable_grad():
+        found = torch.autograd.grad(losses.sum(), wrt, allow_unused=True)
+    output_grads, param_grads = found[: len(eligible)], found[len(eligible) :]
+    grad_sum = (
+        {
+            n: torch.zeros_like(p) if g is None else g
+            for (n, p), g in zip(params.items(), param_grads, strict=True)
+        }
+        if with_grad
+        else {}
+    )
+    dots: dict[str, Tensor] = {}
+    sq_norms: dict[str, Tensor] = {}
+    parts: dict[str, list[Part]] = {}
+    for (seen, layout), b in zip(eligible, output_grads, strict=True):
+        assert not isinstance(seen.call, str)
+        b = torch.zeros_like(seen.output) if b is None else b.detach()
+        once = {r: n for r, n in seen.roles.items() if not plan[n].shared}
+        with torch.no_grad():
+            if once:
+                refs = {role: references[name] for role, name in once.items()}
+                for role, (d, sq) in seen.form.compute(seen.call, b, layout, refs).items():
+                    dots[once[role]], sq_norms[once[role]] = d, sq
+            if len(once) < len(seen.roles):
+                assert seen.form.parts is not None
+                found_parts = seen.form.parts(seen.call, b, layout)
+                for role, name in seen.roles.items():
+                    if plan[name].shared:
+                        parts.setdefault(name, []).append(found_parts[role])
+    for name, found_parts in parts.items():
+        if len(found_parts) == len(plan[name].shared):  # else: vmap, in the caller
+            with torch.no_grad():
+                dots[name], sq_norms[name] = combine(found_parts, references[name])
+    return losses.detach(), grad_sum, dots, sq_norms
+
+
+def _as_planned(log: OpLog, plan: Mapping[str, PlanEntry], batch: int) -> list[tuple[Seen, Layout]]:
+    """The captured calls that are the ones their parameters were planned for, on this batch.
+
+    A parameter read by several calls is planned with each call's form and
+    layout in order; a call that does not match (another form, shape, or count
+    of uses than traced, or an input or output written in place unlike in the
+    traces) is dropped, and its parameters then get no ghost value.
+    """
+    position: dict[str, int] = {}
+    found = []
+    for seen in log.seen:
+        planned: list[tuple[str, Layout] | None] = []
+        for name in seen.read:
+            k = position.get(name, 0)
+            position[name] = k + 1
+            entry = plan[name]
+            if name not in seen.roles.values():
+                planned.append(None)
+            elif entry.shared:
+                planned.append(entry.shared[k] if k < len(entry.shared) else None)
+            else:
+                planned.append((entry.form or "", entry.layout) if k == 0 else None)
+        if isinstance(seen.call, str) or not seen.roles or None in planned:
+            continue
+        if seen.input_modified() or seen.output_modified() or not seen.output.requires_grad:
+            continue  # written in place, unlike in the traces: no copy was made
+        matched = [p for p in planned if p is not None]
+        if any(form != seen.form.name for form, _ in matched):
+            continue
+        layouts = {layout for _, layout in matched}
+        if len(layouts) != 1 or len(matched) != len(seen.roles):
+            continue
+        layout = layouts.pop()
+        x = seen.call.input
+        if x.ndim > layout.axis and x.shape[layout.axis] == layout.rows * batch:
+            found.append((seen, layout))
+    counts = {n: max(len(e.shared), 1) for n, e in plan.items() if e.path == "ghost"}
+    return [
+        (seen, layout)
+        for seen, layout in found
+        if all(log.uses.get(n) == counts[n] for n in seen.roles.values())
+    ]
