@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -179,6 +180,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo")
     provenance = run_provenance()
+    load_before = os.getloadavg()
     found = {}
     for name in WORKLOADS:
         times = time_workload(name, args.batch, args.steps, args.blocks)
@@ -200,6 +202,10 @@ def main() -> None:
             "blocks": args.blocks,
             "threads_per_rank": args.threads,
             "machine": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            # The machine is shared: its 1-minute load average before and after the run.
+            "load_average_before": load_before[0],
+            "load_average_after": os.getloadavg()[0],
             **provenance.attrs(),
             "workloads": found,
         }
