@@ -174,53 +174,82 @@ def _trait_gradient(
     return message[1] / total, _unflat(message[2:] / total, params)
 
 
-def _trait_loss_after(
-    model: nn.Module, trait: Objective, layout: TraitBatch, group: ProcessGroup
-) -> Tensor:
-    """The global trait loss at the new parameters (one forward per rank)."""
-    count = trait.inputs.shape[0]
-    with torch.no_grad():
-        if count > 0:
-            loss = trait.loss_fn(model(trait.inputs), *trait.targets).detach().reshape(1)
-        else:
-            loss = torch.zeros(1, dtype=next(model.parameters()).dtype)
-    if layout == "replicated":
-        dist.broadcast(loss, src=dist.get_global_rank(group, 0) if group else 0, group=group)
-        return loss[0]
-    message = torch.cat([loss.new_tensor([float(count)]), loss * count])
-    dist.all_reduce(message, group=group)
-    return message[1] / message[0]
+def _fingerprint(params: Mapping[str, Tensor]) -> Tensor:
+    """Each parameter's sum and norm, accumulated in float64: ``(tensor, 2)``.
 
-
-def _check_replicas(params: dict[str, Tensor], step: int | None, group: ProcessGroup) -> None:
-    """Raise on every rank if any rank's parameters differ from rank 0's.
-
-    Each parameter is summarised by its float64 sum and sum of squares; equal
-    parameters give equal bits, so any difference in these is a divergence
-    (a divergence that leaves both unchanged is not caught).
+    Equal parameters give equal bits; a divergence that leaves both unchanged
+    is not caught.
     """
-    _, world = _world(group)
-    mine = torch.stack(
+    return torch.stack(
         [
-            torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
+            torch.stack(
+                [
+                    p.detach().sum(dtype=torch.float64),
+                    torch.linalg.vector_norm(p.detach(), dtype=torch.float64),
+                ]
+            )
             for p in params.values()
         ]
     )
+
+
+def _after_step(
+    model: nn.Module,
+    trait: Objective | None,
+    layout: TraitBatch,
+    params: dict[str, Tensor],
+    check: bool,
+    step: int | None,
+    group: ProcessGroup,
+) -> Tensor | None:
+    """The global trait loss at the new parameters (with ``trait``) and the replica check.
+
+    One all-gather carries both: every rank's trait loss on its trait batch
+    and its count, and every rank's :func:`_fingerprint`.
+
+    Raises:
+        ReplicaDivergenceError: On every rank, if ``check`` and any rank's
+            parameters differ from rank 0's.
+    """
+    _, world = _world(group)
+    reference = next(iter(params.values()))
+    parts = []
+    if trait is not None:
+        count = trait.inputs.shape[0]
+        loss = reference.new_zeros((), dtype=torch.float64)
+        if count > 0:
+            with torch.no_grad():
+                loss = trait.loss_fn(model(trait.inputs), *trait.targets).detach().double()
+        parts.append(torch.stack([loss.new_tensor(float(count)), loss]))
+    if check:
+        parts.append(_fingerprint(params).reshape(-1))
+    if not parts:
+        return None
+    mine = torch.cat(parts).to(reference.device)
     found = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(found, mine, group=group)
-    differ = {
-        rank: [n for n, a, b in zip(params, f, found[0], strict=True) if not torch.equal(a, b)]
-        for rank, f in enumerate(found)
-    }
-    differ = {rank: names for rank, names in differ.items() if names}
-    if differ:
-        where = "; ".join(f"rank {r}: {names}" for r, names in differ.items())
-        raise ReplicaDivergenceError(
-            f"after step {step}, the parameters differ from rank 0's ({where}): the ranks no "
-            "longer hold one model. Start every rank from the same parameters (wrapping in "
-            "DistributedDataParallel broadcasts rank 0's), give every rank the same optimizer "
-            "and transforms, and change parameters only through distributed_probed_step."
-        )
+    if check:
+        names = list(params)
+        prints = [f[-2 * len(names) :].reshape(-1, 2) for f in found]
+        differ = {
+            rank: [n for n, a, b in zip(names, f, prints[0], strict=True) if not torch.equal(a, b)]
+            for rank, f in enumerate(prints)
+        }
+        where = "; ".join(f"rank {r}: {bad}" for r, bad in differ.items() if bad)
+        if where:
+            raise ReplicaDivergenceError(
+                f"after step {step}, the parameters differ from rank 0's ({where}): the ranks "
+                "no longer hold one model. Start every rank from the same parameters (wrapping "
+                "in DistributedDataParallel broadcasts rank 0's), give every rank the same "
+                "optimizer and transforms, and change parameters only through "
+                "distributed_probed_step."
+            )
+    if trait is None:
+        return None
+    if layout == "replicated":
+        return found[0][1].to(reference.dtype)  # rank 0's, as the reference was
+    counts, losses = torch.stack([f[0] for f in found]), torch.stack([f[1] for f in found])
+    return ((counts * losses).sum() / counts.sum()).to(reference.dtype)
 
 
 def distributed_probed_step(
@@ -302,21 +331,25 @@ def distributed_probed_step(
         randomness=randomness,
     )
     count = train.inputs.shape[0]
-    sizes = _sizes(count, probe.losses.device, group)
+    rank, world = _world(group)
+    # One all-reduce: every rank's example count (at its own index) and count x mean gradient.
+    counts = g_t[names[0]].new_zeros(world)
+    counts[rank] = count
+    message = torch.cat([counts, _flat(probe.grad, names).to(counts.dtype) * count])
+    dist.all_reduce(message, group=group)
+    sizes = [round(float(n)) for n in message[:world]]
     total = sum(sizes)
     if total == 0:
         raise ValueError(
             f"the training batch is empty on every rank at step {step}: give train= at least "
             "one example on some rank."
         )
-    flat_grad = _flat(probe.grad, names).to(g_t[names[0]].dtype) * count
-    dist.all_reduce(flat_grad, group=group)
-    grads = _unflat(flat_grad / total, params)
+    grads = _unflat(message[world:] / total, params)
     check_finite(grads, step=step, what="training gradient")
     local = torch.stack(
-        [probe.losses.to(flat_grad.dtype)]
-        + [probe.dots[n].to(flat_grad.dtype) for n in names]
-        + [probe.sq_norms[n].to(flat_grad.dtype) for n in names],
+        [probe.losses.to(message.dtype)]
+        + [probe.dots[n].to(message.dtype) for n in names]
+        + [probe.sq_norms[n].to(message.dtype) for n in names],
         dim=1,
     )  # (example, 1 + 2 tensors)
     gathered = gather_examples(local, sizes=sizes, group=group)
@@ -340,8 +373,9 @@ def distributed_probed_step(
             delta, after_state = after.update(delta, after_state, old, reference=scale(g_t, -1.0))
             for name, p in params.items():
                 p.copy_(old[name] + delta[name])
-    if check_replicas:
-        _check_replicas(params, step, group)
+    trait_after = _after_step(
+        module, trait if measure_change else None, trait_batch, params, check_replicas, step, group
+    )
 
     predicted = dot(g_t, delta)
     summary = summarize(per_example.cosine)
@@ -361,8 +395,6 @@ def distributed_probed_step(
         "example_cosine_quantile": summary["quantile"],
         "example_cosine_frac_positive": summary["frac_positive"],
     }
-    if measure_change:
-        records["measured_change"] = (
-            _trait_loss_after(module, trait, trait_batch, group) - trait_loss
-        )
+    if trait_after is not None:
+        records["measured_change"] = trait_after - trait_loss
     return StepResult(records, per_example.cosine, before_state, after_state)
