@@ -8,8 +8,10 @@ rounding only) and the two ranks with each other (bit for bit).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from gradlens import Objective, probed_step
+from gradlens import Objective, open_run, probed_step
 from gradlens.training.distributed import (
     ReplicaDivergenceError,
     distributed_probed_step,
@@ -30,6 +32,7 @@ from gradlens.training.distributed import (
 )
 from gradlens.transforms import GradientTransform, remove_aligned, remove_aligned_per_example
 
+ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
 TRAIT = 10
 
@@ -222,3 +225,23 @@ def test_without_a_process_group_the_error_names_the_remedy() -> None:
             Objective(F.mse_loss, x, (y,)),
             Objective(F.cross_entropy, x_t, (y_t,)),
         )
+
+
+def test_the_ddp_example_writes_a_run_in_one_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = importlib.util.spec_from_file_location(
+        "ddp_distill", ROOT / "experiments" / "ddp_distill.py"
+    )
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "ddp_distill", example)  # its dataclass looks itself up
+    spec.loader.exec_module(example)
+    config = example.Config(steps=3, teacher_steps=2, example_every=2, out=str(tmp_path / "r.nc"))
+    run = open_run(example.main(config))
+    assert run.attrs["world_size"] == 1
+    assert run["trait_loss"].sizes == {"step": 3}
+    assert run["example_id"].values.tolist() == [list(range(16)), list(range(32, 48))]
+    # remove_aligned (the default) left the gradient orthogonal to g_t.
+    after = run["transform_cosine"].sel(placement="before", stage="after", group="all")
+    assert float(abs(after).max()) < 1e-5

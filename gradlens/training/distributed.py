@@ -153,6 +153,11 @@ def _trait_gradient(
     """The global trait loss and gradient, the same bits on every rank."""
     names = list(params)
     count = trait.inputs.shape[0]
+    if layout == "replicated" and count == 0:
+        raise ValueError(
+            "the trait batch is empty: with trait_batch='replicated' every rank needs the whole "
+            "trait batch (rank 0's is the one used); give trait= at least one example."
+        )
     if count > 0:
         loss, g_t = loss_and_grad(model, trait.loss_fn, trait.inputs, *trait.targets)
     else:  # an empty shard adds nothing to the weighted sums
