@@ -18,7 +18,13 @@ from gradlens.numerics import flush_denormal
 from gradlens.per_example import mean_grad, per_example_grads, per_example_losses
 from gradlens.provenance import RunProvenance, config_from_attrs, make_attrs, run_provenance
 from gradlens.recording import Recorder, Variable, open_run
-from gradlens.training import Objective, StepResult, probed_step
+from gradlens.training import (
+    Objective,
+    StepResult,
+    distributed_probed_step,
+    gather_examples,
+    probed_step,
+)
 from gradlens.transforms import (
     GradientTransform,
     chain,
@@ -57,8 +63,10 @@ __all__ = [
     "alignment",
     "chain",
     "config_from_attrs",
+    "distributed_probed_step",
     "example_alignment",
     "flush_denormal",
+    "gather_examples",
     "ghost_plan",
     "identity",
     "layer_stats",

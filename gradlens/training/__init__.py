@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from gradlens.training.distributed import (
+    ReplicaDivergenceError,
+    distributed_probed_step,
+    gather_examples,
+)
 from gradlens.training.records import (
     STEP_RECORDS,
     TransformLayout,
@@ -15,8 +20,11 @@ from gradlens.training.step import Objective, StepResult, probed_step, weighted_
 __all__ = [
     "STEP_RECORDS",
     "Objective",
+    "ReplicaDivergenceError",
     "StepResult",
     "TransformLayout",
+    "distributed_probed_step",
+    "gather_examples",
     "probed_step",
     "step_coords",
     "step_values",
