@@ -227,7 +227,7 @@ def cli(argv: list[str] | None = None) -> Path:
 
 
 def _exit_with(exc: BaseException) -> NoReturn:
-    print(f"{Path(sys.argv[0]).name}: error: {exc}", file=sys.stderr)
+    print(f"{Path(__file__).name}: error: {exc}", file=sys.stderr)
     raise SystemExit(2) from exc
 
 
