@@ -252,3 +252,20 @@ def test_a_recorder_on_a_folder_or_in_an_unwritable_one_fails_at_once(
     with pytest.raises(PermissionError, match=r"cannot create files in .*locked"):
         make(locked / "run.nc")
     assert list(locked.iterdir()) == []
+
+
+def test_a_netcdf_library_failure_is_a_record_write_error_without_errno(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "run.nc"
+    rec = make(path, flush_every=5)
+    log_run(rec, range(5))
+
+    def hdf_error(*args: object) -> None:
+        raise RuntimeError("NetCDF: HDF error")
+
+    monkeypatch.setattr(gradlens.recording, "append_netcdf", hdf_error)
+    with pytest.raises(RecordWriteError, match=r"NetCDF: HDF error; .* MiB free") as e:
+        log_run(rec, range(5, 10))
+    assert e.value.errno is None and e.value.filename == str(path) + ".writing"
+    assert open_run(path)["step"].values.tolist() == list(range(5))

@@ -82,6 +82,32 @@ class FunctionalDropout(nn.Module):
         return F.dropout(self.linear(x), 0.5, training=True)
 
 
+class InPlace(nn.Module):
+    """Writes each example's values into a buffer shared by the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+        self.register_buffer("scratch", torch.zeros(1, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.scratch.clone()
+        out.add_(self.linear(x))
+        return out
+
+
+class Centred(nn.Module):
+    """Subtracts the batch mean: one example's output depends on the others."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.linear(x)
+        return h - h.mean(dim=0, keepdim=True)
+
+
 def no_reduction(outputs: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(outputs, labels, reduction="none")
 
@@ -187,7 +213,41 @@ CASES: dict[str, Case] = {
         UnsupportedModelError,
         ("BatchNorm1d", "training mode", "model.eval()"),
     ),
+    "a dropout module": Case(
+        lambda: per_example_grads(
+            nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5)).double(), F.cross_entropy, *batch()
+        ),
+        UnsupportedModelError,
+        ("(Dropout) draws random masks in training mode", "randomness='different'"),
+    ),
+    "an in-place write into a shared tensor": Case(
+        lambda: per_example_grads(InPlace().double(), F.cross_entropy, *batch()),
+        UnsupportedModelError,
+        ("fails under vmap although one example runs without it", "out-of-place"),
+    ),
+    "a forward that mixes examples": Case(
+        lambda: per_example_dots(
+            Centred().double(),
+            F.cross_entropy,
+            *batch(),
+            reference=dict(Centred().double().named_parameters()),
+        ),
+        UnsupportedModelError,
+        ("mixes examples", "model.eval()"),
+    ),
     # probed_step
+    "a NaN input": Case(
+        lambda: step(
+            trait=Objective(
+                F.cross_entropy,
+                torch.full((4, 4), float("nan"), dtype=torch.float64),
+                (torch.zeros(4, dtype=torch.long),),
+            ),
+            step=3,
+        ),
+        NonFiniteGradientError,
+        ("the trait gradient at step 3 has NaN or infinite values",),
+    ),
     "an empty training batch": Case(
         lambda: step(train=objective(0)),
         ValueError,

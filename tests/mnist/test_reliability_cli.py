@@ -44,3 +44,16 @@ def test_a_flag_argparse_refuses_exits_the_same_way(capsys: pytest.CaptureFixtur
         mnist_aux.cli(["--seeds", "two"])
     assert caught.value.code == 2
     assert "error: argument --seeds: invalid int value: 'two'" in capsys.readouterr().err
+
+
+def test_results_of_another_run_in_out_end_in_one_line_naming_overwrite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    no_data(monkeypatch)
+    (tmp_path / "summary.md").write_text("an earlier run")
+    with pytest.raises(SystemExit) as caught:
+        mnist_aux.cli(["--quick", "--device", "cpu", "--no-progress", "--out", str(tmp_path)])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mnist_aux.py: error: ") and "--overwrite" in err
+    assert "Traceback" not in err and (tmp_path / "summary.md").read_text() == "an earlier run"
