@@ -148,8 +148,9 @@ def to_numpy(name: str, var: Variable, value: object) -> np.ndarray:
         ValueError: For a value that the declared dtype would store as another
             number: a float, complex, string or ``None`` for an int variable,
             a complex, string or ``None`` for a float one, an integer out of
-            the int dtype's range, or a finite value out of the float dtype's
-            range (it would read as infinity). NaN and infinities are kept.
+            the int dtype's range or that the float dtype cannot hold exactly,
+            or a finite value out of the float dtype's range (it would read as
+            infinity). NaN and infinities are kept.
     """
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu()
@@ -176,6 +177,13 @@ def to_numpy(name: str, var: Variable, value: object) -> np.ndarray:
         return array.astype(var.dtype)
     with np.errstate(over="ignore", invalid="ignore"):
         stored = array.astype(var.dtype)
+    if kind in "iu" and array.size and not np.array_equal(stored.astype(array.dtype), array):
+        bad = array[stored.astype(array.dtype) != array].flat[0]
+        raise ValueError(
+            f"{name!r} is declared {var.dtype}, which cannot hold the integer {int(bad)} "
+            f"exactly (it would store {int(stored[stored.astype(array.dtype) != array].flat[0])}"
+            "); declare it dtype='float64' or dtype='int64'."
+        )
     if kind == "f" and array.size:
         overflow = np.isfinite(array) & ~np.isfinite(stored)
         if overflow.any():

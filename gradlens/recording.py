@@ -198,6 +198,8 @@ class Recorder:
         if self._closed:
             raise ValueError("this Recorder is closed; create a new one to record more.")
         step = operator.index(step)
+        if not -(2**63) <= step < 2**63:
+            raise ValueError(f"step {step} does not fit the int64 step coordinate.")
         if not values:
             raise ValueError(f"log({step}) got no values; pass them as name=value.")
         dims = record_dims_hit(self._schema, self._last_step, step, values.keys())

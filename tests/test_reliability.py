@@ -312,6 +312,16 @@ CASES: dict[str, Case] = {
         ValueError,
         ("got 9223372036854775813",),
     ),
+    "2**24 + 1 into float32": Case(
+        lambda: log_into("float32", 2**24 + 1),
+        ValueError,
+        ("cannot hold the integer 16777217 exactly (it would store 16777216)", "dtype='float64'"),
+    ),
+    "a step beyond int64": Case(
+        lambda: Recorder(None, {"v": Variable(("step",), "v")}).log(2**70, v=1.0),
+        ValueError,
+        ("step 1180591620717411303424 does not fit the int64 step coordinate",),
+    ),
     "a float into int64": Case(
         lambda: log_into("int64", torch.tensor(2.5)),
         ValueError,
@@ -373,11 +383,13 @@ def test_values_that_fit_are_stored_exactly() -> None:
     rec.log(0, i32=2**31 - 1, i64=np.uint64(2**63 - 1), f32=float("inf"))
     rec.log(1, i32=-(2**31), i64=True, f32=float("nan"))
     rec.log(2, i32=np.int64(7), i64=-(2**63), f32=3.0e38)
+    rec.log(3, i32=0, i64=0, f32=2**24)
     ds = rec.dataset()
-    assert ds["i32"].values.tolist() == [2**31 - 1, -(2**31), 7]
-    assert ds["i64"].values.tolist() == [2**63 - 1, 1, -(2**63)]
+    assert ds["i32"].values.tolist() == [2**31 - 1, -(2**31), 7, 0]
+    assert ds["i64"].values.tolist() == [2**63 - 1, 1, -(2**63), 0]
     f32 = ds["f32"].values
     assert np.isposinf(f32[0]) and np.isnan(f32[1]) and f32[2] == np.float32(3.0e38)
+    assert f32[3] == 2**24
 
 
 def test_a_refused_batchnorm_step_leaves_the_running_statistics_alone() -> None:
