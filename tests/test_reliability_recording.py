@@ -1,13 +1,14 @@
-"""A recorder killed at random moments, and one that fills a real (small) disk (issue 10).
+"""Writers killed at random moments, and a recorder that fills a real (small) disk (issue 10).
 
 The kills: one child process imports gradlens once, then forks writers that
 log and flush as fast as they can, and SIGKILLs each after a random delay
 (seeded), so the kills land in appends, copies and renames alike. Every
 published file must be readable, with strictly increasing steps and the
-values logged. The full disk: a 256 KiB tmpfs mounted in a user namespace
-(``unshare``), where the platform allows it unprivileged; else the test is
-skipped with the reason (the injected ENOSPC tests of
-test_recording_survival.py run everywhere).
+values logged. The same for results files replaced by ``atomic_write``
+version after version: each holds one whole version. The full disk: a 256
+KiB tmpfs mounted in a user namespace (``unshare``), where the platform
+allows it unprivileged; else the test is skipped with the reason (the
+injected ENOSPC tests of test_recording_survival.py run everywhere).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import xarray as xr
 
 from gradlens.recording import Recorder, open_run
 from tests.test_recording import log_run, make
@@ -49,7 +51,30 @@ for k in range(kills):
     os.kill(pid, signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
     report.append({{"path": path, "delay": delay, "signal": os.WTERMSIG(status)}})
-print(json.dumps(report))
+
+# results files (combined file, summary): replaced whole, version after version
+import numpy as np, xarray as xr
+from gradlens._atomic import atomic_write
+
+def version(k):
+    return xr.Dataset({{"x": ("step", np.full(20_000, float(k)))}}, attrs={{"version": k}})
+
+results = []
+for k in range(kills):
+    path = os.path.join(folder, f"result{{k}}.nc")
+    atomic_write(path, lambda tmp: version(0).to_netcdf(tmp))
+    delay = rng.uniform(0.0, 0.4)
+    pid = os.fork()
+    if pid == 0:
+        v = 1
+        while True:
+            atomic_write(path, lambda tmp: version(v).to_netcdf(tmp))
+            v += 1
+    time.sleep(delay)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    results.append(path)
+print(json.dumps({{"recorder": report, "results": results}}))
 """
 
 
@@ -63,7 +88,8 @@ def test_a_writer_killed_at_random_moments_leaves_a_readable_prefix(tmp_path: Pa
         timeout=120,
     )
     assert child.returncode == 0, child.stderr
-    report = json.loads(child.stdout)
+    found = json.loads(child.stdout)
+    report = found["recorder"]
     sizes = []
     for kill in report:
         assert kill["signal"] == 9
@@ -84,7 +110,15 @@ def test_a_writer_killed_at_random_moments_leaves_a_readable_prefix(tmp_path: Pa
         assert open_run(path).sizes["step"] == 3
     print("steps published before each kill:", sizes)
     assert max(sizes) > 0  # the kills did land during the writing, not all before it
-    leftovers = {p.name for p in tmp_path.iterdir()} - {f"run{k}.nc" for k in range(6)}
+    versions = []
+    for path in found["results"]:  # a whole version, old or new, never a stub
+        ds = xr.load_dataset(path)
+        versions.append(int(ds.attrs["version"]))
+        assert (ds["x"].values == versions[-1]).all() and ds.sizes["step"] == 20_000
+    print("result versions when killed:", versions)
+    assert max(versions) > 0
+    kept = {f"run{k}.nc" for k in range(6)} | {f"result{k}.nc" for k in range(6)}
+    leftovers = {p.name for p in tmp_path.iterdir()} - kept
     assert all(name.endswith((".writing", ".tmp")) for name in leftovers), leftovers
 
 
