@@ -438,3 +438,13 @@ def test_a_single_example_batch_needs_no_reduction_check() -> None:
     """With one example, sum and mean are the same loss: the step goes ahead."""
     result = step(train=objective(1, loss_fn=summed))
     assert np.isfinite(float(result.records["cosine"]))  # type: ignore[attr-defined]
+
+
+def test_the_reduction_check_leaves_the_random_stream_alone() -> None:
+    """Its forward draws dropout masks; the step's own masks must be those drawn without it."""
+    from gradlens.training.step import _check_mean_reduction
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3)).double()
+    state = torch.get_rng_state()
+    _check_mean_reduction(model, objective())
+    assert torch.equal(torch.get_rng_state(), state)

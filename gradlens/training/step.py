@@ -265,12 +265,15 @@ def _check_mean_reduction(model: nn.Module, objective: Objective) -> None:
     :func:`probed_step` steps along the mean of the per-example gradients,
     which is the gradient of the batch loss only when that loss is the mean
     of the per-example losses; for ``reduction='sum'`` it would be a step
-    ``example`` times smaller than a plain backward. One forward of two examples.
+    ``example`` times smaller than a plain backward. One forward of two
+    examples, one host sync, and the random number streams left as they were
+    (a dropout draw here must not change the step's masks).
     """
     if objective.inputs.shape[0] < 2:
         return
     loss_fn = objective.loss_fn
-    with torch.no_grad():
+    device = objective.inputs.device
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         outputs = model(objective.inputs[:2])
         targets = [t[:2] for t in objective.targets]
         batch = loss_fn(outputs, *targets)
@@ -281,10 +284,10 @@ def _check_mean_reduction(model: nn.Module, objective: Objective) -> None:
                 "mean loss of the batch: keep reduction='mean' (the default of torch's losses) "
                 "or end it with .mean()."
             )
-        each = [
-            float(loss_fn(outputs[i : i + 1], *(t[i : i + 1] for t in targets))) for i in (0, 1)
-        ]
-    value, mean = float(batch), (each[0] + each[1]) / 2
+        each = [loss_fn(outputs[i : i + 1], *(t[i : i + 1] for t in targets)) for i in (0, 1)]
+        found = torch.stack([batch.reshape(()), *(e.reshape(()) for e in each)]).tolist()
+    value, each = found[0], found[1:]
+    mean = (each[0] + each[1]) / 2
     if not all(map(math.isfinite, (value, *each))):
         return  # the non-finite gradient it gives is reported by check_finite
     tol = 1e-3 * max(abs(value), abs(mean)) + 1e-6
