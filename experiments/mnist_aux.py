@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from tqdm.auto import tqdm
@@ -204,5 +205,31 @@ def parse(argv: list[str] | None = None) -> Config:
     return dataclasses.replace(config, progress=not args.no_progress, overwrite=args.overwrite)
 
 
+def cli(argv: list[str] | None = None) -> Path:
+    """Parse the flags and run; a bad setting, or a refused ``--out``, ends in one line.
+
+    Flag values, the device and ``--out`` are checked before anything else
+    (:func:`main` checks them again), and, like argparse, a failed check, or
+    results in ``--out`` that are not this configuration's, prints
+    ``mnist_aux.py: error: <what and the fix>`` and exits with status 2
+    instead of a traceback.
+    """
+    config = parse(argv)
+    try:
+        get_conditions(config.conditions)
+        check_settings(seeds=config.seeds, device=config.device, out=config.out)
+    except (ValueError, OSError) as exc:
+        _exit_with(exc)
+    try:
+        return main(config)
+    except FileExistsError as exc:  # the refusal to replace results: --overwrite
+        _exit_with(exc)
+
+
+def _exit_with(exc: BaseException) -> NoReturn:
+    print(f"{Path(__file__).name}: error: {exc}", file=sys.stderr)
+    raise SystemExit(2) from exc
+
+
 if __name__ == "__main__":
-    main(parse())
+    cli()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from gradlens._version import __version__
 from gradlens.alignment import Alignment, ExampleAlignment, alignment, example_alignment, summarize
 from gradlens.errors import (
+    DamagedDataError,
     DataNotFoundError,
     GradientMismatchError,
     GradlensError,
@@ -43,6 +44,7 @@ from gradlens.transforms import (
 
 __all__ = [
     "Alignment",
+    "DamagedDataError",
     "DataNotFoundError",
     "ExampleAlignment",
     "GradientMismatchError",

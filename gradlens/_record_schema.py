@@ -142,16 +142,77 @@ def record_dims_hit(
 
 
 def to_numpy(name: str, var: Variable, value: object) -> np.ndarray:
-    """Convert a logged value (number, array or tensor on any device) to the declared dtype."""
+    """Convert a logged value (number, array or tensor on any device) to the declared dtype.
+
+    Raises:
+        ValueError: For a value that the declared dtype would store as another
+            number: a float, complex, string or ``None`` for an int variable,
+            a complex, string or ``None`` for a float one, an integer out of
+            the int dtype's range or that the float dtype cannot hold exactly,
+            or a finite value out of the float dtype's range (it would read as
+            infinity). NaN and infinities are kept.
+    """
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu()
         if value.is_floating_point() and value.dtype not in (torch.float16, torch.float32):
             value = value.double()
         value = value.numpy()
-    array = np.asarray(value)
-    if not var.is_float and array.dtype.kind not in "iub":
-        raise ValueError(f"{name!r} is declared {var.dtype} but got values of {array.dtype}.")
-    return array.astype(var.dtype)
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ValueError(f"{name!r} got a value numpy cannot hold as one array: {exc}") from exc
+    kind = array.dtype.kind
+    if kind == "O" and array.size and all(isinstance(v, int) for v in array.flat):
+        # Python ints beyond int64: report them as out of range below.
+        _check_int_range(name, var, min(array.flat), max(array.flat))
+    if kind not in ("iub" if not var.is_float else "iubf"):
+        wanted = "integers (or bools)" if not var.is_float else "real numbers"
+        raise ValueError(
+            f"{name!r} is declared {var.dtype} but got values of {array.dtype} "
+            f"({_describe(value)}); log {wanted}, or declare the variable with another dtype."
+        )
+    if not var.is_float:
+        if array.size:
+            _check_int_range(name, var, int(array.min()), int(array.max()))
+        return array.astype(var.dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        stored = array.astype(var.dtype)
+    if kind in "iu" and array.size and not np.array_equal(stored.astype(array.dtype), array):
+        bad = array[stored.astype(array.dtype) != array].flat[0]
+        raise ValueError(
+            f"{name!r} is declared {var.dtype}, which cannot hold the integer {int(bad)} "
+            f"exactly (it would store {int(stored[stored.astype(array.dtype) != array].flat[0])}"
+            "); declare it dtype='float64' or dtype='int64'."
+        )
+    if kind == "f" and array.size:
+        overflow = np.isfinite(array) & ~np.isfinite(stored)
+        if overflow.any():
+            raise ValueError(
+                f"{name!r} is declared {var.dtype}, whose largest value is "
+                f"{np.finfo(var.dtype).max:.3g}, but got {float(array[overflow].flat[0])!r}, which "
+                "would be stored as infinity; declare it dtype='float64' or rescale it."
+            )
+    return stored
+
+
+def _check_int_range(name: str, var: Variable, low: int, high: int) -> None:
+    """Raise if integers from ``low`` to ``high`` do not fit ``var``'s int dtype."""
+    if var.is_float:
+        return
+    info = np.iinfo(var.dtype)
+    if low < info.min or high > info.max:
+        bad = low if low < info.min else high
+        wider = "declare it dtype='int64'" if var.dtype == "int32" else "declare it as a float"
+        raise ValueError(
+            f"{name!r} is declared {var.dtype}, which holds {info.min}..{info.max}, but got "
+            f"{bad}, which it would store as another number; {wider}."
+        )
+
+
+def _describe(value: object) -> str:
+    """A short text naming a logged value, for error messages."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def fit_shape(

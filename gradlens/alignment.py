@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from gradlens.gradops import check_compatible, safe_divide
+from gradlens.gradops import check_compatible, check_finite, safe_divide
 from gradlens.layerstats import groups_for, layer_sq_norms, layer_stats, sum_groups
 
 __all__ = [
@@ -77,7 +77,22 @@ def alignment(grad: Mapping[str, Tensor], *, reference: Mapping[str, Tensor]) ->
 
     Returns:
         The global and per-layer :class:`Alignment`.
+
+    Raises:
+        GradientMismatchError: If the keys or shapes of ``grad`` and ``reference`` differ.
+        NonFiniteGradientError: If either has NaN or infinite values (their
+            cosine would be NaN), naming the parameters.
     """
+    check_compatible(grad, reference, what="gradient and reference")
+    check_finite(grad, what="gradient")
+    check_finite(reference, what="reference gradient")
+    return alignment_of_finite(grad, reference=reference)
+
+
+def alignment_of_finite(
+    grad: Mapping[str, Tensor], *, reference: Mapping[str, Tensor]
+) -> Alignment:
+    """:func:`alignment` without its checks, for gradients already checked finite (no sync)."""
     layers = layer_stats(grad, reference=reference)
     total = layers.total()
     return Alignment(

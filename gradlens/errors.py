@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "DamagedDataError",
     "DataNotFoundError",
     "GradientMismatchError",
     "GradlensError",
@@ -40,6 +41,18 @@ class NonFiniteGradientError(GradlensError, FloatingPointError):
 
 class DataNotFoundError(GradlensError, FileNotFoundError):
     """A dataset that is in none of the places gradlens looked."""
+
+
+class DamagedDataError(GradlensError, ValueError):
+    """A data file that exists but cannot be what it claims to be (truncated, swapped, corrupt).
+
+    Attributes:
+        filename: The file at fault.
+    """
+
+    def __init__(self, message: str, *, filename: str) -> None:
+        super().__init__(message)
+        self.filename = filename
 
 
 class RecordWriteError(GradlensError, OSError):

@@ -29,6 +29,7 @@ from gradlens.errors import UnsupportedModelError
 __all__ = [
     "LossFn",
     "Randomness",
+    "check_batch",
     "check_chunk_size",
     "check_vmap_compatible",
     "loss_and_grad",
@@ -94,6 +95,38 @@ def check_chunk_size(chunk_size: int | None) -> None:
             f"chunk_size must be a positive number of examples, or None for all at once; "
             f"got {chunk_size}."
         )
+
+
+def check_batch(inputs: Tensor, targets: tuple[Tensor, ...], *, what: str = "inputs") -> None:
+    """Raise unless ``inputs`` and every target are tensors with the same number of examples.
+
+    Args:
+        inputs: Shape ``(example, ...)``.
+        targets: Each of shape ``(example, ...)``.
+        what: How the message names ``inputs``.
+
+    Raises:
+        TypeError: For an argument that is not a tensor.
+        ValueError: For a 0-d ``inputs`` or a target whose first dim differs.
+    """
+    prefix = what.rpartition(".")[0] + "." if "." in what else ""
+    labels = [f"{prefix}targets[{i}]" for i in range(len(targets))]
+    for label, value in ((what, inputs), *zip(labels, targets, strict=True)):
+        if not isinstance(value, Tensor):
+            raise TypeError(
+                f"{label} is a {type(value).__name__}; pass a tensor with the examples along "
+                "its first dim (torch.as_tensor(...))."
+            )
+    if inputs.ndim == 0:
+        raise ValueError(f"{what} is a 0-d tensor; it needs a first dim of examples.")
+    count = inputs.shape[0]
+    for label, target in zip(labels, targets, strict=True):
+        if target.ndim == 0 or target.shape[0] != count:
+            raise ValueError(
+                f"{what} has {count} examples (shape {tuple(inputs.shape)}) but {label} has "
+                f"shape {tuple(target.shape)}: every target needs one row per example, along "
+                "its first dim. Pass the targets of the same examples as the inputs."
+            )
 
 
 def check_vmap_compatible(model: nn.Module, randomness: Randomness = "error") -> None:
@@ -172,9 +205,23 @@ def _explain_vmap_failures(model: nn.Module, plain_call: Callable[[], object]) -
         for handle in handles:
             handle.remove()
         try:
-            plain_call()
+            value = plain_call()
         except Exception:
             raise err from None
+        if isinstance(value, Tensor) and value.ndim > 0:
+            raise ValueError(
+                f"loss_fn returned a tensor of shape {tuple(value.shape)} for one example; it must "
+                "return a scalar, the loss of the batch it is given: keep reduction='mean' (the "
+                "default of torch's losses) or end it with .mean()."
+            ) from err
+        if "random operation" in str(err) and "randomness" in str(err):
+            raise UnsupportedModelError(
+                f"module {where!r} draws random numbers (a functional dropout such as "
+                "F.dropout(x, p, training=True), or torch.rand) while randomness='error': pass "
+                "randomness='different' (independent draws per example, as in training) or "
+                "'same' (one draw for the batch), or make the forward deterministic "
+                "(F.dropout(x, p, training=self.training) and model.eval())."
+            ) from err
         raise UnsupportedModelError(
             f"module {where!r} fails under vmap although one example runs without it: it "
             "probably writes per-example values in place into a tensor shared by the batch. "
@@ -215,9 +262,12 @@ def per_example_grads(
 
     Raises:
         UnsupportedModelError: If the model cannot be batched per example.
-        ValueError: If ``chunk_size`` is zero or negative.
+        ValueError: If ``chunk_size`` is zero or negative, a target's first dim
+            differs from the number of examples, or ``loss_fn`` does not
+            return a scalar.
     """
     check_chunk_size(chunk_size)
+    check_batch(inputs, targets)
     check_vmap_compatible(model, randomness)
     selected, frozen = split_params(model, params)
     if inputs.shape[0] == 0:
@@ -254,12 +304,24 @@ def per_example_losses(loss_fn: LossFn, outputs: Tensor, *targets: Tensor) -> Te
 
     Returns:
         Shape ``(example,)``: ``loss_fn`` of each example as a batch of one.
+
+    Raises:
+        ValueError: If a target's first dim differs from the number of
+            examples, or ``loss_fn`` does not return a scalar.
     """
+    check_batch(outputs, targets, what="outputs")
 
     def one(o: Tensor, *t: Tensor) -> Tensor:
         return loss_fn(o.unsqueeze(0), *(ti.unsqueeze(0) for ti in t))
 
-    return vmap(one)(outputs, *targets)
+    losses = vmap(one)(outputs, *targets)
+    if losses.ndim != 1:
+        raise ValueError(
+            f"loss_fn returned a tensor of shape {tuple(losses.shape[1:])} for one example; it "
+            "must return a scalar, the loss of the batch it is given: keep reduction='mean' "
+            "(the default of torch's losses) or end it with .mean()."
+        )
+    return losses
 
 
 def loss_and_grad(
@@ -283,14 +345,34 @@ def loss_and_grad(
     Returns:
         ``(loss, grads)``: the detached loss, shape ``()``, and for every
         selected name a tensor of the parameter's shape.
+
+    Raises:
+        UnsupportedModelError: If a selected parameter does not affect the loss.
+        ValueError: If a target's first dim differs from the number of
+            examples, or ``loss_fn`` does not return a scalar.
     """
+    check_batch(inputs, targets)
     selected, frozen = split_params(model, params)
     selected = {name: p.requires_grad_() for name, p in selected.items()}
     buffers = dict(model.named_buffers())
     with torch.enable_grad():
         outputs = functional_call(model, (selected, frozen, buffers), (inputs,))
         loss = loss_fn(outputs, *targets)
-        values = torch.autograd.grad(loss, list(selected.values()))
+        if not isinstance(loss, Tensor) or loss.ndim != 0:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError(
+                f"loss_fn returned {shape} for a batch; it must return a scalar tensor, the "
+                "loss of the batch: keep reduction='mean' (the default of torch's losses) or "
+                "end it with .mean()."
+            )
+        values = torch.autograd.grad(loss, list(selected.values()), allow_unused=True)
+    unused = [name for name, value in zip(selected, values, strict=True) if value is None]
+    if unused:
+        raise UnsupportedModelError(
+            f"parameters {unused} do not affect the loss, so they have no gradient. Freeze "
+            "them (param.requires_grad_(False)), or leave them out of `params`, to probe the "
+            "others."
+        )
     return loss.detach(), dict(zip(selected, values, strict=True))
 
 

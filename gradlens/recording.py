@@ -8,8 +8,10 @@ at the logged step, whenever one of its variables is logged, and has an int64
 coordinate of the same name holding those steps. Float variables of a record
 dim that gets a row but no value read as NaN.
 
-With a path, rows are buffered and appended every ``flush_every`` rows and
-on :meth:`Recorder.close` to a private working file beside it
+With a path, rows are buffered and appended every ``flush_every`` rows, at
+the first :meth:`Recorder.log` once ``flush_seconds`` have passed since the
+last flush (so a short or slow run is on disk too), and on
+:meth:`Recorder.close`, to a private working file beside it
 (``<path>.writing``), which is closed between flushes; after each flush a
 copy of it is renamed onto ``path`` (:mod:`gradlens._atomic`). So ``path``
 always holds a whole file as of some flush: readers in other processes
@@ -47,7 +49,9 @@ import contextlib
 import operator
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -110,11 +114,20 @@ class Recorder:
             a record dim has this many. Each flush also copies the whole file
             onto ``path`` (a few ms for a few MB); for files of hundreds of MB
             raise it.
+        flush_seconds: With a path, also flush at the first :meth:`log` that
+            comes this many seconds after the previous flush (or the
+            construction), however few rows are buffered; ``None`` flushes on
+            ``flush_every`` alone. Checked only inside :meth:`log`: there is
+            no background thread.
+        clock: The clock ``flush_seconds`` is measured on, in seconds
+            (:func:`time.monotonic`; tests pass a fake one).
         overwrite: Replace an existing file at ``path``; without it that is an error.
 
     Raises:
         FileExistsError: If ``path`` exists and ``overwrite`` is not set.
         FileNotFoundError: If the folder of ``path`` does not exist.
+        PermissionError: If the folder of ``path`` cannot be written to.
+        ValueError: If ``flush_every`` or ``flush_seconds`` is not positive.
     """
 
     def __init__(
@@ -127,10 +140,16 @@ class Recorder:
         config: object | None = None,
         provenance: RunProvenance | None = None,
         flush_every: int = 50,
+        flush_seconds: float | None = 30.0,
+        clock: Callable[[], float] = time.monotonic,
         overwrite: bool = False,
     ) -> None:
-        if flush_every < 1:
-            raise ValueError(f"flush_every must be at least 1, got {flush_every}.")
+        if isinstance(flush_every, bool) or operator.index(flush_every) < 1:
+            raise ValueError(f"flush_every must be at least 1 row, got {flush_every}.")
+        if flush_seconds is not None and not flush_seconds > 0:
+            raise ValueError(
+                f"flush_seconds must be a positive number of seconds or None, got {flush_seconds}."
+            )
         for key, value in (attrs or {}).items():
             if isinstance(value, bool) or not isinstance(value, (str, int, float)):
                 raise TypeError(
@@ -142,6 +161,8 @@ class Recorder:
         # Without a snapshot, make_attrs takes one now: construction is the run's start.
         self._attrs = {**make_attrs(config, provenance=provenance), **(attrs or {})}
         self._flush_every = flush_every
+        self._flush_seconds = flush_seconds
+        self._clock = clock
         self._path = None if path is None else Path(path)
         if self._path is not None:
             _check_destination(self._path, overwrite)
@@ -149,6 +170,7 @@ class Recorder:
         self._closed = False
         self._last_step: dict[str, int] = {}
         self._steps, self._rows = no_rows(self._schema)
+        self._flushed_at = clock()
 
     @property
     def path(self) -> Path | None:
@@ -176,6 +198,8 @@ class Recorder:
         if self._closed:
             raise ValueError("this Recorder is closed; create a new one to record more.")
         step = operator.index(step)
+        if not -(2**63) <= step < 2**63:
+            raise ValueError(f"step {step} does not fit the int64 step coordinate.")
         if not values:
             raise ValueError(f"log({step}) got no values; pass them as name=value.")
         dims = record_dims_hit(self._schema, self._last_step, step, values.keys())
@@ -191,8 +215,15 @@ class Recorder:
             for name, var in self._schema.variables.items():
                 if var.dims[0] == dim:
                     self._rows[name].append(arrays.get(name))
-        if self._path is not None and max(map(len, self._steps.values())) >= self._flush_every:
+        if self._path is not None and self._due():
             self.flush()
+
+    def _due(self) -> bool:
+        """Whether a buffered row count or the time since the last flush calls for a flush."""
+        if max(map(len, self._steps.values())) >= self._flush_every:
+            return True
+        seconds = self._flush_seconds
+        return seconds is not None and self._clock() - self._flushed_at >= seconds
 
     def flush(self) -> None:
         """Write the buffered rows to the file (creating it the first time); no-op in memory.
@@ -230,6 +261,7 @@ class Recorder:
                 self._fail(pending, writing, exc)
             self._created = True
             self._steps, self._rows = no_rows(self._schema)
+            self._flushed_at = self._clock()
         try:
             if final:
                 atomic_rename(writing, path)
@@ -290,6 +322,17 @@ def _check_destination(path: Path, overwrite: bool) -> None:
             f"the folder {path.parent} of {path.name} does not exist; create it first "
             "(Path.mkdir(parents=True)) or choose another path."
         )
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"{path} is a folder; give the Recorder a file in it, such as {path / 'run.nc'}."
+        )
+    try:  # a folder that cannot be written would fail only at the first flush
+        tempfile.TemporaryFile(dir=path.parent).close()
+    except OSError as exc:
+        raise PermissionError(
+            f"cannot create files in {path.parent} ({exc.strerror or exc}); choose a folder "
+            f"you can write to for {path.name}."
+        ) from exc
     if path.exists():
         if not overwrite:
             raise FileExistsError(

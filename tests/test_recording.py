@@ -14,7 +14,13 @@ from gradlens.provenance import config_from_attrs, make_attrs
 from gradlens.recording import Recorder, Variable, open_run
 
 LAYERS = ["net.0", "net.2"]
-ATTRS = {"created_at": "2026-01-01T00:00:00+00:00", "seed": 3, "lr": 0.1}
+# Fixed times, so that recorders made in different seconds (or processes) compare identical.
+ATTRS = {
+    "created_at": "2026-01-01T00:00:00+00:00",
+    "started_at": "2026-01-01T00:00:00+00:00",
+    "seed": 3,
+    "lr": 0.1,
+}
 VARIABLES = {
     "loss": Variable(("step",), "training loss"),
     "accuracy": Variable(("step",), "test accuracy", dtype="float64"),

@@ -175,3 +175,97 @@ def test_a_recorder_in_a_missing_folder_fails_at_once(tmp_path: Path) -> None:
         FileNotFoundError, match=r"folder .*missing of run.nc does not exist; create it"
     ):
         make(tmp_path / "missing" / "run.nc")
+
+
+class FakeClock:
+    """A clock that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_slow_run_is_flushed_every_flush_seconds_however_few_rows(tmp_path: Path) -> None:
+    clock, path = FakeClock(), tmp_path / "run.nc"
+    rec = make(path, flush_every=1000, flush_seconds=30.0, clock=clock)
+    log_run(rec, range(0, 2))
+    clock.now += 29.9
+    log_run(rec, range(2, 3))
+    assert not path.exists()  # 29.9 s and 3 rows: nothing due yet
+    clock.now += 0.1
+    log_run(rec, range(3, 4))  # 30 s after construction: flushed at this log
+    assert open_run(path)["step"].values.tolist() == [0, 1, 2, 3]
+    clock.now += 20.0
+    log_run(rec, range(4, 6))
+    assert open_run(path).sizes["step"] == 4  # 20 s after the last flush
+    clock.now += 10.0
+    log_run(rec, range(6, 7))
+    assert open_run(path)["step"].values.tolist() == list(range(7))
+    rec.close()
+
+
+def test_flush_seconds_none_flushes_on_rows_alone(tmp_path: Path) -> None:
+    clock, path = FakeClock(), tmp_path / "run.nc"
+    rec = make(path, flush_every=5, flush_seconds=None, clock=clock)
+    clock.now += 1e6
+    log_run(rec, range(4))
+    assert not path.exists()
+    log_run(rec, range(4, 5))
+    assert open_run(path).sizes["step"] == 5
+    rec.close()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"flush_seconds": 0.0}, "flush_seconds must be a positive number of seconds or None"),
+        ({"flush_seconds": -5}, "flush_seconds must be a positive number of seconds or None"),
+        ({"flush_every": 0}, "flush_every must be at least 1 row"),
+    ],
+)
+def test_flush_settings_are_checked(tmp_path: Path, kwargs: dict[str, float], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        make(tmp_path / "run.nc", **kwargs)
+
+
+def test_a_recorder_on_a_folder_or_in_an_unwritable_one_fails_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(IsADirectoryError, match=r"is a folder; give the Recorder a file in it"):
+        make(tmp_path)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    with monkeypatch.context() as patch:  # root may write anywhere: inject the refusal
+        patch.setattr(gradlens.recording.tempfile, "TemporaryFile", refuse)
+        with pytest.raises(
+            PermissionError, match=r"cannot create files in .* \(Permission denied\); choose"
+        ):
+            make(tmp_path / "run.nc")
+    if os.geteuid() == 0:
+        return  # below, a real read-only folder, which root can write anyway
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(PermissionError, match=r"cannot create files in .*locked"):
+        make(locked / "run.nc")
+    assert list(locked.iterdir()) == []
+
+
+def test_a_netcdf_library_failure_is_a_record_write_error_without_errno(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "run.nc"
+    rec = make(path, flush_every=5)
+    log_run(rec, range(5))
+
+    def hdf_error(*args: object) -> None:
+        raise RuntimeError("NetCDF: HDF error")
+
+    monkeypatch.setattr(gradlens.recording, "append_netcdf", hdf_error)
+    with pytest.raises(RecordWriteError, match=r"NetCDF: HDF error; .* MiB free") as e:
+        log_run(rec, range(5, 10))
+    assert e.value.errno is None and e.value.filename == str(path) + ".writing"
+    assert open_run(path)["step"].values.tolist() == list(range(5))

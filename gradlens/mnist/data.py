@@ -1,9 +1,18 @@
-"""MNIST as tensors, from a data root resolved explicitly.
+"""MNIST as tensors, from a data root resolved explicitly, validated on load.
 
 The root is, in order: the ``root`` argument, the ``GRADLENS_DATA_DIR``
 environment variable, or ``~/.cache/gradlens`` (``$XDG_CACHE_HOME/gradlens``),
 where torchvision may download the files when ``download=True``. Under the
-root, torchvision expects ``MNIST/raw/`` with the four standard files.
+root, ``MNIST/raw/`` holds the standard IDX files (torchvision's layout):
+``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte`` and the ``t10k-``
+pair of the test split.
+
+The files are read here and checked before use: the IDX magic number, the
+header, a file length that matches the header (a truncated file is damaged,
+not missing), 28x28 images, labels in 0..9, as many labels as images, and
+the split's size (60,000 train, 10,000 test; a swapped pair is named as
+such). A failed check raises :class:`~gradlens.errors.DamagedDataError`
+naming the file and the problem.
 """
 
 from __future__ import annotations
@@ -12,14 +21,22 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from gradlens.errors import DataNotFoundError
+from gradlens.errors import DamagedDataError, DataNotFoundError
 
-__all__ = ["DATA_DIR_ENV", "Digits", "candidate_roots", "load_mnist"]
+__all__ = ["DATA_DIR_ENV", "SPLIT_SIZES", "Digits", "candidate_roots", "load_mnist", "read_idx"]
 
 DATA_DIR_ENV = "GRADLENS_DATA_DIR"
+
+SPLIT_SIZES: dict[str, int] = {"train": 60_000, "test": 10_000}
+"""Examples in each MNIST split."""
+
+_PREFIX = {"train": "train", "test": "t10k"}
+_MAGIC = {"images": 0x00000803, "labels": 0x00000801}  # unsigned bytes, 3 or 1 dims
+_SIDE = 28
 
 
 class Digits(NamedTuple):
@@ -51,10 +68,112 @@ def candidate_roots(root: str | os.PathLike | None = None) -> list[Path]:
     return [Path(env).expanduser(), _cache_dir()] if env else [_cache_dir()]
 
 
+def split_files(raw: Path, split: str) -> tuple[Path, Path]:
+    """The images and labels files of a split (``"train"`` or ``"test"``) in a raw folder."""
+    prefix = _PREFIX[split]
+    return raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
+
+
+def _damaged(path: Path, problem: str) -> DamagedDataError:
+    return DamagedDataError(
+        f"MNIST file {path} is damaged: {problem}. Replace it with a fresh copy (the MNIST "
+        "raw files, unpacked), or delete it and load with download=True where there is "
+        "internet.",
+        filename=str(path),
+    )
+
+
+def read_idx(path: Path, kind: str) -> np.ndarray:
+    """Read and check one MNIST IDX file of unsigned bytes.
+
+    Args:
+        path: The file.
+        kind: ``"images"`` (3 dims: example, row, column of 28x28) or
+            ``"labels"`` (1 dim, values 0..9).
+
+    Returns:
+        uint8 array, shape ``(example, 28, 28)`` or ``(example,)``.
+
+    Raises:
+        DamagedDataError: Naming the file and what is wrong with it.
+    """
+    data = np.fromfile(path, dtype=np.uint8)
+    ndim = 3 if kind == "images" else 1
+    header = 4 + 4 * ndim
+    if data.size >= 2 and data[0] == 0x1F and data[1] == 0x8B:
+        raise _damaged(path, "it is gzip-compressed; unpack it (gunzip) under the same name")
+    short = _damaged(
+        path, f"it has {data.size} bytes, fewer than the {header}-byte header of IDX {kind}"
+    )
+    if data.size < 4:
+        raise short
+    magic = int.from_bytes(data[:4].tobytes(), "big")
+    if magic != _MAGIC[kind]:
+        other = "labels" if kind == "images" else "images"
+        why = (
+            f"it is an IDX {other} file, where {kind} belong (are the file names swapped?)"
+            if magic == _MAGIC[other]
+            else f"its magic number is {magic:#010x}, not {_MAGIC[kind]:#010x} of IDX {kind} "
+            "(not an MNIST file, or a corrupt one)"
+        )
+        raise _damaged(path, why)
+    if data.size < header:
+        raise short
+    dims = [int.from_bytes(data[i : i + 4].tobytes(), "big") for i in range(4, header, 4)]
+    if kind == "images" and dims[1:] != [_SIDE, _SIDE]:
+        raise _damaged(path, f"its images are {dims[1]}x{dims[2]} pixels, not 28x28")
+    expected = header + int(np.prod(dims))
+    if data.size != expected:
+        how = "truncated" if data.size < expected else "longer than its header says"
+        raise _damaged(
+            path,
+            f"{how}: its header says {dims[0]} {kind}, {expected} bytes, but it has "
+            f"{data.size} bytes",
+        )
+    array = data[header:].reshape(dims)
+    if kind == "labels" and array.size and int(array.max()) > 9:
+        bad = int(np.argmax(array > 9))
+        raise _damaged(path, f"label {int(array[bad])} at example {bad} is not a digit 0..9")
+    return array
+
+
+def _read_split(raw: Path, split: str) -> Digits:
+    """Read and cross-check a split's two files."""
+    image_path, label_path = split_files(raw, split)
+    images, labels = read_idx(image_path, "images"), read_idx(label_path, "labels")
+    other = "test" if split == "train" else "train"
+    sizes = {len(images): image_path, len(labels): label_path}
+    if len(images) != len(labels):
+        hint = (
+            f"; {SPLIT_SIZES[other]:,} is the size of the {other} split, so one of the "
+            "files was swapped with its other-split twin"
+            if SPLIT_SIZES[other] in sizes
+            else ""
+        )
+        raise DamagedDataError(
+            f"MNIST {split} files disagree: {image_path} has {len(images):,} images but "
+            f"{label_path} has {len(labels):,} labels{hint}. Replace the wrong file.",
+            filename=str(image_path if len(images) != SPLIT_SIZES[split] else label_path),
+        )
+    if len(images) != SPLIT_SIZES[split]:
+        why = (
+            f"the size of MNIST's {other} split: are the train-* and t10k-* files swapped?"
+            if len(images) == SPLIT_SIZES[other]
+            else "a different or partial dataset"
+        )
+        raise DamagedDataError(
+            f"MNIST's {split} split has {SPLIT_SIZES[split]:,} examples, but {image_path} and "
+            f"{label_path} hold {len(images):,}, {why} Replace them with the {split} files.",
+            filename=str(image_path),
+        )
+    pixels = torch.from_numpy(images.reshape(len(images), -1)).to(torch.float32)
+    return Digits(images=pixels / 127.5 - 1.0, labels=torch.from_numpy(labels).to(torch.int64))
+
+
 def load_mnist(
     root: str | os.PathLike | None = None, *, train: bool = True, download: bool = False
 ) -> Digits:
-    """Load MNIST through ``torchvision.datasets.MNIST`` as in-memory tensors.
+    """Load an MNIST split from its raw IDX files as in-memory tensors, checking them.
 
     Args:
         root: Data root holding ``MNIST/raw``; see the module docstring for the fallbacks.
@@ -67,24 +186,33 @@ def load_mnist(
 
     Raises:
         DataNotFoundError: Naming every path tried and how to fix it.
+        DamagedDataError: For a file that is there but damaged (truncated,
+            a bad header, labels outside 0..9, counts that disagree, the
+            other split's file), naming the file and the problem.
     """
+    split = "train" if train else "test"
+    roots = candidate_roots(root)
+    missing: list[str] = []
+    for candidate in roots:
+        raw = candidate / "MNIST" / "raw"
+        present = [path.is_file() for path in split_files(raw, split)]
+        if all(present):
+            return _read_split(raw, split)
+        if any(present):
+            gone = [p.name for p, there in zip(split_files(raw, split), present, strict=True)]
+            missing.append(
+                f"  - {raw} (has one file of the pair, lacks {gone[present.index(False)]})"
+            )
+        else:
+            missing.append(f"  - {raw}")
+    if not download:
+        tried = "\n".join(missing)
+        raise DataNotFoundError(
+            f"MNIST ({split}) was not found. Looked in:\n{tried}\n"
+            f"Fix: pass the folder that contains MNIST/raw (data_dir=... or --data-dir), "
+            f"set {DATA_DIR_ENV} to it, or pass download=True where there is internet."
+        )
     from torchvision.datasets import MNIST
 
-    roots = candidate_roots(root)
-    for candidate in roots:
-        try:
-            dataset = MNIST(str(candidate), train=train, download=False)
-            break
-        except RuntimeError:
-            continue
-    else:
-        if not download:
-            tried = "\n".join(f"  - {r / 'MNIST' / 'raw'}" for r in roots)
-            raise DataNotFoundError(
-                f"MNIST ({'train' if train else 'test'}) was not found. Looked in:\n{tried}\n"
-                f"Fix: pass the folder that contains MNIST/raw (data_dir=... or --data-dir), "
-                f"set {DATA_DIR_ENV} to it, or pass download=True where there is internet."
-            )
-        dataset = MNIST(str(roots[-1]), train=train, download=True)
-    images = dataset.data.reshape(len(dataset.data), -1).to(torch.float32)
-    return Digits(images=images / 127.5 - 1.0, labels=dataset.targets.clone())
+    MNIST(str(roots[-1]), train=train, download=True)
+    return _read_split(roots[-1] / "MNIST" / "raw", split)

@@ -27,16 +27,23 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from gradlens.alignment import alignment, example_alignment, summarize
+from gradlens.alignment import alignment_of_finite, example_alignment, summarize
 from gradlens.ghost import Method, probe_batch
 from gradlens.gradops import check_finite, dot, norm, safe_divide, scale
-from gradlens.per_example import LossFn, Randomness, loss_and_grad
+from gradlens.per_example import (
+    LossFn,
+    Randomness,
+    check_batch,
+    check_vmap_compatible,
+    loss_and_grad,
+)
 from gradlens.transforms.base import GradientTransform
 
 __all__ = ["Objective", "StepResult", "probed_step", "weighted_sum"]
@@ -154,8 +161,20 @@ def probed_step(
 
     Raises:
         NonFiniteGradientError: If ``g_t`` or ``g`` has NaN or infinite values.
+        ValueError: If a batch is empty or its targets do not match its inputs,
+            the optimizer does not hold the model's parameters, or
+            ``train.loss_fn`` is not mean-reduced (checked on two examples).
+        UnsupportedModelError: If the model cannot be probed per example
+            (train-mode BatchNorm, for one); raised before any forward, so
+            buffers such as BatchNorm's running statistics are unchanged.
     """
     params = _params(model)
+    # Everything that can be refused is refused before any forward changes a buffer.
+    _check_objective("train", train)
+    _check_objective("trait", trait)
+    _check_optimizer(optimizer, params)
+    check_vmap_compatible(model, randomness)
+    _check_mean_reduction(model, train)
     old = {n: p.detach().clone() for n, p in params.items()}
     trait_loss, g_t = loss_and_grad(model, trait.loss_fn, trait.inputs, *trait.targets)
     check_finite(g_t, step=step, what="trait gradient")
@@ -170,7 +189,7 @@ def probed_step(
         randomness=randomness,
     )
     check_finite(probe.grad, step=step, what="training gradient")
-    align = alignment(probe.grad, reference=g_t)
+    align = alignment_of_finite(probe.grad, reference=g_t)
     per_example = example_alignment(probe.dots, probe.sq_norms, reference=g_t)
 
     grads = probe.grad
@@ -213,3 +232,76 @@ def probed_step(
             after_loss = trait.loss_fn(model(trait.inputs), *trait.targets)
         records["measured_change"] = after_loss - trait_loss
     return StepResult(records, per_example.cosine, before_state, after_state)
+
+
+def _check_objective(which: str, objective: Objective) -> None:
+    """Raise for an objective without examples or with targets of other examples."""
+    check_batch(objective.inputs, objective.targets, what=f"{which}.inputs")
+    if objective.inputs.shape[0] == 0:
+        raise ValueError(
+            f"{which}.inputs has no examples (shape {tuple(objective.inputs.shape)}); a probed "
+            f"step needs at least one in each batch. Skip empty batches (for a DataLoader, "
+            "drop_last=True)."
+        )
+
+
+def _check_optimizer(optimizer: torch.optim.Optimizer, params: dict[str, Tensor]) -> None:
+    """Raise if ``optimizer`` would not update some of ``params`` (a step would be a no-op)."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [name for name, p in params.items() if id(p) not in held]
+    if missing:
+        shown = missing if len(missing) <= 4 else [*missing[:4], f"... {len(missing) - 4} more"]
+        raise ValueError(
+            f"the optimizer does not hold the model's parameters {shown}, so its step would "
+            "leave them unchanged. Build it from this model's parameters, "
+            "torch.optim.SGD(model.parameters(), ...), after any copy.deepcopy or .to(...) "
+            "that replaces them; freeze parameters you do not train (requires_grad_(False))."
+        )
+
+
+def _check_mean_reduction(model: nn.Module, objective: Objective) -> None:
+    """Raise unless the loss of two examples is the mean of their losses alone.
+
+    :func:`probed_step` steps along the mean of the per-example gradients,
+    which is the gradient of the batch loss only when that loss is the mean
+    of the per-example losses; for ``reduction='sum'`` it would be a step
+    ``example`` times smaller than a plain backward. One forward of two
+    examples, one host sync, and the random number streams left as they were
+    (a dropout draw here must not change the step's masks).
+    """
+    if objective.inputs.shape[0] < 2:
+        return
+    loss_fn = objective.loss_fn
+    device = objective.inputs.device
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        outputs = model(objective.inputs[:2])
+        targets = [t[:2] for t in objective.targets]
+        batch = loss_fn(outputs, *targets)
+        if not isinstance(batch, Tensor) or batch.numel() != 1:
+            shape = tuple(batch.shape) if isinstance(batch, Tensor) else type(batch).__name__
+            raise ValueError(
+                f"train.loss_fn returned {shape} for a batch of 2; it must return a scalar, the "
+                "mean loss of the batch: keep reduction='mean' (the default of torch's losses) "
+                "or end it with .mean()."
+            )
+        each = [loss_fn(outputs[i : i + 1], *(t[i : i + 1] for t in targets)) for i in (0, 1)]
+        found = torch.stack([batch.reshape(()), *(e.reshape(()) for e in each)]).tolist()
+    value, each = found[0], found[1:]
+    mean = (each[0] + each[1]) / 2
+    if not all(map(math.isfinite, (value, *each))):
+        return  # the non-finite gradient it gives is reported by check_finite
+    tol = 1e-3 * max(abs(value), abs(mean)) + 1e-6
+    if abs(value - mean) <= tol:
+        return
+    looks = (
+        " It is their sum: reduction='sum'?"
+        if abs(value - 2 * mean) <= 1e-3 * abs(value) + 1e-6
+        else ""
+    )
+    raise ValueError(
+        f"train.loss_fn gives {value:.6g} for two examples whose losses alone are {each[0]:.6g} "
+        f"and {each[1]:.6g} (mean {mean:.6g}).{looks} probed_step steps along the mean of the "
+        "per-example gradients, which is the batch gradient only for a loss that is the mean "
+        "of the examples' losses: use reduction='mean' (the default of torch's losses), or "
+        "divide a summed loss by the number of examples."
+    )

@@ -1,0 +1,220 @@
+"""Writers killed at random moments, and a recorder that fills a real (small) disk (issue 10).
+
+The kills: one child process imports gradlens once, then forks writers that
+log and flush as fast as they can, and SIGKILLs each after a random delay
+(seeded), so the kills land in appends, copies and renames alike. Every
+published file must be readable, with strictly increasing steps and the
+values logged. The same for results files replaced by ``atomic_write``
+version after version: each holds one whole version. The full disk: a 256
+KiB tmpfs mounted in a user namespace (``unshare``), where the platform
+allows it unprivileged; else the test is skipped with the reason (the
+injected ENOSPC tests of test_recording_survival.py run everywhere).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from gradlens.recording import Recorder, open_run
+from tests.test_recording import log_run, make
+
+TESTS = str(Path(__file__).parent)
+
+KILLER = """
+import json, os, random, signal, sys, time
+sys.path.insert(0, {tests!r})
+from test_recording import log_run, make
+
+folder, kills = {folder!r}, {kills}
+rng = random.Random(0)
+report = []
+for k in range(kills):
+    path = os.path.join(folder, f"run{{k}}.nc")
+    delay = rng.uniform(0.0, 0.4)
+    pid = os.fork()
+    if pid == 0:  # the writer: flush every 2 rows, forever
+        rec = make(path, flush_every=2)
+        step = 0
+        while True:
+            log_run(rec, range(step, step + 1))
+            step += 1
+    time.sleep(delay)
+    os.kill(pid, signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    report.append({{"path": path, "delay": delay, "signal": os.WTERMSIG(status)}})
+
+# results files (combined file, summary): replaced whole, version after version
+import numpy as np, xarray as xr
+from gradlens._atomic import atomic_write
+
+def version(k):
+    return xr.Dataset({{"x": ("step", np.full(20_000, float(k)))}}, attrs={{"version": k}})
+
+results = []
+for k in range(kills):
+    path = os.path.join(folder, f"result{{k}}.nc")
+    atomic_write(path, lambda tmp: version(0).to_netcdf(tmp))
+    delay = rng.uniform(0.0, 0.4)
+    pid = os.fork()
+    if pid == 0:
+        v = 1
+        while True:
+            atomic_write(path, lambda tmp: version(v).to_netcdf(tmp))
+            v += 1
+    time.sleep(delay)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    results.append(path)
+print(json.dumps({{"recorder": report, "results": results}}))
+"""
+
+
+def test_a_writer_killed_at_random_moments_leaves_a_readable_prefix(tmp_path: Path) -> None:
+    code = KILLER.format(tests=TESTS, folder=str(tmp_path), kills=6)
+    child = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert child.returncode == 0, child.stderr
+    found = json.loads(child.stdout)
+    report = found["recorder"]
+    sizes = []
+    for kill in report:
+        assert kill["signal"] == 9
+        path = Path(kill["path"])
+        if not path.exists():  # killed before its first flush was published
+            sizes.append(0)
+            continue
+        ds = open_run(path)
+        steps = ds["step"].values.tolist()
+        assert steps == list(range(len(steps))), kill  # strictly increasing, none lost inside
+        expected = make(None)
+        log_run(expected, range(len(steps)))
+        np.testing.assert_array_equal(ds["loss"].values, expected.dataset()["loss"].values)
+        sizes.append(len(steps))
+        # the next recorder of that path starts cleanly over the debris
+        with make(path, overwrite=True) as rec:
+            log_run(rec, range(3))
+        assert open_run(path).sizes["step"] == 3
+    print("steps published before each kill:", sizes)
+    assert max(sizes) > 0  # the kills did land during the writing, not all before it
+    versions = []
+    for path in found["results"]:  # a whole version, old or new, never a stub
+        ds = xr.load_dataset(path)
+        versions.append(int(ds.attrs["version"]))
+        assert (ds["x"].values == versions[-1]).all() and ds.sizes["step"] == 20_000
+    print("result versions when killed:", versions)
+    assert max(versions) > 0
+    kept = {f"run{k}.nc" for k in range(6)} | {f"result{k}.nc" for k in range(6)}
+    leftovers = {p.name for p in tmp_path.iterdir()} - kept
+    assert all(name.endswith((".writing", ".tmp")) for name in leftovers), leftovers
+
+
+FULL_DISK = """
+import errno, json, os, sys
+sys.path.insert(0, {tests!r})
+import numpy as np
+from gradlens.errors import RecordWriteError
+from gradlens.recording import Recorder, Variable, open_run
+
+folder = {folder!r}
+path = os.path.join(folder, "run.nc")
+variables = {{
+    "loss": Variable(("step",), "loss"),
+    "row": Variable(("step", "unit"), "a wide row", dtype="float64"),
+}}
+rec = Recorder(path, variables, flush_every=4)
+logged, error = 0, None
+try:
+    for step in range(100000):
+        rec.log(step, loss=float(step), row=np.full(512, float(step)))
+        logged = step + 1
+except RecordWriteError as exc:
+    error = {{"message": str(exc), "errno": exc.errno, "filename": exc.filename}}
+fds = []
+for fd in os.listdir("/proc/self/fd"):
+    try:
+        fds.append(os.readlink(f"/proc/self/fd/{{fd}}"))
+    except OSError:  # the listing's own descriptor, closed by now
+        pass
+ds = open_run(path) if os.path.exists(path) else None
+print(json.dumps({{
+    "logged": logged,
+    "error": error,
+    "files": sorted(os.listdir(folder)),
+    "open": [f for f in fds if f.startswith(folder)],
+    "steps": ds["step"].values.tolist() if ds is not None else None,
+    "loss": ds["loss"].values.tolist() if ds is not None else None,
+}}))
+"""
+
+
+def run_on_small_tmpfs(folder: Path, code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` with a 256 KiB tmpfs mounted on ``folder``, in a user namespace."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("no unshare here: cannot mount a small tmpfs without privileges")
+    probe = subprocess.run(
+        [unshare, "--user", "--map-root-user", "--mount", "true"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"user namespaces are not allowed here ({probe.stderr.strip()})")
+    script = folder.parent / "full_disk.py"
+    script.write_text(textwrap.dedent(code))
+    mount = f"mount -t tmpfs -o size=256k tmpfs {folder} && exec {sys.executable} {script}"
+    return subprocess.run(
+        [unshare, "--user", "--map-root-user", "--mount", "sh", "-c", mount],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+
+
+def test_a_real_full_disk_keeps_the_flushed_steps_and_says_so(tmp_path: Path) -> None:
+    folder = tmp_path / "small"
+    folder.mkdir()
+    child = run_on_small_tmpfs(folder, FULL_DISK.format(tests=TESTS, folder=str(folder)))
+    if child.returncode != 0 and "mount" in child.stderr and "Traceback" not in child.stderr:
+        pytest.skip(f"cannot mount a tmpfs here: {child.stderr.strip()}")
+    assert child.returncode == 0, child.stderr
+    result = json.loads(child.stdout.splitlines()[-1])
+    print({k: result[k] for k in ("logged", "error", "files")})
+    error = result["error"]
+    assert error is not None, "256 KiB never filled up"
+    assert "run.nc" in error["message"] and "MiB free there" in error["message"]
+    # the publishing copy needs room for a third copy of the file, so it fails first, with
+    # the kernel's ENOSPC (a failure inside the netCDF library would carry no errno)
+    assert error["errno"] == errno.ENOSPC and "No space left on device" in error["message"]
+    assert "still holds every row up to the previous flush" in error["message"]
+    assert result["files"] == ["run.nc"]  # no working file, no temporary copy left
+    assert result["open"] == []
+    steps = result["steps"]
+    assert steps and steps == list(range(len(steps)))
+    assert len(steps) % 4 == 0 and len(steps) <= result["logged"]
+    assert result["loss"] == [float(s) for s in steps]  # no NaN rows
+
+
+def test_a_recorder_that_was_never_flushed_leaves_nothing(tmp_path: Path) -> None:
+    """The complement of the kill test: nothing is published before the first flush."""
+    rec = Recorder(tmp_path / "run.nc", {"loss": make(None)._schema.variables["loss"]})
+    rec.log(0, loss=1.0)
+    assert list(tmp_path.iterdir()) == []
+    rec.close()
+    assert open_run(tmp_path / "run.nc")["loss"].values.tolist() == [1.0]
