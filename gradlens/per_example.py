@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_leaves
 
 from gradlens.errors import UnsupportedModelError
 
@@ -330,6 +331,7 @@ def loss_and_grad(
     inputs: Tensor,
     *targets: Tensor,
     params: Collection[str] | None = None,
+    unused: Literal["error", "zero"] = "error",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Compute the batch loss and its gradient with one plain backward pass.
 
@@ -341,13 +343,18 @@ def loss_and_grad(
         inputs: Shape ``(example, ...)``.
         *targets: Each of shape ``(example, ...)``.
         params: Parameter names to differentiate; default all that require grad.
+        unused: What a parameter that the forward uses but this loss does
+            not reach (a second head the loss ignores) gets: ``"error"``
+            raises, ``"zero"`` gives its exact gradient, zeros. A parameter
+            that no output of the forward reaches raises either way.
 
     Returns:
         ``(loss, grads)``: the detached loss, shape ``()``, and for every
         selected name a tensor of the parameter's shape.
 
     Raises:
-        UnsupportedModelError: If a selected parameter does not affect the loss.
+        UnsupportedModelError: If a selected parameter does not affect the
+            loss (with ``unused="zero"``: no output of the forward).
         ValueError: If a target's first dim differs from the number of
             examples, or ``loss_fn`` does not return a scalar.
     """
@@ -365,15 +372,36 @@ def loss_and_grad(
                 "loss of the batch: keep reduction='mean' (the default of torch's losses) or "
                 "end it with .mean()."
             )
-        values = torch.autograd.grad(loss, list(selected.values()), allow_unused=True)
-    unused = [name for name, value in zip(selected, values, strict=True) if value is None]
-    if unused:
+        values = list(
+            torch.autograd.grad(
+                loss, list(selected.values()), allow_unused=True, retain_graph=unused == "zero"
+            )
+        )
+        missing = [name for name, value in zip(selected, values, strict=True) if value is None]
+        if missing and unused == "zero":
+            missing = _unreached_by_outputs(outputs, {n: selected[n] for n in missing})
+            values = [
+                torch.zeros_like(p) if v is None else v
+                for p, v in zip(selected.values(), values, strict=True)
+            ]
+    if missing:
+        unused_names = missing
         raise UnsupportedModelError(
-            f"parameters {unused} do not affect the loss, so they have no gradient. Freeze "
+            f"parameters {unused_names} do not affect the loss, so they have no gradient. Freeze "
             "them (param.requires_grad_(False)), or leave them out of `params`, to probe the "
             "others."
         )
     return loss.detach(), dict(zip(selected, values, strict=True))
+
+
+def _unreached_by_outputs(outputs: object, params: dict[str, Tensor]) -> list[str]:
+    """The names of ``params`` that no floating-point output of the forward depends on."""
+    leaves = [t for t in tree_leaves(outputs) if isinstance(t, Tensor) and t.requires_grad]
+    if not leaves:
+        return list(params)
+    total = sum(t.float().sum() for t in leaves)
+    found = torch.autograd.grad(total, list(params.values()), allow_unused=True)
+    return [n for n, g in zip(params, found, strict=True) if g is None]
 
 
 def mean_grad(

@@ -176,7 +176,9 @@ def probed_step(
     check_vmap_compatible(model, randomness)
     _check_mean_reduction(model, train)
     old = {n: p.detach().clone() for n, p in params.items()}
-    trait_loss, g_t = loss_and_grad(model, trait.loss_fn, trait.inputs, *trait.targets)
+    trait_loss, g_t = loss_and_grad(
+        model, trait.loss_fn, trait.inputs, *trait.targets, unused="zero"
+    )
     check_finite(g_t, step=step, what="trait gradient")
     probe = probe_batch(
         model,
