@@ -48,6 +48,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from gradlens._ghost_linear import is_plain_linear
+from gradlens._outputs import OutputSelector, no_kv_cache, select_output, selector_key
 from gradlens.errors import UnsupportedModelError
 from gradlens.per_example import Randomness, check_vmap_compatible, split_params
 
@@ -131,6 +132,7 @@ def _trace(
     frozen: dict[str, Tensor],
     inputs: Tensor,
     owners: dict[str, str],
+    output: OutputSelector | None = None,
 ) -> _Trace:
     """Run the forward once, logging uses, linear inputs and module calls; keep no graph."""
     trace = _Trace()
@@ -152,7 +154,7 @@ def _trace(
     finally:
         for handle in handles:
             handle.remove()
-    trace.outputs = [t.detach() for t in tree_leaves(out) if isinstance(t, Tensor)]
+    trace.outputs = [select_output(out, output).detach()]
     return trace
 
 
@@ -231,6 +233,7 @@ def plan_for(
     selected: dict[str, Tensor],
     frozen: dict[str, Tensor],
     randomness: Randomness,
+    output: OutputSelector | None = None,
 ) -> dict[str, PlanEntry]:
     """The (cached) plan of the selected parameters; see the module docstring.
 
@@ -240,6 +243,7 @@ def plan_for(
         selected: The parameters to plan, detached, as from ``split_params``.
         frozen: The other parameters.
         randomness: The ``vmap`` randomness choice; not ``"error"`` skips the mixing check.
+        output: Selector of the tensor the loss sees; the mixing check compares it.
 
     Returns:
         Name -> :class:`PlanEntry`, a fresh dict.
@@ -255,6 +259,7 @@ def plan_for(
         inputs.dtype,
         inputs.device,
         randomness,
+        selector_key(output),
     )
     plans = _CACHE.setdefault(model, OrderedDict())
     if key in plans:
@@ -266,8 +271,8 @@ def plan_for(
     owners = _linear_owners(model, selected)
     devices = [inputs.device] if inputs.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        first = _trace(model, selected, frozen, inputs, owners)
-        second = _trace(model, selected, frozen, inputs[index], owners)
+        first = _trace(model, selected, frozen, inputs, owners, output)
+        second = _trace(model, selected, frozen, inputs[index], owners, output)
     if randomness == "error" and batch > 1:
         _check_not_mixing(first, second, index, model)
     sizes = (batch, index.shape[0])
@@ -284,6 +289,7 @@ def ghost_plan(
     *,
     params: Collection[str] | None = None,
     randomness: Randomness = "error",
+    output: OutputSelector | None = None,
 ) -> dict[str, PlanEntry]:
     """Which path ``method="auto"`` takes for each parameter on these inputs, and why.
 
@@ -298,6 +304,7 @@ def ghost_plan(
         inputs: Shape ``(example, ...)``, at least one example.
         params: Parameter names; default all that require grad.
         randomness: ``vmap`` randomness choice, as in :func:`~gradlens.per_example_dots`.
+        output: Selector of the tensor the loss sees, as in :func:`~gradlens.per_example_dots`.
 
     Returns:
         Name -> :class:`PlanEntry` (``path``, ``reason``, ``example_axis``).
@@ -311,4 +318,5 @@ def ghost_plan(
         raise ValueError("ghost_plan needs at least one example to trace the forward.")
     check_vmap_compatible(model, randomness)
     selected, frozen = split_params(model, params)
-    return plan_for(model, inputs, selected, frozen, randomness)
+    with no_kv_cache(model):
+        return plan_for(model, inputs, selected, frozen, randomness, output)

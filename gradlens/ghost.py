@@ -41,6 +41,7 @@ from torch.func import functional_call
 
 from gradlens._ghost_linear import Capture, as_tokens, capture_linear, linear_dots
 from gradlens._ghost_plan import PlanEntry, ghost_plan, plan_for
+from gradlens._outputs import OutputSelector, no_kv_cache, select_output
 from gradlens.errors import UnsupportedModelError
 from gradlens.gradops import check_compatible
 from gradlens.per_example import (
@@ -67,6 +68,7 @@ def _vmap_dots(
     names: list[str],
     chunk_size: int | None,
     randomness: Randomness,
+    output: OutputSelector | None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
     """Inner products, squared norms and gradient sums from per-example gradients.
 
@@ -86,6 +88,7 @@ def _vmap_dots(
             *(t[chunk] for t in targets),
             params=names,
             randomness=randomness,
+            output=output,
         )
         for name, g in grads.items():
             flat = g.flatten(start_dim=1)
@@ -133,6 +136,7 @@ def _probe(
     method: Method,
     chunk_size: int | None,
     randomness: Randomness,
+    output: OutputSelector | None,
     with_grad: bool,
 ) -> Probe:
     """Shared body of :func:`per_example_dots` and :func:`probe_batch`."""
@@ -145,7 +149,7 @@ def _probe(
     names = list(selected)
     if inputs.shape[0] == 0:
         return _empty_probe(selected, with_grad=with_grad)
-    plan = plan_for(model, inputs, selected, frozen, randomness)  # also the mixing check
+    plan = plan_for(model, inputs, selected, frozen, randomness, output)  # + the mixing check
     if method == "vmap":
         plan = {n: PlanEntry("vmap", "method='vmap'") for n in names}
     refused = [f"{n!r} ({e.reason})" for n, e in plan.items() if e.path != "ghost"]
@@ -163,11 +167,20 @@ def _probe(
                 outputs = functional_call(
                     model, (selected, frozen, dict(model.named_buffers())), (inputs,)
                 )
-                losses = per_example_losses(loss_fn, outputs, *targets)
+                losses = per_example_losses(loss_fn, outputs, *targets, output=output)
         dots, sq_norms, grad_sum = {}, {}, {}
     else:
         losses, grad_sum, dots, sq_norms = _ghost_pass(
-            model, loss_fn, reference, inputs, targets, selected, frozen, plan, with_grad=with_grad
+            model,
+            loss_fn,
+            reference,
+            inputs,
+            targets,
+            selected,
+            frozen,
+            plan,
+            output=output,
+            with_grad=with_grad,
         )
     rest = [n for n in names if n not in dots]
     for name in rest:
@@ -179,7 +192,9 @@ def _probe(
             "its trace (a forward that depends on the data?); use method='auto'."
         )
     if rest:
-        more = _vmap_dots(model, loss_fn, reference, inputs, targets, rest, chunk_size, randomness)
+        more = _vmap_dots(
+            model, loss_fn, reference, inputs, targets, rest, chunk_size, randomness, output
+        )
         dots.update(more[0])
         sq_norms.update(more[1])
         if method == "vmap":
@@ -216,6 +231,7 @@ def per_example_dots(
     method: Method = "auto",
     chunk_size: int | None = None,
     randomness: Randomness = "error",
+    output: OutputSelector | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Per-example inner products with a reference gradient, and squared norms.
 
@@ -239,6 +255,11 @@ def per_example_dots(
         chunk_size: Examples per chunk on the ``vmap`` path.
         randomness: ``vmap`` randomness choice (dropout) on the ``vmap`` path.
             The ghost path draws a mask per example, like ``"different"``.
+        output: Which tensor of the model's return value the loss sees, for a
+            model that returns a ``ModelOutput``, dict or tuple (``"logits"``,
+            a tuple index, or a callable); see
+            :func:`~gradlens.per_example_grads`. ``config.use_cache`` is
+            switched off during the call.
 
     Returns:
         ``(dots, sq_norms)``: for every selected name, shape ``(example,)``
@@ -251,18 +272,20 @@ def per_example_dots(
             parameter without an exact factored form.
         ValueError: If ``chunk_size`` is zero or negative.
     """
-    found = _probe(
-        model,
-        loss_fn,
-        reference,
-        inputs,
-        targets,
-        params=params,
-        method=method,
-        chunk_size=chunk_size,
-        randomness=randomness,
-        with_grad=False,
-    )
+    with no_kv_cache(model):
+        found = _probe(
+            model,
+            loss_fn,
+            reference,
+            inputs,
+            targets,
+            params=params,
+            method=method,
+            chunk_size=chunk_size,
+            randomness=randomness,
+            output=output,
+            with_grad=False,
+        )
     return found.dots, found.sq_norms
 
 
@@ -276,6 +299,7 @@ def probe_batch(
     method: Method = "auto",
     chunk_size: int | None = None,
     randomness: Randomness = "error",
+    output: OutputSelector | None = None,
 ) -> Probe:
     """Losses, mean gradient, and per-example dots and norms, from one pass.
 
@@ -287,18 +311,20 @@ def probe_batch(
     Returns:
         A :class:`Probe`.
     """
-    return _probe(
-        model,
-        loss_fn,
-        reference,
-        inputs,
-        targets,
-        params=params,
-        method=method,
-        chunk_size=chunk_size,
-        randomness=randomness,
-        with_grad=True,
-    )
+    with no_kv_cache(model):
+        return _probe(
+            model,
+            loss_fn,
+            reference,
+            inputs,
+            targets,
+            params=params,
+            method=method,
+            chunk_size=chunk_size,
+            randomness=randomness,
+            output=output,
+            with_grad=True,
+        )
 
 
 def _ghost_pass(
@@ -311,6 +337,7 @@ def _ghost_pass(
     frozen: dict[str, Tensor],
     plan: Mapping[str, PlanEntry],
     *,
+    output: OutputSelector | None,
     with_grad: bool,
 ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
     """One forward and one backward; ghost values for the parameters planned so.
@@ -330,7 +357,9 @@ def _ghost_pass(
     buffers = dict(model.named_buffers())
     ghost = [n for n, e in plan.items() if e.path == "ghost"]
     with torch.enable_grad(), capture_linear(model, ghost) as captures:
-        outputs = functional_call(model, (params, frozen, buffers), (inputs,))
+        outputs = select_output(
+            functional_call(model, (params, frozen, buffers), (inputs,)), output
+        )
         losses = per_example_losses(loss_fn, outputs, *targets)
     eligible: dict[str, tuple[Capture, int]] = {}
     for module_name, c in captures.items():

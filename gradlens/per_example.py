@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from gradlens._outputs import OutputSelector, no_kv_cache, select_output
 from gradlens.errors import UnsupportedModelError
 
 __all__ = [
@@ -131,13 +132,17 @@ def check_vmap_compatible(model: nn.Module, randomness: Randomness = "error") ->
 
 
 def _one_example_loss(
-    model: nn.Module, loss_fn: LossFn, frozen: dict[str, Tensor], buffers: dict[str, Tensor]
+    model: nn.Module,
+    loss_fn: LossFn,
+    frozen: dict[str, Tensor],
+    buffers: dict[str, Tensor],
+    output: OutputSelector | None = None,
 ) -> Callable[..., Tensor]:
     """Build ``loss(params, x, *targets)`` for one example, fed as a batch of one."""
 
     def loss(params: dict[str, Tensor], x: Tensor, *targets: Tensor) -> Tensor:
-        outputs = functional_call(model, (params, frozen, buffers), (x.unsqueeze(0),))
-        return loss_fn(outputs, *(t.unsqueeze(0) for t in targets))
+        found = functional_call(model, (params, frozen, buffers), (x.unsqueeze(0),))
+        return loss_fn(select_output(found, output), *(t.unsqueeze(0) for t in targets))
 
     return loss
 
@@ -175,6 +180,12 @@ def _explain_vmap_failures(model: nn.Module, plain_call: Callable[[], object]) -
             plain_call()
         except Exception:
             raise err from None
+        if "randomness" in str(err):
+            raise UnsupportedModelError(
+                f"module {where!r} draws random numbers (dropout inside a function, such as "
+                "scaled_dot_product_attention's dropout_p, in training mode): pass "
+                "randomness='different' (a draw per example) or 'same', or call model.eval()."
+            ) from err
         raise UnsupportedModelError(
             f"module {where!r} fails under vmap although one example runs without it: it "
             "probably writes per-example values in place into a tensor shared by the batch. "
@@ -194,6 +205,7 @@ def per_example_grads(
     params: Collection[str] | None = None,
     chunk_size: int | None = None,
     randomness: Randomness = "error",
+    output: OutputSelector | None = None,
 ) -> dict[str, Tensor]:
     """Compute the gradient of the loss of every example separately.
 
@@ -208,6 +220,11 @@ def per_example_grads(
         params: Parameter names to differentiate; default all that require grad.
         chunk_size: Examples per vmap chunk, to bound memory; ``None`` does all at once.
         randomness: ``torch.func.vmap``'s choice for random ops such as dropout.
+        output: Which tensor of the model's return value the loss sees, when
+            the model returns a ``ModelOutput``, dict or tuple: a key or
+            attribute name (``"logits"``), a tuple index, or a callable
+            ``output(model_output) -> Tensor``; ``None`` if it returns a
+            tensor. ``config.use_cache`` is switched off during the call.
 
     Returns:
         For every selected name, shape ``(example, *param.shape)`` (``(0,
@@ -223,13 +240,17 @@ def per_example_grads(
     if inputs.shape[0] == 0:
         return {name: p.new_zeros((0, *p.shape)) for name, p in selected.items()}
     buffers = dict(model.named_buffers())
-    loss = _one_example_loss(model, loss_fn, frozen, buffers)
+    loss = _one_example_loss(model, loss_fn, frozen, buffers, output)
     in_dims = (None, 0, *([0] * len(targets)))
     batched = vmap(grad(loss), in_dims=in_dims, randomness=randomness)
     count = inputs.shape[0]
     step = chunk_size or count
     result: dict[str, Tensor] = {}
-    with _explain_vmap_failures(model, lambda: loss(selected, inputs[0], *(t[0] for t in targets))):
+
+    def plain() -> Tensor:
+        return loss(selected, inputs[0], *(t[0] for t in targets))
+
+    with no_kv_cache(model), _explain_vmap_failures(model, plain):
         # Chunks are written into one preallocated result: vmap's own chunk_size
         # concatenates them at the end, which doubles the peak memory.
         for start in range(0, count, step):
@@ -244,13 +265,16 @@ def per_example_grads(
     return result
 
 
-def per_example_losses(loss_fn: LossFn, outputs: Tensor, *targets: Tensor) -> Tensor:
+def per_example_losses(
+    loss_fn: LossFn, outputs: object, *targets: Tensor, output: OutputSelector | None = None
+) -> Tensor:
     """Evaluate a batch loss on every example of already computed outputs.
 
     Args:
         loss_fn: ``loss_fn(outputs, *targets) -> scalar``, written for a batch.
-        outputs: Shape ``(example, ...)``.
+        outputs: Shape ``(example, ...)``, or what the model returned if ``output`` is given.
         *targets: Each of shape ``(example, ...)``.
+        output: Selector of the tensor in ``outputs``, as in :func:`per_example_grads`.
 
     Returns:
         Shape ``(example,)``: ``loss_fn`` of each example as a batch of one.
@@ -259,7 +283,7 @@ def per_example_losses(loss_fn: LossFn, outputs: Tensor, *targets: Tensor) -> Te
     def one(o: Tensor, *t: Tensor) -> Tensor:
         return loss_fn(o.unsqueeze(0), *(ti.unsqueeze(0) for ti in t))
 
-    return vmap(one)(outputs, *targets)
+    return vmap(one)(select_output(outputs, output), *targets)
 
 
 def loss_and_grad(
@@ -268,6 +292,7 @@ def loss_and_grad(
     inputs: Tensor,
     *targets: Tensor,
     params: Collection[str] | None = None,
+    output: OutputSelector | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Compute the batch loss and its gradient with one plain backward pass.
 
@@ -279,6 +304,7 @@ def loss_and_grad(
         inputs: Shape ``(example, ...)``.
         *targets: Each of shape ``(example, ...)``.
         params: Parameter names to differentiate; default all that require grad.
+        output: Selector of the tensor the loss sees, as in :func:`per_example_grads`.
 
     Returns:
         ``(loss, grads)``: the detached loss, shape ``()``, and for every
@@ -287,9 +313,9 @@ def loss_and_grad(
     selected, frozen = split_params(model, params)
     selected = {name: p.requires_grad_() for name, p in selected.items()}
     buffers = dict(model.named_buffers())
-    with torch.enable_grad():
-        outputs = functional_call(model, (selected, frozen, buffers), (inputs,))
-        loss = loss_fn(outputs, *targets)
+    with torch.enable_grad(), no_kv_cache(model):
+        found = functional_call(model, (selected, frozen, buffers), (inputs,))
+        loss = loss_fn(select_output(found, output), *targets)
         values = torch.autograd.grad(loss, list(selected.values()))
     return loss.detach(), dict(zip(selected, values, strict=True))
 
@@ -300,6 +326,7 @@ def mean_grad(
     inputs: Tensor,
     *targets: Tensor,
     params: Collection[str] | None = None,
+    output: OutputSelector | None = None,
 ) -> dict[str, Tensor]:
     """Compute the gradient of the batch loss with one plain backward pass.
 
@@ -312,8 +339,9 @@ def mean_grad(
         inputs: Shape ``(example, ...)``.
         *targets: Each of shape ``(example, ...)``.
         params: Parameter names to differentiate; default all that require grad.
+        output: Selector of the tensor the loss sees, as in :func:`per_example_grads`.
 
     Returns:
         For every selected name, a tensor of the parameter's shape.
     """
-    return loss_and_grad(model, loss_fn, inputs, *targets, params=params)[1]
+    return loss_and_grad(model, loss_fn, inputs, *targets, params=params, output=output)[1]

@@ -33,7 +33,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from gradlens._outputs import OutputSelector, no_kv_cache, select_output
 from gradlens.alignment import alignment, example_alignment, summarize
+from gradlens.errors import UnsupportedModelError
 from gradlens.ghost import Method, probe_batch
 from gradlens.gradops import check_finite, dot, norm, safe_divide, scale
 from gradlens.per_example import LossFn, Randomness, loss_and_grad
@@ -113,6 +115,7 @@ def probed_step(
     method: Method = "auto",
     chunk_size: int | None = None,
     randomness: Randomness = "error",
+    output: OutputSelector | None = None,
     measure_change: bool = True,
 ) -> StepResult:
     """Take one optimizer step on ``train`` while probing its alignment with ``trait``.
@@ -147,17 +150,81 @@ def probed_step(
         chunk_size: Examples per chunk where the probe falls back to ``vmap``.
         randomness: ``vmap`` randomness (``"different"`` for dropout), as in
             :func:`~gradlens.per_example_grads`.
+        output: Which tensor of the model's return value both losses see, for a
+            model that returns a ``ModelOutput``, dict or tuple (``"logits"``, a
+            tuple index, or a callable), as in :func:`~gradlens.per_example_grads`;
+            it applies to every forward of the step. ``config.use_cache`` is
+            switched off during the step.
         measure_change: Also evaluate the trait loss after the step (one forward).
 
     Returns:
         A :class:`StepResult`.
 
+    A training batch without examples gives empty per-example values, NaN
+    for ``train_loss`` and the per-example summaries, and a zero training
+    gradient, with which the optimizer still steps (momentum or weight decay
+    may still move the parameters).
+
     Raises:
         NonFiniteGradientError: If ``g_t`` or ``g`` has NaN or infinite values.
+        UnsupportedModelError: If no parameter requires grad, or the model
+            cannot be probed per example (the message names the argument to change).
+        ValueError: If ``trait`` has no examples.
     """
     params = _params(model)
+    if not params:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no parameter with requires_grad=True: probed_step "
+            "probes and trains those; set requires_grad on the parameters to train."
+        )
+    if trait.inputs.shape[0] == 0:
+        raise ValueError(
+            "trait has no examples: g_t is the mean trait gradient over trait.inputs, so "
+            "pass a trait Objective with at least one example."
+        )
+    with no_kv_cache(model):
+        return _step(
+            model,
+            optimizer,
+            train,
+            trait,
+            params,
+            before=before,
+            before_state=before_state,
+            after=after,
+            after_state=after_state,
+            step=step,
+            method=method,
+            chunk_size=chunk_size,
+            randomness=randomness,
+            output=output,
+            measure_change=measure_change,
+        )
+
+
+def _step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train: Objective,
+    trait: Objective,
+    params: dict[str, Tensor],
+    *,
+    before: GradientTransform | None,
+    before_state: Any,
+    after: GradientTransform | None,
+    after_state: Any,
+    step: int | None,
+    method: Method,
+    chunk_size: int | None,
+    randomness: Randomness,
+    output: OutputSelector | None,
+    measure_change: bool,
+) -> StepResult:
+    """:func:`probed_step` with its checks done and the model's key-value cache off."""
     old = {n: p.detach().clone() for n, p in params.items()}
-    trait_loss, g_t = loss_and_grad(model, trait.loss_fn, trait.inputs, *trait.targets)
+    trait_loss, g_t = loss_and_grad(
+        model, trait.loss_fn, trait.inputs, *trait.targets, output=output
+    )
     check_finite(g_t, step=step, what="trait gradient")
     probe = probe_batch(
         model,
@@ -168,6 +235,7 @@ def probed_step(
         method=method,
         chunk_size=chunk_size,
         randomness=randomness,
+        output=output,
     )
     check_finite(probe.grad, step=step, what="training gradient")
     align = alignment(probe.grad, reference=g_t)
@@ -210,6 +278,6 @@ def probed_step(
     }
     if measure_change:
         with torch.no_grad():
-            after_loss = trait.loss_fn(model(trait.inputs), *trait.targets)
+            after_loss = trait.loss_fn(select_output(model(trait.inputs), output), *trait.targets)
         records["measured_change"] = after_loss - trait_loss
     return StepResult(records, per_example.cosine, before_state, after_state)
