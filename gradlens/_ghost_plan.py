@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
-from collections.abc import Collection, Hashable
+from collections.abc import Callable, Collection, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
@@ -158,8 +158,14 @@ def _trace(
     return trace
 
 
-def _check_not_mixing(first: _Trace, second: _Trace, index: Tensor, model: nn.Module) -> None:
-    """Raise if the second trace's outputs differ from the first's rows ``index``."""
+def _check_not_mixing(
+    first: _Trace, second: _Trace, index: Tensor, model: nn.Module, again: Callable[[], _Trace]
+) -> None:
+    """Raise if the second trace's outputs differ from the first's rows ``index``.
+
+    ``again`` repeats the first trace with fresh random draws: if its outputs
+    differ too, the forward is random (dropout), not mixing.
+    """
     for a, b in zip(first.outputs, second.outputs, strict=False):
         if a.ndim == 0 or b.shape[:1] != index.shape or not a.is_floating_point():
             continue
@@ -168,6 +174,12 @@ def _check_not_mixing(first: _Trace, second: _Trace, index: Tensor, model: nn.Mo
             continue
         tol = max(1e-4, 50 * torch.finfo(a.dtype).eps) * float(want.abs().max().clamp_min(1e-30))
         if float((b - want).abs().max()) > tol:
+            if float((again().outputs[0] - first.outputs[0]).abs().max()) > tol:
+                raise UnsupportedModelError(
+                    f"{type(model).__name__} draws random numbers in its forward (dropout in "
+                    "training mode, perhaps functional): pass randomness='different' (a draw "
+                    "per example) or 'same', or call model.eval()."
+                )
             raise UnsupportedModelError(
                 f"{type(model).__name__} mixes examples: its output for an example changed "
                 "when the other examples of the batch changed (batch statistics, centring "
@@ -273,8 +285,14 @@ def plan_for(
     with torch.random.fork_rng(devices=devices):
         first = _trace(model, selected, frozen, inputs, owners, output)
         second = _trace(model, selected, frozen, inputs[index], owners, output)
-    if randomness == "error" and batch > 1:
-        _check_not_mixing(first, second, index, model)
+        if randomness == "error" and batch > 1:
+            _check_not_mixing(
+                first,
+                second,
+                index,
+                model,
+                lambda: _trace(model, selected, frozen, inputs, owners, output),
+            )
     sizes = (batch, index.shape[0])
     plan = {n: _decide(n, owners.get(n), first, second, sizes) for n in selected}
     plans[key] = plan

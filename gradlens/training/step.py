@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from gradlens._outputs import OutputSelector, no_kv_cache, select_output
 from gradlens.alignment import alignment, example_alignment, summarize
-from gradlens.errors import UnsupportedModelError
+from gradlens.errors import GradientMismatchError, UnsupportedModelError
 from gradlens.ghost import Method, probe_batch
 from gradlens.gradops import check_finite, dot, norm, safe_divide, scale
 from gradlens.per_example import LossFn, Randomness, loss_and_grad
@@ -169,13 +169,14 @@ def probed_step(
         NonFiniteGradientError: If ``g_t`` or ``g`` has NaN or infinite values.
         UnsupportedModelError: If no parameter requires grad, or the model
             cannot be probed per example (the message names the argument to change).
-        ValueError: If ``trait`` has no examples.
+        ValueError: If ``trait`` has no examples, or ``train`` has none and
+            ``before`` holds a per-example transform.
     """
     params = _params(model)
     if not params:
         raise UnsupportedModelError(
-            f"{type(model).__name__} has no parameter with requires_grad=True: probed_step "
-            "probes and trains those; set requires_grad on the parameters to train."
+            f"{type(model).__name__} has no parameter that requires grad: probed_step "
+            "probes and trains those; call requires_grad_() on the parameters to train."
         )
     if trait.inputs.shape[0] == 0:
         raise ValueError(
@@ -243,9 +244,17 @@ def _step(
 
     grads = probe.grad
     if before is not None:
-        grads, before_state = before.update(
-            grads, before_state, old, reference=g_t, example_dots=probe.dots
-        )
+        try:
+            grads, before_state = before.update(
+                grads, before_state, old, reference=g_t, example_dots=probe.dots
+            )
+        except GradientMismatchError as err:
+            if train.inputs.shape[0] > 0:
+                raise
+            raise ValueError(
+                "train has no examples, and a per-example transform in before needs at "
+                f"least one: pass a train Objective with examples, or no such transform ({err})"
+            ) from err
     for name, p in params.items():
         p.grad = grads[name].detach()
     optimizer.step()
