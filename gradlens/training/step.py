@@ -134,6 +134,11 @@ def probed_step(
     The optimizer must hold the model's parameters; their ``.grad`` is set to
     the (transformed) gradient and cleared after the step.
 
+    A training batch without examples gives empty per-example values, NaN
+    for ``train_loss`` and the per-example summaries, and a zero training
+    gradient, with which the optimizer still steps (momentum or weight decay
+    may still move the parameters).
+
     Args:
         model: The student.
         optimizer: A ``torch.optim`` optimizer over ``model``'s parameters.
@@ -159,11 +164,6 @@ def probed_step(
 
     Returns:
         A :class:`StepResult`.
-
-    A training batch without examples gives empty per-example values, NaN
-    for ``train_loss`` and the per-example summaries, and a zero training
-    gradient, with which the optimizer still steps (momentum or weight decay
-    may still move the parameters).
 
     Raises:
         NonFiniteGradientError: If ``g_t`` or ``g`` has NaN or infinite values.
