@@ -216,10 +216,11 @@ def measure_case(case: Case, protocol: Protocol) -> dict[str, object]:
     device = torch.device(protocol.device)
     configure(device, protocol.threads)
     method = METHODS[case.method]
-    with method.prepare(make_workload(case.model, 2, device)) as run:
+    with method.prepare(make_workload(case.model, 2, device, family=method.family)) as run:
         run()  # one-time initialisation (lazy imports, first dispatch) stays out of the numbers
     del run
-    with method.prepare(make_workload(case.model, case.batch, device)) as run:
+    workload = make_workload(case.model, case.batch, device, family=method.family)
+    with method.prepare(workload) as run:
         rss = PeakRSS()
         rss.start()
         timing = _time(run, device, protocol)
@@ -247,8 +248,26 @@ def _child(conn: Connection, case: Case, protocol: Protocol) -> None:
         conn.close()
 
 
-_PRELOAD = ["torch", "torch._dynamo", "gradlens", "opacus", "backpack", "benchmarks.preload"]
-"""Modules the forkserver imports once (``torch._dynamo``: the first torch.func call's 1 s)."""
+_PRELOAD = [
+    "torch",
+    "torch._dynamo",
+    "gradlens",
+    "opacus",
+    "backpack",
+    "torchvision.models.resnet",
+    "transformers.models.gpt2.modeling_gpt2",
+    "benchmarks.preload",
+]
+"""Modules the forkserver imports once (``torch._dynamo``: the first torch.func call's 1 s;
+GPT-2's modules: several seconds). None asks the CUDA driver for its devices on import."""
+
+
+def _importable(module: str) -> bool:
+    """Whether ``module`` can be found (a submodule's parent packages are imported to look)."""
+    try:
+        return find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def run_isolated(case: Case, protocol: Protocol, timeout_s: float = 600.0) -> dict[str, object]:
@@ -265,7 +284,7 @@ def run_isolated(case: Case, protocol: Protocol, timeout_s: float = 600.0) -> di
     # does not (seen on an H100, 2026-11-23).
     os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload([m for m in _PRELOAD if find_spec(m) is not None])
+    ctx.set_forkserver_preload([m for m in _PRELOAD if _importable(m)])
     receive, send = ctx.Pipe(duplex=False)
     process = ctx.Process(target=_child, args=(send, case, protocol), daemon=True)
     process.start()

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from benchmarks import step
 from benchmarks.agreement import Check, against_loop, loop_grads, same_update
-from benchmarks.models import Family, ProbeWorkload, Workload
+from benchmarks.models import Family, ProbeWorkload, Workload, forward
 from gradlens import flush_denormal, per_example_grads
 from gradlens.ghost import per_example_dots
 from gradlens.transforms import remove_aligned
@@ -117,7 +117,7 @@ def _once(fn: Callable[[ProbeWorkload], Output]) -> Prepare:
 
 def _plain(w: ProbeWorkload) -> Output:
     """(a) The floor: forward and backward of the mean loss, gradients into ``.grad``."""
-    w.loss_fn(w.model(w.inputs), w.targets).backward()
+    w.loss_fn(forward(w, w.inputs), w.targets).backward()
     mean = {n: p.grad for n, p in _named(w.model)}
     w.model.zero_grad(set_to_none=True)  # the result lives in the Output only
     return Output(mean=mean)
@@ -138,7 +138,7 @@ def _opacus(w: ProbeWorkload) -> Iterator[Run]:
 
     def run() -> Output:
         with quiet_hooks():
-            w.loss_fn(module(w.inputs), w.targets).backward()
+            w.loss_fn(forward(w, w.inputs, module), w.targets).backward()
         grads = {n: p.grad_sample for n, p in named}
         module.zero_grad(set_to_none=True)  # drops .grad and .grad_sample
         return Output(grads=grads)
@@ -155,6 +155,10 @@ def _backpack(w: ProbeWorkload) -> Iterator[Run]:
     from backpack import backpack, extend
     from backpack.extensions import BatchGrad
 
+    if w.loss_fn is not nn.functional.cross_entropy or w.output is not None:
+        raise NotImplementedError(
+            "this benchmark gives BackPACK a CrossEntropyLoss module on a tensor-valued model only"
+        )
     model = extend(copy.deepcopy(w.model))
     loss_fn = extend(nn.CrossEntropyLoss(reduction="sum"))
     named = _named(model)
@@ -190,10 +194,16 @@ def _step(probe: bool, measure_change: bool = True, remove: bool = False) -> Pre
     return prepare
 
 
-def _dots(method: Literal["ghost", "vmap"]) -> Callable[[ProbeWorkload], Output]:
+def _dots(method: Literal["auto", "ghost", "vmap"]) -> Callable[[ProbeWorkload], Output]:
     def run(w: ProbeWorkload) -> Output:
         dots, sq = per_example_dots(
-            w.model, w.loss_fn, w.inputs, w.targets, reference=w.reference, method=method
+            w.model,
+            w.loss_fn,
+            w.inputs,
+            w.targets,
+            reference=w.reference,
+            method=method,
+            output=w.output,
         )
         return Output(dots=dots, sq_norms=sq)
 
@@ -203,7 +213,9 @@ def _dots(method: Literal["ghost", "vmap"]) -> Callable[[ProbeWorkload], Output]
 def _grads(chunk_size: int | None) -> Callable[[ProbeWorkload], Output]:
     def run(w: ProbeWorkload) -> Output:
         return Output(
-            grads=per_example_grads(w.model, w.loss_fn, w.inputs, w.targets, chunk_size=chunk_size)
+            grads=per_example_grads(
+                w.model, w.loss_fn, w.inputs, w.targets, chunk_size=chunk_size, output=w.output
+            )
         )
 
     return run
@@ -245,6 +257,14 @@ METHODS: dict[str, Method] = {
             _once(_grads(CHUNK_SIZE)),
             _GRADS,
             materialises=True,
+        ),
+        Method(
+            "dots_auto",
+            "per_example_dots auto (c)",
+            "probe",
+            "plain",
+            _once(_dots("auto")),
+            _DOTS,
         ),
         Method(
             "dots_ghost",

@@ -1,10 +1,12 @@
 """The workloads the benchmark runs on: models with one batch each.
 
 Every model is built from a fixed seed and maps its inputs to 13 logits, the
-class count of the experiment. Two families: ``"probe"`` models come with a
-labelled batch, a cross-entropy loss and a reference gradient
-(:class:`ProbeWorkload`); the ``"step"`` model is the experiment's student with
-its teacher, optimizer and probe batch (:class:`benchmarks.step.StepWorkload`).
+class count of the experiment, except GPT-2, whose logits are next-token
+scores. Two families: ``"probe"`` models come with a labelled batch, a loss and
+a reference gradient (:class:`ProbeWorkload`); ``"step"`` models come with an
+optimizer, a training batch and a trait batch (:class:`benchmarks.step.StepWorkload`):
+the experiment's student with its teacher, and the zoo models (GPT-2 tiny, a
+small CNN, a transformer encoder, a small ResNet), which are in both families.
 A method runs on the models of its own family.
 """
 
@@ -16,16 +18,30 @@ from itertools import pairwise
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks.step import SIZES, StepWorkload, make_step_workload
+from benchmarks.step import SIZES, StepWorkload, make_step_workload, make_zoo_step, pick
 from gradlens import mean_grad
 from gradlens.mnist.models import init_mlp
 
-__all__ = ["MODELS", "Family", "ModelSpec", "ProbeWorkload", "Workload", "make_workload"]
+__all__ = [
+    "DEFAULT_MODELS",
+    "MODELS",
+    "ZOO",
+    "Family",
+    "ModelSpec",
+    "ProbeWorkload",
+    "Workload",
+    "forward",
+    "lm_loss",
+    "make_workload",
+]
 
 CLASSES = 13
 Family = Literal["probe", "step"]
+GPT2_VOCAB = 128
+GPT2_TOKENS = 32
 
 
 class MeanOverTokens(nn.Module):
@@ -60,15 +76,97 @@ def _tokens(d: int = 128) -> nn.Module:
     return nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, CLASSES), MeanOverTokens())
 
 
+def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Next-token cross-entropy of ``(example, token, vocab)`` logits, mean over all tokens."""
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+
+
+def _gpt2() -> nn.Module:
+    """Hugging Face GPT-2 with 2 layers of width 64, random weights, eval mode, no KV cache.
+
+    The cache is switched off here so that the plain baseline builds none
+    either (gradlens switches it off while it probes).
+    """
+    import transformers
+
+    config = transformers.GPT2Config(
+        n_layer=2,
+        n_embd=64,
+        n_head=4,
+        vocab_size=GPT2_VOCAB,
+        n_positions=GPT2_TOKENS,
+        bos_token_id=0,
+        eos_token_id=0,
+        use_cache=False,
+    )
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def _small_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.GroupNorm(4, 16),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.GroupNorm(4, 32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 8 * 8, CLASSES),
+    )
+
+
+def _encoder(d: int = 64) -> nn.Module:
+    layer = nn.TransformerEncoderLayer(d, 4, dim_feedforward=2 * d, dropout=0.0, batch_first=True)
+    return nn.Sequential(
+        nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False),
+        MeanOverTokens(),
+        nn.Linear(d, CLASSES),
+    ).eval()
+
+
+def _resnet() -> nn.Module:
+    """The ResNet of torchvision with one BasicBlock per stage (a ResNet-10), BatchNorm in eval."""
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=CLASSES).eval()
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """A benchmark model: its family, how to build it and the shape of one example."""
+    """A benchmark model: its families, how to build it and what one example is.
+
+    Attributes:
+        name: Registry key.
+        description: For tables.
+        build: Builds the model (from the global seed).
+        example_shape: Shape of one input example.
+        families: The method families it runs with.
+        vocab: For token models, the vocabulary: inputs and targets are token
+            ids of shape ``example_shape``; 0 for real-valued inputs with a
+            class label each.
+        loss_fn: The batch loss.
+        output: The attribute holding the logits (gradlens's output selector),
+            for models that do not return a tensor.
+    """
 
     name: str
     description: str
     build: Callable[[], nn.Module]
     example_shape: tuple[int, ...]
-    family: Family = "probe"
+    families: tuple[Family, ...] = ("probe",)
+    vocab: int = 0
+    loss_fn: Callable[..., Tensor] = F.cross_entropy
+    output: str | None = None
+
+    def draw(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``n`` examples and their targets (class labels, or next tokens for token models)."""
+        if self.vocab:
+            x = torch.randint(0, self.vocab, (n, *self.example_shape), generator=generator)
+            return x, torch.randint(0, self.vocab, x.shape, generator=generator)
+        x = torch.randn(n, *self.example_shape, generator=generator)
+        return x, torch.randint(0, CLASSES, (n,), generator=generator)
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -93,46 +191,106 @@ MODELS: dict[str, ModelSpec] = {
             "student step: MLP 784-256-256-13, KL on logits 10..12, Adam, 1024 probe images",
             lambda: init_mlp(SIZES, seed=0),
             (784,),
-            family="step",
+            families=("step",),
+        ),
+        ModelSpec(
+            "gpt2_tiny",
+            f"HF GPT-2, 2 layers, width 64, vocab {GPT2_VOCAB}, {GPT2_TOKENS} tokens, LM loss",
+            _gpt2,
+            (GPT2_TOKENS,),
+            families=("probe", "step"),
+            vocab=GPT2_VOCAB,
+            loss_fn=lm_loss,
+            output="logits",
+        ),
+        ModelSpec(
+            "small_cnn",
+            "2 x (conv 3x3, GroupNorm, ReLU, pool) (16, 32) + linear on 3x32x32",
+            _small_cnn,
+            (3, 32, 32),
+            families=("probe", "step"),
+        ),
+        ModelSpec(
+            "encoder",
+            "(B,16,64): 2 nn.TransformerEncoderLayer (4 heads, ff 128), mean, linear",
+            _encoder,
+            (16, 64),
+            families=("probe", "step"),
+        ),
+        ModelSpec(
+            "resnet",
+            "torchvision ResNet-10 (BasicBlock x [1,1,1,1], BatchNorm eval) on 3x32x32",
+            _resnet,
+            (3, 32, 32),
+            families=("probe", "step"),
         ),
     )
 }
 
+ZOO = ("gpt2_tiny", "small_cnn", "encoder", "resnet")
+"""Models of common architectures (issue 9); not in a default run, name them with ``--models``."""
+
+DEFAULT_MODELS = tuple(m for m in MODELS if m not in ZOO)
+"""What a run without ``--models`` measures."""
+
 
 @dataclass(frozen=True)
 class ProbeWorkload:
-    """One model with one batch, on one device: what every probe method is given."""
+    """One model with one batch, on one device: what every probe method is given.
+
+    ``output`` is the gradlens output selector (``None`` if the model returns
+    a tensor); :func:`forward` applies it for the methods that call the model.
+    """
 
     model: nn.Module
     loss_fn: Callable[..., Tensor]
     inputs: Tensor
     targets: Tensor
     reference: dict[str, Tensor]
+    output: str | None = None
 
 
 Workload = ProbeWorkload | StepWorkload
 
 
-def make_workload(model_name: str, batch: int, device: torch.device, seed: int = 0) -> Workload:
+def forward(w: ProbeWorkload, inputs: Tensor, model: nn.Module | None = None) -> Tensor:
+    """The tensor the loss sees: ``model(inputs)`` (default ``w.model``), through ``w.output``."""
+    return pick((model or w.model)(inputs), w.output)
+
+
+def make_workload(
+    model_name: str, batch: int, device: torch.device, seed: int = 0, family: Family | None = None
+) -> Workload:
     """Build the model and its batch of ``batch`` examples, all from ``seed``.
 
     For probe models the reference is the mean gradient of a separate batch of
     64 examples, as a probe would use a teacher's or a held-out batch's gradient.
+
+    Args:
+        model_name: A key of :data:`MODELS`.
+        batch: Examples in the (training) batch.
+        device: Where to put everything.
+        seed: Seeds the model and the batches.
+        family: The workload's family; default the model's first.
     """
     spec = MODELS[model_name]
-    if spec.family == "step":
+    family = family or spec.families[0]
+    if family not in spec.families:
+        raise ValueError(f"model {model_name!r} has no {family!r} workload; it has {spec.families}")
+    if family == "step" and model_name == "mnist_step":
         return make_step_workload(batch, device, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = spec.build().to(device)
 
     def draw(n: int) -> tuple[Tensor, Tensor]:
-        x = torch.randn(n, *spec.example_shape, generator=generator)
-        y = torch.randint(0, CLASSES, (n,), generator=generator)
+        x, y = spec.draw(n, generator)
         return x.to(device), y.to(device)
 
+    if family == "step":
+        train, trait = draw(batch), draw(64)
+        return make_zoo_step(model, spec.loss_fn, train, trait, spec.output)
     ref_x, ref_y = draw(64)
-    loss_fn = nn.functional.cross_entropy
-    reference = mean_grad(model, loss_fn, ref_x, ref_y)
+    reference = mean_grad(model, spec.loss_fn, ref_x, ref_y, output=spec.output)
     inputs, targets = draw(batch)
-    return ProbeWorkload(model, loss_fn, inputs, targets, reference)
+    return ProbeWorkload(model, spec.loss_fn, inputs, targets, reference, spec.output)

@@ -38,7 +38,8 @@ def profile_table(spec: str, device: torch.device, repeats: int = 5, rows: int =
     activities = [ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
-    with METHODS[method].prepare(make_workload(model, int(batch), device)) as run:
+    family = METHODS[method].family
+    with METHODS[method].prepare(make_workload(model, int(batch), device, family=family)) as run:
         for _ in range(3):
             run()
         sync(device)

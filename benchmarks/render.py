@@ -12,6 +12,7 @@ from pathlib import Path
 import xarray as xr
 from matplotlib.figure import Figure
 
+from benchmarks.models import ZOO
 from benchmarks.results import add_ratios
 
 __all__ = ["markdown", "plot", "render", "targets_markdown"]
@@ -130,13 +131,17 @@ def markdown(ds: xr.Dataset) -> str:
     for model in ds["model"].values:
         at = _at(ds, model=model)
         methods = _methods(ds, model)
-        base = _at(ds, method=methods[0])["method_label"].item() if methods else ""
+        bases = list(dict.fromkeys(_baseline(ds, m) for m in methods))
+        base = " / ".join(str(_at(ds, method=b)["method_label"].item()) for b in bases)
+        if len(bases) > 1:
+            base = f"each method's baseline, {base}"
         lines += [
             f"### {model}: {at['model_description'].item()} ({int(at['n_params']):,} parameters)",
             "",
         ]
         for var, title in tables:
-            lines += [f"{title}, ratio to {base} (its row: absolute)", "", *head]
+            its = "their rows" if len(bases) > 1 else "its row"
+            lines += [f"{title}, ratio to {base} ({its}: absolute)", "", *head]
             for method in methods:
                 label = _at(ds, method=method)["method_label"].item()
                 cells = [_cell(ds, var, model, b, method) for b in batches]
@@ -160,10 +165,10 @@ _TARGETS = (
 )
 
 
-def _value(ds: xr.Dataset, var: str, model: str, method: str) -> float:
+def _value(ds: xr.Dataset, var: str, model: str, method: str, batch: int = 1024) -> float:
     if model not in ds["model"].values or method not in ds["method"].values:
         return math.nan
-    at = _at(ds, model=model, batch=1024, method=method)
+    at = _at(ds, model=model, batch=batch, method=method)
     return float(at[var].item()) if at["status"].item() == "ok" else math.nan
 
 
@@ -196,6 +201,41 @@ def targets_markdown(ds: xr.Dataset) -> str:
     lines.append(
         f"| ghost per_example_dots peak memory <= 1.5x plain | {_verdict(memory, 1.5)} | - |"
     )
+    return "\n".join(lines) + "\n"
+
+
+ZOO_BATCH = 256
+_ZOO_TARGETS = (
+    ("per_example_dots auto time <= 1.5x plain", "dots_auto", "plain", "time", 1.5),
+    ("per_example_dots auto peak memory <= 2x plain", "dots_auto", "plain", "memory", 2.0),
+    ("probed step time <= 2.5x unprobed step", "step_probed", "step_unprobed", "time", 2.5),
+    ("probed step peak memory <= 2x unprobed", "step_probed", "step_unprobed", "memory", 2.0),
+)
+
+
+def zoo_targets_markdown(ds: xr.Dataset) -> str:
+    """Issue 9's targets on the zoo models at B=256 with the measured ratios; empty if none."""
+    models = [m for m in ZOO if m in ds["model"].values]
+    if ZOO_BATCH not in ds["batch"].values or not models:
+        return ""
+    lines = [
+        f"### Targets on the zoo models (B={ZOO_BATCH})",
+        "",
+        "| model | target | wall clock or peak memory | process CPU time |",
+        "|---|---|---:|---:|",
+    ]
+    for model in models:
+        for name, method, rival, kind, limit in _ZOO_TARGETS:
+            clocks = ("time_median", "cpu_time_median") if kind == "time" else ("peak_memory",)
+            cells = [
+                _verdict(
+                    _value(ds, c, model, method, ZOO_BATCH)
+                    / _value(ds, c, model, rival, ZOO_BATCH),
+                    limit,
+                )
+                for c in clocks
+            ]
+            lines.append(f"| {model} | {name} | " + " | ".join([*cells, "-"][:2]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -242,7 +282,7 @@ def render(results: Path) -> str:
     """Write ``table.md`` and ``probes.png`` next to a ``results.nc``; return the table."""
     with xr.open_dataset(results) as stored:
         ds = add_ratios(stored.load())
-    table = markdown(ds) + "\n" + targets_markdown(ds)
+    table = markdown(ds) + "\n" + targets_markdown(ds) + zoo_targets_markdown(ds)
     (results.parent / "table.md").write_text(table)
     plot(ds, results.parent / "probes.png")
     return table

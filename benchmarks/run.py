@@ -9,6 +9,7 @@ timed and its peak memory measured in a fresh process
 Example:
     python -m benchmarks.run --smoke --out /tmp/bench
     python benchmarks/run.py --device cpu --threads 1
+    python -m benchmarks.run --device cpu --threads 1 --models zoo --batch-sizes 256
     python -m benchmarks.run --render benchmarks/results/<slug>/results.nc
 """
 
@@ -30,7 +31,7 @@ from tqdm import tqdm
 from benchmarks.agreement import verify
 from benchmarks.measure import Case, Protocol, configure, run_isolated
 from benchmarks.methods import METHODS, quiet_hooks
-from benchmarks.models import MODELS, make_workload
+from benchmarks.models import DEFAULT_MODELS, MODELS, ZOO, make_workload
 from benchmarks.render import render
 from benchmarks.results import ROOT, build_dataset, device_slug, load_average, provenance
 
@@ -47,7 +48,8 @@ class BenchConfig:
     Attributes:
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         out: Output folder; ``None`` means ``benchmarks/results/<device-slug>``.
-        models: Model names from :data:`benchmarks.models.MODELS`.
+        models: Model names from :data:`benchmarks.models.MODELS`; by default
+            all but the zoo (:data:`benchmarks.models.ZOO`).
         batch_sizes: Batch sizes, ascending.
         methods: Method names; every chosen method's baseline is added.
         protocol: Timing protocol shared by every case (its device is overwritten).
@@ -59,7 +61,7 @@ class BenchConfig:
 
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     out: Path | None = None
-    models: tuple[str, ...] = tuple(MODELS)
+    models: tuple[str, ...] = DEFAULT_MODELS
     batch_sizes: tuple[int, ...] = (64, 256, 1024, 4096)
     methods: tuple[str, ...] = tuple(METHODS)
     protocol: Protocol = field(default_factory=Protocol)
@@ -112,11 +114,14 @@ def main(config: BenchConfig) -> xr.Dataset:
     with tqdm(total=total, desc="cases", unit="case") as bar:
         for model in config.models:
             spec = MODELS[model]
-            mine = [m for m in methods if METHODS[m].family == spec.family]
+            mine = [m for m in methods if METHODS[m].family in spec.families]
             bar.set_postfix_str(f"{model}: checking agreement")
-            small = make_workload(model, config.verify_batch, device)
+            small = {
+                f: make_workload(model, config.verify_batch, device, family=f)
+                for f in spec.families
+            }
             with quiet_hooks():
-                checks = {m: verify(METHODS[m], small) for m in mine}
+                checks = {m: verify(METHODS[m], small[METHODS[m].family]) for m in mine}
             agreements.update({(model, m): asdict(a) for m, a in checks.items()})
             params = sum(p.numel() for p in spec.build().parameters())
             for batch in config.batch_sizes:
@@ -159,9 +164,12 @@ def main(config: BenchConfig) -> xr.Dataset:
     return ds
 
 
-def _csv(kind: type, choices: list[str] | None = None) -> object:
+def _csv(
+    kind: type, choices: list[str] | None = None, groups: dict[str, tuple[str, ...]] | None = None
+) -> object:
     def parse(text: str) -> tuple:
         items = tuple(kind(t) for t in text.split(",") if t)
+        items = tuple(i for t in items for i in (groups or {}).get(t, (t,)))
         bad = [i for i in items if choices is not None and i not in choices]
         if bad:
             raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {choices}")
@@ -174,7 +182,12 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default=BenchConfig.device)
     p.add_argument("--threads", type=int, default=None, help="intra-op threads")
-    p.add_argument("--models", type=_csv(str, list(MODELS)), default=tuple(MODELS))
+    p.add_argument(
+        "--models",
+        type=_csv(str, list(MODELS), {"zoo": ZOO, "all": tuple(MODELS)}),
+        default=DEFAULT_MODELS,
+        help=f"comma-separated, or 'zoo' ({','.join(ZOO)}) or 'all'; default all but the zoo",
+    )
     p.add_argument("--batch-sizes", type=_csv(int), default=None)
     p.add_argument("--methods", type=_csv(str, list(METHODS)), default=tuple(METHODS))
     p.add_argument("--out", type=Path, default=None, help="default benchmarks/results/<device>/")

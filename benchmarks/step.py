@@ -1,16 +1,25 @@
-"""The student step of the MNIST experiment, built here so the benchmark stands alone.
+"""The training steps the benchmark times: the MNIST student's, and a zoo model's.
 
-A student MLP 784-256-256-13 and a teacher with the same initialisation plus
-0.05 x noise; the training loss is the KL between the softmax of the teacher's
-and the student's auxiliary logits 10..12 on a batch of noise images uniform
-in ``[-1, 1]``; the trait loss is the cross-entropy of logits 0..9 on a
-labelled probe batch of 1024 images; Adam with learning rate 3e-4.
+The student step of the MNIST experiment is built here so the benchmark stands
+alone: a student MLP 784-256-256-13 and a teacher with the same initialisation
+plus 0.05 x noise; the training loss is the KL between the softmax of the
+teacher's and the student's auxiliary logits 10..12 on a batch of noise images
+uniform in ``[-1, 1]``; the trait loss is the cross-entropy of logits 0..9 on
+a labelled probe batch of 1024 images; Adam with learning rate 3e-4.
+
+A zoo model's step (:func:`make_zoo_step`) trains the model on a labelled
+batch with its own loss, and takes the trait gradient of the same loss on a
+separate batch of 64; SGD with learning rate 1e-2 and momentum 0.9. (Not
+Adam: its first update is about ``lr * sign(g)``, so float32 rounding of
+entries with ``|g|`` near its ``eps`` moves the update by up to 1e-3 relative
+on GPT-2 and the agreement check would compare rounding, not methods.)
 :func:`probed` is the only place that calls :func:`gradlens.training.probed_step`.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,9 +32,29 @@ from gradlens.mnist.models import init_mlp
 from gradlens.training import Objective, StepResult, probed_step
 from gradlens.transforms.base import GradientTransform
 
-__all__ = ["SIZES", "StepWorkload", "distill", "make_step_workload", "probed", "trait"]
+__all__ = [
+    "SIZES",
+    "StepWorkload",
+    "distill",
+    "make_step_workload",
+    "make_zoo_step",
+    "pick",
+    "probed",
+    "trait",
+]
 
 SIZES = (784, 256, 256, 13)
+
+
+def pick(outputs: Any, output: str | None) -> Tensor:
+    """What the loss sees: ``outputs`` itself, or its attribute ``output`` (``"logits"``).
+
+    The benchmark's models are either tensor-valued or Hugging Face models, so
+    this handles the one selector form they use, as a user's loop would.
+    """
+    return outputs if output is None else getattr(outputs, output)
+
+
 PROBE_SIZE = 1024
 
 
@@ -41,19 +70,36 @@ def trait(outputs: Tensor, labels: Tensor) -> Tensor:
 
 @dataclass
 class StepWorkload:
-    """Student, teacher, optimizer, one noise batch ``(example, pixel)`` and the probe batch."""
+    """A model, its optimizer, a training batch ``noise`` and the trait (probe) batch.
+
+    The training targets are the teacher's auxiliary logits on ``noise`` (the
+    MNIST student's step) or, without a teacher, the fixed ``train_labels``.
+    ``output`` is the gradlens output selector of the model, if it does not
+    return a tensor.
+    """
 
     student: nn.Module
-    teacher: nn.Module
     optimizer: torch.optim.Optimizer
     noise: Tensor
     probe: Tensor
     labels: Tensor
+    teacher: nn.Module | None = None
+    train_labels: Tensor | None = None
+    train_loss: Callable[..., Tensor] = distill
+    trait_loss: Callable[..., Tensor] = trait
+    output: str | None = None
 
     def targets(self) -> Tensor:
-        """The teacher's auxiliary logits on the noise batch, shape ``(example, 3)``."""
+        """The training targets: the teacher's auxiliary logits ``(example, 3)``, or the labels."""
+        if self.teacher is None:
+            assert self.train_labels is not None
+            return self.train_labels
         with torch.no_grad():
             return self.teacher(self.noise)[:, 10:]
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        """The tensor the losses see: ``student(inputs)``, or its attribute ``output``."""
+        return pick(self.student(inputs), self.output)
 
 
 def make_step_workload(batch: int, device: torch.device, seed: int = 0) -> StepWorkload:
@@ -74,6 +120,27 @@ def make_step_workload(batch: int, device: torch.device, seed: int = 0) -> StepW
     )
 
 
+def make_zoo_step(
+    model: nn.Module,
+    loss_fn: Callable[..., Tensor],
+    train: tuple[Tensor, Tensor],
+    trait_batch: tuple[Tensor, Tensor],
+    output: str | None,
+) -> StepWorkload:
+    """A zoo model's step: ``loss_fn`` on ``train`` trains, on ``trait_batch`` gives ``g_t``."""
+    return StepWorkload(
+        student=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9),
+        noise=train[0],
+        probe=trait_batch[0],
+        labels=trait_batch[1],
+        train_labels=train[1],
+        train_loss=loss_fn,
+        trait_loss=loss_fn,
+        output=output,
+    )
+
+
 def probed(
     w: StepWorkload,
     before: GradientTransform | None = None,
@@ -81,8 +148,8 @@ def probed(
     measure_change: bool = True,
 ) -> StepResult:
     """One step through :func:`gradlens.training.probed_step` (adapt here if its API moves)."""
-    train = Objective(distill, w.noise, (w.targets(),))
-    probe = Objective(trait, w.probe, (w.labels,))
+    train = Objective(w.train_loss, w.noise, (w.targets(),))
+    probe = Objective(w.trait_loss, w.probe, (w.labels,))
     return probed_step(
         w.student,
         w.optimizer,
@@ -91,14 +158,15 @@ def probed(
         before=before,
         before_state=before_state,
         measure_change=measure_change,
+        output=w.output,
     )
 
 
 def unprobed(w: StepWorkload) -> None:
-    """The plain step a distillation loop takes: forward, backward of the KL, Adam."""
+    """The plain step a training loop takes: forward, backward of the training loss, Adam."""
     target = w.targets()
     w.optimizer.zero_grad(set_to_none=True)
-    distill(w.student(w.noise), target).backward()
+    w.train_loss(w.forward(w.noise), target).backward()
     w.optimizer.step()
     w.optimizer.zero_grad(set_to_none=True)
 
@@ -112,13 +180,14 @@ def reference_update(w: StepWorkload, project: bool) -> dict[str, Tensor]:
     w = copy.deepcopy(w)
     params = dict(w.student.named_parameters())
     before = {n: p.detach().clone() for n, p in params.items()}
-    g_d = torch.autograd.grad(distill(w.student(w.noise), w.targets()), list(params.values()))
+    g_d = torch.autograd.grad(w.train_loss(w.forward(w.noise), w.targets()), list(params.values()))
     if project:
-        g_t = torch.autograd.grad(trait(w.student(w.probe), w.labels), list(params.values()))
-        c = sum((a * b).sum() for a, b in zip(g_d, g_t, strict=True)) / sum(
-            b.square().sum() for b in g_t
+        g_t = torch.autograd.grad(w.trait_loss(w.forward(w.probe), w.labels), list(params.values()))
+        # In float64: a float32 sum over millions of products (the ResNet) is off by 1e-4.
+        c = sum((a.double() * b.double()).sum() for a, b in zip(g_d, g_t, strict=True)) / sum(
+            b.double().square().sum() for b in g_t
         )
-        g_d = tuple(a - c * b for a, b in zip(g_d, g_t, strict=True))
+        g_d = tuple(a - c.to(a.dtype) * b for a, b in zip(g_d, g_t, strict=True))
     for p, g in zip(params.values(), g_d, strict=True):
         p.grad = g
     w.optimizer.step()

@@ -20,6 +20,7 @@ from gradlens._ghost_forms import Layout
 from gradlens._ghost_ops import OpLog, Seen
 from gradlens._ghost_plan import PlanEntry
 from gradlens._ghost_shared import Part, combine
+from gradlens._outputs import OutputSelector
 from gradlens.per_example import LossFn, per_example_losses
 
 __all__ = ["ghost_pass"]
@@ -35,6 +36,7 @@ def ghost_pass(
     frozen: dict[str, Tensor],
     plan: Mapping[str, PlanEntry],
     *,
+    output: OutputSelector | None,
     with_grad: bool,
 ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
     """One forward and one backward; ghost values for the parameters planned so.
@@ -61,7 +63,7 @@ def ghost_pass(
     log = OpLog(ghost, copy_outputs={n for n, e in plan.items() if e.copy_output})
     with torch.enable_grad(), log:
         outputs = functional_call(model, (params, frozen, buffers), (inputs,))
-        losses = per_example_losses(loss_fn, outputs, *targets)
+        losses = per_example_losses(loss_fn, outputs, *targets, output=output)
     eligible = _as_planned(log, plan, batch)
     wrt = [seen.output for seen, _ in eligible] + (list(params.values()) if with_grad else [])
     if not wrt:

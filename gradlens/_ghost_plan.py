@@ -43,17 +43,17 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
-from collections.abc import Collection, Hashable
+from collections.abc import Callable, Collection, Hashable
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.utils._pytree import tree_leaves
 
 from gradlens._ghost_forms import Layout
 from gradlens._ghost_ops import OpLog, Seen, establish_layout
+from gradlens._outputs import OutputSelector, no_kv_cache, select_output, selector_key
 from gradlens.errors import UnsupportedModelError
 from gradlens.per_example import Randomness, check_vmap_compatible, split_params
 
@@ -120,6 +120,7 @@ def _trace(
     selected: dict[str, Tensor],
     frozen: dict[str, Tensor],
     inputs: Tensor,
+    output: OutputSelector | None = None,
 ) -> _Trace:
     """Run the forward once under an :class:`OpLog`; keep no graph."""
     buffers = {n: b.clone() for n, b in model.named_buffers()}  # a forward may update them
@@ -128,12 +129,18 @@ def _trace(
     log = OpLog({id(t): n for n, t in params.items()})
     with torch.enable_grad(), log:
         out = functional_call(model, (params, frozen, buffers), (inputs,))
-    outputs = [t.detach() for t in tree_leaves(out) if isinstance(t, Tensor)]
+    outputs = [select_output(out, output).detach()]
     return _Trace(log, outputs)
 
 
-def _check_not_mixing(first: _Trace, second: _Trace, index: Tensor, model: nn.Module) -> None:
-    """Raise if the second trace's outputs differ from the first's rows ``index``."""
+def _check_not_mixing(
+    first: _Trace, second: _Trace, index: Tensor, model: nn.Module, again: Callable[[], _Trace]
+) -> None:
+    """Raise if the second trace's outputs differ from the first's rows ``index``.
+
+    ``again`` repeats the first trace with fresh random draws: if its outputs
+    differ too, the forward is random (dropout), not mixing.
+    """
     for a, b in zip(first.outputs, second.outputs, strict=False):
         if a.ndim == 0 or b.shape[:1] != index.shape or not a.is_floating_point():
             continue
@@ -142,6 +149,12 @@ def _check_not_mixing(first: _Trace, second: _Trace, index: Tensor, model: nn.Mo
             continue
         tol = max(1e-4, 50 * torch.finfo(a.dtype).eps) * float(want.abs().max().clamp_min(1e-30))
         if float((b - want).abs().max()) > tol:
+            if float((again().outputs[0] - first.outputs[0]).abs().max()) > tol:
+                raise UnsupportedModelError(
+                    f"{type(model).__name__} draws random numbers in its forward (dropout in "
+                    "training mode, perhaps functional): pass randomness='different' (a draw "
+                    "per example) or 'same', or call model.eval()."
+                )
             raise UnsupportedModelError(
                 f"{type(model).__name__} mixes examples: its output for an example changed "
                 "when the other examples of the batch changed (batch statistics, centring "
@@ -239,6 +252,7 @@ def plan_for(
     selected: dict[str, Tensor],
     frozen: dict[str, Tensor],
     randomness: Randomness,
+    output: OutputSelector | None = None,
 ) -> dict[str, PlanEntry]:
     """The (cached) plan of the selected parameters; see the module docstring.
 
@@ -248,6 +262,7 @@ def plan_for(
         selected: The parameters to plan, detached, as from ``split_params``.
         frozen: The other parameters.
         randomness: The ``vmap`` randomness choice; not ``"error"`` skips the mixing check.
+        output: Selector of the tensor the loss sees; the mixing check compares it.
 
     Returns:
         Name -> :class:`PlanEntry`, a fresh dict.
@@ -263,6 +278,7 @@ def plan_for(
         inputs.dtype,
         inputs.device,
         randomness,
+        selector_key(output),
     )
     plans = _CACHE.setdefault(model, OrderedDict())
     if key in plans:
@@ -273,10 +289,16 @@ def plan_for(
     index = index.to(inputs.device)
     devices = [inputs.device] if inputs.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        first = _trace(model, selected, frozen, inputs)
-        second = _trace(model, selected, frozen, inputs[index])
-    if randomness == "error" and batch > 1:
-        _check_not_mixing(first, second, index, model)
+        first = _trace(model, selected, frozen, inputs, output)
+        second = _trace(model, selected, frozen, inputs[index], output)
+        if randomness == "error" and batch > 1:
+            _check_not_mixing(
+                first,
+                second,
+                index,
+                model,
+                lambda: _trace(model, selected, frozen, inputs, output),
+            )
     check = randomness == "error"
     plan = {n: _decide(n, first, second, index, batch, check) for n in selected}
     del first, second  # the traces hold activations; the plan holds only names and ints
@@ -292,6 +314,7 @@ def ghost_plan(
     *,
     params: Collection[str] | None = None,
     randomness: Randomness = "error",
+    output: OutputSelector | None = None,
 ) -> dict[str, PlanEntry]:
     """Which path ``method="auto"`` takes for each parameter on these inputs, and why.
 
@@ -306,6 +329,7 @@ def ghost_plan(
         inputs: Shape ``(example, ...)``, at least one example.
         params: Parameter names; default all that require grad.
         randomness: ``vmap`` randomness choice, as in :func:`~gradlens.per_example_dots`.
+        output: Selector of the tensor the loss sees, as in :func:`~gradlens.per_example_dots`.
 
     Returns:
         Name -> :class:`PlanEntry` (``path``, ``reason``, ``example_axis``, ``form``, ...).
@@ -319,4 +343,5 @@ def ghost_plan(
         raise ValueError("ghost_plan needs at least one example to trace the forward.")
     check_vmap_compatible(model, randomness)
     selected, frozen = split_params(model, params)
-    return plan_for(model, inputs, selected, frozen, randomness)
+    with no_kv_cache(model):
+        return plan_for(model, inputs, selected, frozen, randomness, output)

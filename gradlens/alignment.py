@@ -172,7 +172,8 @@ def summarize(values: Tensor, quantiles: Sequence[float] = QUANTILES) -> dict[st
         quantiles: Levels in [0, 1].
 
     Returns:
-        ``{"mean": (), "quantile": (quantile,), "frac_positive": ()}``.
+        ``{"mean": (), "quantile": (quantile,), "frac_positive": ()}``; all
+        NaN for no values.
 
     Example:
         >>> s = summarize(torch.tensor([-1.0, 0.0, 1.0, 2.0]))
@@ -181,8 +182,10 @@ def summarize(values: Tensor, quantiles: Sequence[float] = QUANTILES) -> dict[st
     """
     values = values.detach().float()
     levels = torch.tensor(list(quantiles), dtype=values.dtype, device=values.device)
+    if values.numel() == 0:  # no examples: every summary is NaN (torch.quantile would raise)
+        levels = levels.new_full(levels.shape, float("nan"))
     return {
         "mean": values.mean(),
-        "quantile": torch.quantile(values, levels),
+        "quantile": levels if values.numel() == 0 else torch.quantile(values, levels),
         "frac_positive": (values > 0).float().mean(),
     }

@@ -51,6 +51,7 @@ from torch.func import functional_call
 
 from gradlens._ghost_pass import ghost_pass
 from gradlens._ghost_plan import PlanEntry, ghost_plan, plan_for
+from gradlens._outputs import OutputSelector, no_kv_cache
 from gradlens.errors import UnsupportedModelError
 from gradlens.gradops import check_compatible
 from gradlens.per_example import (
@@ -112,6 +113,7 @@ def _vmap_dots(
     names: list[str],
     chunk_size: int | None,
     randomness: Randomness,
+    output: OutputSelector | None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
     """Inner products, squared norms and gradient sums from per-example gradients.
 
@@ -133,6 +135,7 @@ def _vmap_dots(
             *(t[chunk] for t in targets),
             params=names,
             randomness=randomness,
+            output=output,
         )
         for name, g in grads.items():
             flat = g.flatten(start_dim=1)
@@ -186,6 +189,7 @@ def _probe(
     method: Method,
     chunk_size: int | None,
     randomness: Randomness,
+    output: OutputSelector | None,
     with_grad: bool,
 ) -> Probe:
     """Shared body of :func:`per_example_dots` and :func:`probe_batch`."""
@@ -198,7 +202,7 @@ def _probe(
     names = list(selected)
     if inputs.shape[0] == 0:
         return _empty_probe(selected, stacked, ref_names, with_grad=with_grad)
-    plan = plan_for(model, inputs, selected, frozen, randomness)  # also the mixing check
+    plan = plan_for(model, inputs, selected, frozen, randomness, output)  # + the mixing check
     if method == "vmap":
         plan = {n: PlanEntry("vmap", "method='vmap'") for n in names}
     refused = [f"{n!r} ({e.reason})" for n, e in plan.items() if e.path != "ghost"]
@@ -217,11 +221,20 @@ def _probe(
                 outputs = functional_call(
                     model, (selected, frozen, dict(model.named_buffers())), (inputs,)
                 )
-                losses = per_example_losses(loss_fn, outputs, *targets)
+                losses = per_example_losses(loss_fn, outputs, *targets, output=output)
         dots, sq_norms, grad_sum = {}, {}, {}
     else:
         losses, grad_sum, dots, sq_norms = ghost_pass(
-            model, loss_fn, stacked, inputs, targets, selected, frozen, plan, with_grad=with_grad
+            model,
+            loss_fn,
+            stacked,
+            inputs,
+            targets,
+            selected,
+            frozen,
+            plan,
+            output=output,
+            with_grad=with_grad,
         )
     rest = [n for n in names if n not in dots]
     for name in rest:
@@ -233,7 +246,9 @@ def _probe(
             "its trace (a forward that depends on the data?); use method='auto'."
         )
     if rest:
-        more = _vmap_dots(model, loss_fn, stacked, inputs, targets, rest, chunk_size, randomness)
+        more = _vmap_dots(
+            model, loss_fn, stacked, inputs, targets, rest, chunk_size, randomness, output
+        )
         dots.update(more[0])
         sq_norms.update(more[1])
         if method == "vmap":
@@ -280,6 +295,7 @@ def per_example_dots(
     method: Method = "auto",
     chunk_size: int | None = None,
     randomness: Randomness = "error",
+    output: OutputSelector | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Per-example inner products with a reference gradient, and squared norms.
 
@@ -307,6 +323,11 @@ def per_example_dots(
         chunk_size: Examples per chunk on the ``vmap`` path.
         randomness: ``vmap`` randomness choice (dropout) on the ``vmap`` path.
             The ghost path draws a mask per example, like ``"different"``.
+        output: Which tensor of the model's return value the loss sees, for a
+            model that returns a ``ModelOutput``, dict or tuple (``"logits"``,
+            a tuple index, or a callable); see
+            :func:`~gradlens.per_example_grads`. ``config.use_cache`` is
+            switched off during the call.
 
     Returns:
         ``(dots, sq_norms)``: for every selected name, shape ``(example,)``
@@ -321,19 +342,21 @@ def per_example_dots(
         ValueError: If ``chunk_size`` is zero or negative, or not exactly one of
             ``reference`` and ``references`` is given.
     """
-    found = _probe(
-        model,
-        loss_fn,
-        reference,
-        references,
-        inputs,
-        targets,
-        params=params,
-        method=method,
-        chunk_size=chunk_size,
-        randomness=randomness,
-        with_grad=False,
-    )
+    with no_kv_cache(model):
+        found = _probe(
+            model,
+            loss_fn,
+            reference,
+            references,
+            inputs,
+            targets,
+            params=params,
+            method=method,
+            chunk_size=chunk_size,
+            randomness=randomness,
+            output=output,
+            with_grad=False,
+        )
     return found.dots, found.sq_norms
 
 
@@ -348,6 +371,7 @@ def probe_batch(
     method: Method = "auto",
     chunk_size: int | None = None,
     randomness: Randomness = "error",
+    output: OutputSelector | None = None,
 ) -> Probe:
     """Losses, mean gradient, and per-example dots and norms, from one pass.
 
@@ -359,16 +383,18 @@ def probe_batch(
     Returns:
         A :class:`Probe`.
     """
-    return _probe(
-        model,
-        loss_fn,
-        reference,
-        references,
-        inputs,
-        targets,
-        params=params,
-        method=method,
-        chunk_size=chunk_size,
-        randomness=randomness,
-        with_grad=True,
-    )
+    with no_kv_cache(model):
+        return _probe(
+            model,
+            loss_fn,
+            reference,
+            references,
+            inputs,
+            targets,
+            params=params,
+            method=method,
+            chunk_size=chunk_size,
+            randomness=randomness,
+            output=output,
+            with_grad=True,
+        )

@@ -23,8 +23,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
-from torch.utils._pytree import tree_leaves
 
+from gradlens._outputs import OutputSelector, no_kv_cache, select_output
 from gradlens.errors import UnsupportedModelError
 
 __all__ = [
@@ -165,13 +165,17 @@ def check_vmap_compatible(model: nn.Module, randomness: Randomness = "error") ->
 
 
 def _one_example_loss(
-    model: nn.Module, loss_fn: LossFn, frozen: dict[str, Tensor], buffers: dict[str, Tensor]
+    model: nn.Module,
+    loss_fn: LossFn,
+    frozen: dict[str, Tensor],
+    buffers: dict[str, Tensor],
+    output: OutputSelector | None = None,
 ) -> Callable[..., Tensor]:
     """Build ``loss(params, x, *targets)`` for one example, fed as a batch of one."""
 
     def loss(params: dict[str, Tensor], x: Tensor, *targets: Tensor) -> Tensor:
-        outputs = functional_call(model, (params, frozen, buffers), (x.unsqueeze(0),))
-        return loss_fn(outputs, *(t.unsqueeze(0) for t in targets))
+        found = functional_call(model, (params, frozen, buffers), (x.unsqueeze(0),))
+        return loss_fn(select_output(found, output), *(t.unsqueeze(0) for t in targets))
 
     return loss
 
@@ -242,6 +246,7 @@ def per_example_grads(
     params: Collection[str] | None = None,
     chunk_size: int | None = None,
     randomness: Randomness = "error",
+    output: OutputSelector | None = None,
 ) -> dict[str, Tensor]:
     """Compute the gradient of the loss of every example separately.
 
@@ -256,6 +261,11 @@ def per_example_grads(
         params: Parameter names to differentiate; default all that require grad.
         chunk_size: Examples per vmap chunk, to bound memory; ``None`` does all at once.
         randomness: ``torch.func.vmap``'s choice for random ops such as dropout.
+        output: Which tensor of the model's return value the loss sees, when
+            the model returns a ``ModelOutput``, dict or tuple: a key or
+            attribute name (``"logits"``), a tuple index, or a callable
+            ``output(model_output) -> Tensor``; ``None`` if it returns a
+            tensor. ``config.use_cache`` is switched off during the call.
 
     Returns:
         For every selected name, shape ``(example, *param.shape)`` (``(0,
@@ -274,13 +284,17 @@ def per_example_grads(
     if inputs.shape[0] == 0:
         return {name: p.new_zeros((0, *p.shape)) for name, p in selected.items()}
     buffers = dict(model.named_buffers())
-    loss = _one_example_loss(model, loss_fn, frozen, buffers)
+    loss = _one_example_loss(model, loss_fn, frozen, buffers, output)
     in_dims = (None, 0, *([0] * len(targets)))
     batched = vmap(grad(loss), in_dims=in_dims, randomness=randomness)
     count = inputs.shape[0]
     step = chunk_size or count
     result: dict[str, Tensor] = {}
-    with _explain_vmap_failures(model, lambda: loss(selected, inputs[0], *(t[0] for t in targets))):
+
+    def plain() -> Tensor:
+        return loss(selected, inputs[0], *(t[0] for t in targets))
+
+    with no_kv_cache(model), _explain_vmap_failures(model, plain):
         # Chunks are written into one preallocated result: vmap's own chunk_size
         # concatenates them at the end, which doubles the peak memory.
         for start in range(0, count, step):
@@ -295,13 +309,16 @@ def per_example_grads(
     return result
 
 
-def per_example_losses(loss_fn: LossFn, outputs: Tensor, *targets: Tensor) -> Tensor:
+def per_example_losses(
+    loss_fn: LossFn, outputs: object, *targets: Tensor, output: OutputSelector | None = None
+) -> Tensor:
     """Evaluate a batch loss on every example of already computed outputs.
 
     Args:
         loss_fn: ``loss_fn(outputs, *targets) -> scalar``, written for a batch.
-        outputs: Shape ``(example, ...)``.
+        outputs: Shape ``(example, ...)``, or what the model returned if ``output`` is given.
         *targets: Each of shape ``(example, ...)``.
+        output: Selector of the tensor in ``outputs``, as in :func:`per_example_grads`.
 
     Returns:
         Shape ``(example,)``: ``loss_fn`` of each example as a batch of one.
@@ -310,12 +327,13 @@ def per_example_losses(loss_fn: LossFn, outputs: Tensor, *targets: Tensor) -> Te
         ValueError: If a target's first dim differs from the number of
             examples, or ``loss_fn`` does not return a scalar.
     """
-    check_batch(outputs, targets, what="outputs")
+    selected = select_output(outputs, output)
+    check_batch(selected, targets, what="outputs")
 
     def one(o: Tensor, *t: Tensor) -> Tensor:
         return loss_fn(o.unsqueeze(0), *(ti.unsqueeze(0) for ti in t))
 
-    losses = vmap(one)(outputs, *targets)
+    losses = vmap(one)(selected, *targets)
     if losses.ndim != 1:
         raise ValueError(
             f"loss_fn returned a tensor of shape {tuple(losses.shape[1:])} for one example; it "
@@ -331,7 +349,7 @@ def loss_and_grad(
     inputs: Tensor,
     *targets: Tensor,
     params: Collection[str] | None = None,
-    unused: Literal["error", "zero"] = "error",
+    output: OutputSelector | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Compute the batch loss and its gradient with one plain backward pass.
 
@@ -343,18 +361,14 @@ def loss_and_grad(
         inputs: Shape ``(example, ...)``.
         *targets: Each of shape ``(example, ...)``.
         params: Parameter names to differentiate; default all that require grad.
-        unused: What a parameter that the forward uses but this loss does
-            not reach (a second head the loss ignores) gets: ``"error"``
-            raises, ``"zero"`` gives its exact gradient, zeros. A parameter
-            that no output of the forward reaches raises either way.
+        output: Selector of the tensor the loss sees, as in :func:`per_example_grads`.
 
     Returns:
         ``(loss, grads)``: the detached loss, shape ``()``, and for every
         selected name a tensor of the parameter's shape.
 
     Raises:
-        UnsupportedModelError: If a selected parameter does not affect the
-            loss (with ``unused="zero"``: no output of the forward).
+        UnsupportedModelError: If a selected parameter does not affect the loss.
         ValueError: If a target's first dim differs from the number of
             examples, or ``loss_fn`` does not return a scalar.
     """
@@ -362,9 +376,9 @@ def loss_and_grad(
     selected, frozen = split_params(model, params)
     selected = {name: p.requires_grad_() for name, p in selected.items()}
     buffers = dict(model.named_buffers())
-    with torch.enable_grad():
+    with torch.enable_grad(), no_kv_cache(model):
         outputs = functional_call(model, (selected, frozen, buffers), (inputs,))
-        loss = loss_fn(outputs, *targets)
+        loss = loss_fn(select_output(outputs, output), *targets)
         if not isinstance(loss, Tensor) or loss.ndim != 0:
             shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
             raise ValueError(
@@ -372,36 +386,15 @@ def loss_and_grad(
                 "loss of the batch: keep reduction='mean' (the default of torch's losses) or "
                 "end it with .mean()."
             )
-        values = list(
-            torch.autograd.grad(
-                loss, list(selected.values()), allow_unused=True, retain_graph=unused == "zero"
-            )
-        )
-        missing = [name for name, value in zip(selected, values, strict=True) if value is None]
-        if missing and unused == "zero":
-            missing = _unreached_by_outputs(outputs, {n: selected[n] for n in missing})
-            values = [
-                torch.zeros_like(p) if v is None else v
-                for p, v in zip(selected.values(), values, strict=True)
-            ]
+        values = torch.autograd.grad(loss, list(selected.values()), allow_unused=True)
+    missing = [name for name, value in zip(selected, values, strict=True) if value is None]
     if missing:
-        unused_names = missing
         raise UnsupportedModelError(
-            f"parameters {unused_names} do not affect the loss, so they have no gradient. Freeze "
+            f"parameters {missing} do not affect the loss, so they have no gradient. Freeze "
             "them (param.requires_grad_(False)), or leave them out of `params`, to probe the "
             "others."
         )
     return loss.detach(), dict(zip(selected, values, strict=True))
-
-
-def _unreached_by_outputs(outputs: object, params: dict[str, Tensor]) -> list[str]:
-    """The names of ``params`` that no floating-point output of the forward depends on."""
-    leaves = [t for t in tree_leaves(outputs) if isinstance(t, Tensor) and t.requires_grad]
-    if not leaves:
-        return list(params)
-    total = sum(t.float().sum() for t in leaves)
-    found = torch.autograd.grad(total, list(params.values()), allow_unused=True)
-    return [n for n, g in zip(params, found, strict=True) if g is None]
 
 
 def mean_grad(
@@ -410,6 +403,7 @@ def mean_grad(
     inputs: Tensor,
     *targets: Tensor,
     params: Collection[str] | None = None,
+    output: OutputSelector | None = None,
 ) -> dict[str, Tensor]:
     """Compute the gradient of the batch loss with one plain backward pass.
 
@@ -422,8 +416,9 @@ def mean_grad(
         inputs: Shape ``(example, ...)``.
         *targets: Each of shape ``(example, ...)``.
         params: Parameter names to differentiate; default all that require grad.
+        output: Selector of the tensor the loss sees, as in :func:`per_example_grads`.
 
     Returns:
         For every selected name, a tensor of the parameter's shape.
     """
-    return loss_and_grad(model, loss_fn, inputs, *targets, params=params)[1]
+    return loss_and_grad(model, loss_fn, inputs, *targets, params=params, output=output)[1]

@@ -1,5 +1,6 @@
 """The API reference names every public name, of the core and of the MNIST setting."""
 
+import re
 from pathlib import Path
 from types import ModuleType
 
@@ -18,3 +19,19 @@ API = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
 def test_every_public_name_is_in_the_api_reference(module: ModuleType) -> None:
     missing = [n for n in module.__all__ if n != "__version__" and f"`{n}" not in API]
     assert not missing, f"document these in docs/api.md: {missing}"
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def _python_blocks(text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # sdpa under vmap
+def test_the_models_page_runs() -> None:
+    pytest.importorskip("transformers")
+    blocks = _python_blocks((DOCS / "models.md").read_text())
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "docs/models.md", "exec"), {"__name__": "docs_models"})

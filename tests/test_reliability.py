@@ -447,7 +447,7 @@ def test_the_reduction_check_leaves_the_random_stream_alone() -> None:
     model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3)).double()
     train = objective()
     state = torch.get_rng_state()
-    _check_mean_reduction(model, train)
+    _check_mean_reduction(model, train, None)
     assert torch.equal(torch.get_rng_state(), state)
     model(train.inputs)  # and the forward does draw: the check above could fail
     assert not torch.equal(torch.get_rng_state(), state)

@@ -34,7 +34,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from gradlens._outputs import OutputSelector, no_kv_cache, select_output
 from gradlens.alignment import alignment_of_finite, example_alignment, summarize
+from gradlens.errors import GradientMismatchError, UnsupportedModelError
 from gradlens.ghost import Method, probe_batch
 from gradlens.gradops import check_finite, dot, norm, safe_divide, scale
 from gradlens.per_example import (
@@ -120,6 +122,7 @@ def probed_step(
     method: Method = "auto",
     chunk_size: int | None = None,
     randomness: Randomness = "error",
+    output: OutputSelector | None = None,
     measure_change: bool = True,
 ) -> StepResult:
     """Take one optimizer step on ``train`` while probing its alignment with ``trait``.
@@ -138,6 +141,11 @@ def probed_step(
     The optimizer must hold the model's parameters; their ``.grad`` is set to
     the (transformed) gradient and cleared after the step.
 
+    A training batch without examples gives empty per-example values, NaN
+    for ``train_loss`` and the per-example summaries, and a zero training
+    gradient, with which the optimizer still steps (momentum or weight decay
+    may still move the parameters).
+
     Args:
         model: The student.
         optimizer: A ``torch.optim`` optimizer over ``model``'s parameters.
@@ -154,6 +162,11 @@ def probed_step(
         chunk_size: Examples per chunk where the probe falls back to ``vmap``.
         randomness: ``vmap`` randomness (``"different"`` for dropout), as in
             :func:`~gradlens.per_example_grads`.
+        output: Which tensor of the model's return value both losses see, for a
+            model that returns a ``ModelOutput``, dict or tuple (``"logits"``, a
+            tuple index, or a callable), as in :func:`~gradlens.per_example_grads`;
+            it applies to every forward of the step. ``config.use_cache`` is
+            switched off during the step.
         measure_change: Also evaluate the trait loss after the step (one forward).
 
     Returns:
@@ -164,20 +177,65 @@ def probed_step(
         ValueError: If a batch is empty or its targets do not match its inputs,
             the optimizer does not hold the model's parameters, or
             ``train.loss_fn`` is not mean-reduced (checked on two examples).
-        UnsupportedModelError: If the model cannot be probed per example
-            (train-mode BatchNorm, for one); raised before any forward, so
-            buffers such as BatchNorm's running statistics are unchanged.
+        UnsupportedModelError: If no parameter requires grad, or the model
+            cannot be probed per example (train-mode BatchNorm, for one; the
+            message names the argument to change); raised before any forward,
+            so buffers such as BatchNorm's running statistics are unchanged.
     """
     params = _params(model)
+    if not params:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no parameter that requires grad: probed_step "
+            "probes and trains those; call requires_grad_() on the parameters to train."
+        )
     # Everything that can be refused is refused before any forward changes a buffer.
     _check_objective("train", train)
     _check_objective("trait", trait)
     _check_optimizer(optimizer, params)
     check_vmap_compatible(model, randomness)
-    _check_mean_reduction(model, train)
+    with no_kv_cache(model):
+        _check_mean_reduction(model, train, output)
+        return _step(
+            model,
+            optimizer,
+            train,
+            trait,
+            params,
+            before=before,
+            before_state=before_state,
+            after=after,
+            after_state=after_state,
+            step=step,
+            method=method,
+            chunk_size=chunk_size,
+            randomness=randomness,
+            output=output,
+            measure_change=measure_change,
+        )
+
+
+def _step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train: Objective,
+    trait: Objective,
+    params: dict[str, Tensor],
+    *,
+    before: GradientTransform | None,
+    before_state: Any,
+    after: GradientTransform | None,
+    after_state: Any,
+    step: int | None,
+    method: Method,
+    chunk_size: int | None,
+    randomness: Randomness,
+    output: OutputSelector | None,
+    measure_change: bool,
+) -> StepResult:
+    """:func:`probed_step` with its checks done and the model's key-value cache off."""
     old = {n: p.detach().clone() for n, p in params.items()}
     trait_loss, g_t = loss_and_grad(
-        model, trait.loss_fn, trait.inputs, *trait.targets, unused="zero"
+        model, trait.loss_fn, trait.inputs, *trait.targets, output=output
     )
     check_finite(g_t, step=step, what="trait gradient")
     probe = probe_batch(
@@ -189,6 +247,7 @@ def probed_step(
         method=method,
         chunk_size=chunk_size,
         randomness=randomness,
+        output=output,
     )
     check_finite(probe.grad, step=step, what="training gradient")
     align = alignment_of_finite(probe.grad, reference=g_t)
@@ -196,9 +255,17 @@ def probed_step(
 
     grads = probe.grad
     if before is not None:
-        grads, before_state = before.update(
-            grads, before_state, old, reference=g_t, example_dots=probe.dots
-        )
+        try:
+            grads, before_state = before.update(
+                grads, before_state, old, reference=g_t, example_dots=probe.dots
+            )
+        except GradientMismatchError as err:
+            if train.inputs.shape[0] > 0:
+                raise
+            raise ValueError(
+                "train has no examples, and a per-example transform in before needs at "
+                f"least one: pass a train Objective with examples, or no such transform ({err})"
+            ) from err
     for name, p in params.items():
         p.grad = grads[name].detach()
     optimizer.step()
@@ -231,7 +298,7 @@ def probed_step(
     }
     if measure_change:
         with torch.no_grad():
-            after_loss = trait.loss_fn(model(trait.inputs), *trait.targets)
+            after_loss = trait.loss_fn(select_output(model(trait.inputs), output), *trait.targets)
         records["measured_change"] = after_loss - trait_loss
     return StepResult(records, per_example.cosine, before_state, after_state)
 
@@ -261,7 +328,9 @@ def _check_optimizer(optimizer: torch.optim.Optimizer, params: dict[str, Tensor]
         )
 
 
-def _check_mean_reduction(model: nn.Module, objective: Objective) -> None:
+def _check_mean_reduction(
+    model: nn.Module, objective: Objective, output: OutputSelector | None
+) -> None:
     """Raise unless the loss of two examples is the mean of their losses alone.
 
     :func:`probed_step` steps along the mean of the per-example gradients,
@@ -276,7 +345,7 @@ def _check_mean_reduction(model: nn.Module, objective: Objective) -> None:
     loss_fn = objective.loss_fn
     device = objective.inputs.device
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        outputs = model(objective.inputs[:2])
+        outputs = select_output(model(objective.inputs[:2]), output)
         targets = [t[:2] for t in objective.targets]
         batch = loss_fn(outputs, *targets)
         if not isinstance(batch, Tensor) or batch.numel() != 1:
