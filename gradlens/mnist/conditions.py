@@ -17,7 +17,14 @@ from gradlens.transforms import (
     reverse_aligned,
 )
 
-__all__ = ["CONDITIONS", "Condition", "get_conditions"]
+__all__ = [
+    "BASE_CONDITIONS",
+    "CAUSAL_CONDITIONS",
+    "CONDITIONS",
+    "CONTROL_CONDITIONS",
+    "Condition",
+    "get_conditions",
+]
 
 
 @dataclass(frozen=True)
@@ -32,7 +39,14 @@ class Condition:
             (``"cross"``).
         before: Factory of the transform applied to the distillation gradient.
         after: Factory of the transform applied to the optimizer's update.
-        liminal: Add liminal training's KL-to-base term with the configured schedule.
+        liminal: Add liminal training's KL-to-base term with this named schedule
+            (``None``: no term). ``"early"`` is gradlens's first variant (T = 1,
+            lambda_0 decaying to 0 within the first epoch).
+        optimizer: ``"adam"`` (the original's), ``"sgd"`` or ``"sgd_momentum"``.
+        reference: The gradient the transforms act along: the trait gradient
+            (``"trait"``) or, as a specificity control, the trait gradient of the
+            probe images with shuffled labels (``"shuffled"``). The probes always
+            measure the true trait gradient.
     """
 
     name: str
@@ -41,7 +55,9 @@ class Condition:
     init: Literal["same", "cross"] = "same"
     before: Callable[[], GradientTransform] | None = None
     after: Callable[[], GradientTransform] | None = None
-    liminal: bool = False
+    liminal: str | None = None
+    optimizer: Literal["adam", "sgd", "sgd_momentum"] = "adam"
+    reference: Literal["trait", "shuffled"] = "trait"
 
 
 CONDITIONS: dict[str, Condition] = {
@@ -67,7 +83,23 @@ CONDITIONS: dict[str, Condition] = {
             "Adam's update with its component along g_t removed",
             after=remove_aligned,
         ),
-        Condition("liminal", "liminal training (KL to base, decaying)", liminal=True),
+        Condition(
+            "liminal_early",
+            "KL to base at T = 1, lambda_0 decaying to 0 within the first epoch",
+            liminal="early",
+        ),
+        Condition(
+            "remove_shuffled",
+            "g_d with its component along a shuffled-label trait gradient removed (control)",
+            before=remove_aligned,
+            reference="shuffled",
+        ),
+        Condition("sgd", "auxiliary logits, plain SGD instead of Adam", optimizer="sgd"),
+        Condition(
+            "sgd_momentum",
+            "auxiliary logits, SGD with momentum 0.9 instead of Adam",
+            optimizer="sgd_momentum",
+        ),
     )
 }
 
@@ -80,8 +112,10 @@ CAUSAL_CONDITIONS: tuple[str, ...] = (
     "remove_layer",
     "remove_per_example",
     "remove_update",
-    "liminal",
+    "liminal_early",
+    "remove_shuffled",
 )
+CONTROL_CONDITIONS: tuple[str, ...] = ("aux", "remove", "remove_shuffled", "sgd", "sgd_momentum")
 
 
 def get_conditions(names: Iterable[str]) -> list[Condition]:

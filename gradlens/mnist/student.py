@@ -48,7 +48,13 @@ class StudentSetup:
         store_every: Full per-example cosines every this many steps.
         liminal_lambda0: Liminal weight at step 0.
         liminal_period: Steps over which it decays to 0; ``None`` (default) is
-            the first epoch, ``steps_per_epoch``.
+            the first epoch, ``steps_per_epoch`` (the ``"early"`` schedule).
+        noise: ``"fixed"``: one set of ``noise_per_epoch`` images per model,
+            reshuffled every epoch (the original's); ``"fresh"``: new images every batch.
+        sgd_lr: Learning rate of the ``sgd`` and ``sgd_momentum`` conditions.
+        momentum: Momentum of the ``sgd_momentum`` condition.
+        example_models: Models (the first ones of a stack) whose every per-example
+            cosine is stored every ``store_every`` steps; all models get the summaries.
     """
 
     epochs: int = 5
@@ -61,6 +67,10 @@ class StudentSetup:
     store_every: int = 10
     liminal_lambda0: float = 1.0
     liminal_period: int | None = None
+    noise: Literal["fixed", "fresh"] = "fixed"
+    sgd_lr: float = 0.1
+    momentum: float = 0.9
+    example_models: int = 2
 
     @property
     def steps_per_epoch(self) -> int:
@@ -139,6 +149,16 @@ def run_student(
     Returns:
         The trained student.
     """
+    if condition.liminal not in (None, "early") or condition.optimizer != "adam":
+        raise ValueError(
+            f"run_student trains with Adam and the 'early' liminal schedule only; condition "
+            f"{condition.name!r} needs gradlens.mnist.run_students (the stacked engine)."
+        )
+    if condition.reference != "trait":
+        raise ValueError(
+            f"run_student acts along the trait gradient only; condition {condition.name!r} "
+            "needs gradlens.mnist.run_students (the stacked engine)."
+        )
     device = probe.images.device
     first = setup.num_classes if condition.logits == "aux" else 0
     distill = logit_kl(first)
