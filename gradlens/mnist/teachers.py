@@ -45,10 +45,10 @@ def evaluate_stack(
         counts = counts + torch.nn.functional.one_hot(predicted, num_classes).sum(1)
     n = len(digits.labels)
     return {
-        "test_accuracy": correct / n,
+        "test_accuracy": correct.to(torch.float64) / n,
         "test_loss": loss / n,
         "test_entropy": entropy / n,
-        "test_majority": counts.max(-1).values / n,
+        "test_majority": counts.max(-1).values.to(torch.float64) / n,
     }
 
 
