@@ -45,6 +45,7 @@ from gradlens.mnist import (
     train_teacher_stack,
     trait_probes,
     write_combined,
+    write_compact,
     write_summary,
 )
 from gradlens.numerics import flush_denormal
@@ -171,6 +172,7 @@ def _run(config: Config) -> Path:
     order = [(s, c.name) for s in seeds for c in conditions]
     ds = combine_blocks({key: parts[key] for key in order}, attrs)
     result = write_combined(ds, config.out)
+    write_compact(ds, config.out)
     save_figures(ds, config.out / "figures")
     summary = summary_markdown(ds, wall_time_s=wall, device=device_text, command=command)
     write_summary(summary, config.out)

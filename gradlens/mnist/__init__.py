@@ -24,6 +24,7 @@ from gradlens.mnist.blocks import (
     teacher_metrics,
     trait_probes,
 )
+from gradlens.mnist.compact import compact_results, write_compact
 from gradlens.mnist.conditions import (
     BASE_CONDITIONS,
     CAUSAL_CONDITIONS,
@@ -72,6 +73,7 @@ __all__ = [
     "class_kl",
     "combine_blocks",
     "combine_runs",
+    "compact_results",
     "cross_models",
     "cross_seed",
     "draw_figures",
@@ -106,5 +108,6 @@ __all__ = [
     "train_teacher_stack",
     "trait_probes",
     "write_combined",
+    "write_compact",
     "write_summary",
 ]

@@ -43,13 +43,14 @@ def final_values(ds: xr.Dataset) -> xr.Dataset:
     out = {}
     for name in FINAL:
         if name in ds:
-            out[name] = ds[name].dropna("step", how="all").isel(step=-1)
+            step = "eval_step" if "eval_step" in ds[name].dims else "step"
+            out[name] = ds[name].dropna(step, how="all").isel({step: -1}, drop=True)
     out["cosine"] = ds["cosine"].mean("step")
     out["cosine_positive"] = (
         (ds["cosine"] > 0).mean("step").where(ds["cosine"].notnull().any("step"))
     )
     out["update_cosine"] = ds["update_cosine"].mean("step")
-    out["distill_loss"] = ds["distill_loss"].isel(step=-1)
+    out["distill_loss"] = ds["distill_loss"].isel(step=-1, drop=True)
     return xr.Dataset(out)
 
 
