@@ -203,6 +203,11 @@ def parse(argv: list[str] | None = None) -> Config:
     )
     parser.add_argument("--trait", choices=["ce", "kl"], help="trait loss (default ce)")
     parser.add_argument(
+        "--probe-size",
+        type=int,
+        help="labelled images of the trait gradient, and as many held out (default 1024)",
+    )
+    parser.add_argument(
         "--liminal-lambda0", type=float, help="liminal weight at step 0 (default 1)"
     )
     parser.add_argument("--out", type=Path, help="output folder (default runs/mnist_aux)")
@@ -222,6 +227,7 @@ def parse(argv: list[str] | None = None) -> Config:
     changes = {
         "seeds": args.seeds,
         "models": args.models,
+        "probe_size": args.probe_size,
         "conditions": tuple(args.conditions) if args.conditions else None,
         "out": args.out,
         "data_dir": args.data_dir,
