@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import shlex
 import sys
 import time
@@ -35,6 +36,7 @@ from gradlens.mnist import (
     get_conditions,
     init_stack,
     load_mnist,
+    load_or_train_teachers,
     model_seeds,
     part_path,
     reusable_parts,
@@ -42,6 +44,7 @@ from gradlens.mnist import (
     save_figures,
     summary_markdown,
     teacher_metrics,
+    teachers_path,
     train_teacher_stack,
     trait_probes,
     write_combined,
@@ -123,14 +126,21 @@ def _run(config: Config) -> Path:
             continue
         block_seeds = model_seeds(seed, config.models)
         init = {n: v.to(device) for n, v in init_stack(config.sizes, block_seeds).items()}
-        teachers = train_teacher_stack(
+        teacher_settings = (config.teacher_epochs, config.teacher_batch_size, config.teacher_lr)
+        key = json.dumps([block_seeds, config.sizes, *teacher_settings, str(device)])
+        teachers = load_or_train_teachers(
+            teachers_path(config.out, seed),
             init,
-            train,
-            seeds=block_seeds,
-            epochs=config.teacher_epochs,
-            batch_size=config.teacher_batch_size,
-            lr=config.teacher_lr,
-            progress=config.progress,
+            key,
+            lambda init=init, block_seeds=block_seeds: train_teacher_stack(
+                init,
+                train,
+                seeds=block_seeds,
+                epochs=config.teacher_epochs,
+                batch_size=config.teacher_batch_size,
+                lr=config.teacher_lr,
+                progress=config.progress,
+            ),
         )
         block = TeacherBlock(
             block_seeds,

@@ -19,9 +19,11 @@ from gradlens.mnist.blocks import (
     TeacherBlock,
     combine_blocks,
     cross_models,
+    load_or_train_teachers,
     model_seeds,
     run_block_condition,
     teacher_metrics,
+    teachers_path,
     trait_probes,
 )
 from gradlens.mnist.compact import compact_results, write_compact
@@ -84,6 +86,7 @@ __all__ = [
     "init_mlp",
     "init_stack",
     "load_mnist",
+    "load_or_train_teachers",
     "logit_kl",
     "model_seeds",
     "model_view",
@@ -104,6 +107,7 @@ __all__ = [
     "student_variables",
     "summary_markdown",
     "teacher_metrics",
+    "teachers_path",
     "train_classifier",
     "train_teacher_stack",
     "trait_probes",

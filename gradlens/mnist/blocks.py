@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -21,6 +21,7 @@ import torch
 import xarray as xr
 from torch import Tensor
 
+from gradlens._atomic import atomic_write
 from gradlens.mnist.conditions import Condition
 from gradlens.mnist.data import Digits
 from gradlens.mnist.engine import run_students, stack_coords, stack_variables
@@ -37,9 +38,11 @@ __all__ = [
     "TeacherBlock",
     "combine_blocks",
     "cross_models",
+    "load_or_train_teachers",
     "model_seeds",
     "run_block_condition",
     "teacher_metrics",
+    "teachers_path",
     "trait_probes",
 ]
 
@@ -125,6 +128,32 @@ def trait_probes(train: Digits, size: int, seed: int) -> TraitProbes:
         train.labels[held],
         train.labels[probe][shuffle],
     )
+
+
+def teachers_path(out: Path, seed: int) -> Path:
+    """Where the trained teachers of the block of ``seed`` are kept for reruns."""
+    return out / "parts" / f"seed{seed}_teachers.pt"
+
+
+def load_or_train_teachers(
+    path: Path, init: Mapping[str, Tensor], key: str, train: Callable[[], dict[str, Tensor]]
+) -> dict[str, Tensor]:
+    """The block's trained teachers from ``path`` if it was written with ``key``, else trained.
+
+    ``key`` names everything the teachers depend on (the init seeds, the sizes,
+    the teacher's hyper-parameters, the device); a file with another key is
+    trained again and replaced (atomically). Teachers are deterministic given
+    the key on one machine, so this only saves time: a rerun, or a run adding
+    conditions, does not train them again.
+    """
+    if path.exists():
+        stored = torch.load(path, map_location=next(iter(init.values())).device)
+        if stored.get("key") == key:
+            return stored["teachers"]
+    teachers = train()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: torch.save({"key": key, "teachers": teachers}, tmp))
+    return teachers
 
 
 def teacher_metrics(
