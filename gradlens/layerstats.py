@@ -121,8 +121,16 @@ def sum_groups(values: Tensor, sizes: Sequence[int]) -> Tensor:
 
 
 def _sq_norms(values: Sequence[Tensor]) -> Tensor:
-    """Squared norm of each tensor, shape ``(len(values),)``."""
-    return torch.stack(torch._foreach_norm(list(values))).square()
+    """Squared norm of each tensor, shape ``(len(values),)``.
+
+    ``torch._foreach_norm`` has no vmap batching rule: under ``torch.func``
+    transforms (``vmap`` over a leading ``model`` axis, as
+    :func:`gradlens.transforms.per_model` does) each norm is one ``vdot``.
+    """
+    values = list(values)
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(v) for v in values):
+        return torch.stack([torch.vdot(v.reshape(-1), v.reshape(-1)) for v in values])
+    return torch.stack(torch._foreach_norm(values)).square()
 
 
 def _layout(names: Sequence[str], scope: Scope) -> tuple[tuple[str, ...], list[str], list[int]]:

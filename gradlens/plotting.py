@@ -26,13 +26,24 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 import xarray as xr
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
+from gradlens._plot_layout import (
+    check_layout,
+    check_rest,
+    groups_of,
+    label_of,
+    row_label,
+    units_of,
+)
+from gradlens._plot_transforms import plot_transform_cosine
 from gradlens.stats import mean_ci
 
 __all__ = [
@@ -41,74 +52,8 @@ __all__ = [
     "plot_layer_heatmap",
     "plot_over_steps",
     "plot_scatter",
+    "plot_transform_cosine",
 ]
-
-
-def check_layout(
-    ds: xr.Dataset, var: str, dims: Sequence[str] = (), *, who: str = "plot"
-) -> xr.DataArray:
-    """The variable ``var`` of ``ds``, after checking that it has every dim in ``dims``.
-
-    Args:
-        ds: A run's Dataset.
-        var: The variable a figure draws.
-        dims: Dims the figure needs ``var`` to have.
-        who: The caller's name, for the message.
-
-    Returns:
-        ``ds[var]``.
-
-    Raises:
-        TypeError: ``ds`` is not an :class:`xarray.Dataset`.
-        ValueError: ``var`` is missing, or lacks one of ``dims``; the message
-            names what is missing and what the dataset has.
-    """
-    if not isinstance(ds, xr.Dataset):
-        raise TypeError(f"{who}: expected an xarray.Dataset, got {type(ds).__name__}.")
-    if var not in ds.data_vars:
-        raise ValueError(
-            f"{who}: the dataset has no variable {var!r}; it has {sorted(map(str, ds.data_vars))}."
-        )
-    da = ds[var]
-    missing = [d for d in dims if d not in da.dims]
-    if missing:
-        hint = (
-            "Record it with dims ('step', ...), or rename yours with ds.rename(...)."
-            if "step" in missing
-            else "Pass a dim it has, or add one by concatenating runs along it "
-            f"(xr.concat(runs, dim={missing[0]!r}))."
-        )
-        raise ValueError(
-            f"{who} needs a {' and a '.join(map(repr, missing))} dim, but {var!r} has dims "
-            f"{tuple(map(str, da.dims))}. {hint}"
-        )
-    return da
-
-
-def _check_rest(da: xr.DataArray, used: Sequence[Hashable | None], who: str, spread: str) -> None:
-    rest = [str(d) for d in da.dims if d not in used]
-    if rest:
-        raise ValueError(
-            f"{who}: {da.name!r} has dims {rest} that this figure has no place for; spread one "
-            f"with {spread}=, or select or average it first (ds.sel({rest[0]}=...) or "
-            f"ds.mean({rest[0]!r}))."
-        )
-
-
-def _groups(da: xr.DataArray, dim: str | None) -> list[tuple[str | None, xr.DataArray]]:
-    """``(label, slice)`` per value of ``dim``; one unlabelled slice without it."""
-    if dim is None:
-        return [(None, da)]
-    return [(str(v), da.isel({dim: i})) for i, v in enumerate(da[dim].values)]
-
-
-def _label(da: xr.DataArray) -> str:
-    return str(da.attrs.get("long_name", da.name))
-
-
-def _row_label(ax: Axes, label: str | None) -> None:
-    if label is not None:
-        ax.set_ylabel(label, rotation=0, ha="right", va="center")
 
 
 def plot_over_steps(
@@ -149,8 +94,8 @@ def plot_over_steps(
     who = "plot_over_steps"
     da = check_layout(ds, var, ["step"] + ([hue] if hue else []), who=who)
     averaged = replicate if replicate in da.dims else None
-    _check_rest(da, ["step", hue, averaged], who, "hue")
-    groups = _groups(da, hue)
+    check_rest(da, ["step", hue, averaged], who, "hue")
+    groups = groups_of(da, hue)
     rows = len(groups) if panels else 1
     fig = Figure(figsize=(7, 3.5 if rows == 1 else 1.0 + 1.3 * rows), layout="constrained")
     axes = fig.subplots(rows, 1, sharex=True, squeeze=False)[:, 0]
@@ -168,8 +113,8 @@ def plot_over_steps(
         if logy:
             ax.set_yscale("log")
         if panels:
-            _row_label(ax, name)
-    label = ylabel or _label(da)
+            row_label(ax, name)
+    label = ylabel or label_of(da)
     if not panels:
         axes[0].set_ylabel(label)
         if hue:
@@ -188,6 +133,9 @@ def plot_layer_heatmap(
     replicate: str | None = "seed",
     xlabel: str = "step",
     symmetric: bool = True,
+    select: Sequence[object] | None = None,
+    scale: Literal["shared", "row"] = "shared",
+    layer_labels: Mapping[str, str] | None = None,
 ) -> Figure:
     """Per-layer values over steps as a heatmap, averaged over replicates; a panel per ``row``.
 
@@ -198,37 +146,66 @@ def plot_layer_heatmap(
         replicate: A dim to average over when ``var`` has it.
         xlabel: Label of the step axis.
         symmetric: A diverging colour scale centred on 0 (for signed values
-            such as cosines); otherwise the data range.
+            such as cosines: red above 0, blue below); otherwise the data range.
+        select: The values of ``row`` to draw, in this order; default all.
+        scale: ``"shared"``: one colour scale for every panel; ``"row"``: each
+            panel its own scale and colour bar, so a panel of small values is
+            not washed out by a panel of large ones.
+        layer_labels: Names to show for the layers (``layer`` coordinate value
+            -> label), e.g. ``{"0": "fc1 784-256"}``; default the coordinate values.
 
     Raises:
-        ValueError: ``var`` is missing, lacks ``step``, ``layer`` or ``row``, or
-            has another dim.
+        ValueError: ``var`` is missing, lacks ``step``, ``layer`` or ``row``, has
+            another dim, ``select`` names a value ``row`` lacks, or ``scale`` is unknown.
     """
     who = "plot_layer_heatmap"
+    if scale not in ("shared", "row"):
+        raise ValueError(f"{who}: scale must be 'shared' or 'row', got {scale!r}.")
+    if select is not None and row is None:
+        raise ValueError(f"{who}: select= picks values of row=; pass row= too.")
     da = check_layout(ds, var, ["step", "layer"] + ([row] if row else []), who=who)
     averaged = replicate if replicate in da.dims else None
-    _check_rest(da, ["step", "layer", row, averaged], who, "row")
+    check_rest(da, ["step", "layer", row, averaged], who, "row")
     mean = da.mean(averaged) if averaged else da
-    finite = mean.values[np.isfinite(mean.values)]
-    if symmetric:
-        limit = (float(np.abs(finite).max()) if finite.size else 0.0) or 1.0
-        scale = {"cmap": "RdBu_r", "vmin": -limit, "vmax": limit}
-    else:
-        scale = {"cmap": "viridis"}
-    groups = _groups(mean, row)
-    fig = Figure(figsize=(7, 1.2 + 1.0 * len(groups)), layout="constrained")
+    if select is not None:
+        have = [str(v) for v in mean[row].values]
+        unknown = [v for v in select if str(v) not in have]
+        if unknown:
+            raise ValueError(f"{who}: {row} has no {unknown}; it has {have}.")
+        mean = mean.isel({row: [have.index(str(v)) for v in select]})
+    groups = groups_of(mean, row)
+    label = label_of(da)
+    colours = "colour: red > 0 > blue" if symmetric else "colour: low (dark) to high (light)"
+    fig = Figure(figsize=(7.5, 1.2 + 1.1 * len(groups)), layout="constrained")
     axes = fig.subplots(len(groups), 1, sharex=True, squeeze=False)[:, 0]
+    shared = _colour_scale(mean.values, symmetric)
     for ax, (name, values) in zip(axes, groups, strict=True):
         values = values.transpose("layer", "step")
         ticks = np.arange(values.sizes["layer"])
-        image = ax.pcolormesh(values.step, ticks, values, shading="nearest", **scale)
-        ax.set_yticks(ticks, [str(v) for v in values.layer.values])
-        _row_label(ax, name)
+        colour = shared if scale == "shared" else _colour_scale(values.values, symmetric)
+        image = ax.pcolormesh(values.step, ticks, values, shading="nearest", **colour)
+        names = [str(v) for v in values.layer.values]
+        ax.set_yticks(ticks, [(layer_labels or {}).get(v, v) for v in names])
+        if name is not None:
+            ax.set_title(f"{row} = {name}", fontsize="small", loc="left")
+        if scale == "row":
+            fig.colorbar(image, ax=ax, label=units_of(da))
     axes[-1].set_xlabel(xlabel)
-    fig.colorbar(image, ax=list(axes), label=_label(da))
+    if scale == "shared":
+        fig.colorbar(image, ax=list(axes), label=label)
     over = f", mean over {averaged}s" if averaged else ""
-    fig.suptitle(f"{_label(da)}{over} (rows: layers)")
+    per = "one scale per panel" if scale == "row" else "one scale"
+    fig.suptitle(f"{label}{over}\nrows: layers; {colours}, {per}", fontsize="medium")
     return fig
+
+
+def _colour_scale(values: np.ndarray, symmetric: bool) -> dict[str, object]:
+    """``pcolormesh`` colour arguments: diverging about 0 over ``±max|v|``, or viridis."""
+    finite = values[np.isfinite(values)]
+    if symmetric:
+        limit = (float(np.abs(finite).max()) if finite.size else 0.0) or 1.0
+        return {"cmap": "RdBu_r", "vmin": -limit, "vmax": limit}
+    return {"cmap": "viridis"}
 
 
 def _picks(da: xr.DataArray, column: str, at: Sequence[object] | None) -> list[object]:
@@ -281,7 +258,7 @@ def plot_histograms(
     needed = [d for d in (column, row) if d]
     da = check_layout(ds, var, needed, who=who)
     picks = _picks(da, column, at) if column else [None]
-    groups = _groups(da, row)
+    groups = groups_of(da, row)
     fig = Figure(figsize=(3 * len(picks), 1.0 + 1.4 * len(groups)), layout="constrained")
     axes = fig.subplots(len(groups), len(picks), sharey="row", squeeze=False)
     for ax_row, (name, values) in zip(axes, groups, strict=True):
@@ -298,14 +275,18 @@ def plot_histograms(
             if symmetric:
                 ax.axvline(0.0, color="k", lw=0.6)
             ax.tick_params(labelsize="small")
-        _row_label(ax_row[0], name)
+        row_label(ax_row[0], name)
     if column:
         for ax, pick in zip(axes[0], picks, strict=True):
             ax.set_title(f"step {pick}" if column.endswith("step") else f"{column} = {pick}")
     for ax in axes[-1]:
-        ax.set_xlabel(xlabel or _label(da))
-    fig.suptitle(title or f"{_label(da)} (counts)")
+        ax.set_xlabel(xlabel or label_of(da))
+    fig.suptitle(title or f"{label_of(da)} (counts)")
     return fig
+
+
+MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">")
+"""Marker shapes, one per ``hue`` value in turn, so that colours are not the only cue."""
 
 
 def plot_scatter(
@@ -314,46 +295,71 @@ def plot_scatter(
     y: str,
     *,
     hue: str | None = None,
+    panel: str | None = None,
     identity_line: bool = False,
     xlabel: str | None = None,
     ylabel: str | None = None,
     title: str | None = None,
 ) -> Figure:
-    """Every recorded value of ``y`` against ``x`` (broadcast together), coloured by ``hue``.
+    """Every recorded value of ``y`` against ``x`` (broadcast together), by ``hue`` or ``panel``.
+
+    With ``panel``, each value of that dim gets its own axes and ranges (and
+    its own ``y = x`` line), so one condition's spread cannot hide another's.
+    Each ``hue`` value gets its own colour and marker shape, named in the legend.
 
     Args:
         ds: A run's Dataset.
         x: Variable on the x axis.
         y: Variable on the y axis, with dims that broadcast against ``x``'s.
         hue: A dim of both to colour by, e.g. ``"condition"``.
-        identity_line: Draw ``y = x`` over the data range.
-        xlabel: Default the ``long_name`` of ``x``.
-        ylabel: Default the ``long_name`` of ``y``.
-        title: Axes title.
+        panel: A dim of both to draw one panel per value of, e.g. ``"condition"``.
+        identity_line: Draw ``y = x`` over the data range (of each panel).
+        xlabel: Default the ``long_name`` and units of ``x``.
+        ylabel: Default the ``long_name`` and units of ``y``.
+        title: Figure title.
 
     Raises:
-        ValueError: ``x`` or ``y`` is missing, or lacks ``hue``.
+        ValueError: ``x`` or ``y`` is missing, or lacks ``hue`` or ``panel``.
     """
     who = "plot_scatter"
-    needed = [hue] if hue else []
+    needed = [d for d in (hue, panel) if d]
     xs, ys = xr.broadcast(
         check_layout(ds, x, needed, who=who), check_layout(ds, y, needed, who=who)
     )
-    fig = Figure(figsize=(5, 5), layout="constrained")
-    ax = fig.add_subplot()
+    panels = list(zip(groups_of(xs, panel), groups_of(ys, panel), strict=True))
+    columns = min(len(panels), 4)
+    rows = -(-len(panels) // columns)
+    fig = Figure(figsize=(3.6 * columns, 0.6 + 3.4 * rows), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    for ax, ((name, px), (_, py)) in zip(axes, panels, strict=False):
+        _scatter_panel(ax, px, py, hue, identity_line)
+        if name is not None:
+            ax.set_title(f"{panel} = {name}", fontsize="small")
+        ax.set_xlabel(xlabel or label_of(xs), fontsize="small")
+        ax.set_ylabel(ylabel or label_of(ys), fontsize="small")
+        ax.xaxis.set_major_locator(MaxNLocator(4))
+        ax.tick_params(labelsize="x-small")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def _scatter_panel(
+    ax: Axes, xs: xr.DataArray, ys: xr.DataArray, hue: str | None, identity_line: bool
+) -> None:
     lo, hi = np.inf, -np.inf
-    for (name, px), (_, py) in zip(_groups(xs, hue), _groups(ys, hue), strict=True):
+    for i, ((name, px), (_, py)) in enumerate(
+        zip(groups_of(xs, hue), groups_of(ys, hue), strict=True)
+    ):
         p, m = px.values.ravel(), py.values.ravel()
         ok = np.isfinite(p) & np.isfinite(m)
-        ax.scatter(p[ok], m[ok], s=4, alpha=0.4, label=name)
+        marker = MARKERS[i % len(MARKERS)]
+        ax.scatter(p[ok], m[ok], s=6, alpha=0.5, label=name, color=f"C{i}", marker=marker)
         if ok.any():
             lo, hi = min(lo, p[ok].min(), m[ok].min()), max(hi, p[ok].max(), m[ok].max())
     if identity_line and np.isfinite(lo):
         ax.plot([lo, hi], [lo, hi], color="k", lw=0.6, label="y = x")
-    ax.set_xlabel(xlabel or _label(xs))
-    ax.set_ylabel(ylabel or _label(ys))
     if hue or identity_line:
-        ax.legend(fontsize="small", markerscale=3)
-    if title:
-        ax.set_title(title)
-    return fig
+        ax.legend(fontsize="x-small", markerscale=2, title=hue, title_fontsize="x-small")

@@ -1,5 +1,7 @@
 """Generic figures: any run with a ``step`` dim draws; a missing variable or dim is named."""
 
+import re
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -11,6 +13,7 @@ from gradlens.plotting import (
     plot_layer_heatmap,
     plot_over_steps,
     plot_scatter,
+    plot_transform_cosine,
 )
 
 
@@ -119,3 +122,149 @@ def test_check_layout_lists_what_the_dataset_has() -> None:
     with pytest.raises(TypeError, match=r"xarray\.Dataset"):
         check_layout(ds["loss"], "loss")  # type: ignore[arg-type]
     assert check_layout(ds, "loss", ["step"]).name == "loss"
+
+
+def conditions_run() -> xr.Dataset:
+    """Three conditions of very different scales, 4 seeds, and transform records."""
+    rng = np.random.default_rng(1)
+    steps, conditions, seeds = 10, ["big", "small", "none"], 4
+    scale = np.array([100.0, 0.01, 1.0])[None, :, None]
+    predicted = rng.normal(size=(steps, 3, seeds)) * scale
+    layer = rng.normal(size=(steps, 3, 3, seeds)) * scale[:, None]
+    # transform_cosine (step, placement, transform, stage, group, condition, seed): one
+    # (placement, transform) per condition, NaN elsewhere, as a probed step records them.
+    cos = np.full((steps, 2, 2, 2, 2, 3, seeds), np.nan)
+    cos[:, 0, 0, 0, :, 0] = 0.3  # big: before placement, transform "remove", cosine before
+    cos[:, 0, 0, 1, :, 0] = 0.0  # ... and after
+    cos[:, 1, 1, 0, :, 1] = 0.2  # small: after placement, transform "reverse"
+    cos[:, 1, 1, 1, :, 1] = -0.2
+    dims = ("step", "placement", "transform", "stage", "group", "condition", "seed")
+    return xr.Dataset(
+        {
+            "predicted_change": (
+                ("step", "condition", "seed"),
+                predicted,
+                {"long_name": "predicted change", "units": "nat"},
+            ),
+            "measured_change": (
+                ("step", "condition", "seed"),
+                predicted * 0.9,
+                {"long_name": "measured change", "units": "nat"},
+            ),
+            "layer_cosine": (
+                ("step", "layer", "condition", "seed"),
+                layer,
+                {"long_name": "cos per layer", "units": "1"},
+            ),
+            "transform_cosine": (dims, cos, {"long_name": "cosine", "units": "1"}),
+        },
+        coords={
+            "step": np.arange(steps),
+            "condition": conditions,
+            "layer": ["0", "2", "4"],
+            "placement": ["before", "after"],
+            "transform": ["remove", "reverse"],
+            "stage": ["before", "after"],
+            "group": ["all", "0"],
+        },
+    )
+
+
+def test_scatter_has_a_panel_per_condition_with_units_and_a_legend() -> None:
+    ds = conditions_run()
+    fig = plot_scatter(
+        ds, "predicted_change", "measured_change", panel="condition", identity_line=True
+    )
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in visible] == [
+        "condition = big", "condition = small", "condition = none"
+    ]  # fmt: skip
+    for ax, name in zip(visible, ["big", "small", "none"], strict=True):
+        assert ax.get_xlabel() == "predicted change [nat]"
+        assert ax.get_ylabel() == "measured change [nat]"
+        (points,) = ax.collections
+        # Each panel holds only its condition's points, on its own range.
+        expected = ds["predicted_change"].sel(condition=name).values.ravel()
+        np.testing.assert_allclose(points.get_offsets()[:, 0], expected)
+        assert ax.get_xlim()[1] < 5 * np.abs(expected).max()
+
+
+def test_scatter_hue_values_differ_in_colour_and_marker() -> None:
+    ds = conditions_run()
+    fig = plot_scatter(ds, "predicted_change", "measured_change", hue="condition")
+    ax = fig.axes[0]
+    paths = [c.get_paths()[0].vertices.tobytes() for c in ax.collections]
+    colours = [tuple(c.get_facecolor()[0]) for c in ax.collections]
+    assert len(set(paths)) == 3 and len(set(colours)) == 3
+    legend = ax.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["big", "small", "none"]
+    assert legend.get_title().get_text() == "condition"
+
+
+def test_heatmap_selects_rows_scales_each_and_names_layers() -> None:
+    ds = conditions_run()
+    fig = plot_layer_heatmap(
+        ds,
+        row="condition",
+        select=["small", "none"],
+        scale="row",
+        layer_labels={"0": "fc1", "2": "fc2", "4": "out"},
+    )
+    panels = [ax for ax in fig.axes if ax.get_title(loc="left")]
+    assert [ax.get_title(loc="left") for ax in panels] == ["condition = small", "condition = none"]
+    assert [t.get_text() for t in panels[0].get_yticklabels()] == ["fc1", "fc2", "out"]
+    for ax, name in zip(panels, ["small", "none"], strict=True):
+        (mesh,) = ax.collections
+        limit = float(np.abs(ds["layer_cosine"].sel(condition=name).mean("seed")).max())
+        assert mesh.get_clim() == pytest.approx((-limit, limit))  # centred at 0, per row
+        assert mesh.get_cmap().name == "RdBu_r"
+    assert len(fig.axes) == 4  # two panels, two colour bars
+    assert "red > 0 > blue" in fig.get_suptitle()
+    assert fig.axes[2].get_ylabel() == "dimensionless"  # the panel's colour bar: units
+    assert "cos per layer [dimensionless]" in fig.get_suptitle()
+
+
+def test_heatmap_shared_scale_is_set_by_the_largest_row() -> None:
+    ds = conditions_run()
+    fig = plot_layer_heatmap(ds, row="condition")
+    limit = float(np.abs(ds["layer_cosine"].mean("seed")).max())
+    for ax in fig.axes[:3]:
+        assert ax.collections[0].get_clim() == pytest.approx((-limit, limit))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"row": "condition", "select": ["other"]}, "has no ['other']"),
+        ({"select": ["big"]}, "pass row="),
+        ({"row": "condition", "scale": "column"}, "scale must be"),
+    ],
+)
+def test_heatmap_validates_its_options(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        plot_layer_heatmap(conditions_run(), **kwargs)
+
+
+def test_transform_cosine_draws_after_solid_and_before_dashed() -> None:
+    ds = conditions_run()
+    fig = plot_transform_cosine(ds.sel(condition=["big", "small"]))
+    ax = fig.axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines() if line.get_label()[0] != "_"}
+    assert set(lines) == {"big, after", "big, before", "small, after", "small, before"}
+    np.testing.assert_allclose(lines["big, after"].get_ydata(), 0.0)
+    np.testing.assert_allclose(lines["small, after"].get_ydata(), -0.2)
+    np.testing.assert_allclose(lines["small, before"].get_ydata(), 0.2)
+    assert lines["big, after"].get_linestyle() == "-"
+    assert lines["big, before"].get_linestyle() == "--"
+    assert lines["big, after"].get_color() == lines["big, before"].get_color()
+    assert ax.get_ylabel() == "cosine with the reference [dimensionless]"
+    assert "after the transform (solid)" in fig.get_suptitle()
+    assert "CI over seeds" in fig.get_suptitle()
+
+
+def test_transform_cosine_errors_name_the_fix() -> None:
+    ds = conditions_run()
+    with pytest.raises(ValueError, match=r"0 \(placement, transform\) pairs.*'none'"):
+        plot_transform_cosine(ds)  # "none" recorded no transform
+    with pytest.raises(ValueError, match="group 'fc9'"):
+        plot_transform_cosine(ds, group="fc9")

@@ -30,11 +30,14 @@ from gradlens.transforms.per_example import (
     reverse_aligned_per_example,
     scale_aligned_per_example,
 )
+from gradlens.transforms.per_model import per_model
+from gradlens.transforms.random_direction import RemoveRandomState, remove_random
 from gradlens.transforms.records import transform_records
 
 __all__ = [
     "GradientTransform",
     "IdentityState",
+    "RemoveRandomState",
     "ScaleAlignedPerExampleState",
     "ScaleAlignedState",
     "Scope",
@@ -45,8 +48,10 @@ __all__ = [
     "chain",
     "identity",
     "named_chain",
+    "per_model",
     "remove_aligned",
     "remove_aligned_per_example",
+    "remove_random",
     "reverse_aligned",
     "reverse_aligned_per_example",
     "scale_aligned",

@@ -14,8 +14,9 @@ from torch.testing import assert_close
 
 from gradlens.gradops import flatten
 from gradlens.transforms import State, chain, identity, transform_records
+from gradlens.transforms._random import normal
 
-from ._cases import Case, Problem, make_problem
+from ._cases import RANDOM_SEED, Case, Problem, make_problem
 
 
 def apply(
@@ -95,8 +96,43 @@ def assert_structure_preserved(case: Case, problem: Problem) -> None:
         assert value.isfinite().all()
 
 
+def expected_random_output(case: Case, problem: Problem) -> dict[str, Tensor]:
+    """``g - s sign(<g, u>) u`` per group: ``s = |<g, r>| / ||r||`` where it acts, ``u`` unit.
+
+    ``u`` is the first draw of the seed, ``normal(seed, 0)`` over the flattened
+    gradient in key order, normalised per group.
+    """
+    total = sum(g.numel() for g in problem.grads.values())
+    z = normal(torch.tensor(RANDOM_SEED), torch.tensor(0), total, torch.float64)
+    offsets, start = {}, 0
+    for name, g in problem.grads.items():
+        offsets[name] = (start, start + g.numel())
+        start += g.numel()
+    out = {}
+    for names in groups(case, problem):
+        g, r = dense(problem.grads, names), dense(problem.reference, names)
+        u = torch.cat([z[slice(*offsets[n])] for n in names])
+        u = u / u.norm()
+        s = (g @ r).abs() / r.norm() if acted(case, coef(g, r), r) else torch.zeros(())
+        side = -1.0 if g @ u < 0 else 1.0
+        new = g - s * side * u
+        start = 0
+        for name in names:
+            size = problem.grads[name].numel()
+            out[name] = new[start : start + size].reshape(problem.grads[name].shape)
+            start += size
+    return {name: out[name] for name in problem.grads}
+
+
 def assert_matches_formula(case: Case, problem: Problem) -> None:
     out, _ = apply(case, problem)
+    if case.random:
+        assert_close(out, expected_random_output(case, problem))
+        for names in groups(case, problem):
+            g, new, r = (dense(d, names) for d in (problem.grads, out, problem.reference))
+            removed = (g @ r).abs() / r.norm() if acted(case, coef(g, r), r) else 0.0
+            assert_close((new - g).norm(), torch.as_tensor(removed, dtype=g.dtype))
+        return
     assert_close(out, expected_output(case, problem))
 
 

@@ -18,6 +18,7 @@ from gradlens.transforms import (
     identity,
     remove_aligned,
     remove_aligned_per_example,
+    remove_random,
     reverse_aligned,
     reverse_aligned_per_example,
     scale_aligned,
@@ -30,7 +31,9 @@ class Case:
     """A transform and what it should do: scale the aligned part by ``alpha``.
 
     ``per_example`` transforms scale each example's own component (``mean_i f(c_i)``),
-    the others the component of the mean gradient (``f(c)``).
+    the others the component of the mean gradient (``f(c)``). ``random`` transforms
+    (the random-direction control) instead subtract, along a random direction, a
+    vector of the norm that scaling by ``alpha`` would remove.
     """
 
     id: str
@@ -39,11 +42,12 @@ class Case:
     scope: Scope
     only_positive: bool
     per_example: bool
+    random: bool = False
 
     @property
     def acts_on_mean(self) -> bool:
-        """Whether the transform is the plain one on the mean gradient (exactly)."""
-        return not (self.per_example and self.only_positive)
+        """Whether the transform is the plain aligned one on the mean gradient (exactly)."""
+        return not (self.per_example and self.only_positive) and not self.random
 
 
 def _between_identities(make: Callable[[], GradientTransform]) -> GradientTransform:
@@ -56,6 +60,10 @@ def _after_identity(make: Callable[[], GradientTransform]) -> GradientTransform:
 
 def _twice(make: Callable[[], GradientTransform]) -> GradientTransform:
     return chain(make(), make())
+
+
+RANDOM_SEED = 7
+"""The seed of the random-direction cases."""
 
 
 def _cases() -> list[Case]:
@@ -79,8 +87,16 @@ def _cases() -> list[Case]:
                 ("pe-reverse", partial(reverse_aligned_per_example, **kw), -1.0),
                 ("chain-id-pe-remove", partial(_after_identity, remove_pe), 0.0),
             ]
+            random = [
+                ("random", partial(remove_random, RANDOM_SEED, **kw)),
+                (
+                    "chain-id-random-id",
+                    partial(_between_identities, partial(remove_random, RANDOM_SEED, **kw)),
+                ),
+            ]
             cases += [Case(f"{n}-{tag}", m, a, scope, pos, False) for n, m, a in plain]
             cases += [Case(f"{n}-{tag}", m, a, scope, pos, True) for n, m, a in per_example]
+            cases += [Case(f"{n}-{tag}", m, 0.0, scope, pos, False, True) for n, m in random]
     return cases
 
 

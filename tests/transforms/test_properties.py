@@ -10,8 +10,10 @@ from ._cases import CASES, Case, Problem, problems
 
 REMOVERS = [case for case in CASES if case.alpha == 0 and case.acts_on_mean]
 REVERSERS = [case for case in CASES if case.alpha == -1 and case.acts_on_mean]
+# The random-direction control changes the part orthogonal to the reference by design.
+ALONG_REFERENCE = [case for case in CASES if not case.random]
 
-# Each property runs over about 40 transforms: 10 random problems each keeps the set fast.
+# Each property runs over about 50 transforms: 10 random problems each keeps the set fast.
 few = settings(max_examples=10)
 
 
@@ -33,7 +35,7 @@ def test_matches_formula(case: Case, problem: Problem) -> None:
     _asserts.assert_matches_formula(case, problem)
 
 
-@over(CASES)
+@over(ALONG_REFERENCE)
 @given(problem=problems())
 @few
 def test_keeps_orthogonal_part(case: Case, problem: Problem) -> None:
