@@ -32,6 +32,7 @@ from gradlens.mnist.conditions import (
     CAUSAL_CONDITIONS,
     CONDITIONS,
     CONTROL_CONDITIONS,
+    LIMINAL_CONDITIONS,
     Condition,
     get_conditions,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "CAUSAL_CONDITIONS",
     "CONDITIONS",
     "CONTROL_CONDITIONS",
+    "LIMINAL_CONDITIONS",
     "NOISE_KINDS",
     "Condition",
     "Digits",

@@ -14,6 +14,7 @@ from gradlens.transforms import (
     GradientTransform,
     remove_aligned,
     remove_aligned_per_example,
+    remove_random,
     reverse_aligned,
 )
 
@@ -22,6 +23,7 @@ __all__ = [
     "CAUSAL_CONDITIONS",
     "CONDITIONS",
     "CONTROL_CONDITIONS",
+    "LIMINAL_CONDITIONS",
     "Condition",
     "get_conditions",
 ]
@@ -39,9 +41,10 @@ class Condition:
             (``"cross"``).
         before: Factory of the transform applied to the distillation gradient.
         after: Factory of the transform applied to the optimizer's update.
-        liminal: Add liminal training's KL-to-base term with this named schedule
-            (``None``: no term). ``"early"`` is gradlens's first variant (T = 1,
-            lambda_0 decaying to 0 within the first epoch).
+        liminal: Add liminal training's KL-to-base term with this named schedule of
+            :func:`gradlens.liminal.liminal_schedule` (``None``: no term).
+        liminal_temperature: The term's temperature; ``None`` takes
+            ``StudentSetup.liminal_temperature`` (2, as published).
         optimizer: ``"adam"`` (the original's), ``"sgd"`` or ``"sgd_momentum"``.
         reference: The gradient the transforms act along: the trait gradient
             (``"trait"``) or, as a specificity control, the trait gradient of the
@@ -56,6 +59,7 @@ class Condition:
     before: Callable[[], GradientTransform] | None = None
     after: Callable[[], GradientTransform] | None = None
     liminal: str | None = None
+    liminal_temperature: float | None = None
     optimizer: Literal["adam", "sgd", "sgd_momentum"] = "adam"
     reference: Literal["trait", "shuffled"] = "trait"
 
@@ -84,9 +88,27 @@ CONDITIONS: dict[str, Condition] = {
             after=remove_aligned,
         ),
         Condition(
+            "liminal",
+            "liminal training as published: T^2 KL(base || student) at T = 2, "
+            "lambda_0 -> 1 over epoch 1, then 1 -> 0",
+            liminal="liminal",
+        ),
+        *(
+            Condition(
+                f"liminal_{name}", f"liminal, published ablation {name.upper()}", liminal=name
+            )
+            for name in ("constant", "pos_anneal", "neg_anneal", "anchor", "end_anchor")
+        ),
+        Condition(
             "liminal_early",
-            "KL to base at T = 1, lambda_0 decaying to 0 within the first epoch",
-            liminal="early",
+            "gradlens's earlier variant: KL to base at T = 1, lambda_0 -> 0 within epoch 1",
+            liminal="early_decay",
+            liminal_temperature=1.0,
+        ),
+        Condition(
+            "remove_random",
+            "g_d minus a random direction of the norm remove would take off (control)",
+            before=lambda: remove_random(seed=0),
         ),
         Condition(
             "remove_shuffled",
@@ -112,10 +134,27 @@ CAUSAL_CONDITIONS: tuple[str, ...] = (
     "remove_layer",
     "remove_per_example",
     "remove_update",
+    "liminal",
     "liminal_early",
-    "remove_shuffled",
 )
-CONTROL_CONDITIONS: tuple[str, ...] = ("aux", "remove", "remove_shuffled", "sgd", "sgd_momentum")
+CONTROL_CONDITIONS: tuple[str, ...] = (
+    "aux",
+    "remove",
+    "remove_random",
+    "remove_shuffled",
+    "sgd",
+    "sgd_momentum",
+)
+LIMINAL_CONDITIONS: tuple[str, ...] = (
+    "aux",
+    "liminal",
+    "liminal_constant",
+    "liminal_pos_anneal",
+    "liminal_neg_anneal",
+    "liminal_anchor",
+    "liminal_end_anchor",
+    "liminal_early",
+)
 
 
 def get_conditions(names: Iterable[str]) -> list[Condition]:

@@ -12,9 +12,10 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
-from gradlens.liminal import liminal_weight
+from gradlens.liminal import liminal_schedule
 from gradlens.mnist.conditions import Condition
 from gradlens.mnist.data import Digits
 from gradlens.mnist.noise import NoiseStream
@@ -31,6 +32,7 @@ from gradlens.training import (
     step_variables,
     transform_layout,
 )
+from gradlens.transforms import per_model
 
 __all__ = ["liminal_at", "make_optimizer", "run_students", "stack_coords", "stack_variables"]
 
@@ -97,18 +99,22 @@ def make_optimizer(
 def liminal_at(condition: Condition, step: int, setup: StudentSetup) -> tuple[float, float]:
     """The liminal term's weight and temperature at ``step`` (0 and 1 without one).
 
-    ``"early"`` is gradlens's first schedule (T = 1, ``liminal_lambda0`` falling
-    linearly to 0 over ``liminal_period`` steps, by default the first epoch).
+    The weight is :func:`gradlens.liminal.liminal_schedule` of the condition's
+    schedule with ``lambda_0 = setup.liminal_lambda0``, epochs of
+    ``setup.steps_per_epoch`` steps and ``setup.steps`` steps in all; the
+    temperature is the condition's, else ``setup.liminal_temperature`` (2, as published).
     """
     if condition.liminal is None:
         return 0.0, 1.0
-    if condition.liminal == "early":
-        period = setup.liminal_period or setup.steps_per_epoch
-        return liminal_weight(step, lambda0=setup.liminal_lambda0, period=period), 1.0
-    raise ValueError(
-        f"condition {condition.name!r} names the liminal schedule {condition.liminal!r}, "
-        "which this version of gradlens.mnist does not know; use 'early'."
+    weight = liminal_schedule(
+        condition.liminal,
+        step=step,
+        steps_per_epoch=setup.steps_per_epoch,
+        total_steps=setup.steps,
+        lambda_0=setup.liminal_lambda0,
     )
+    temperature = condition.liminal_temperature or setup.liminal_temperature
+    return weight, temperature
 
 
 def run_students(
@@ -150,10 +156,11 @@ def run_students(
     models = next(iter(params.values())).shape[0]
     optimizer = make_optimizer(condition, list(params.values()), setup)
     before, after = student_transforms(condition)
-    single = unstack(base, 0)
-    layout = transform_layout(single, before, after)
-    before_states = [before.init(unstack(base, m)) for m in range(models)] if before else None
-    after_states = [after.init(unstack(base, m)) for m in range(models)] if after else None
+    layout = transform_layout(unstack(base, 0), before, after)
+    before = per_model(before) if before is not None else None
+    after = per_model(after) if after is not None else None
+    before_state = before.init(base) if before is not None else None
+    after_state = after.init(base) if after is not None else None
     first = setup.num_classes if condition.logits == "aux" else 0
     examples = min(setup.example_models, models)
     steps = setup.epochs * noise.steps_per_epoch
@@ -177,20 +184,17 @@ def run_students(
                     probes,
                     num_classes=setup.num_classes,
                     before=before,
-                    before_states=before_states,
+                    before_state=before_state,
                     after=after,
-                    after_states=after_states,
+                    after_state=after_state,
                     use_shuffled_reference=condition.reference == "shuffled",
                     heldout=evaluate,
                     step=step,
                 )
-                if before is not None:
-                    before_states = result.before_states
-                if after is not None:
-                    after_states = result.after_states
+                before_state, after_state = result.before_state, result.after_state
                 values: dict[str, object] = dict(result.records)
                 if layout is not None:
-                    values |= _transform_values(result, layout)
+                    values |= _transform_values(before_state, after_state, models, layout)
                 if condition.liminal:
                     values["liminal_weight"] = weight
                 if evaluate:
@@ -207,10 +211,19 @@ def run_students(
     return {n: p.detach() for n, p in params.items()}
 
 
-def _transform_values(result: object, layout: TransformLayout) -> dict[str, Tensor]:
+def _transform_values(
+    before_state: object, after_state: object, models: int, layout: TransformLayout
+) -> dict[str, Tensor]:
     """Each model's transform fields, stacked along a leading ``model`` dim."""
-    per_model = [
-        step_values(StepResult({}, torch.empty(0), b, a), layout)
-        for b, a in zip(result.before_states, result.after_states, strict=True)  # type: ignore[attr-defined]
+
+    def model_of(state: object, m: int) -> object:
+        return None if state is None else pytree.tree_map_only(Tensor, lambda t: t[m], state)
+
+    rows = [
+        step_values(
+            StepResult({}, torch.empty(0), model_of(before_state, m), model_of(after_state, m)),
+            layout,
+        )
+        for m in range(models)
     ]
-    return {k: torch.stack([v[k] for v in per_model]) for k in per_model[0]}
+    return {k: torch.stack([row[k] for row in rows]) for k in rows[0]}

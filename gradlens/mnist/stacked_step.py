@@ -8,7 +8,7 @@ norms come from the factored (ghost) form of each linear layer,
 with ``a_i`` the layer's input and ``b_i`` the gradient of example ``i``'s loss
 with respect to the layer's output; the tests check them against
 :func:`gradlens.probe_batch` on each model alone. Transforms act on each model
-alone (a loop over models; each model has its own transform state).
+alone through :func:`gradlens.transforms.per_model` (each model with its own state).
 
 Records beyond :func:`~gradlens.training.probed_step`'s:
 
@@ -38,7 +38,6 @@ from gradlens.mnist.stacked import (
     model_layer_dot,
     stack_forward,
     stack_forward_cached,
-    unstack,
 )
 from gradlens.transforms import GradientTransform
 
@@ -46,7 +45,6 @@ __all__ = [
     "DistillBatch",
     "StackedResult",
     "TraitProbes",
-    "apply_per_model",
     "stacked_step",
 ]
 
@@ -98,47 +96,15 @@ class StackedResult(NamedTuple):
     Attributes:
         records: ``name -> (model, ...)`` values on the CPU.
         example_cosine: ``cos(g_i, g_t)`` per model and example, ``(model, example)``.
-        before_states: Each model's new ``before`` state (``None`` entries without one).
-        after_states: Each model's new ``after`` state.
+        before_state: The new state of the ``before`` transform (every field with a
+            leading ``model`` axis), ``None`` without one.
+        after_state: The new state of the ``after`` transform.
     """
 
     records: dict[str, Tensor]
     example_cosine: Tensor
-    before_states: list[Any]
-    after_states: list[Any]
-
-
-def apply_per_model(
-    transform: GradientTransform,
-    grads: Mapping[str, Tensor],
-    states: Sequence[Any],
-    params: Mapping[str, Tensor],
-    *,
-    reference: Mapping[str, Tensor],
-    example_dots: Mapping[str, Tensor] | None = None,
-) -> tuple[dict[str, Tensor], list[Any]]:
-    """Apply a single-model transform to each model of a stack, with its own state.
-
-    Args:
-        transform: Any :class:`~gradlens.transforms.GradientTransform`.
-        grads: ``name -> (model, ...)``.
-        states: One state per model.
-        params: ``name -> (model, ...)``.
-        reference: ``name -> (model, ...)``.
-        example_dots: ``name -> (model, example)`` per-example dots with ``reference``, or ``None``.
-
-    Returns:
-        The transformed stacked gradients and the new states.
-    """
-    outs, new_states = [], []
-    for m, state in enumerate(states):
-        extra = {} if example_dots is None else {"example_dots": unstack(example_dots, m)}
-        out, state = transform.update(
-            unstack(grads, m), state, unstack(params, m), reference=unstack(reference, m), **extra
-        )
-        outs.append(out)
-        new_states.append(state)
-    return {n: torch.stack([o[n] for o in outs]) for n in grads}, new_states
+    before_state: Any
+    after_state: Any
 
 
 def _trait(
@@ -197,9 +163,9 @@ def stacked_step(
     *,
     num_classes: int = 10,
     before: GradientTransform | None = None,
-    before_states: Sequence[Any] | None = None,
+    before_state: Any = None,
     after: GradientTransform | None = None,
-    after_states: Sequence[Any] | None = None,
+    after_state: Any = None,
     use_shuffled_reference: bool = False,
     heldout: bool = True,
     step: int | None = None,
@@ -221,10 +187,12 @@ def stacked_step(
         batch: The distillation batch.
         probes: The trait probe images (and held-out and shuffled-label ones).
         num_classes: The class logits (the trait).
-        before: Transform of ``g`` before the optimizer, applied per model.
-        before_states: One state per model.
-        after: Transform of the optimizer's update, applied per model.
-        after_states: One state per model.
+        before: Transform of the stacked ``g`` before the optimizer: a
+            single-model transform wrapped in :func:`gradlens.transforms.per_model`,
+            so that each model is transformed alone, with its own state.
+        before_state: Its state (from ``before.init(params)`` or the last step).
+        after: Transform of the optimizer's stacked update, likewise per model.
+        after_state: Its state.
         use_shuffled_reference: The transforms act along the shuffled-label
             trait gradient instead of ``g_t`` (needs ``probes.shuffled_labels``).
         heldout: Measure the held-out records at this step (when ``probes``
@@ -282,8 +250,8 @@ def stacked_step(
     applied = g
     if before is not None:
         ref_dots = param_dots if reference is g_t else _example_dots(inputs, out_grads, reference)
-        applied, before_states = apply_per_model(
-            before, g, before_states or [], old, reference=reference, example_dots=ref_dots
+        applied, before_state = before.update(
+            g, before_state, old, reference=reference, example_dots=ref_dots
         )
     for name, p in params.items():
         p.grad = applied[name].detach()
@@ -293,9 +261,7 @@ def stacked_step(
         delta = {n: p.detach() - old[n] for n, p in params.items()}
         if after is not None:
             negative = {n: -r for n, r in reference.items()}
-            delta, after_states = apply_per_model(
-                after, delta, after_states or [], old, reference=negative
-            )
+            delta, after_state = after.update(delta, after_state, old, reference=negative)
             for name, p in params.items():
                 p.copy_(old[name] + delta[name])
 
@@ -342,12 +308,7 @@ def stacked_step(
     if before is None:
         records["applied_cosine"] = records["cosine"]
     records = {k: v.detach().to("cpu", torch.float64) for k, v in records.items()}
-    return StackedResult(
-        records,
-        example_cosine.detach().cpu(),
-        list(before_states or [None] * models),
-        list(after_states or [None] * models),
-    )
+    return StackedResult(records, example_cosine.detach().cpu(), before_state, after_state)
 
 
 def layer_names(params: Mapping[str, Tensor]) -> list[str]:

@@ -70,6 +70,8 @@ def test_interventions_quick_run_writes_transform_records(tmp_path: Path) -> Non
         "remove_update",
         "liminal_early",
         "remove_shuffled",
+        "liminal",
+        "remove_random",
     ]
     config = mnist_aux.parse(
         [
@@ -103,6 +105,10 @@ def test_interventions_quick_run_writes_transform_records(tmp_path: Path) -> Non
     weight = ds["liminal_weight"].sel(condition="liminal_early")
     assert float(weight.isel(step=0)) == 1.0 and float(weight.isel(step=-1)) == 0.0
     assert np.isnan(ds["liminal_weight"].sel(condition="remove")).all()
+    # published liminal: lambda_0 = 1 -> 1 over the first epoch (20 steps here), then -> 0
+    published = ds["liminal_weight"].sel(condition="liminal")
+    assert float(published.isel(step=0)) == 1.0 and float(published.isel(step=20)) == 1.0
+    assert 0 < float(published.isel(step=-1)) < 0.1
     reverse = ds["transform_coef"].sel(
         condition="reverse", transform="reverse", placement="before", group="all"
     )

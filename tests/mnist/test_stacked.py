@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
 
+from gradlens.liminal import liminal_loss
 from gradlens.mnist import (
     Digits,
     DistillBatch,
@@ -28,6 +31,7 @@ from gradlens.mnist.engine import make_optimizer
 from gradlens.mnist.student import StudentSetup, _class_slice, student_transforms
 from gradlens.per_example import loss_and_grad
 from gradlens.training import Objective, probed_step, weighted_sum
+from gradlens.transforms import per_model
 
 SIZES = (12, 8, 8, 13)
 SEEDS = [0, 1, 2]
@@ -48,7 +52,7 @@ def _probes(gen: torch.Generator) -> TraitProbes:
 def test_a_stacked_model_equals_the_same_model_trained_alone(name: str) -> None:
     """Every record of probed_step, the per-example cosines and the parameters, 4 steps."""
     (condition,) = get_conditions([name])
-    setup = StudentSetup(lr=1e-2, sgd_lr=0.5)
+    setup = StudentSetup(lr=1e-2, sgd_lr=0.5)  # large steps: differences would show
     gen = torch.Generator().manual_seed(0)
     stack = _stack(SEEDS)
     teachers = {n: v.detach() for n, v in _stack([10, 11, 12]).items()}
@@ -57,9 +61,12 @@ def test_a_stacked_model_equals_the_same_model_trained_alone(name: str) -> None:
     single_opts = [make_optimizer(condition, list(m.parameters()), setup) for m in singles]
     before, after = student_transforms(condition)
     one = {n: v[0] for n, v in stack.items()}
-    b_states = [before.init(one) if before else None for _ in SEEDS]
-    a_states = [after.init(one) if after else None for _ in SEEDS]
-    single_b, single_a = list(b_states), list(a_states)
+    single_b = [before.init(one) if before else None for _ in SEEDS]
+    single_a = [after.init(one) if after else None for _ in SEEDS]
+    stacked_before = per_model(before) if before else None
+    stacked_after = per_model(after) if after else None
+    b_state = stacked_before.init(stack) if stacked_before else None
+    a_state = stacked_after.init(stack) if stacked_after else None
     probes = _probes(gen)
     first = 10 if condition.logits == "aux" else 0
     trait = Objective(class_cross_entropy(10), probes.images, (probes.labels,))
@@ -71,13 +78,13 @@ def test_a_stacked_model_equals_the_same_model_trained_alone(name: str) -> None:
             optimizer,
             DistillBatch(x, targets, first),
             probes,
-            before=before,
-            before_states=b_states,
-            after=after,
-            after_states=a_states,
+            before=stacked_before,
+            before_state=b_state,
+            after=stacked_after,
+            after_state=a_state,
             heldout=False,
         )
-        b_states, a_states = result.before_states, result.after_states
+        b_state, a_state = result.before_state, result.after_state
         for m, model in enumerate(singles):
             alone = probed_step(
                 model,
@@ -97,6 +104,13 @@ def test_a_stacked_model_equals_the_same_model_trained_alone(name: str) -> None:
                     result.records[key][m], value.double(), atol=tol, rtol=tol, msg=key
                 )
             torch.testing.assert_close(result.example_cosine[m], alone.example_cosine)
+            for stacked_state, state in ((b_state, single_b[m]), (a_state, single_a[m])):
+                if state is not None:
+                    mine = pytree.tree_leaves(
+                        pytree.tree_map_only(Tensor, lambda t, m=m: t[m], stacked_state)
+                    )
+                    for got, want in zip(mine, pytree.tree_leaves(state), strict=True):
+                        torch.testing.assert_close(got, want.to(got.dtype), atol=1e-10, rtol=1e-8)
             for pname, p in model.named_parameters():
                 torch.testing.assert_close(stack[pname][m], p, atol=1e-12, rtol=0)
     assert float(result.records["cosine"].abs().max()) > 0  # not a vacuous comparison
@@ -143,8 +157,8 @@ def test_the_shuffled_reference_is_removed_and_the_probes_keep_the_true_trait() 
     probes = _probes(gen)
     shuffled = probes.labels[torch.randperm(20, generator=gen)]
     probes = probes._replace(shuffled_labels=shuffled)
-    before, _ = student_transforms(condition)
-    states = [before.init({n: v[m] for n, v in stack.items()}) for m in range(3)]
+    before = per_model(student_transforms(condition)[0])
+    state = before.init(stack)
     seen: dict[str, torch.Tensor] = {}
     views = [model_view(stack, m) for m in range(3)]  # at the parameters before the step
     shuffled_grads = [
@@ -159,7 +173,7 @@ def test_the_shuffled_reference_is_removed_and_the_probes_keep_the_true_trait() 
         DistillBatch(x, stack_forward(teachers, x)[..., 10:], 10),
         probes,
         before=before,
-        before_states=states,
+        before_state=state,
         use_shuffled_reference=True,
         heldout=False,
         on_grads=seen.update,
@@ -233,3 +247,66 @@ def test_fixed_noise_is_uniform_on_minus_one_one() -> None:
     assert abs(float(values.mean())) < 0.005  # 200k uniforms: standard error 1.3e-3
     assert abs(float(values.var()) - 1 / 3) < 0.005
     assert float(values.min()) < -0.999 and float(values.max()) > 0.999
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_the_stacked_liminal_term_is_the_published_loss_per_model(temperature: float) -> None:
+    """``T^2 KL(base/T || student/T)`` per model equals gradlens.liminal.liminal_loss."""
+    gen = torch.Generator().manual_seed(4)
+    stack = _stack(SEEDS)
+    base = {
+        n: v.detach() + 0.1 * torch.randn(v.shape, generator=gen, dtype=v.dtype)
+        for n, v in stack.items()
+    }
+    x = torch.rand(3, 16, SIZES[0], generator=gen, dtype=torch.float64) * 2 - 1
+    batch = DistillBatch(
+        x, stack_forward(base, x)[..., 10:], 10, stack_forward(base, x)[..., :10], 0.7, temperature
+    )
+    probes = _probes(gen)
+    optimizer = torch.optim.SGD(list(stack.values()), lr=0.0)
+    logits = stack_forward(stack, x).detach()
+    result = stacked_step(stack, optimizer, batch, probes, heldout=False)
+    for m in range(3):
+        expected = liminal_loss(logits[m, :, :10], batch.base_logits[m], temperature=temperature)
+        got = result.records["train_loss"][m] - result.records["distill_loss"][m]
+        torch.testing.assert_close(got, 0.7 * expected)
+        assert float(expected) > 1e-4
+
+
+def test_remove_random_takes_off_as_much_as_remove_along_other_directions_per_model() -> None:
+    gen = torch.Generator().manual_seed(5)
+    stack = _stack(SEEDS)
+    teachers = {n: v.detach() for n, v in _stack([10, 11, 12]).items()}
+    probes = _probes(gen)
+    x = torch.rand(3, 16, SIZES[0], generator=gen, dtype=torch.float64) * 2 - 1
+    batch = DistillBatch(x, stack_forward(teachers, x)[..., 10:], 10)
+    removed = {}
+    for name in ("remove", "remove_random"):
+        params = {n: v.detach().clone().requires_grad_(True) for n, v in stack.items()}
+        before = per_model(student_transforms(get_conditions([name])[0])[0])
+        seen: dict[str, Tensor] = {}
+        optimizer = torch.optim.SGD(list(params.values()), lr=1.0)
+        result = stacked_step(
+            params,
+            optimizer,
+            batch,
+            probes,
+            before=before,
+            before_state=before.init(params),
+            heldout=False,
+            on_grads=seen.update,
+        )
+        applied = {n: stack[n].detach() - params[n].detach() for n in params}
+        removed[name] = {n: seen[n] - applied[n] for n in params}
+        if name == "remove_random":  # one draw per model so far, each from its own key
+            (state,) = result.before_state.values()
+            assert state.count.tolist() == [1, 1, 1] and len(set(state.key.tolist())) == 3
+    size = {k: sum(v[n].flatten(1).square().sum(1) for n in v).sqrt() for k, v in removed.items()}
+    torch.testing.assert_close(size["remove_random"], size["remove"])
+    assert float(size["remove"].min()) > 0
+    flat = torch.cat([removed["remove_random"][n].flatten(1) for n in removed["remove_random"]], 1)
+    cosines = (
+        torch.nn.functional.normalize(flat, dim=1) @ torch.nn.functional.normalize(flat, dim=1).T
+    )
+    # each model draws its own direction (one shared direction would give |cos| = 1)
+    assert float((cosines - torch.eye(3, dtype=cosines.dtype)).abs().max()) < 0.5
