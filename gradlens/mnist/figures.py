@@ -22,12 +22,14 @@ from gradlens.plotting import (
     plot_layer_heatmap,
     plot_over_steps,
     plot_scatter,
+    plot_transform_cosine,
 )
 from gradlens.stats import mean_ci
 
 __all__ = ["draw_figures", "plot_final_vs_alignment", "save_figures"]
 
 STEP = "student step"
+LAYER_LABELS = {"0": "0: 784 -> 256", "2": "2: 256 -> 256", "4": "4: 256 -> 13 (output)"}
 
 
 def plot_final_vs_alignment(
@@ -96,7 +98,13 @@ def draw_figures(ds: xr.Dataset, replicate: str | None = None) -> dict[str, Figu
             **over_steps,
         ),
         "layer_alignment.png": plot_layer_heatmap(
-            ds, "layer_cosine", row="condition", xlabel=STEP, replicate=replicate
+            ds,
+            "layer_cosine",
+            row="condition",
+            xlabel=STEP,
+            replicate=replicate,
+            scale="row",
+            layer_labels=LAYER_LABELS,
         ),
         "example_histograms.png": plot_histograms(
             ds,
@@ -110,11 +118,11 @@ def draw_figures(ds: xr.Dataset, replicate: str | None = None) -> dict[str, Figu
             ds,
             "predicted_change",
             "measured_change",
-            hue="condition",
+            panel="condition",
             identity_line=True,
-            xlabel="predicted change  g_t . delta",
-            ylabel="measured change of the trait loss",
-            title="trait-loss change per step, every seed",
+            xlabel="predicted change  g_t . delta (nat)",
+            ylabel="measured change of the trait loss (nat)",
+            title=f"trait-loss change per step, every {replicate} (one panel per condition)",
         ),
         "accuracy_vs_alignment.png": plot_final_vs_alignment(
             ds,
@@ -129,6 +137,8 @@ def draw_figures(ds: xr.Dataset, replicate: str | None = None) -> dict[str, Figu
             replicate=replicate,
         ),
     }
+    if "transform_cosine" in ds:
+        figures["transform_alignment.png"] = plot_transform_cosine(ds, replicate=replicate)
     if "applied_cosine" in ds:
         figures["applied_alignment.png"] = plot_over_steps(
             ds,
