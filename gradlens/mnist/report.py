@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import xarray as xr
 
-from gradlens.stats import mean_ci
+from gradlens.stats import mean_ci, paired_t
 
 __all__ = ["final_values", "headline_table", "summary_markdown"]
 
@@ -117,17 +117,21 @@ def summary_markdown(ds: xr.Dataset, *, wall_time_s: float, device: str, command
         lines += [
             "",
             f"Paired differences from `aux`, {replicate} by {replicate} (same initialisation, "
-            f"teacher and noise): mean ± 95% paired t interval.",
+            f"teacher and noise): mean ± 95% paired t interval over {replicate}s and the "
+            "two-sided p of the paired t test (`gradlens.stats.paired_t`).",
             "",
-            "| condition | test accuracy minus aux (points) | test loss minus aux (nat) |",
-            "| --- | --- | --- |",
+            "| condition | test accuracy minus aux (points) | p | test loss minus aux (nat) | p |",
+            "| --- | --- | --- | --- | --- |",
         ]
         base = finals.sel(condition="aux")
         for condition in ds.condition.values:
             if condition == "aux":
                 continue
-            diff = finals.sel(condition=condition) - base
-            acc = _fmt(mean_ci(diff["test_accuracy"], dim=replicate), percent=True)
-            loss = _fmt(mean_ci(diff["test_loss"], dim=replicate), digits=2)
-            lines.append(f"| `{condition}` | {acc.replace('%', '')} | {loss} |")
+            this = finals.sel(condition=condition)
+            acc = paired_t(this["test_accuracy"], base["test_accuracy"], dim=replicate)
+            loss = paired_t(this["test_loss"], base["test_loss"], dim=replicate)
+            lines.append(
+                f"| `{condition}` | {_fmt(acc, percent=True).replace('%', '')} | "
+                f"{float(acc['p']):.2g} | {_fmt(loss, digits=2)} | {float(loss['p']):.2g} |"
+            )
     return "\n".join(lines) + "\n"
