@@ -137,8 +137,15 @@ def draw_figures(ds: xr.Dataset, replicate: str | None = None) -> dict[str, Figu
             replicate=replicate,
         ),
     }
-    if "transform_cosine" in ds:
-        figures["transform_alignment.png"] = plot_transform_cosine(ds, replicate=replicate)
+    if "transform_cosine" in ds and "all" in ds["group"].values:
+        # conditions with a global transform (layer-scoped ones record per layer only)
+        cos = ds["transform_cosine"].sel(group="all")
+        recorded = cos.notnull().any([d for d in cos.dims if d != "condition"])
+        conditions = [c for c, ok in zip(ds.condition.values, recorded.values, strict=True) if ok]
+        if conditions:
+            figures["transform_alignment.png"] = plot_transform_cosine(
+                ds.sel(condition=conditions), replicate=replicate
+            )
     if "applied_cosine" in ds:
         figures["applied_alignment.png"] = plot_over_steps(
             ds,
