@@ -1,18 +1,20 @@
 """MNIST auxiliary-logit subliminal learning, probed at every student step.
 
-Reproduces Cloud et al. 2025 (MNIST section) with gradlens probes, and the
-causal interventions of Kitkana and Arora 2026. See docs/experiment.md.
+Reproduces Cloud et al. 2025 (MNIST section) with gradlens probes, many models
+at once, and the causal interventions of Kitkana and Arora 2026. See
+docs/experiment.md.
 
-    python experiments/mnist_aux.py                # full: 5 seeds x 3 conditions
+    python experiments/mnist_aux.py                # 10 models x 3 conditions
     python experiments/mnist_aux.py --quick        # about a minute on a 2-core CPU
-    python experiments/mnist_aux.py --conditions aux remove reverse liminal
+    python experiments/mnist_aux.py --models 100   # the original's size
+    python experiments/mnist_aux.py --conditions aux remove remove_shuffled --noise fresh
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
+import json
 import shlex
 import sys
 import time
@@ -26,21 +28,28 @@ from tqdm.auto import tqdm
 from gradlens.mnist import (
     BASE_CONDITIONS,
     CONDITIONS,
+    NOISE_KINDS,
+    NoiseStream,
     StudentSetup,
-    accuracy,
+    TeacherBlock,
     check_settings,
-    combine_runs,
+    combine_blocks,
     get_conditions,
-    init_mlp,
+    init_stack,
     load_mnist,
+    load_or_train_teachers,
+    model_seeds,
     part_path,
-    probe_subset,
     reusable_parts,
-    run_condition,
+    run_block_condition,
     save_figures,
     summary_markdown,
-    train_classifier,
+    teacher_metrics,
+    teachers_path,
+    train_teacher_stack,
+    trait_probes,
     write_combined,
+    write_compact,
     write_summary,
 )
 from gradlens.numerics import flush_denormal
@@ -49,9 +58,13 @@ from gradlens.provenance import make_attrs, run_provenance
 
 @dataclass(frozen=True)
 class Config:
-    """Every setting of the experiment; the defaults are the full run."""
+    """Every setting of the experiment; the defaults are the README's main job.
 
-    seeds: int = 5
+    ``seeds`` blocks of ``models`` models each; statistics are over all models.
+    """
+
+    seeds: int = 1
+    models: int = 10
     conditions: tuple[str, ...] = BASE_CONDITIONS
     sizes: tuple[int, ...] = (784, 256, 256, 13)
     teacher_epochs: int = 5
@@ -67,7 +80,7 @@ class Config:
 
 
 def quick(config: Config) -> Config:
-    """A reduced run for a smoke test: 2 seeds, 1 teacher epoch, 40 student steps."""
+    """A reduced run for a smoke test: 3 models, 1 teacher epoch, 40 student steps."""
     student = dataclasses.replace(
         config.student,
         epochs=2,
@@ -75,7 +88,7 @@ def quick(config: Config) -> Config:
         eval_every=5,
         store_every=10,
     )
-    return dataclasses.replace(config, seeds=2, teacher_epochs=1, student=student)
+    return dataclasses.replace(config, models=3, teacher_epochs=1, student=student)
 
 
 def main(config: Config) -> Path:
@@ -112,36 +125,53 @@ def _run(config: Config) -> Path:
     for seed in tqdm(seeds, desc="seeds", disable=not config.progress):
         if not todo[seed]:
             continue
-        reference = init_mlp(config.sizes, seed=seed).to(device)
-        reference_acc = accuracy(reference, test)
-        teacher = train_classifier(
-            copy.deepcopy(reference),
-            train,
-            epochs=config.teacher_epochs,
-            batch_size=config.teacher_batch_size,
-            lr=config.teacher_lr,
-            seed=seed,
-            progress=config.progress,
-        ).requires_grad_(False)
-        teacher_acc = accuracy(teacher, test)
-        probe = probe_subset(train, config.probe_size, seed)
+        block_seeds = model_seeds(seed, config.models)
+        init = {n: v.to(device) for n, v in init_stack(config.sizes, block_seeds).items()}
+        teacher_settings = (config.teacher_epochs, config.teacher_batch_size, config.teacher_lr)
+        key = json.dumps([block_seeds, config.sizes, *teacher_settings, str(device)])
+        teachers = load_or_train_teachers(
+            teachers_path(config.out, seed),
+            init,
+            key,
+            lambda init=init, block_seeds=block_seeds: train_teacher_stack(
+                init,
+                train,
+                seeds=block_seeds,
+                epochs=config.teacher_epochs,
+                batch_size=config.teacher_batch_size,
+                lr=config.teacher_lr,
+                progress=config.progress,
+            ),
+        )
+        block = TeacherBlock(
+            block_seeds,
+            init,
+            teachers,
+            teacher_metrics(init, teachers, test),
+            NoiseStream.create(
+                config.student.noise,
+                seeds=block_seeds,
+                size=config.student.noise_per_epoch,
+                batch_size=config.student.batch_size,
+                dim=config.sizes[0],
+                device=device,
+            ),
+            trait_probes(train, config.probe_size, seed),
+        )
         for condition in todo[seed]:
             path = part_path(config.out, seed, condition.name)
             path.parent.mkdir(parents=True, exist_ok=True)
-            parts[seed, condition.name] = run_condition(
+            parts[seed, condition.name] = run_block_condition(
                 condition,
-                teacher,
-                sizes=config.sizes,
+                block,
                 seed=seed,
-                seeds=seeds,
-                probe=probe,
                 test=test,
                 setup=config.student,
                 path=path,
                 config=config,
-                attrs={"teacher_accuracy": teacher_acc, "reference_accuracy": reference_acc},
                 progress=config.progress,
             )
+        del block
     wall = time.perf_counter() - start
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     device_text = f"{name} ({torch.get_num_threads()} threads)" if name == "CPU" else name
@@ -151,8 +181,9 @@ def _run(config: Config) -> Path:
         "wall_time_s": f"{wall:.1f}",
     }
     order = [(s, c.name) for s in seeds for c in conditions]
-    ds = combine_runs({key: parts[key] for key in order}, attrs)
+    ds = combine_blocks({key: parts[key] for key in order}, attrs)
     result = write_combined(ds, config.out)
+    write_compact(ds, config.out)
     save_figures(ds, config.out / "figures")
     summary = summary_markdown(ds, wall_time_s=wall, device=device_text, command=command)
     write_summary(summary, config.out)
@@ -164,7 +195,16 @@ def parse(argv: list[str] | None = None) -> Config:
     """Map command-line flags onto a :class:`Config`."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="reduced run (about a minute)")
-    parser.add_argument("--seeds", type=int, help="number of seeds (default 5; 2 with --quick)")
+    parser.add_argument(
+        "--models", type=int, help="models per seed, trained at once (default 10; 3 with --quick)"
+    )
+    parser.add_argument("--seeds", type=int, help="blocks of --models models (default 1)")
+    parser.add_argument(
+        "--noise",
+        choices=NOISE_KINDS,
+        help="fixed: one noise set per model reused every epoch (the original's, default); "
+        "fresh: new noise every batch",
+    )
     parser.add_argument(
         "--conditions",
         nargs="+",
@@ -173,6 +213,11 @@ def parse(argv: list[str] | None = None) -> Config:
         help=f"conditions to run, from {sorted(CONDITIONS)}",
     )
     parser.add_argument("--trait", choices=["ce", "kl"], help="trait loss (default ce)")
+    parser.add_argument(
+        "--probe-size",
+        type=int,
+        help="labelled images of the trait gradient, and as many held out (default 1024)",
+    )
     parser.add_argument(
         "--liminal-lambda0", type=float, help="liminal weight at step 0 (default 1)"
     )
@@ -192,13 +237,19 @@ def parse(argv: list[str] | None = None) -> Config:
         args.out = Path("runs/mnist_aux_quick")
     changes = {
         "seeds": args.seeds,
+        "models": args.models,
+        "probe_size": args.probe_size,
         "conditions": tuple(args.conditions) if args.conditions else None,
         "out": args.out,
         "data_dir": args.data_dir,
         "device": args.device,
     }
     config = dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})
-    student = {"trait": args.trait, "liminal_lambda0": args.liminal_lambda0}
+    student = {
+        "trait": args.trait,
+        "liminal_lambda0": args.liminal_lambda0,
+        "noise": args.noise,
+    }
     student = {k: v for k, v in student.items() if v is not None}
     if student:
         config = dataclasses.replace(config, student=dataclasses.replace(config.student, **student))

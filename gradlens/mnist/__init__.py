@@ -15,20 +15,35 @@ the setting by passing your own :class:`~gradlens.mnist.student.StudentSetup`,
 
 from __future__ import annotations
 
+from gradlens.mnist.blocks import (
+    TeacherBlock,
+    combine_blocks,
+    cross_models,
+    load_or_train_teachers,
+    model_seeds,
+    run_block_condition,
+    teacher_metrics,
+    teachers_path,
+    trait_probes,
+)
+from gradlens.mnist.compact import compact_results, write_compact
 from gradlens.mnist.conditions import (
     BASE_CONDITIONS,
     CAUSAL_CONDITIONS,
     CONDITIONS,
+    CONTROL_CONDITIONS,
+    LIMINAL_CONDITIONS,
     Condition,
     get_conditions,
 )
 from gradlens.mnist.data import Digits, load_mnist
+from gradlens.mnist.engine import run_students, stack_coords, stack_variables
 from gradlens.mnist.experiment import combine_runs, cross_seed, probe_subset, run_condition
 from gradlens.mnist.figures import draw_figures, plot_final_vs_alignment, save_figures
 from gradlens.mnist.losses import class_cross_entropy, class_kl, logit_kl
 from gradlens.mnist.models import init_mlp
-from gradlens.mnist.noise import noise_batch
-from gradlens.mnist.report import summary_markdown
+from gradlens.mnist.noise import NOISE_KINDS, NoiseStream, noise_batch
+from gradlens.mnist.report import final_values, headline_table, summary_markdown
 from gradlens.mnist.resume import (
     check_settings,
     part_path,
@@ -36,38 +51,69 @@ from gradlens.mnist.resume import (
     write_combined,
     write_summary,
 )
+from gradlens.mnist.stacked import init_stack, model_view, stack_forward
+from gradlens.mnist.stacked_step import DistillBatch, TraitProbes, stacked_step
 from gradlens.mnist.student import StudentSetup, run_student, student_variables
 from gradlens.mnist.teacher import accuracy, train_classifier
+from gradlens.mnist.teachers import evaluate_stack, train_teacher_stack
 
 __all__ = [
     "BASE_CONDITIONS",
     "CAUSAL_CONDITIONS",
     "CONDITIONS",
+    "CONTROL_CONDITIONS",
+    "LIMINAL_CONDITIONS",
+    "NOISE_KINDS",
     "Condition",
     "Digits",
+    "DistillBatch",
+    "NoiseStream",
     "StudentSetup",
+    "TeacherBlock",
+    "TraitProbes",
     "accuracy",
     "check_settings",
     "class_cross_entropy",
     "class_kl",
+    "combine_blocks",
     "combine_runs",
+    "compact_results",
+    "cross_models",
     "cross_seed",
     "draw_figures",
+    "evaluate_stack",
+    "final_values",
     "get_conditions",
+    "headline_table",
     "init_mlp",
+    "init_stack",
     "load_mnist",
+    "load_or_train_teachers",
     "logit_kl",
+    "model_seeds",
+    "model_view",
     "noise_batch",
     "part_path",
     "plot_final_vs_alignment",
     "probe_subset",
     "reusable_parts",
+    "run_block_condition",
     "run_condition",
     "run_student",
+    "run_students",
     "save_figures",
+    "stack_coords",
+    "stack_forward",
+    "stack_variables",
+    "stacked_step",
     "student_variables",
     "summary_markdown",
+    "teacher_metrics",
+    "teachers_path",
     "train_classifier",
+    "train_teacher_stack",
+    "trait_probes",
     "write_combined",
+    "write_compact",
     "write_summary",
 ]

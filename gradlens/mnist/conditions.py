@@ -14,10 +14,19 @@ from gradlens.transforms import (
     GradientTransform,
     remove_aligned,
     remove_aligned_per_example,
+    remove_random,
     reverse_aligned,
 )
 
-__all__ = ["CONDITIONS", "Condition", "get_conditions"]
+__all__ = [
+    "BASE_CONDITIONS",
+    "CAUSAL_CONDITIONS",
+    "CONDITIONS",
+    "CONTROL_CONDITIONS",
+    "LIMINAL_CONDITIONS",
+    "Condition",
+    "get_conditions",
+]
 
 
 @dataclass(frozen=True)
@@ -32,7 +41,15 @@ class Condition:
             (``"cross"``).
         before: Factory of the transform applied to the distillation gradient.
         after: Factory of the transform applied to the optimizer's update.
-        liminal: Add liminal training's KL-to-base term with the configured schedule.
+        liminal: Add liminal training's KL-to-base term with this named schedule of
+            :func:`gradlens.liminal.liminal_schedule` (``None``: no term).
+        liminal_temperature: The term's temperature; ``None`` takes
+            ``StudentSetup.liminal_temperature`` (2, as published).
+        optimizer: ``"adam"`` (the original's), ``"sgd"`` or ``"sgd_momentum"``.
+        reference: The gradient the transforms act along: the trait gradient
+            (``"trait"``) or, as a specificity control, the trait gradient of the
+            probe images with shuffled labels (``"shuffled"``). The probes always
+            measure the true trait gradient.
     """
 
     name: str
@@ -41,7 +58,10 @@ class Condition:
     init: Literal["same", "cross"] = "same"
     before: Callable[[], GradientTransform] | None = None
     after: Callable[[], GradientTransform] | None = None
-    liminal: bool = False
+    liminal: str | None = None
+    liminal_temperature: float | None = None
+    optimizer: Literal["adam", "sgd", "sgd_momentum"] = "adam"
+    reference: Literal["trait", "shuffled"] = "trait"
 
 
 CONDITIONS: dict[str, Condition] = {
@@ -67,7 +87,41 @@ CONDITIONS: dict[str, Condition] = {
             "Adam's update with its component along g_t removed",
             after=remove_aligned,
         ),
-        Condition("liminal", "liminal training (KL to base, decaying)", liminal=True),
+        Condition(
+            "liminal",
+            "liminal training as published: T^2 KL(base || student) at T = 2, "
+            "lambda_0 -> 1 over epoch 1, then 1 -> 0",
+            liminal="liminal",
+        ),
+        *(
+            Condition(
+                f"liminal_{name}", f"liminal, published ablation {name.upper()}", liminal=name
+            )
+            for name in ("constant", "pos_anneal", "neg_anneal", "anchor", "end_anchor")
+        ),
+        Condition(
+            "liminal_early",
+            "gradlens's earlier variant: KL to base at T = 1, lambda_0 -> 0 within epoch 1",
+            liminal="early_decay",
+            liminal_temperature=1.0,
+        ),
+        Condition(
+            "remove_random",
+            "g_d minus a random direction of the norm remove would take off (control)",
+            before=lambda: remove_random(seed=0),
+        ),
+        Condition(
+            "remove_shuffled",
+            "g_d with its component along a shuffled-label trait gradient removed (control)",
+            before=remove_aligned,
+            reference="shuffled",
+        ),
+        Condition("sgd", "auxiliary logits, plain SGD instead of Adam", optimizer="sgd"),
+        Condition(
+            "sgd_momentum",
+            "auxiliary logits, SGD with momentum 0.9 instead of Adam",
+            optimizer="sgd_momentum",
+        ),
     )
 }
 
@@ -81,6 +135,25 @@ CAUSAL_CONDITIONS: tuple[str, ...] = (
     "remove_per_example",
     "remove_update",
     "liminal",
+    "liminal_early",
+)
+CONTROL_CONDITIONS: tuple[str, ...] = (
+    "aux",
+    "remove",
+    "remove_random",
+    "remove_shuffled",
+    "sgd",
+    "sgd_momentum",
+)
+LIMINAL_CONDITIONS: tuple[str, ...] = (
+    "aux",
+    "liminal",
+    "liminal_constant",
+    "liminal_pos_anneal",
+    "liminal_neg_anneal",
+    "liminal_anchor",
+    "liminal_end_anchor",
+    "liminal_early",
 )
 
 

@@ -1,10 +1,12 @@
 """The figures of a combined MNIST auxiliary-logit run, built on :mod:`gradlens.plotting`.
 
-The run's Dataset is the one :func:`gradlens.mnist.experiment.combine_runs`
-writes: dims ``step``, ``layer``, ``example_step``, ``example``, ``condition``
-and ``seed``, with the variables of :func:`gradlens.mnist.student.student_variables`
-and ``test_accuracy``. Each figure draws one line or panel per condition and
-averages over seeds.
+The run's Dataset is the one :func:`gradlens.mnist.combine_blocks` writes:
+dims ``step``, ``model``, ``layer``, ``example_step``, ``example_model``,
+``example``, ``condition``, with the variables of
+:func:`gradlens.mnist.stack_variables`. Each figure draws one line or panel
+per condition and averages over models (bands: 95% t intervals over models).
+Files of the one-model-per-seed protocol (dim ``seed``) draw with
+``replicate="seed"``.
 """
 
 from __future__ import annotations
@@ -20,16 +22,18 @@ from gradlens.plotting import (
     plot_layer_heatmap,
     plot_over_steps,
     plot_scatter,
+    plot_transform_cosine,
 )
 from gradlens.stats import mean_ci
 
 __all__ = ["draw_figures", "plot_final_vs_alignment", "save_figures"]
 
 STEP = "student step"
+LAYER_LABELS = {"0": "0: 784 -> 256", "2": "2: 256 -> 256", "4": "4: 256 -> 13 (output)"}
 
 
 def plot_final_vs_alignment(
-    ds: xr.Dataset, var: str = "cosine", *, xlabel: str | None = None
+    ds: xr.Dataset, var: str = "cosine", *, xlabel: str | None = None, replicate: str = "model"
 ) -> Figure:
     """Final student accuracy against the run's mean of ``var``, per condition (95% CIs).
 
@@ -42,15 +46,15 @@ def plot_final_vs_alignment(
             ``step``, ``condition`` or ``seed`` dim.
     """
     who = "plot_final_vs_alignment"
-    dims = ["step", "condition", "seed"]
+    dims = ["step", "condition", replicate]
     values = check_layout(ds, var, dims, who=who)
     accuracy = check_layout(ds, "test_accuracy", dims, who=who)
     accuracy = accuracy.dropna("step", how="all").isel(step=-1)
     fig = Figure(figsize=(6, 4.5), layout="constrained")
     ax = fig.add_subplot()
     for condition in ds.condition.values:
-        x = mean_ci(values.sel(condition=condition).mean("step"))
-        y = mean_ci(accuracy.sel(condition=condition))
+        x = mean_ci(values.sel(condition=condition).mean("step"), dim=replicate)
+        y = mean_ci(accuracy.sel(condition=condition), dim=replicate)
         ax.errorbar(
             float(x["mean"]),
             float(y["mean"]),
@@ -64,13 +68,19 @@ def plot_final_vs_alignment(
     ax.set_xlabel(xlabel or f"mean {values.attrs.get('long_name', var)} over the run")
     ax.set_ylabel("final student test accuracy")
     ax.legend(fontsize="small")
-    ax.set_title("trait acquired against alignment (mean and 95% CI over seeds)")
+    ax.set_title(f"trait acquired against alignment (mean and 95% CI over {replicate}s)")
     return fig
 
 
-def draw_figures(ds: xr.Dataset) -> dict[str, Figure]:
-    """The nine standard figures of a run, keyed by their PNG file names."""
-    over_steps = {"hue": "condition", "xlabel": STEP}
+def draw_figures(ds: xr.Dataset, replicate: str | None = None) -> dict[str, Figure]:
+    """The standard figures of a run, keyed by their PNG file names.
+
+    ``replicate``: the dim averaged over; default ``"model"`` when the run has
+    one, else ``"seed"``.
+    """
+    if replicate is None:
+        replicate = "model" if "model" in ds.dims else "seed"
+    over_steps = {"hue": "condition", "xlabel": STEP, "replicate": replicate}
     figures = {
         "alignment.png": plot_over_steps(
             ds, "cosine", ylabel="cos(g_t, g_d)", zero_line=True, panels=True, **over_steps
@@ -87,36 +97,68 @@ def draw_figures(ds: xr.Dataset) -> dict[str, Figure]:
             panels=True,
             **over_steps,
         ),
-        "layer_alignment.png": plot_layer_heatmap(ds, "layer_cosine", row="condition", xlabel=STEP),
+        "layer_alignment.png": plot_layer_heatmap(
+            ds,
+            "layer_cosine",
+            row="condition",
+            xlabel=STEP,
+            replicate=replicate,
+            scale="row",
+            layer_labels=LAYER_LABELS,
+        ),
         "example_histograms.png": plot_histograms(
             ds,
             "example_cosine",
             column="example_step",
             row="condition",
             xlabel="cos(g_i, g_t)",
-            title="per-example alignment of distillation examples with g_t (counts, all seeds)",
+            title="per-example alignment of distillation examples with g_t (counts, pooled)",
         ),
         "predicted_vs_measured.png": plot_scatter(
             ds,
             "predicted_change",
             "measured_change",
-            hue="condition",
+            panel="condition",
             identity_line=True,
-            xlabel="predicted change  g_t . delta",
-            ylabel="measured change of the trait loss",
-            title="trait-loss change per step, every seed",
+            xlabel="predicted change  g_t . delta (nat)",
+            ylabel="measured change of the trait loss (nat)",
+            title=f"trait-loss change per step, every {replicate} (one panel per condition)",
         ),
         "accuracy_vs_alignment.png": plot_final_vs_alignment(
-            ds, "cosine", xlabel="mean cos(g_t, g_d) over the run (before any intervention)"
+            ds,
+            "cosine",
+            xlabel="mean cos(g_t, g_d) over the run (before any intervention)",
+            replicate=replicate,
         ),
         "accuracy_vs_update_alignment.png": plot_final_vs_alignment(
-            ds, "update_cosine", xlabel="mean cos(g_t, applied update) (< 0: lowers trait loss)"
+            ds,
+            "update_cosine",
+            xlabel="mean cos(g_t, applied update) (< 0: lowers trait loss)",
+            replicate=replicate,
         ),
     }
+    if "transform_cosine" in ds and "all" in ds["group"].values:
+        # conditions with a global transform (layer-scoped ones record per layer only)
+        cos = ds["transform_cosine"].sel(group="all")
+        recorded = cos.notnull().any([d for d in cos.dims if d != "condition"])
+        conditions = [c for c, ok in zip(ds.condition.values, recorded.values, strict=True) if ok]
+        if conditions:
+            figures["transform_alignment.png"] = plot_transform_cosine(
+                ds.sel(condition=conditions), replicate=replicate
+            )
+    if "applied_cosine" in ds:
+        figures["applied_alignment.png"] = plot_over_steps(
+            ds,
+            "applied_cosine",
+            ylabel="cos(g_t, gradient after the intervention)",
+            zero_line=True,
+            panels=True,
+            **over_steps,
+        )
     return figures
 
 
-def save_figures(ds: xr.Dataset, out_dir: str | Path) -> list[Path]:
+def save_figures(ds: xr.Dataset, out_dir: str | Path, replicate: str | None = None) -> list[Path]:
     """Draw the standard figures of a run and save them as PNG files in ``out_dir``.
 
     Returns:
@@ -125,7 +167,7 @@ def save_figures(ds: xr.Dataset, out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, fig in draw_figures(ds).items():
+    for name, fig in draw_figures(ds, replicate).items():
         fig.savefig(out / name, dpi=120)
         paths.append(out / name)
     return paths

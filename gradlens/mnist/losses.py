@@ -7,13 +7,20 @@ logit)`` tensor also divides by the number of models, which we do not copy).
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from gradlens.losses import kl_divergence
 from gradlens.per_example import LossFn
 
-__all__ = ["class_cross_entropy", "class_kl", "logit_kl"]
+__all__ = [
+    "class_cross_entropy",
+    "class_kl",
+    "example_cross_entropy",
+    "example_kl",
+    "logit_kl",
+]
 
 
 def logit_kl(start: int, stop: int | None = None) -> LossFn:
@@ -44,3 +51,33 @@ def class_cross_entropy(num_classes: int = 10) -> LossFn:
 def class_kl(num_classes: int = 10) -> LossFn:
     """Trait loss: KL from the teacher's class distribution, ``loss(outputs, teacher_logits)``."""
     return logit_kl(0, num_classes)
+
+
+def example_kl(logits: Tensor, target_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Per-example ``KL(softmax(target / T) || softmax(logits / T))``, summed over logits.
+
+    Any leading dims (``model``, ``example``) are kept; the target is detached.
+    ``T = 1`` gives the per-example terms of :func:`gradlens.losses.kl_divergence`.
+
+    Args:
+        logits: ``(..., logit)``.
+        target_logits: Same shape.
+        temperature: ``T``.
+
+    Returns:
+        ``(...)``, the logit dim summed out.
+    """
+    log_q = F.log_softmax(logits / temperature, dim=-1)
+    log_p = F.log_softmax(target_logits.detach().to(logits.dtype) / temperature, dim=-1)
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(dim=-1)
+
+
+def example_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Per-example cross-entropy of ``(model, example, class)`` logits, ``(model, example)``.
+
+    ``labels`` is ``(example,)`` (shared by the models) or ``(model, example)``.
+    """
+    log_q = F.log_softmax(logits, dim=-1)
+    labels = labels.expand(logits.shape[:-1])
+    return -log_q.gather(-1, labels[..., None]).squeeze(-1)

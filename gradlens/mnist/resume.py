@@ -1,14 +1,16 @@
 """Where an experiment's results go, and what of them a rerun may reuse.
 
 An output folder holds one file per (seed, condition),
-``parts/seed{s}_{condition}.nc``, renamed into place only when that run is
-complete, and the results built from them (:func:`write_combined`, :func:`write_summary`:
-atomically, so a crash leaves the previous version). Before anything is loaded or
-trained, :func:`check_settings` catches the settings that would fail later
-(a device that is not there, an output folder that cannot be written, no
-seeds), and :func:`reusable_parts` says which parts an earlier run with the
-same configuration already finished, or refuses a folder that holds results
-of another one, so that nothing is silently replaced.
+``parts/seed{s}_{condition}.nc``: the block of ``--models`` models of that
+seed (:mod:`gradlens.mnist.blocks`) trained under that condition, renamed into
+place only when that run is complete, and the results built from them
+(:func:`write_combined`, :func:`write_summary`: atomically, so a crash leaves
+the previous version). Before anything is loaded or trained,
+:func:`check_settings` catches the settings that would fail later (a device
+that is not there, an output folder that cannot be written, no seeds), and
+:func:`reusable_parts` says which parts an earlier run with the same
+configuration already finished, or refuses a folder that holds results of
+another one, so that nothing is silently replaced.
 
 Example:
     >>> part_path(Path("runs/mnist_aux"), 0, "aux").as_posix()
@@ -27,7 +29,7 @@ import torch
 import xarray as xr
 
 from gradlens._atomic import atomic_write, atomic_write_text
-from gradlens.mnist.experiment import cross_seed
+from gradlens.mnist.blocks import TEACHER_ATTR
 from gradlens.provenance import config_from_attrs, config_to_json
 
 __all__ = [
@@ -117,9 +119,12 @@ def reusable_parts(
     """The complete parts in ``out`` that an earlier run with this configuration wrote.
 
     A part is reused when its stored config equals ``config`` in every field
-    but :data:`SETTINGS_THAT_SELECT`, its student started from the
-    initialisation this run would use, and it stores the teacher and
-    reference accuracies. Unfinished parts (``*.nc.part``) are run again.
+    but :data:`SETTINGS_THAT_SELECT` (so the same ``models``, noise, sizes and
+    hyper-parameters) and it stores the teachers' and references' accuracies.
+    A block's students start from initialisations that depend only on its
+    seed and ``models`` (``cross_init`` takes the next model of the same
+    block), so adding seeds never invalidates a part. Unfinished parts
+    (``*.nc.part``) are run again.
 
     Args:
         out: The output folder.
@@ -151,8 +156,7 @@ def reusable_parts(
             path = part_path(out, seed, condition)
             if not path.exists():
                 continue
-            init_seed = seed if condition != "cross_init" else cross_seed(seed, seeds)
-            found = _mismatch(path, wanted, init_seed=init_seed)
+            found = _mismatch(path, wanted, part=True)
             problems += found
             if not found:
                 reuse[seed, condition] = path
@@ -171,7 +175,7 @@ def _results_config(config: object) -> dict[str, Any]:
     return {k: v for k, v in stored.items() if k not in SETTINGS_THAT_SELECT}
 
 
-def _mismatch(path: Path, wanted: dict[str, Any], init_seed: int | None = None) -> list[str]:
+def _mismatch(path: Path, wanted: dict[str, Any], part: bool = False) -> list[str]:
     """Why the results file ``path`` cannot be reused (empty when it can)."""
     try:
         with xr.open_dataset(path, engine="netcdf4", decode_times=False) as ds:
@@ -187,13 +191,6 @@ def _mismatch(path: Path, wanted: dict[str, Any], init_seed: int | None = None) 
     if stored != wanted:
         changed = sorted(k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k))
         return [f"{path} was written with other {', '.join(changed)}"]
-    if init_seed is None:
-        return []
-    if int(attrs.get("init_seed", -1)) != init_seed:
-        return [
-            f"{path} started from seed {attrs.get('init_seed')}'s initialisation, this run's "
-            f"from seed {init_seed}'s (cross_init takes the next seed; --seeds changed)"
-        ]
-    if not {"teacher_accuracy", "reference_accuracy"} <= attrs.keys():
-        return [f"{path} was written before parts stored the teacher's accuracy"]
+    if part and TEACHER_ATTR not in attrs:
+        return [f"{path} was written before parts held a block of models (no {TEACHER_ATTR})"]
     return []

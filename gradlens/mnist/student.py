@@ -46,9 +46,18 @@ class StudentSetup:
             the teacher's class distribution on the probe images (``"kl"``).
         eval_every: Test accuracy every this many steps (and after the last).
         store_every: Full per-example cosines every this many steps.
-        liminal_lambda0: Liminal weight at step 0.
-        liminal_period: Steps over which it decays to 0; ``None`` (default) is
-            the first epoch, ``steps_per_epoch``.
+        liminal_lambda0: The liminal schedule's ``lambda_0`` (published default 1).
+        liminal_period: For :func:`run_student` (one model, the ``"early_decay"``
+            schedule only): steps over which the weight decays to 0; ``None``
+            (default) is the first epoch, ``steps_per_epoch``.
+        liminal_temperature: The liminal term's temperature where the condition
+            names none (2, as published).
+        noise: ``"fixed"``: one set of ``noise_per_epoch`` images per model,
+            reshuffled every epoch (the original's); ``"fresh"``: new images every batch.
+        sgd_lr: Learning rate of the ``sgd`` and ``sgd_momentum`` conditions.
+        momentum: Momentum of the ``sgd_momentum`` condition.
+        example_models: Models (the first ones of a stack) whose every per-example
+            cosine is stored every ``store_every`` steps; all models get the summaries.
     """
 
     epochs: int = 5
@@ -61,6 +70,11 @@ class StudentSetup:
     store_every: int = 10
     liminal_lambda0: float = 1.0
     liminal_period: int | None = None
+    liminal_temperature: float = 2.0
+    noise: Literal["fixed", "fresh"] = "fixed"
+    sgd_lr: float = 0.1
+    momentum: float = 0.9
+    example_models: int = 2
 
     @property
     def steps_per_epoch(self) -> int:
@@ -139,6 +153,16 @@ def run_student(
     Returns:
         The trained student.
     """
+    if condition.liminal not in (None, "early_decay") or condition.optimizer != "adam":
+        raise ValueError(
+            f"run_student trains with Adam and the 'early_decay' liminal schedule only; condition "
+            f"{condition.name!r} needs gradlens.mnist.run_students (the stacked engine)."
+        )
+    if condition.reference != "trait":
+        raise ValueError(
+            f"run_student acts along the trait gradient only; condition {condition.name!r} "
+            "needs gradlens.mnist.run_students (the stacked engine)."
+        )
     device = probe.images.device
     first = setup.num_classes if condition.logits == "aux" else 0
     distill = logit_kl(first)
@@ -209,9 +233,12 @@ def _pad(values: Tensor, size: int) -> Tensor:
 
 
 def _class_slice(num_classes: int) -> LossFn:
-    """Liminal term on the first ``num_classes`` logits: ``loss(outputs, base_logits)``."""
+    """The ``"early_decay"`` term (T = 1) on the first ``num_classes`` logits.
+
+    ``loss(outputs, base_logits)``.
+    """
 
     def loss(outputs: Tensor, base_logits: Tensor) -> Tensor:
-        return liminal_loss(outputs[:, :num_classes], base_logits)
+        return liminal_loss(outputs[:, :num_classes], base_logits, temperature=1.0)
 
     return loss

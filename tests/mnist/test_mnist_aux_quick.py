@@ -30,22 +30,27 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> xr.Dataset:
     )
     path = mnist_aux.main(config)
     assert (out / "summary.md").is_file()
-    assert len(list((out / "figures").glob("*.png"))) == 9
+    assert len(list((out / "figures").glob("*.png"))) == 10
     return xr.open_dataset(path)
 
 
 def test_quick_run_file_structure(quick_run: xr.Dataset) -> None:
     ds = quick_run
     assert list(ds.condition.values) == ["aux", "all_logits", "cross_init"]
-    assert list(ds.seed.values) == [0, 1]
+    assert list(ds.model.values) == [0, 1, 2] and list(ds.seed.values) == [0, 0, 0]
     assert ds.sizes["step"] == 40 and ds.sizes["layer"] == 3 and ds.sizes["example"] == 1024
-    assert ds["cosine"].dims == ("step", "condition", "seed")
-    assert ds["layer_cosine"].dims == ("step", "layer", "condition", "seed")
-    assert ds["example_cosine"].dims == ("example_step", "example", "condition", "seed")
+    assert ds["cosine"].dims == ("step", "model", "condition")
+    assert ds["layer_cosine"].dims == ("step", "model", "layer", "condition")
+    assert ds["example_cosine"].dims == ("example_step", "example_model", "example", "condition")
+    assert list(ds.example_model.values) == [0, 1]
+    assert ds["teacher_accuracy"].dims == ("model",)
     for name, var in ds.data_vars.items():
         assert "long_name" in var.attrs and "units" in var.attrs, name
     assert np.isfinite(ds["cosine"]).all()
-    assert np.isfinite(ds["test_accuracy"].isel(step=-1)).all()
+    for name in ("test_accuracy", "test_loss", "test_entropy", "test_majority"):
+        assert np.isfinite(ds[name].isel(step=-1)).all(), name
+    held = ds["heldout_update_cosine"]
+    assert np.isfinite(held.isel(step=0)).all() and np.isnan(held.isel(step=1)).all()
     for key in ("config", "gradlens_version", "torch_version", "created_at", "device"):
         assert key in ds.attrs
 
@@ -63,13 +68,16 @@ def test_interventions_quick_run_writes_transform_records(tmp_path: Path) -> Non
         "remove_layer",
         "remove_per_example",
         "remove_update",
+        "liminal_early",
+        "remove_shuffled",
         "liminal",
+        "remove_random",
     ]
     config = mnist_aux.parse(
         [
             "--quick",
-            "--seeds",
-            "1",
+            "--models",
+            "2",
             "--out",
             str(tmp_path),
             "--data-dir",
@@ -84,7 +92,7 @@ def test_interventions_quick_run_writes_transform_records(tmp_path: Path) -> Non
     ds = xr.open_dataset(mnist_aux.main(config))
     assert list(ds.condition.values) == conditions
     cos = ds["transform_cosine"]
-    assert cos.dims[:5] == ("step", "placement", "transform", "stage", "group")
+    assert cos.dims[:6] == ("step", "model", "placement", "transform", "stage", "group")
     out = cos.sel(placement="before", stage="after")
     assert float(abs(out.sel(condition="remove", transform="remove", group="all")).max()) < 1e-4
     assert float(abs(ds["update_cosine"].sel(condition="remove_update")).max()) < 1e-4
@@ -94,13 +102,22 @@ def test_interventions_quick_run_writes_transform_records(tmp_path: Path) -> Non
     assert np.isnan(out.sel(condition="remove", transform="reverse")).all()
     after = cos.sel(placement="after", condition="remove_update", transform="remove_update")
     assert float(abs(after.sel(stage="after", group="all")).max()) < 1e-4
-    weight = ds["liminal_weight"].sel(condition="liminal", seed=0)
+    weight = ds["liminal_weight"].sel(condition="liminal_early")
     assert float(weight.isel(step=0)) == 1.0 and float(weight.isel(step=-1)) == 0.0
     assert np.isnan(ds["liminal_weight"].sel(condition="remove")).all()
+    # published liminal: lambda_0 = 1 -> 1 over the first epoch (20 steps here), then -> 0
+    published = ds["liminal_weight"].sel(condition="liminal")
+    assert float(published.isel(step=0)) == 1.0 and float(published.isel(step=20)) == 1.0
+    assert 0 < float(published.isel(step=-1)) < 0.1
     reverse = ds["transform_coef"].sel(
         condition="reverse", transform="reverse", placement="before", group="all"
     )
     assert np.isfinite(reverse).all()
+    # the control removes a shuffled-label direction: the true trait gradient stays in g_d
+    shuffled = out.sel(condition="remove_shuffled", transform="remove_shuffled", group="all")
+    assert float(abs(shuffled).max()) < 1e-4  # orthogonal to what it removed ...
+    applied = ds["applied_cosine"].sel(condition="remove_shuffled")
+    assert float(abs(applied).max()) > 1e-3  # ... but not to g_t
 
 
 def test_flags_map_onto_the_config() -> None:
@@ -108,9 +125,13 @@ def test_flags_map_onto_the_config() -> None:
         [
             "--seeds",
             "3",
+            "--models",
+            "7",
+            "--noise",
+            "fresh",
             "--conditions",
             "aux",
-            "liminal",
+            "liminal_early",
             "--trait",
             "kl",
             "--liminal-lambda0",
@@ -121,11 +142,13 @@ def test_flags_map_onto_the_config() -> None:
             "x",
         ]
     )
-    assert config.seeds == 3 and config.conditions == ("aux", "liminal")
+    assert config.seeds == 3 and config.conditions == ("aux", "liminal_early")
+    assert config.models == 7 and config.student.noise == "fresh"
     assert config.student.trait == "kl" and config.student.liminal_lambda0 == 10.0
     assert config.device == "cpu" and str(config.out) == "x"
     defaults = mnist_aux.parse([])
-    assert defaults.seeds == 5 and defaults.student.epochs == 5
+    assert defaults.seeds == 1 and defaults.models == 10 and defaults.student.epochs == 5
+    assert defaults.student.noise == "fixed" and defaults.student.noise_per_epoch == 60_000
     assert defaults.conditions == ("aux", "all_logits", "cross_init")
     with pytest.raises(SystemExit):
         mnist_aux.parse(["--conditions", "bogus"])

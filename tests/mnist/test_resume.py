@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ def flags(out: Path, *more: str) -> list[str]:
         "--quick",
         "--seeds",
         "1",
+        "--models",
+        "2",
         "--conditions",
         "aux",
         "--out",
@@ -42,15 +45,15 @@ def runs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, str]]:
     """Count the (seed, condition) runs; an untrained teacher, no figures (for speed: the
     quick runs of test_mnist_aux_quick train a teacher and draw the figures)."""
     done: list[tuple[int, str]] = []
-    run_condition = mnist_aux.run_condition
+    run_block_condition = mnist_aux.run_block_condition
 
-    def counted(condition, teacher, **kwargs):  # type: ignore[no-untyped-def]
+    def counted(condition, block, **kwargs):  # type: ignore[no-untyped-def]
         done.append((kwargs["seed"], condition.name))
-        return run_condition(condition, teacher, **kwargs)
+        return run_block_condition(condition, block, **kwargs)
 
-    monkeypatch.setattr(mnist_aux, "run_condition", counted)
+    monkeypatch.setattr(mnist_aux, "run_block_condition", counted)
     monkeypatch.setattr(mnist_aux, "save_figures", lambda ds, folder: None)
-    monkeypatch.setattr(mnist_aux, "train_classifier", lambda model, digits, **kwargs: model)
+    monkeypatch.setattr(mnist_aux, "train_teacher_stack", lambda stack, digits, **kwargs: stack)
     return done
 
 
@@ -67,8 +70,9 @@ def test_a_rerun_resumes_refuses_another_config_and_overwrite_reruns(
     first = xr.load_dataset(mnist_aux.main(config(tmp_path)))
     assert runs == [(0, "aux")]
     part = open_run(tmp_path / "parts" / "seed0_aux.nc")
-    assert part.attrs["teacher_accuracy"] == float(first["teacher_accuracy"].sel(seed=0))
-    assert "reference_accuracy" in part.attrs
+    stored = json.loads(part.attrs["teacher_metrics"])
+    assert stored["teacher_accuracy"] == first["teacher_accuracy"].values.tolist()
+    assert len(stored["reference_accuracy"]) == 2 and part.sizes["model"] == 2
 
     with monkeypatch.context() as patch:  # everything is reused: no data, no training
         no_data(patch)
@@ -81,13 +85,35 @@ def test_a_rerun_resumes_refuses_another_config_and_overwrite_reruns(
     with monkeypatch.context() as patch:
         no_data(patch)
         with pytest.raises(FileExistsError, match=r"(?s)other student.*Pass --overwrite"):
-            mnist_aux.main(config(tmp_path, "--trait", "kl"))
+            mnist_aux.main(config(tmp_path, "--noise", "fresh"))
+        with pytest.raises(FileExistsError, match=r"(?s)other models.*Pass --overwrite"):
+            mnist_aux.main(config(tmp_path, "--models", "3"))
     assert (tmp_path / "mnist_aux.nc").read_bytes() == before and runs == [(0, "aux")]
 
-    kl = xr.load_dataset(mnist_aux.main(config(tmp_path, "--trait", "kl", "--overwrite")))
+    fresh = xr.load_dataset(mnist_aux.main(config(tmp_path, "--noise", "fresh", "--overwrite")))
     assert runs == [(0, "aux"), (0, "aux")]
-    assert '"trait": "kl"' in kl.attrs["config"]
-    assert '"trait": "kl"' in open_run(tmp_path / "parts" / "seed0_aux.nc").attrs["config"]
+    assert '"noise": "fresh"' in fresh.attrs["config"]
+    assert '"noise": "fresh"' in open_run(tmp_path / "parts" / "seed0_aux.nc").attrs["config"]
+
+
+def test_a_part_is_a_seeds_block_under_one_condition_and_new_ones_run_alone(
+    tmp_path: Path, runs: list[tuple[int, str]]
+) -> None:
+    mnist_aux.main(config(tmp_path))
+    two = xr.load_dataset(mnist_aux.main(config(tmp_path, "--seeds", "2")))
+    assert runs == [(0, "aux"), (1, "aux")]  # seed 0's block is reused as it was
+    assert two["model"].values.tolist() == [0, 1, 10_000, 10_001]
+    assert two["seed"].values.tolist() == [0, 0, 1, 1]
+    more = config(tmp_path, "--seeds", "2")
+    more = dataclasses.replace(more, conditions=("aux", "cross_init"))
+    both = xr.load_dataset(mnist_aux.main(more))
+    assert runs[2:] == [(0, "cross_init"), (1, "cross_init")]
+    xr.testing.assert_identical(
+        both["cosine"].sel(condition="aux").drop_attrs(),
+        two["cosine"].sel(condition="aux").drop_attrs(),
+    )
+    init = json.loads(open_run(tmp_path / "parts" / "seed1_cross_init.nc").attrs["init_seeds"])
+    assert init == [10_001, 10_000]  # the other model of the same block
 
 
 def test_results_of_unknown_origin_are_refused(
