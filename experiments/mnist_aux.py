@@ -8,6 +8,8 @@ docs/experiment.md.
     python experiments/mnist_aux.py --quick        # about a minute on a 2-core CPU
     python experiments/mnist_aux.py --models 100   # the original's size
     python experiments/mnist_aux.py --conditions aux remove remove_shuffled --noise fresh
+    python experiments/mnist_aux.py --seeds 10 --executor slurm --device cuda \
+        --slurm-partition gpu --gpus-per-part 1 --time-limit 120   # one SLURM job per part
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from tqdm.auto import tqdm
 from gradlens.mnist import (
     BASE_CONDITIONS,
     CONDITIONS,
+    EXECUTORS,
     NOISE_KINDS,
+    Dispatch,
     NoiseStream,
     StudentSetup,
     TeacherBlock,
@@ -42,6 +46,7 @@ from gradlens.mnist import (
     part_path,
     reusable_parts,
     run_block_condition,
+    run_parts,
     save_figures,
     summary_markdown,
     teacher_metrics,
@@ -91,22 +96,30 @@ def quick(config: Config) -> Config:
     return dataclasses.replace(config, models=3, teacher_epochs=1, student=student)
 
 
-def main(config: Config) -> Path:
+def main(config: Config, dispatch: Dispatch | None = None) -> Path:
     """Run every seed and condition; write the netCDF file, figures and summary.
+
+    Args:
+        config: The experiment's settings.
+        dispatch: Where the (seed, condition) parts run: in this process
+            (``inline``, the default) or as submitit jobs (``local``, ``slurm``).
 
     Returns:
         The path of the combined netCDF file.
     """
     with flush_denormal():
-        return _run(config)
+        return _run(config, dispatch or Dispatch())
 
 
-def _run(config: Config) -> Path:
+def _run(config: Config, dispatch: Dispatch) -> Path:
     start = time.perf_counter()
     provenance = run_provenance()  # the code that runs, not the code at the end of the run
     # Everything that can fail without data or training fails here, before them.
     conditions = get_conditions(config.conditions)
-    device = check_settings(seeds=config.seeds, device=config.device, out=config.out)
+    here = dispatch.executor != "slurm"
+    device = check_settings(
+        seeds=config.seeds, device=config.device, out=config.out, available=here
+    )
     seeds = list(range(config.seeds))
     parts = reusable_parts(
         config.out, config, seeds, [c.name for c in conditions], overwrite=config.overwrite
@@ -117,6 +130,11 @@ def _run(config: Config) -> Path:
             "are complete and reused (--overwrite runs them again)"
         )
     todo = {s: [c for c in conditions if (s, c.name) not in parts] for s in seeds}
+    if dispatch.executor != "inline" and any(todo.values()):  # as submitit jobs
+        names = [c.name for c in conditions]
+        run_parts(config, seeds, names, dispatch, overwrite=config.overwrite)
+        parts = {(s, c): part_path(config.out, s, c) for s in seeds for c in names}
+        todo = {s: [] for s in seeds}
     if any(todo.values()):
         train = load_mnist(config.data_dir, train=True)
         test = load_mnist(config.data_dir, train=False)
@@ -173,8 +191,10 @@ def _run(config: Config) -> Path:
             )
         del block
     wall = time.perf_counter() - start
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" and here else "CPU"
     device_text = f"{name} ({torch.get_num_threads()} threads)" if name == "CPU" else name
+    if dispatch.executor != "inline":
+        device_text = f"{device} ({dispatch.executor} submitit jobs)"
     command = "python " + shlex.join(sys.argv) if sys.argv[0].endswith(".py") else "main(config)"
     attrs = make_attrs(config, provenance=provenance) | {
         "device": device_text,
@@ -191,8 +211,7 @@ def _run(config: Config) -> Path:
     return result
 
 
-def parse(argv: list[str] | None = None) -> Config:
-    """Map command-line flags onto a :class:`Config`."""
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="reduced run (about a minute)")
     parser.add_argument(
@@ -231,7 +250,35 @@ def parse(argv: list[str] | None = None) -> Config:
         help="run every part again and replace the results in --out (default: resume, reusing "
         "complete parts of the same configuration, and refuse results of another one)",
     )
-    args = parser.parse_args(argv)
+    jobs = parser.add_argument_group("where the (seed, condition) parts run")
+    jobs.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default="inline",
+        help="inline: in this process, one after another (default); local: one submitit "
+        "subprocess per part, all at once; slurm: one SLURM job per part (a job array). "
+        "Finished parts are skipped on resubmission",
+    )
+    jobs.add_argument(
+        "--time-limit", type=int, default=24 * 60, help="minutes per job (default 1440)"
+    )
+    jobs.add_argument("--slurm-partition", help="SLURM partition of the jobs")
+    jobs.add_argument("--gpus-per-part", type=int, help="GPUs per job (SLURM gpus_per_node)")
+    jobs.add_argument("--cpus-per-part", type=int, help="CPUs per job (cpus_per_task)")
+    jobs.add_argument(
+        "--submitit",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="more submitit parameters, VALUE as JSON where it parses (else a string): "
+        "mem_gb=32 slurm_array_parallelism=16 slurm_account=lab",
+    )
+    return parser.parse_args(argv)
+
+
+def parse(argv: list[str] | None = None) -> Config:
+    """Map command-line flags onto a :class:`Config`."""
+    args = _arguments(argv)
     config = quick(Config()) if args.quick else Config()
     if args.quick and args.out is None:
         args.out = Path("runs/mnist_aux_quick")
@@ -256,6 +303,27 @@ def parse(argv: list[str] | None = None) -> Config:
     return dataclasses.replace(config, progress=not args.no_progress, overwrite=args.overwrite)
 
 
+def parse_dispatch(argv: list[str] | None = None) -> Dispatch:
+    """Map the job flags (``--executor``, ``--time-limit``, ...) onto a :class:`Dispatch`."""
+    args = _arguments(argv)
+    parameters: dict[str, object] = {}
+    for item in args.submitit:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--submitit takes KEY=VALUE, got {item!r}.")
+        try:
+            parameters[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parameters[key] = value
+    named = {
+        "slurm_partition": args.slurm_partition,
+        "gpus_per_node": args.gpus_per_part,
+        "cpus_per_task": args.cpus_per_part,
+    }
+    parameters |= {k: v for k, v in named.items() if v is not None}
+    return Dispatch(args.executor, args.time_limit, parameters)
+
+
 def cli(argv: list[str] | None = None) -> Path:
     """Parse the flags and run; a bad setting, or a refused ``--out``, ends in one line.
 
@@ -267,12 +335,14 @@ def cli(argv: list[str] | None = None) -> Path:
     """
     config = parse(argv)
     try:
+        dispatch = parse_dispatch(argv)
         get_conditions(config.conditions)
-        check_settings(seeds=config.seeds, device=config.device, out=config.out)
+        here = dispatch.executor != "slurm"
+        check_settings(seeds=config.seeds, device=config.device, out=config.out, available=here)
     except (ValueError, OSError) as exc:
         _exit_with(exc)
     try:
-        return main(config)
+        return main(config, dispatch)
     except FileExistsError as exc:  # the refusal to replace results: --overwrite
         _exit_with(exc)
 

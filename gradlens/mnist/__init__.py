@@ -37,6 +37,7 @@ from gradlens.mnist.conditions import (
     get_conditions,
 )
 from gradlens.mnist.data import Digits, load_mnist
+from gradlens.mnist.dispatch import EXECUTORS, Dispatch, PartSettings, run_part, run_parts
 from gradlens.mnist.engine import run_students, stack_coords, stack_variables
 from gradlens.mnist.experiment import combine_runs, cross_seed, probe_subset, run_condition
 from gradlens.mnist.figures import draw_figures, plot_final_vs_alignment, save_figures
@@ -62,12 +63,15 @@ __all__ = [
     "CAUSAL_CONDITIONS",
     "CONDITIONS",
     "CONTROL_CONDITIONS",
+    "EXECUTORS",
     "LIMINAL_CONDITIONS",
     "NOISE_KINDS",
     "Condition",
     "Digits",
+    "Dispatch",
     "DistillBatch",
     "NoiseStream",
+    "PartSettings",
     "StudentSetup",
     "TeacherBlock",
     "TraitProbes",
@@ -99,6 +103,8 @@ __all__ = [
     "reusable_parts",
     "run_block_condition",
     "run_condition",
+    "run_part",
+    "run_parts",
     "run_student",
     "run_students",
     "save_figures",

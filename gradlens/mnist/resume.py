@@ -65,8 +65,15 @@ def write_summary(text: str, out: Path) -> Path:
     return atomic_write_text(out / SUMMARY, text)
 
 
-def check_settings(*, seeds: int, device: str, out: Path) -> torch.device:
+def check_settings(*, seeds: int, device: str, out: Path, available: bool = True) -> torch.device:
     """Check what would otherwise fail after data loading or training; create ``out``.
+
+    Args:
+        seeds: The number of seeds.
+        device: The torch device.
+        out: The output folder.
+        available: Check that ``device`` is on this machine (``False`` when the
+            parts run elsewhere, as SLURM jobs).
 
     Returns:
         The torch device.
@@ -81,7 +88,7 @@ def check_settings(*, seeds: int, device: str, out: Path) -> torch.device:
         torch_device = torch.device(device)
     except RuntimeError as exc:
         raise ValueError(f"--device {device!r} is not a torch device ({exc}); try cpu.") from exc
-    if not _available(torch_device):
+    if available and not _available(torch_device):
         raise ValueError(
             f"--device {device!r} is not available on this machine "
             f"({torch.cuda.device_count()} CUDA devices); pass --device cpu."

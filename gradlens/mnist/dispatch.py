@@ -1,0 +1,335 @@
+"""Run the experiment's (seed block, condition) parts as submitit jobs: locally or on SLURM.
+
+The in-process loop of ``experiments/mnist_aux.py`` (``--executor inline``)
+runs every part one after another. :func:`run_parts` runs the same parts
+through :func:`gradlens.sweeps.run_sweep` instead, in two batches:
+
+1. one job per seed whose teachers are not cached yet
+   (:func:`~gradlens.mnist.teachers_path`, written with the same key): it
+   trains the block's teachers and writes the cache, so no two jobs ever
+   train (and write) the same seed's teachers;
+2. one job per (seed, condition) part to run (:func:`run_part`): it loads
+   MNIST, loads the seed's cached teachers and writes
+   ``parts/seed{s}_{condition}.nc`` exactly as the inline loop does (through
+   ``.part`` and a rename, the config in the attrs).
+
+Finished parts (their file stores the same config in every field but
+:data:`~gradlens.mnist.SETTINGS_THAT_SELECT`) are skipped, so resubmitting
+after a crash, a timeout or a preempted node runs only what is missing. The
+caller merges the part files as before (:func:`~gradlens.mnist.combine_blocks`).
+
+The jobs receive a :class:`PartSettings`: the experiment's config in its
+stored (JSON) form, which each part file records, and the few settings a part
+needs, so that the experiment's own config class never has to be importable
+where the job runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Collection, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import xarray as xr
+
+from gradlens.mnist.blocks import (
+    TEACHER_ATTR,
+    TeacherBlock,
+    load_or_train_teachers,
+    model_seeds,
+    run_block_condition,
+    teacher_metrics,
+    teachers_path,
+    trait_probes,
+)
+from gradlens.mnist.conditions import get_conditions
+from gradlens.mnist.data import Digits, load_mnist
+from gradlens.mnist.noise import NoiseStream
+from gradlens.mnist.resume import SETTINGS_THAT_SELECT, part_path
+from gradlens.mnist.stacked import init_stack
+from gradlens.mnist.student import StudentSetup
+from gradlens.mnist.teachers import train_teacher_stack
+from gradlens.numerics import flush_denormal
+from gradlens.provenance import config_to_json
+from gradlens.sweeps import Part, make_executor, pending_parts, run_sweep
+
+__all__ = [
+    "EXECUTORS",
+    "Dispatch",
+    "PartSettings",
+    "run_part",
+    "run_parts",
+    "train_teachers_part",
+]
+
+EXECUTORS = ("inline", "local", "slurm")
+"""``inline``: this process, one part after another; ``local``: a subprocess per part
+here (submitit); ``slurm``: a SLURM job array (submitit)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dispatch:
+    """Where the parts run.
+
+    Attributes:
+        executor: One of :data:`EXECUTORS`.
+        timeout_min: Each job's time limit in minutes (``local`` and ``slurm``).
+        parameters: More submitit parameters (``slurm_partition``,
+            ``gpus_per_node``, ``cpus_per_task``, ``mem_gb``,
+            ``slurm_array_parallelism``, ...), as
+            ``submitit.AutoExecutor.update_parameters`` takes them.
+    """
+
+    executor: str = "inline"
+    timeout_min: int = 24 * 60
+    parameters: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"--executor must be one of {EXECUTORS}, got {self.executor!r}.")
+        if self.timeout_min < 1:
+            raise ValueError(f"--time-limit must be at least 1 minute, got {self.timeout_min}.")
+        if self.executor == "inline" and self.parameters:
+            raise ValueError(
+                f"submitit parameters {sorted(self.parameters)} were given with --executor "
+                "inline, which runs no jobs; pass --executor local or slurm."
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class PartSettings:
+    """What a job needs to run one part; built from the experiment's config.
+
+    Attributes:
+        config: The experiment's config in its stored JSON form (every part
+            file records it).
+        models: Models per seed block.
+        sizes: Layer widths of the MLPs.
+        teacher_epochs: Teacher training epochs.
+        teacher_batch_size: Teacher batch size.
+        teacher_lr: Teacher learning rate.
+        student: How the students are distilled and probed.
+        probe_size: Labelled images of the trait gradient.
+        out: The output folder.
+        data_dir: The folder holding ``MNIST/raw`` (``None``: ``$GRADLENS_DATA_DIR``).
+        device: The torch device the jobs compute on.
+        progress: Show progress bars (in the jobs' logs).
+    """
+
+    config: dict[str, Any]
+    models: int
+    sizes: tuple[int, ...]
+    teacher_epochs: int
+    teacher_batch_size: int
+    teacher_lr: float
+    student: StudentSetup
+    probe_size: int
+    out: Path
+    data_dir: str | None
+    device: str
+    progress: bool
+
+    @classmethod
+    def from_config(cls, config: Any) -> PartSettings:
+        """The settings of ``config`` (the experiment's ``Config``, or alike)."""
+        return cls(
+            config=json.loads(config_to_json(config)),
+            models=config.models,
+            sizes=tuple(config.sizes),
+            teacher_epochs=config.teacher_epochs,
+            teacher_batch_size=config.teacher_batch_size,
+            teacher_lr=config.teacher_lr,
+            student=config.student,
+            probe_size=config.probe_size,
+            out=Path(config.out).resolve(),
+            data_dir=config.data_dir,
+            device=str(torch.device(config.device)),
+            progress=config.progress,
+        )
+
+
+def _teacher_key(settings: PartSettings, seed: int) -> str:
+    """What the seed's teachers depend on; the same key as the inline loop's."""
+    teacher = (settings.teacher_epochs, settings.teacher_batch_size, settings.teacher_lr)
+    return json.dumps(
+        [model_seeds(seed, settings.models), settings.sizes, *teacher, settings.device]
+    )
+
+
+def _teachers_cached(settings: PartSettings, seed: int) -> bool:
+    path = teachers_path(settings.out, seed)
+    if not path.exists():
+        return False
+    return torch.load(path, map_location="cpu").get("key") == _teacher_key(settings, seed)
+
+
+def _splits(settings: PartSettings, device: torch.device) -> tuple[Digits, Digits]:
+    train = load_mnist(settings.data_dir, train=True)
+    test = load_mnist(settings.data_dir, train=False)
+    return Digits(*(t.to(device) for t in train)), Digits(*(t.to(device) for t in test))
+
+
+def _teachers(
+    settings: PartSettings, seed: int, init: Mapping[str, torch.Tensor], train: Digits
+) -> dict[str, torch.Tensor]:
+    block_seeds = model_seeds(seed, settings.models)
+    return load_or_train_teachers(
+        teachers_path(settings.out, seed),
+        init,
+        _teacher_key(settings, seed),
+        lambda: train_teacher_stack(
+            init,
+            train,
+            seeds=block_seeds,
+            epochs=settings.teacher_epochs,
+            batch_size=settings.teacher_batch_size,
+            lr=settings.teacher_lr,
+            progress=settings.progress,
+        ),
+    )
+
+
+def train_teachers_part(job: tuple[PartSettings, int]) -> Path:
+    """A job: train the block of ``seed``'s teachers, unless cached, and cache them.
+
+    Args:
+        job: ``(settings, seed)``.
+
+    Returns:
+        The teachers' file.
+    """
+    settings, seed = job
+    device = torch.device(settings.device)
+    with flush_denormal():
+        train, _ = _splits(settings, device)
+        init = init_stack(settings.sizes, model_seeds(seed, settings.models))
+        _teachers(settings, seed, {n: v.to(device) for n, v in init.items()}, train)
+    return teachers_path(settings.out, seed)
+
+
+def run_part(job: tuple[PartSettings, int, str]) -> Path:
+    """A job: distil the block of ``seed`` under ``condition`` and write its part file.
+
+    The same computation and file as one step of the inline loop: the block's
+    initialisations, its teachers (from the cache :func:`train_teachers_part`
+    wrote; trained here if it is missing), their metrics, the noise stream and
+    the trait probes, then :func:`~gradlens.mnist.run_block_condition`.
+
+    Args:
+        job: ``(settings, seed, condition name)``.
+
+    Returns:
+        ``parts/seed{seed}_{condition}.nc`` in ``settings.out``.
+    """
+    settings, seed, name = job
+    (condition,) = get_conditions((name,))
+    device = torch.device(settings.device)
+    with flush_denormal():
+        train, test = _splits(settings, device)
+        block_seeds = model_seeds(seed, settings.models)
+        init = {n: v.to(device) for n, v in init_stack(settings.sizes, block_seeds).items()}
+        teachers = _teachers(settings, seed, init, train)
+        block = TeacherBlock(
+            block_seeds,
+            init,
+            teachers,
+            teacher_metrics(init, teachers, test),
+            NoiseStream.create(
+                settings.student.noise,
+                seeds=block_seeds,
+                size=settings.student.noise_per_epoch,
+                batch_size=settings.student.batch_size,
+                dim=settings.sizes[0],
+                device=device,
+            ),
+            trait_probes(train, settings.probe_size, seed),
+        )
+        path = part_path(settings.out, seed, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return run_block_condition(
+            condition,
+            block,
+            seed=seed,
+            test=test,
+            setup=settings.student,
+            path=path,
+            config=settings.config,
+            progress=settings.progress,
+        )
+
+
+def _has_teacher_metrics(part: Part) -> list[str]:
+    with xr.open_dataset(part.path, engine="netcdf4", decode_times=False) as run:
+        if TEACHER_ATTR in run.attrs:
+            return []
+    return [f"{part.path} was written before parts held a block of models (no {TEACHER_ATTR})"]
+
+
+def run_parts(
+    config: Any,
+    seeds: Sequence[int],
+    conditions: Collection[str],
+    dispatch: Dispatch,
+    *,
+    overwrite: bool = False,
+    make: Callable[..., Any] = make_executor,
+) -> dict[tuple[int, str], Path]:
+    """Run the experiment's parts as submitit jobs; skip the finished ones.
+
+    Teachers are trained first, one job per seed that has parts to run and no
+    cached teachers, then one job per part to run. Jobs keep their pickles and
+    logs in ``out/jobs``.
+
+    Args:
+        config: The experiment's config (``out``, ``models``, ``sizes``, ...).
+        seeds: The seeds to run.
+        conditions: The condition names to run.
+        dispatch: ``local`` or ``slurm`` and the jobs' settings.
+        overwrite: Run every part again (each replaces its file when complete).
+        make: Builds the executor (:func:`gradlens.sweeps.make_executor`'s arguments).
+
+    Returns:
+        ``(seed, condition) -> path`` of every part, in seed-major order.
+
+    Raises:
+        ValueError: If ``dispatch.executor`` is ``inline``.
+        FileExistsError: If a part file holds results of another configuration
+            (pass ``overwrite``).
+        RuntimeError: If a job failed, naming it and the log folder.
+    """
+    if dispatch.executor == "inline":
+        raise ValueError("run_parts runs jobs: pass Dispatch(executor='local' or 'slurm').")
+    settings = PartSettings.from_config(config)
+    cluster = "local" if dispatch.executor == "local" else "slurm"
+    executor = make(
+        settings.out / "jobs", cluster, timeout_min=dispatch.timeout_min, **dispatch.parameters
+    )
+    parts = [
+        Part(part_path(settings.out, s, c), run_part, (settings, s, c), settings.config)
+        for s in seeds
+        for c in conditions
+    ]
+    ignore = SETTINGS_THAT_SELECT
+    pending = pending_parts(parts, ignore=ignore, check=_has_teacher_metrics, overwrite=overwrite)
+    todo = sorted({p.arg[1] for p in pending})
+    untrained = [s for s in todo if not _teachers_cached(settings, s)]
+    if untrained:
+        with executor.batch():
+            jobs = [executor.submit(train_teachers_part, (settings, s)) for s in untrained]
+        failures = []
+        for seed, job in zip(untrained, jobs, strict=True):
+            try:
+                job.result()
+            except Exception as exc:  # the job's own error, re-raised by submitit
+                failures.append(f"teachers of seed {seed}: job {job.job_id} failed ({exc})")
+        if failures:
+            listed = "\n  ".join(failures)
+            raise RuntimeError(
+                f"{listed}\nTheir logs are in {executor.folder}; fix the cause and run again "
+                "(finished parts and cached teachers are reused)."
+            )
+    run_sweep(parts, executor, ignore=ignore, check=_has_teacher_metrics, overwrite=overwrite)
+    return {(p.arg[1], p.arg[2]): p.path for p in parts}
