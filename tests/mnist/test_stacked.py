@@ -283,7 +283,7 @@ def test_remove_random_takes_off_as_much_as_remove_along_other_directions_per_mo
     removed = {}
     for name in ("remove", "remove_random"):
         params = {n: v.detach().clone().requires_grad_(True) for n, v in stack.items()}
-        before = per_model(student_transforms(get_conditions([name])[0])[0])
+        before = per_model(student_transforms(get_conditions([name])[0])[0], vectorize=False)
         seen: dict[str, Tensor] = {}
         optimizer = torch.optim.SGD(list(params.values()), lr=1.0)
         result = stacked_step(
