@@ -174,7 +174,7 @@ def _run(config: Config, dispatch: Dispatch) -> Path:
                 dim=config.sizes[0],
                 device=device,
             ),
-            trait_probes(train, config.probe_size, seed),
+            trait_probes(train, config.probe_size, seed, test),
         )
         for condition in todo[seed]:
             path = part_path(config.out, seed, condition.name)
@@ -235,7 +235,8 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--probe-size",
         type=int,
-        help="labelled images of the trait gradient, and as many held out (default 1024)",
+        help="labelled images of the trait gradient (default 1024, at most 60000), and as many "
+        "held out (from the test split, at most 10000, above 30000)",
     )
     parser.add_argument(
         "--liminal-lambda0", type=float, help="liminal weight at step 0 (default 1)"

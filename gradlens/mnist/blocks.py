@@ -106,26 +106,44 @@ class TeacherBlock(NamedTuple):
     probes: TraitProbes
 
 
-def trait_probes(train: Digits, size: int, seed: int) -> TraitProbes:
-    """Two disjoint random subsets of the training images and shuffled probe labels.
+def trait_probes(train: Digits, size: int, seed: int, test: Digits | None = None) -> TraitProbes:
+    """Two disjoint sets of labelled images and shuffled probe labels.
 
-    The first ``size`` images give the trait gradient that the interventions
-    act along; the next ``size`` the held-out trait gradient no transform
-    sees; the shuffled labels are a fixed permutation of the probe's labels.
+    The first ``size`` images of a random permutation of the training set give
+    the trait gradient that the interventions act along; the next ``size`` the
+    held-out trait gradient no transform sees; the shuffled labels are a fixed
+    permutation of the probe's labels. A probe of more than half the training
+    set (up to all of it) leaves too few training images to hold out: the
+    held-out set is then ``min(size, len(test))`` random images of ``test``,
+    which the trait gradient never sees either.
+
+    Raises:
+        ValueError: If ``size`` is not in ``1..len(train)``, or exceeds half of
+            it without a ``test`` split to hold out from.
     """
-    if not 0 < 2 * size <= len(train.labels):
+    n = len(train.labels)
+    if not 0 < size <= n:
+        raise ValueError(f"--probe-size must be in 1..{n} (the training images), got {size}.")
+    if 2 * size > n and test is None:
         raise ValueError(
-            f"probe_size must be in 1..{len(train.labels) // 2} (two disjoint sets), got {size}."
+            f"--probe-size {size} leaves fewer than {size} training images to hold out; "
+            f"pass the test split (test=) to hold out from it, or use at most {n // 2}."
         )
     gen = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(train.labels), generator=gen)[: 2 * size].to(train.labels.device)
-    probe, held = idx[:size], idx[size:]
+    order = torch.randperm(n, generator=gen)
+    probe = order[:size].to(train.labels.device)
     shuffle = torch.randperm(size, generator=gen).to(train.labels.device)
+    if 2 * size <= n:
+        held, source = order[size : 2 * size].to(train.labels.device), train
+    else:
+        assert test is not None  # checked above
+        pick = torch.randperm(len(test.labels), generator=gen)[: min(size, len(test.labels))]
+        held, source = pick.to(test.labels.device), test
     return TraitProbes(
         train.images[probe],
         train.labels[probe],
-        train.images[held],
-        train.labels[held],
+        source.images[held],
+        source.labels[held],
         train.labels[probe][shuffle],
     )
 

@@ -245,7 +245,7 @@ def run_part(job: tuple[PartSettings, int, str]) -> Path:
                 dim=settings.sizes[0],
                 device=device,
             ),
-            trait_probes(train, settings.probe_size, seed),
+            trait_probes(train, settings.probe_size, seed, test),
         )
         path = part_path(settings.out, seed, name)
         path.parent.mkdir(parents=True, exist_ok=True)
