@@ -1,0 +1,99 @@
+"""Sweeps of one setting over runs: finals along the swept dim, the paired table, the files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+from scipy import stats
+
+from gradlens.mnist.sweep import SWEEP_FILE, plot_sweep, sweep_finals, sweep_markdown
+
+ROOT = Path(__file__).resolve().parents[2]
+SWEEPS = sorted((ROOT / "docs" / "results").glob(f"*/{SWEEP_FILE}"))
+
+
+def _run(conditions: list[str], models: list[int], seed: int) -> xr.Dataset:
+    """A run with the variables ``final_values`` reads: 4 steps, evaluated at steps 1 and 3."""
+    rng = np.random.default_rng(seed)
+    shape = (4, len(conditions), len(models))
+    evaluated = np.where(np.arange(4)[:, None, None] % 2 == 1, 1.0, np.nan)
+    dims = ("step", "condition", "model")
+    data = {
+        name: (dims, rng.uniform(size=shape) * (evaluated if name.startswith("test") else 1.0))
+        for name in (
+            "test_accuracy",
+            "test_loss",
+            "test_entropy",
+            "test_majority",
+            "cosine",
+            "update_cosine",
+            "distill_loss",
+        )
+    }
+    coords = {"step": np.arange(4), "condition": conditions, "model": models}
+    return xr.Dataset(data, coords=coords)
+
+
+def test_finals_go_along_the_swept_dim_and_shared_conditions_fill_in() -> None:
+    shared = _run(["aux", "liminal"], [0, 1, 2], seed=0)
+    runs = {0.5: _run(["liminal"], [0, 1, 2], seed=1), 1.0: shared}
+    finals = sweep_finals(
+        runs,
+        dim="lambda0",
+        conditions=["aux", "liminal"],
+        commands={0.5: "a", 1.0: "b"},
+        shared=shared,
+    )
+    assert dict(finals.sizes) == {"lambda0": 2, "condition": 2, "model": 3}
+    last = shared["test_accuracy"].isel(step=3)
+    for value in (0.5, 1.0):  # the shared aux stands in at every value
+        got = finals["test_accuracy"].sel(lambda0=value, condition="aux")
+        np.testing.assert_array_equal(got, last.sel(condition="aux"))
+    np.testing.assert_array_equal(
+        finals["test_accuracy"].sel(lambda0=0.5, condition="liminal"),
+        runs[0.5]["test_accuracy"].isel(step=3).sel(condition="liminal"),
+    )
+    assert finals.attrs["commands"] == "lambda0=0.5: a\nlambda0=1: b"
+
+
+def test_a_run_lacking_a_condition_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match=r"lacks the condition 'aux'.*shared run"):
+        sweep_finals(
+            {1.0: _run(["liminal"], [0], seed=0)},
+            dim="lambda0",
+            conditions=["aux", "liminal"],
+            commands={1.0: ""},
+        )
+
+
+def test_the_table_pairs_models_within_a_row_only() -> None:
+    small, large = _run(["aux", "remove"], [0, 1, 2], 3), _run(["aux", "remove"], [0, 1], 4)
+    finals = sweep_finals(
+        {256: small, 60000: large},
+        dim="probe_size",
+        conditions=["aux", "remove"],
+        commands={256: "x", 60000: "y"},
+    )
+    text = sweep_markdown(finals, dim="probe_size")
+    rows = [line for line in text.splitlines() if line.startswith(("| 256 ", "| 60000 "))]
+    assert len(rows) == 2
+    for row, run in zip(rows, (small, large), strict=True):
+        acc = run["test_accuracy"].isel(step=3)
+        a, b = acc.sel(condition="remove").values, acc.sel(condition="aux").values
+        expected = stats.ttest_rel(a, b)
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        assert cells[1] == str(len(a))
+        assert cells[3].startswith(f"{100 * (a - b).mean():.1f} ± ")
+        assert cells[4] == f"{expected.pvalue:.2g}"
+    fig = plot_sweep(finals, dim="probe_size", xlabel="probe images", log=True)
+    assert len(fig.axes) == 3
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=[p.parent.name for p in SWEEPS])
+def test_a_committed_sweep_table_recomputes_from_its_file(path: Path) -> None:
+    finals = xr.load_dataset(path)
+    (dim,) = (d for d in finals.dims if d not in ("condition", "model"))
+    assert (path.parent / "summary.md").read_text() == sweep_markdown(finals, dim=dim)
