@@ -40,6 +40,8 @@ PER_MODEL: tuple[str, ...] = (
     "predicted_change",
     "measured_change",
     "example_cosine_mean",
+    "trait_norm",
+    "train_norm",
 )
 """Variables kept per step and model."""
 

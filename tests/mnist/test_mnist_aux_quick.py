@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from gradlens.mnist import compact_results, final_values, headline_table, summary_markdown
 from gradlens.mnist.data import DATA_DIR_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,6 +54,19 @@ def test_quick_run_file_structure(quick_run: xr.Dataset) -> None:
     assert np.isfinite(held.isel(step=0)).all() and np.isnan(held.isel(step=1)).all()
     for key in ("config", "gradlens_version", "torch_version", "created_at", "device"):
         assert key in ds.attrs
+
+
+def test_the_compact_file_gives_the_full_files_table_and_final_values(
+    quick_run: xr.Dataset,
+) -> None:
+    compact = compact_results(quick_run.load())
+    assert compact.nbytes < quick_run.nbytes / 4
+    xr.testing.assert_identical(headline_table(compact), headline_table(quick_run))
+    xr.testing.assert_identical(final_values(compact), final_values(quick_run))
+    kwargs = {"wall_time_s": 1.0, "device": "cpu", "command": "c"}
+    assert summary_markdown(compact, **kwargs) == summary_markdown(quick_run, **kwargs)
+    for name in ("trait_norm", "train_norm", "cosine"):
+        xr.testing.assert_equal(compact[name], quick_run[name])
 
 
 def test_quick_run_teacher_beats_chance_and_all_logits_learns(quick_run: xr.Dataset) -> None:
