@@ -149,6 +149,9 @@ def sweep_markdown(finals: xr.Dataset, *, dim: str) -> str:
 def plot_sweep(finals: xr.Dataset, *, dim: str, xlabel: str, log: bool = False) -> Figure:
     """Three panels over the swept setting, means and 95% t intervals over models.
 
+    ``log`` draws the swept setting on a log scale (symmetric-log, linear up
+    to the smallest positive value, where it includes 0).
+
     Left: test accuracy of the baseline and the compared condition. Middle:
     their run-mean cos(g_t, g_d). Right: the compared condition's test
     accuracy against its final distillation loss, each point a value of ``dim``.
@@ -185,8 +188,10 @@ def plot_sweep(finals: xr.Dataset, *, dim: str, xlabel: str, log: bool = False) 
         trade_ax.annotate(f"{dim} = {value:g}", (lx, ly), textcoords="offset points", xytext=(5, 5))
     for ax in (acc_ax, cos_ax):
         ax.set_xlabel(xlabel)
-        if log:
+        if log and (x > 0).all():
             ax.set_xscale("log")
+        elif log:  # a zero on the axis: linear up to the smallest positive value
+            ax.set_xscale("symlog", linthresh=float(x[x > 0].min()))
         ax.legend(title="condition")
         ax.grid(alpha=0.3)
     acc_ax.axhline(10, color="grey", linestyle=":", linewidth=1)
