@@ -241,6 +241,9 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--liminal-lambda0", type=float, help="liminal weight at step 0 (default 1)"
     )
+    parser.add_argument(
+        "--sgd-lr", type=float, help="learning rate of the sgd and sgd_momentum conditions (0.1)"
+    )
     parser.add_argument("--out", type=Path, help="output folder (default runs/mnist_aux)")
     parser.add_argument("--data-dir", help="folder holding MNIST/raw (else $GRADLENS_DATA_DIR)")
     parser.add_argument("--device", help="torch device (default cuda when available)")
@@ -296,6 +299,7 @@ def parse(argv: list[str] | None = None) -> Config:
     student = {
         "trait": args.trait,
         "liminal_lambda0": args.liminal_lambda0,
+        "sgd_lr": args.sgd_lr,
         "noise": args.noise,
     }
     student = {k: v for k, v in student.items() if v is not None}

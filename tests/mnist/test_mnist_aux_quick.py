@@ -150,6 +150,8 @@ def test_flags_map_onto_the_config() -> None:
             "kl",
             "--liminal-lambda0",
             "10",
+            "--sgd-lr",
+            "2.5",
             "--device",
             "cpu",
             "--out",
@@ -159,10 +161,12 @@ def test_flags_map_onto_the_config() -> None:
     assert config.seeds == 3 and config.conditions == ("aux", "liminal_early")
     assert config.models == 7 and config.student.noise == "fresh"
     assert config.student.trait == "kl" and config.student.liminal_lambda0 == 10.0
+    assert config.student.sgd_lr == 2.5
     assert config.device == "cpu" and str(config.out) == "x"
     defaults = mnist_aux.parse([])
     assert defaults.seeds == 1 and defaults.models == 10 and defaults.student.epochs == 5
     assert defaults.student.noise == "fixed" and defaults.student.noise_per_epoch == 60_000
+    assert defaults.student.sgd_lr == 0.1
     assert defaults.conditions == ("aux", "all_logits", "cross_init")
     with pytest.raises(SystemExit):
         mnist_aux.parse(["--conditions", "bogus"])
