@@ -81,7 +81,10 @@ def sweep_finals(
                     f"the run at {dim} = {value} lacks the condition {condition!r}; it holds "
                     f"{list(ds.condition.values)} (pass a shared run that holds it)."
                 )
-            parts.append(final_values(source.sel(condition=[condition])))
+            # ``seed`` (a coord along ``model``) would turn to NaN where runs hold other models.
+            parts.append(
+                final_values(source.sel(condition=[condition])).drop_vars("seed", errors="ignore")
+            )
         finals.append(xr.concat(parts, dim="condition", join="outer"))
     out = xr.concat(finals, dim=dim, join="outer").assign_coords({dim: sorted(runs)})
     for name, units in UNITS.items():
