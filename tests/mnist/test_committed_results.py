@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,62 @@ def test_every_results_row_quoted_in_the_docs_is_in_a_committed_summary() -> Non
         assert quoted, f"{doc.name} quotes no results row"
         for row in quoted:
             assert row in recomputed, f"{doc.name} quotes a row no committed file gives: {row!r}"
+
+
+def test_every_sweep_row_quoted_in_the_docs_is_in_a_committed_sweep_summary() -> None:
+    """A sweep row (one value of the swept setting) quoted in the results section is a row of
+    a committed sweep's summary.md, which tests/mnist/test_sweep.py recomputes from its
+    sweep.nc."""
+    sweeps = sorted((ROOT / "docs" / "results").glob("*/sweep.nc"))
+    assert sweeps, "no committed sweeps under docs/results/*/"
+    committed = {
+        line
+        for path in sweeps
+        for line in (path.parent / "summary.md").read_text().splitlines()
+        if re.match(r"\| [0-9]", line)
+    }
+    section = (ROOT / "docs" / "experiment.md").read_text().split(SECTION, 1)[1]
+    section = section.split("\n## ", 1)[0]
+    quoted = [line for line in section.splitlines() if re.match(r"\| [0-9]", line)]
+    assert quoted, "the results section quotes no sweep row"
+    for row in quoted:
+        assert row in committed, f"experiment.md quotes a sweep row no sweep gives: {row!r}"
+
+
+NUMBER = re.compile(r"([+-]?\d+(?:\.\d+)?(?:e[+-]?\d+)?)")
+
+
+def _agrees(value: float, quoted: str) -> bool:
+    """``value`` rounds to ``quoted`` at the precision ``quoted`` is written with."""
+    mantissa = quoted.split("e")[0]
+    decimals = len(mantissa.split(".")[1]) if "." in mantissa else 0
+    scale = 10.0 ** int(quoted.split("e")[1]) if "e" in quoted else 1.0
+    return abs(value - float(quoted)) <= 0.5 * 10.0**-decimals * scale * (1 + 1e-9)
+
+
+def test_the_numbers_snippet_in_the_results_section_gives_the_numbers_it_quotes() -> None:
+    """Each expression of the section's numbers snippet that ends in a comment is evaluated;
+    its mean (x100 for a percentage or points), and its ± half-width and p when quoted, agree
+    with the comment at the precision the comment gives."""
+    section = (ROOT / "docs" / "experiment.md").read_text().split(SECTION, 1)[1]
+    block = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)[-1]
+    namespace: dict[str, object] = {}
+    checked = 0
+    for line in block.splitlines():
+        code, _, comment = line.partition("  #")
+        if not comment.strip():
+            exec(line, namespace)
+            continue
+        result = eval(code, namespace)
+        interval = hasattr(result, "data_vars")  # mean_ci / paired_t give a Dataset
+        mean = float(result["mean"]) if interval else float(result)
+        scale = 100.0 if ("%" in comment or "points" in comment) else 1.0
+        quoted = NUMBER.findall(comment.split("p =")[0])
+        assert _agrees(mean * scale, quoted[0]), f"{code.strip()} gives {mean}, quoted {comment}"
+        if "±" in comment:
+            assert interval and _agrees(float(result["half_width"]) * scale, quoted[1]), comment
+        if "p =" in comment:
+            p_quoted = NUMBER.findall(comment.split("p =")[1])[0]
+            assert interval and _agrees(float(result["p"]), p_quoted), comment
+        checked += 1
+    assert checked >= 5, "the snippet quotes fewer numbers than expected"
