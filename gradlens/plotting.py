@@ -229,6 +229,7 @@ def plot_histograms(
     row: str | None = None,
     bins: int = 50,
     symmetric: bool = True,
+    mark_mean: bool = True,
     xlabel: str | None = None,
     title: str | None = None,
 ) -> Figure:
@@ -248,6 +249,9 @@ def plot_histograms(
             row has its own x range.
         bins: Number of bins.
         symmetric: Bins symmetric about 0 with a line at 0 (for signed values).
+        mark_mean: Mark each panel's mean with a dashed red line and write the
+            mean and the fraction of values above 0 in its corner: a shift far
+            smaller than the spread, which a histogram alone hides, is then read.
         xlabel: Label of the value axis; default the variable's ``long_name``.
         title: Figure title.
 
@@ -271,9 +275,22 @@ def plot_histograms(
             edges = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
         for ax, pick in zip(ax_row, picks, strict=True):
             v = (values if column is None else values.sel({column: pick})).values.ravel()
-            ax.hist(v[np.isfinite(v)], bins=edges, color="C0", alpha=0.8)
+            v = v[np.isfinite(v)]
+            ax.hist(v, bins=edges, color="C0", alpha=0.8)
             if symmetric:
                 ax.axvline(0.0, color="k", lw=0.6)
+            if mark_mean and v.size:
+                mean = float(v.mean())
+                ax.axvline(mean, color="C3", lw=1.0, ls="--")
+                ax.text(
+                    0.02,
+                    0.95,
+                    f"mean {mean:+.2g}\n{(v > 0).mean():.1%} > 0",
+                    transform=ax.transAxes,
+                    va="top",
+                    fontsize="x-small",
+                    color="C3",
+                )
             ax.tick_params(labelsize="small")
         row_label(ax_row[0], name)
     if column:

@@ -84,6 +84,20 @@ def test_layer_heatmap_histograms_and_scatter_on_an_own_layout() -> None:
     fig = plot_histograms(ds, "example_cosine")
     assert [ax.get_title() for ax in fig.axes] == ["step 0", "step 12", "step 20"]
     assert len(plot_histograms(ds, "example_cosine", column=None).axes) == 1
+
+
+def test_histograms_mark_each_panels_mean_and_its_fraction_above_zero() -> None:
+    ds = own_run()
+    values = ds["example_cosine"].sel(step=0).values.ravel()
+    values = values[np.isfinite(values)]
+    ax = plot_histograms(ds, "example_cosine").axes[0]
+    dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert len(dashed) == 1
+    assert dashed[0].get_xdata()[0] == pytest.approx(values.mean())
+    (text,) = ax.texts
+    assert text.get_text() == f"mean {values.mean():+.2g}\n{(values > 0).mean():.1%} > 0"
+    plain = plot_histograms(ds, "example_cosine", mark_mean=False).axes[0]
+    assert not plain.texts and all(line.get_linestyle() != "--" for line in plain.get_lines())
     fig = plot_scatter(ds, "cosine", "loss", hue="model", identity_line=True)
     assert len(fig.axes[0].collections) == 2
 
