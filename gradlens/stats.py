@@ -2,8 +2,9 @@
 
 :func:`mean_ci` averages independent replicates (seeds, models);
 :func:`paired_t` compares two conditions measured on the same replicates (the
-same model, or the same seed, under both), from the per-replicate differences.
-Both return an ``xarray.Dataset`` whose attrs name the dim the interval is
+same model, or the same seed, under both), from the per-replicate differences;
+:func:`welch_t` compares two independent groups (other models, other code).
+All return an ``xarray.Dataset`` whose attrs name the dim the interval is
 over (``over``), its confidence and the method, so a table or a figure built
 from it can say so.
 """
@@ -14,7 +15,7 @@ import numpy as np
 import xarray as xr
 from scipy import stats
 
-__all__ = ["mean_ci", "paired_t"]
+__all__ = ["mean_ci", "paired_t", "welch_t"]
 
 
 def _check_confidence(confidence: float, name: str) -> None:
@@ -163,5 +164,85 @@ def paired_t(
         "confidence": confidence,
         "method": f"paired Student-t interval for the mean difference over {dim}",
         "difference": "a - b",
+    }
+    return result
+
+
+def welch_t(
+    a: xr.DataArray | np.ndarray | object,
+    b: xr.DataArray | np.ndarray | object,
+    *,
+    confidence: float = 0.95,
+    dim: str = "model",
+) -> xr.Dataset:
+    """Welch's interval and test for ``mean(a) - mean(b)``, two independent groups.
+
+    For replicates that are *not* paired: the models of two different runs (or
+    two codes), each with its own initialisations. Unequal variances are
+    allowed (``scipy.stats.ttest_ind(equal_var=False)``): the standard error is
+    ``sqrt(s_a²/n_a + s_b²/n_b)`` with Welch-Satterthwaite degrees of freedom.
+    NaN entries are left out, per position.
+
+    Args:
+        a: The first group: a DataArray with a ``dim`` dim, or an array (or
+            tensor) whose leading axis is ``dim``.
+        b: The second group, with its own length along ``dim``; broadcast over
+            the other dims.
+        confidence: Confidence level of the interval.
+        dim: The replicate dim of each group.
+
+    Returns:
+        A Dataset, over the other dims, with ``mean`` (the difference of the
+        means), ``lower``, ``upper``, ``half_width``, ``n_a``, ``n_b``, ``df``,
+        ``t`` and ``p``; attrs ``over``, ``confidence``, ``method`` and
+        ``difference`` (``"mean(a) - mean(b)"``).
+
+    Raises:
+        ValueError: If ``confidence`` is not in (0, 1) or ``dim`` is missing.
+
+    Example:
+        >>> a = xr.DataArray([0.50, 0.61, 0.47, 0.55, 0.58], dims="model")
+        >>> b = xr.DataArray([0.40, 0.52, 0.45], dims="model")
+        >>> res = welch_t(a, b)
+        >>> round(float(res["mean"]), 4), int(res["n_a"]), int(res["n_b"])
+        (0.0853, 5, 3)
+        >>> round(float(res["t"]), 3), round(float(res["p"]), 4)
+        (1.976, 0.117)
+    """
+    _check_confidence(confidence, "confidence")
+    a_da = _as_replicates(a, dim, "a").rename({dim: f"{dim}_a"})
+    b_da = _as_replicates(b, dim, "b").rename({dim: f"{dim}_b"})
+    parts = []
+    for da, d in ((a_da, f"{dim}_a"), (b_da, f"{dim}_b")):
+        n = da.count(d)
+        var = da.var(d, ddof=1) / n.where(n > 1)
+        parts.append((da.mean(d), var, n))
+    (mean_a, var_a, n_a), (mean_b, var_b, n_b) = parts
+    diff = mean_a - mean_b
+    sem = np.sqrt(var_a + var_b)
+    df = (var_a + var_b) ** 2 / (var_a**2 / (n_a - 1) + var_b**2 / (n_b - 1))
+    quantile = xr.apply_ufunc(lambda k: stats.t.ppf(0.5 + confidence / 2, k), df)
+    half = quantile * sem
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t_stat = diff / sem
+    p = xr.apply_ufunc(lambda tt, k: 2 * stats.t.sf(np.abs(tt), k), t_stat, df)
+    result = xr.Dataset(
+        {
+            "mean": diff,
+            "lower": diff - half,
+            "upper": diff + half,
+            "half_width": half,
+            "n_a": n_a,
+            "n_b": n_b,
+            "df": df,
+            "t": t_stat,
+            "p": p,
+        }
+    )
+    result.attrs = {
+        "over": dim,
+        "confidence": confidence,
+        "method": f"Welch interval for the difference of the means over {dim}, two groups",
+        "difference": "mean(a) - mean(b)",
     }
     return result

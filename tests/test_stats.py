@@ -8,7 +8,7 @@ import torch
 import xarray as xr
 from scipy import stats
 
-from gradlens.stats import mean_ci, paired_t
+from gradlens.stats import mean_ci, paired_t, welch_t
 
 
 def draw(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -104,3 +104,31 @@ def test_mean_ci_says_what_it_is_over() -> None:
     assert ci.attrs["over"] == "model" and ci.attrs["confidence"] == 0.95
     assert ci["mean"].dims == ("step",)
     assert set(ci.data_vars) == {"mean", "lower", "upper", "half_width", "n"}
+
+
+@pytest.mark.parametrize(("n_a", "n_b", "seed"), [(5, 3, 0), (25, 125, 1), (40, 7, 2)])
+def test_welch_t_matches_scipy_ttest_ind_with_unequal_variances(
+    n_a: int, n_b: int, seed: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(0.5, 0.1, n_a), rng.normal(0.45, 0.2, n_b)
+    res = welch_t(xr.DataArray(a, dims="model"), b)
+    ref = stats.ttest_ind(a, b, equal_var=False)
+    assert float(res["mean"]) == pytest.approx(a.mean() - b.mean())
+    assert float(res["t"]) == pytest.approx(ref.statistic)
+    assert float(res["p"]) == pytest.approx(ref.pvalue)
+    low, high = ref.confidence_interval(0.95)
+    assert (float(res["lower"]), float(res["upper"])) == pytest.approx((low, high))
+    assert (int(res["n_a"]), int(res["n_b"])) == (n_a, n_b)
+    assert res.attrs["over"] == "model"
+
+
+def test_welch_t_leaves_nan_out_and_keeps_other_dims() -> None:
+    a = xr.DataArray([[0.1, 1.0], [0.3, 2.0], [np.nan, 3.0]], dims=("model", "x"))
+    b = xr.DataArray([[0.0, 0.0], [0.2, 1.0]], dims=("model", "x"))
+    res = welch_t(a, b)
+    assert res["mean"].dims == ("x",)
+    assert res["n_a"].values.tolist() == [2, 3]
+    assert float(res["mean"][0]) == pytest.approx(0.2 - 0.1)
+    with pytest.raises(ValueError, match="not 'model'"):
+        welch_t(xr.DataArray([1.0, 2.0], dims="seed"), b)
