@@ -30,6 +30,7 @@ import importlib.util
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -57,6 +58,20 @@ def load_original(checkout: Path) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def original_commit(checkout: Path) -> str | None:
+    """The checkout's git commit, or ``None`` when it is not a git checkout."""
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(checkout), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return done.stdout.strip()
 
 
 def mnist_tensors(data_dir: Path, device: str) -> tuple[torch.Tensor, ...]:
@@ -137,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         + ("" if args.all else "; only the auxiliary-logit student distilled"),
         "models": args.models,
         "seed": args.seed,
+        "original_commit": original_commit(args.original),
         "wall_time_s": round(time.perf_counter() - start, 1),
         "device": orig.DEVICE,
         "threads": torch.get_num_threads(),
