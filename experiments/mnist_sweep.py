@@ -17,6 +17,7 @@ writes ``sweep.nc`` (the final values, dims ``(dim, condition, model)``),
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -67,15 +68,27 @@ def main(argv: list[str] | None = None) -> Path:
     args = _parse(argv)
     folders = {float(v): Path(f) for v, f in (item.split("=", 1) for item in args.run)}
     shared = xr.load_dataset(_run_file(args.shared)) if args.shared else None
+    runs = {v: xr.load_dataset(_run_file(f)) for v, f in folders.items()}
     finals = sweep_finals(
-        {v: xr.load_dataset(_run_file(f)) for v, f in folders.items()},
+        runs,
         dim=args.dim,
         conditions=args.conditions,
         commands={v: _command(f) for v, f in folders.items()},
         shared=shared,
     )
     if args.shared:
-        finals.attrs["shared"] = f"conditions missing from a run: {_command(args.shared)}"
+        lacking = [
+            c
+            for c in args.conditions
+            if any(c not in run.condition.values for run in runs.values())
+        ]
+        finals.attrs["shared"] = (
+            f"{', '.join(f'`{c}`' for c in lacking)} where a run lacks it: "
+            f"`{_command(args.shared)}`"
+        )
+    finals.attrs["sweep_command"] = shlex.join(
+        ["python", "experiments/mnist_sweep.py", *(sys.argv[1:] if argv is None else argv)]
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     finals.to_netcdf(args.out / SWEEP_FILE)
     (args.out / "summary.md").write_text(sweep_markdown(finals, dim=args.dim))

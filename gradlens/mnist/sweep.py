@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import matplotlib
 import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
@@ -114,6 +115,11 @@ def sweep_markdown(finals: xr.Dataset, *, dim: str) -> str:
     lines = [
         f"# `{compared}` over {dim}",
         "",
+        *(
+            [f"Made by `{finals.attrs['sweep_command']}` from these runs:", ""]
+            if "sweep_command" in finals.attrs
+            else []
+        ),
         "Commands, one run per row:",
         "",
         *(f"- `{line}`" for line in finals.attrs["commands"].splitlines()),
@@ -177,18 +183,21 @@ def plot_sweep(finals: xr.Dataset, *, dim: str, xlabel: str, log: bool = False) 
             )
     acc = mean_ci(finals["test_accuracy"].sel(condition=compared), dim="model")
     loss = mean_ci(finals["distill_loss"].sel(condition=compared), dim="model")
-    trade_ax.errorbar(
-        loss["mean"].values,
-        100 * acc["mean"].values,
-        xerr=loss["half_width"].values,
-        yerr=100 * acc["half_width"].values,
-        marker="o",
-        linestyle="none",
-        capsize=3,
-        color="tab:red",
-    )
-    for value, lx, ly in zip(x, loss["mean"].values, 100 * acc["mean"].values, strict=True):
-        trade_ax.annotate(f"{dim} = {value:g}", (lx, ly), textcoords="offset points", xytext=(5, 5))
+    # One colour per value, named in the legend: text labels overlap where points cluster.
+    shades = matplotlib.colormaps["viridis"](np.linspace(0.0, 0.9, len(x)))
+    for k, value in enumerate(x):
+        trade_ax.errorbar(
+            loss["mean"].values[k],
+            100 * acc["mean"].values[k],
+            xerr=loss["half_width"].values[k],
+            yerr=100 * acc["half_width"].values[k],
+            marker="o",
+            linestyle="none",
+            capsize=3,
+            color=shades[k],
+            label=f"{value:g}",
+        )
+    trade_ax.legend(title=dim, fontsize="small")
     for ax in (acc_ax, cos_ax):
         ax.set_xlabel(xlabel)
         if log and (x > 0).all():

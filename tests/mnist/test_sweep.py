@@ -97,3 +97,33 @@ def test_a_committed_sweep_table_recomputes_from_its_file(path: Path) -> None:
     finals = xr.load_dataset(path)
     (dim,) = (d for d in finals.dims if d not in ("condition", "model"))
     assert (path.parent / "summary.md").read_text() == sweep_markdown(finals, dim=dim)
+
+
+def test_the_cli_records_its_own_command_and_what_the_shared_run_stands_in_for(
+    tmp_path: Path,
+) -> None:
+    import sys
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import mnist_sweep
+
+    folders = {
+        "lam0": _run(["liminal"], [0, 1, 2], seed=1),
+        "base": _run(["aux", "liminal"], [0, 1, 2], seed=0),
+    }
+    for name, ds in folders.items():
+        (tmp_path / name).mkdir()
+        ds.to_netcdf(tmp_path / name / "mnist_aux_compact.nc")
+        (tmp_path / name / "summary.md").write_text(f"Command: `run {name}`  \n")
+    argv = [
+        "--dim", "lambda0", "--conditions", "aux", "liminal",
+        "--run", f"0={tmp_path / 'lam0'}", "--run", f"1={tmp_path / 'base'}",
+        "--shared", str(tmp_path / "base"), "--out", str(tmp_path / "out"),
+    ]  # fmt: skip
+    out = mnist_sweep.main(argv)
+    summary = (out / "summary.md").read_text()
+    made_by = "python experiments/mnist_sweep.py " + " ".join(argv)
+    assert f"Made by `{made_by}` from these runs:" in summary
+    assert "- `aux` where a run lacks it: `run base`" in summary
+    assert "- `lambda0=0: run lam0`" in summary
+    assert summary == sweep_markdown(xr.load_dataset(out / SWEEP_FILE), dim="lambda0")
