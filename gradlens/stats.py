@@ -23,16 +23,17 @@ def _check_confidence(confidence: float, name: str) -> None:
         raise ValueError(f"{name} must be in (0, 1), got {confidence}.")
 
 
-def _t_interval(values: xr.DataArray, dim: str, confidence: float) -> xr.Dataset:
-    """Mean over ``dim`` of ``values`` (NaN left out) with its t interval, ``t`` and ``p``."""
-    n = values.count(dim)
-    mean = values.mean(dim)
-    sem = values.std(dim, ddof=1) / np.sqrt(n.where(n > 0))
-    df = n.where(n > 1) - 1
+def _interval(
+    mean: xr.DataArray, sem: xr.DataArray, df: xr.DataArray, confidence: float
+) -> xr.Dataset:
+    """``mean`` with its t interval from a standard error and degrees of freedom, ``t``, ``p``.
+
+    NaN degrees of freedom (too few values) give NaN ``half_width``, ``t`` and ``p``.
+    """
     quantile = xr.apply_ufunc(lambda k: stats.t.ppf(0.5 + confidence / 2, k), df)
-    half = (quantile * sem).where(n > 1)
+    half = (quantile * sem).where(df.notnull())
     with np.errstate(divide="ignore", invalid="ignore"):
-        t = (mean / sem).where(n > 1)
+        t = (mean / sem).where(df.notnull())
     p = xr.apply_ufunc(lambda tt, k: 2 * stats.t.sf(np.abs(tt), k), t, df)
     return xr.Dataset(
         {
@@ -40,11 +41,18 @@ def _t_interval(values: xr.DataArray, dim: str, confidence: float) -> xr.Dataset
             "lower": mean - half,
             "upper": mean + half,
             "half_width": half,
-            "n": n,
             "t": t,
             "p": p,
         }
     )
+
+
+def _t_interval(values: xr.DataArray, dim: str, confidence: float) -> xr.Dataset:
+    """Mean over ``dim`` of ``values`` (NaN left out) with its t interval, ``t`` and ``p``."""
+    n = values.count(dim)
+    sem = values.std(dim, ddof=1) / np.sqrt(n.where(n > 0))
+    result = _interval(values.mean(dim), sem, n.where(n > 1) - 1, confidence)
+    return result.assign(n=n)[["mean", "lower", "upper", "half_width", "n", "t", "p"]]
 
 
 def mean_ci(values: xr.DataArray, dim: str = "seed", level: float = 0.95) -> xr.Dataset:
@@ -218,27 +226,10 @@ def welch_t(
         var = da.var(d, ddof=1) / n.where(n > 1)
         parts.append((da.mean(d), var, n))
     (mean_a, var_a, n_a), (mean_b, var_b, n_b) = parts
-    diff = mean_a - mean_b
     sem = np.sqrt(var_a + var_b)
     df = (var_a + var_b) ** 2 / (var_a**2 / (n_a - 1) + var_b**2 / (n_b - 1))
-    quantile = xr.apply_ufunc(lambda k: stats.t.ppf(0.5 + confidence / 2, k), df)
-    half = quantile * sem
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t_stat = diff / sem
-    p = xr.apply_ufunc(lambda tt, k: 2 * stats.t.sf(np.abs(tt), k), t_stat, df)
-    result = xr.Dataset(
-        {
-            "mean": diff,
-            "lower": diff - half,
-            "upper": diff + half,
-            "half_width": half,
-            "n_a": n_a,
-            "n_b": n_b,
-            "df": df,
-            "t": t_stat,
-            "p": p,
-        }
-    )
+    result = _interval(mean_a - mean_b, sem, df, confidence).assign(n_a=n_a, n_b=n_b, df=df)
+    result = result[["mean", "lower", "upper", "half_width", "n_a", "n_b", "df", "t", "p"]]
     result.attrs = {
         "over": dim,
         "confidence": confidence,
