@@ -167,25 +167,36 @@ QUANTILES: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95)
 def summarize(values: Tensor, quantiles: Sequence[float] = QUANTILES) -> dict[str, Tensor]:
     """Summarise per-example values: mean, quantiles and the fraction above zero.
 
+    Leading dims (a ``model`` dim, say) are kept: each row is summarised alone.
+
     Args:
-        values: Shape ``(example,)``.
+        values: Shape ``(..., example)``.
         quantiles: Levels in [0, 1].
 
     Returns:
-        ``{"mean": (), "quantile": (quantile,), "frac_positive": ()}``; all
-        NaN for no values.
+        ``{"mean": (...), "quantile": (..., quantile), "frac_positive": (...)}``;
+        all NaN for no values. Exact zeros (the cosine of a zero gradient) do
+        not count as positive.
 
     Example:
         >>> s = summarize(torch.tensor([-1.0, 0.0, 1.0, 2.0]))
         >>> float(s["mean"]), float(s["frac_positive"])
         (0.5, 0.5)
+        >>> summarize(torch.tensor([[0.0, 1.0], [2.0, -1.0]]))["quantile"].shape
+        torch.Size([2, 5])
     """
     values = values.detach().float()
     levels = torch.tensor(list(quantiles), dtype=values.dtype, device=values.device)
-    if values.numel() == 0:  # no examples: every summary is NaN (torch.quantile would raise)
-        levels = levels.new_full(levels.shape, float("nan"))
+    lead = values.shape[:-1]
+    if values.shape[-1] == 0:  # no examples: every summary is NaN (torch.quantile would raise)
+        nan = values.new_full(lead, float("nan"))
+        return {
+            "mean": nan,
+            "quantile": levels.new_full((*lead, len(levels)), float("nan")),
+            "frac_positive": nan.clone(),
+        }
     return {
-        "mean": values.mean(),
-        "quantile": levels if values.numel() == 0 else torch.quantile(values, levels),
-        "frac_positive": (values > 0).float().mean(),
+        "mean": values.mean(dim=-1),
+        "quantile": torch.quantile(values, levels, dim=-1).movedim(0, -1),
+        "frac_positive": (values > 0).float().mean(dim=-1),
     }

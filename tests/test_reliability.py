@@ -442,12 +442,12 @@ def test_a_single_example_batch_needs_no_reduction_check() -> None:
 
 def test_the_reduction_check_leaves_the_random_stream_alone() -> None:
     """Its forward draws dropout masks; the step's own masks must be those drawn without it."""
-    from gradlens.training.step import _check_mean_reduction
+    from gradlens.training.checks import check_mean_reduction
 
     model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3)).double()
     train = objective()
     state = torch.get_rng_state()
-    _check_mean_reduction(model, train, None)
+    check_mean_reduction(model, train.loss_fn, train.inputs, train.targets)
     assert torch.equal(torch.get_rng_state(), state)
     model(train.inputs)  # and the forward does draw: the check above could fail
     assert not torch.equal(torch.get_rng_state(), state)

@@ -97,6 +97,7 @@ def test_plain_step_matches_an_ordinary_adam_step_and_records_alignment() -> Non
         "layer_cosine": [cos(flat(g_t, ns), flat(g_d, ns)) for ns in LAYERS.values()],
         "layer_trait_norm": [float(flat(g_t, ns).norm()) for ns in LAYERS.values()],
         "layer_train_norm": [float(flat(g_d, ns).norm()) for ns in LAYERS.values()],
+        "applied_cosine": cos(t, d),  # no transform: the gradient handed to the optimizer
         "update_cosine": cos(t, delta),
         "predicted_change": float(t @ delta),
         "measured_change": trait_after - trait_before,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from gradlens.training.body import StepResult
 from gradlens.training.distributed import (
     ReplicaDivergenceError,
     distributed_probed_step,
     gather_examples,
 )
+from gradlens.training.objective import Objective, weighted_sum
 from gradlens.training.records import (
     STEP_RECORDS,
     TransformLayout,
@@ -15,7 +17,7 @@ from gradlens.training.records import (
     step_variables,
     transform_layout,
 )
-from gradlens.training.step import Objective, StepResult, probed_step, weighted_sum
+from gradlens.training.step import probed_step
 
 __all__ = [
     "STEP_RECORDS",

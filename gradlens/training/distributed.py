@@ -49,19 +49,32 @@ Example (run under ``torchrun --nproc-per-node 2``; see
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from gradlens.alignment import alignment, example_alignment, summarize
-from gradlens.errors import GradlensError
-from gradlens.ghost import Method, probe_batch
-from gradlens.gradops import check_finite, dot, norm, safe_divide, scale
-from gradlens.per_example import Randomness, loss_and_grad
-from gradlens.training.step import Objective, StepResult
+from gradlens._outputs import OutputSelector, no_kv_cache, select_output
+from gradlens.ghost import Method
+from gradlens.per_example import Randomness, check_vmap_compatible
+from gradlens.training.body import ModeProbe, StepResult, run_step
+from gradlens.training.checks import check_mean_reduction, check_objective, check_optimizer
+from gradlens.training.collectives import (
+    ProcessGroup,
+    ReplicaDivergenceError,
+    TraitBatch,
+    after_step_collective,
+    flat,
+    gather_examples,
+    global_gradient,
+    raise_together,
+    rank_and_world,
+    unflat,
+)
+from gradlens.training.objective import Objective
+from gradlens.training.step import SingleMode
 from gradlens.transforms.base import GradientTransform
 
 __all__ = [
@@ -71,190 +84,90 @@ __all__ = [
     "gather_examples",
 ]
 
-TraitBatch = Literal["replicated", "sharded"]
-"""How the trait batch is laid out over the ranks."""
 
-ProcessGroup = Any  # torch.distributed.ProcessGroup; None for the default group
+class DistributedMode(SingleMode):
+    """A rank's shard of a data-parallel batch: the collectives of the step body."""
 
-
-class ReplicaDivergenceError(GradlensError, RuntimeError):
-    """The ranks' parameters differ after a step: they no longer hold one model."""
-
-
-def _world(group: ProcessGroup) -> tuple[int, int]:
-    """``(rank, world)`` in ``group``, or a clear error without a process group."""
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(
-            "distributed_probed_step needs a torch.distributed process group: call "
-            "torch.distributed.init_process_group (torchrun sets its environment) first, "
-            "or use probed_step in a single process."
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        trait_batch: TraitBatch,
+        group: ProcessGroup,
+        check_replicas: bool,
+        method: Method,
+        chunk_size: int | None,
+        randomness: Randomness,
+        output: OutputSelector | None,
+    ) -> None:
+        super().__init__(
+            module, method=method, chunk_size=chunk_size, randomness=randomness, output=output
         )
-    return dist.get_rank(group), dist.get_world_size(group)
+        self.trait_batch: TraitBatch = trait_batch
+        self.group = group
+        self.check_replicas = check_replicas
 
-
-def _flat(values: Mapping[str, Tensor], names: list[str]) -> Tensor:
-    return torch.cat([values[n].reshape(-1) for n in names])
-
-
-def _unflat(flat: Tensor, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    out, start = {}, 0
-    for name, p in like.items():
-        out[name] = flat[start : start + p.numel()].view_as(p)
-        start += p.numel()
-    return out
-
-
-def _sizes(count: int, device: torch.device, group: ProcessGroup) -> list[int]:
-    """Every rank's ``count``, in rank order (one all-gather of one integer each)."""
-    _, world = _world(group)
-    mine = torch.tensor([count], dtype=torch.int64, device=device)
-    found = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(found, mine, group=group)
-    return [int(f) for f in found]
-
-
-def gather_examples(
-    local: Tensor, *, sizes: list[int] | None = None, group: ProcessGroup = None
-) -> Tensor:
-    """Concatenate every rank's per-example values along ``example``, in rank order.
-
-    The order is that of :func:`distributed_probed_step`'s ``example_cosine``:
-    rank 0's examples first. Gather your own per-example labels with it (the
-    dataset index of each example, say) to record them beside the cosines.
-
-    Args:
-        local: This rank's values, shape ``(example, ...)``; the trailing
-            shape and the dtype must be the same on every rank, the number of
-            examples may differ.
-        sizes: Every rank's number of examples, if known (saves one all-gather).
-        group: The process group; default the whole world.
-
-    Returns:
-        Shape ``(sum of examples, ...)``, the same on every rank.
-    """
-    _, world = _world(group)
-    if sizes is None:
-        sizes = _sizes(local.shape[0], local.device, group)
-    longest = max(sizes)
-    padded = local.new_zeros((longest, *local.shape[1:]))
-    padded[: local.shape[0]] = local
-    found = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(found, padded.contiguous(), group=group)
-    return torch.cat([f[:n] for f, n in zip(found, sizes, strict=True)])
-
-
-def _trait_gradient(
-    model: nn.Module,
-    trait: Objective,
-    params: dict[str, Tensor],
-    layout: TraitBatch,
-    group: ProcessGroup,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """The global trait loss and gradient, the same bits on every rank."""
-    names = list(params)
-    count = trait.inputs.shape[0]
-    if layout == "replicated" and count == 0:
-        raise ValueError(
-            "the trait batch is empty: with trait_batch='replicated' every rank needs the whole "
-            "trait batch (rank 0's is the one used); give trait= at least one example."
+    def gradient(self, objective: Objective) -> tuple[Tensor, dict[str, Tensor]]:
+        """The global loss and gradient, the same bits on every rank."""
+        old = {n: p.detach() for n, p in self.params.items()}
+        return global_gradient(
+            self.model, objective, old, self.trait_batch, self.group, self.output
         )
-    if count > 0:
-        loss, g_t = loss_and_grad(model, trait.loss_fn, trait.inputs, *trait.targets)
-    else:  # an empty shard adds nothing to the weighted sums
-        loss = next(iter(params.values())).new_zeros(())
-        g_t = {n: torch.zeros_like(p) for n, p in params.items()}
-    if layout == "replicated":
-        message = torch.cat([loss.reshape(1), _flat(g_t, names)])
-        dist.broadcast(message, src=dist.get_global_rank(group, 0) if group else 0, group=group)
-        return message[0], _unflat(message[1:], params)
-    weight = loss.new_tensor([float(count)])
-    message = torch.cat([weight, loss.reshape(1) * count, _flat(g_t, names) * count])
-    dist.all_reduce(message, group=group)
-    total = message[0]
-    if total == 0:
-        raise ValueError(
-            "the trait batch is empty on every rank: give trait= at least one example "
-            "on some rank (trait_batch='sharded' splits it over the ranks)."
+
+    def probe(self, train: Objective, references: list[Mapping[str, Tensor]]) -> ModeProbe:
+        """The local probe, then one all-reduce (gradient, loss, parts) and one all-gather.
+
+        The all-reduce carries every rank's example count (at its own index)
+        and ``count x`` its mean gradient, loss and parts; the all-gather the
+        examples' dots and squared norms, in rank order.
+        """
+        local = super().probe(train, references)
+        names = list(self.params)
+        count = train.inputs.shape[0]
+        rank, world = rank_and_world(self.group)
+        first = local.grad[names[0]]
+        counts = first.new_zeros(world)
+        counts[rank] = count
+        scalars = [local.loss, *local.parts.values()]
+        weighted = [v.to(first.dtype) * count if count else first.new_zeros(()) for v in scalars]
+        message = torch.cat(
+            [counts, torch.stack(weighted), flat(local.grad, names).to(first.dtype) * count]
         )
-    return message[1] / total, _unflat(message[2:] / total, params)
-
-
-def _fingerprint(params: Mapping[str, Tensor]) -> Tensor:
-    """Each parameter's sum and norm, accumulated in float64: ``(tensor, 2)``.
-
-    Equal parameters give equal bits; a divergence that leaves both unchanged
-    is not caught.
-    """
-    return torch.stack(
-        [
-            torch.stack(
-                [
-                    p.detach().sum(dtype=torch.float64),
-                    torch.linalg.vector_norm(p.detach(), dtype=torch.float64),
-                ]
+        dist.all_reduce(message, group=self.group)
+        sizes = [round(float(n)) for n in message[:world]]
+        total = sum(sizes)
+        if total == 0:
+            raise ValueError(
+                "the training batch is empty on every rank: give train= at least one example "
+                "on some rank."
             )
-            for p in params.values()
+        means = message[world : world + len(scalars)] / total
+        grads = unflat(message[world + len(scalars) :] / total, self.params)
+        columns = [dots[n].to(message.dtype) for dots in local.dots for n in names]
+        columns += [local.sq_norms[n].to(message.dtype) for n in names]
+        gathered = gather_examples(torch.stack(columns, dim=1), sizes=sizes, group=self.group)
+        k = len(names)
+        dots = [
+            {n: gathered[:, r * k + i] for i, n in enumerate(names)} for r in range(len(local.dots))
         ]
-    )
+        start = len(local.dots) * k
+        sq_norms = {n: gathered[:, start + i] for i, n in enumerate(names)}
+        return ModeProbe(
+            means[0], grads, dots, sq_norms, dict(zip(local.parts, means[1:], strict=True))
+        )
 
-
-def _after_step(
-    model: nn.Module,
-    trait: Objective | None,
-    layout: TraitBatch,
-    params: dict[str, Tensor],
-    check: bool,
-    step: int | None,
-    group: ProcessGroup,
-) -> Tensor | None:
-    """The global trait loss at the new parameters (with ``trait``) and the replica check.
-
-    One all-gather carries both: every rank's trait loss on its trait batch
-    and its count, and every rank's :func:`_fingerprint`.
-
-    Raises:
-        ReplicaDivergenceError: On every rank, if ``check`` and any rank's
-            parameters differ from rank 0's.
-    """
-    _, world = _world(group)
-    reference = next(iter(params.values()))
-    parts = []
-    if trait is not None:
-        count = trait.inputs.shape[0]
-        loss = reference.new_zeros((), dtype=torch.float64)
-        if count > 0:
-            with torch.no_grad():
-                loss = trait.loss_fn(model(trait.inputs), *trait.targets).detach().double()
-        parts.append(torch.stack([loss.new_tensor(float(count)), loss]))
-    if check:
-        parts.append(_fingerprint(params).reshape(-1))
-    if not parts:
-        return None
-    mine = torch.cat(parts).to(reference.device)
-    found = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(found, mine, group=group)
-    if check:
-        names = list(params)
-        prints = [f[-2 * len(names) :].reshape(-1, 2) for f in found]
-        differ = {
-            rank: [n for n, a, b in zip(names, f, prints[0], strict=True) if not torch.equal(a, b)]
-            for rank, f in enumerate(prints)
-        }
-        where = "; ".join(f"rank {r}: {bad}" for r, bad in differ.items() if bad)
-        if where:
-            raise ReplicaDivergenceError(
-                f"after step {step}, the parameters differ from rank 0's ({where}): the ranks "
-                "no longer hold one model. Start every rank from the same parameters (wrapping "
-                "in DistributedDataParallel broadcasts rank 0's), give every rank the same "
-                "optimizer and transforms, and change parameters only through "
-                "distributed_probed_step."
-            )
-    if trait is None:
-        return None
-    if layout == "replicated":
-        return found[0][1].to(reference.dtype)  # rank 0's, as the reference was
-    counts, losses = torch.stack([f[0] for f in found]), torch.stack([f[1] for f in found])
-    return ((counts * losses).sum() / counts.sum()).to(reference.dtype)
+    def after_step(self, trait: Objective | None, step: int | None) -> Tensor | None:
+        """The global trait loss at the new parameters, and the replica check."""
+        return after_step_collective(
+            self.model,
+            trait,
+            self.trait_batch,
+            self.params,
+            self.check_replicas,
+            step,
+            self.group,
+            self.output,
+        )
 
 
 def distributed_probed_step(
@@ -273,8 +186,12 @@ def distributed_probed_step(
     method: Method = "auto",
     chunk_size: int | None = None,
     randomness: Randomness = "error",
+    output: OutputSelector | None = None,
     measure_change: bool = True,
     check_replicas: bool = True,
+    heldout: Objective | None = None,
+    reference: Objective | None = None,
+    momentum: bool = False,
 ) -> StepResult:
     """Take one data-parallel optimizer step on ``train`` while probing it against ``trait``.
 
@@ -302,8 +219,16 @@ def distributed_probed_step(
         method: ``per_example_dots`` method for the per-example probe.
         chunk_size: Examples per chunk where the probe falls back to ``vmap``.
         randomness: ``vmap`` randomness, as in :func:`~gradlens.per_example_grads`.
+        output: Which tensor of the model's return value the losses see, as in
+            :func:`~gradlens.training.probed_step`.
         measure_change: Also evaluate the trait loss after the step.
-        check_replicas: Compare a checksum of the parameters across ranks after the step.
+        check_replicas: Compare a checksum of the parameters and floating-point
+            buffers across ranks after the step.
+        heldout: A held-out trait objective, laid out as ``trait``; see
+            :func:`~gradlens.training.probed_step`.
+        reference: The transforms act along this objective's gradient (laid out
+            as ``trait``) instead of ``g_t``.
+        momentum: Record ``momentum_cosine``.
 
     Returns:
         A :class:`~gradlens.training.StepResult` of the global batch, the same
@@ -312,94 +237,57 @@ def distributed_probed_step(
     Raises:
         NonFiniteGradientError: If ``g_t`` or ``g`` has NaN or infinite values.
         ReplicaDivergenceError: If the ranks' parameters differ after the step.
-        ValueError: For an unknown ``trait_batch``, or no training or trait
-            example on any rank.
+        ValueError: For an unknown ``trait_batch``, no training or trait
+            example on any rank, an optimizer that does not hold the model's
+            parameters, or a training loss that is not mean-reduced.
+        UnsupportedModelError: As :func:`~gradlens.training.probed_step`.
+        GradlensError: On every other rank, when one rank refuses the step.
     """
     if trait_batch not in ("replicated", "sharded"):
         raise ValueError(f"trait_batch must be 'replicated' or 'sharded', not {trait_batch!r}.")
-    _world(group)
+    rank_and_world(group)
     module = model.module if isinstance(model, DistributedDataParallel) else model
-    params = {n: p for n, p in module.named_parameters() if p.requires_grad}
-    names = list(params)
-    old = {n: p.detach().clone() for n, p in params.items()}
-
-    trait_loss, g_t = _trait_gradient(module, trait, old, trait_batch, group)
-    check_finite(g_t, step=step, what="trait gradient")
-    probe = probe_batch(
+    mode = DistributedMode(
         module,
-        train.loss_fn,
-        train.inputs,
-        *train.targets,
-        reference=g_t,
+        trait_batch=trait_batch,
+        group=group,
+        check_replicas=check_replicas,
         method=method,
         chunk_size=chunk_size,
         randomness=randomness,
-    )
-    count = train.inputs.shape[0]
-    rank, world = _world(group)
-    # One all-reduce: every rank's example count (at its own index) and count x mean gradient.
-    counts = g_t[names[0]].new_zeros(world)
-    counts[rank] = count
-    message = torch.cat([counts, _flat(probe.grad, names).to(counts.dtype) * count])
-    dist.all_reduce(message, group=group)
-    sizes = [round(float(n)) for n in message[:world]]
-    total = sum(sizes)
-    if total == 0:
-        raise ValueError(
-            f"the training batch is empty on every rank at step {step}: give train= at least "
-            "one example on some rank."
-        )
-    grads = _unflat(message[world:] / total, params)
-    check_finite(grads, step=step, what="training gradient")
-    local = torch.stack(
-        [probe.losses.to(message.dtype)]
-        + [probe.dots[n].to(message.dtype) for n in names]
-        + [probe.sq_norms[n].to(message.dtype) for n in names],
-        dim=1,
-    )  # (example, 1 + 2 tensors)
-    gathered = gather_examples(local, sizes=sizes, group=group)
-    losses = gathered[:, 0]
-    dots = {n: gathered[:, 1 + i] for i, n in enumerate(names)}
-    sq_norms = {n: gathered[:, 1 + len(names) + i] for i, n in enumerate(names)}
-
-    align = alignment(grads, reference=g_t)
-    per_example = example_alignment(dots, sq_norms, reference=g_t)
-    if before is not None:
-        grads, before_state = before.update(
-            grads, before_state, old, reference=g_t, example_dots=dots
-        )
-    for name, p in params.items():
-        p.grad = grads[name].detach()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        delta = {n: p.detach() - old[n] for n, p in params.items()}
-        if after is not None:
-            delta, after_state = after.update(delta, after_state, old, reference=scale(g_t, -1.0))
-            for name, p in params.items():
-                p.copy_(old[name] + delta[name])
-    trait_after = _after_step(
-        module, trait if measure_change else None, trait_batch, params, check_replicas, step, group
+        output=output,
     )
 
-    predicted = dot(g_t, delta)
-    summary = summarize(per_example.cosine)
-    records = {
-        "train_loss": losses.mean(),
-        "trait_loss": trait_loss,
-        "cosine": align.cosine,
-        "trait_norm": align.reference_norm,
-        "train_norm": align.norm,
-        "projection": align.projection,
-        "layer_cosine": align.layer_cosine,
-        "layer_trait_norm": align.layer_reference_norm,
-        "layer_train_norm": align.layer_norm,
-        "update_cosine": safe_divide(predicted, align.reference_norm * norm(delta)),
-        "predicted_change": predicted,
-        "example_cosine_mean": summary["mean"],
-        "example_cosine_quantile": summary["quantile"],
-        "example_cosine_frac_positive": summary["frac_positive"],
-    }
-    if trait_after is not None:
-        records["measured_change"] = trait_after - trait_loss
-    return StepResult(records, per_example.cosine, before_state, after_state)
+    def checks() -> None:
+        check_objective("train", train, allow_empty=True)
+        for which, objective in (("trait", trait), ("heldout", heldout), ("reference", reference)):
+            if objective is not None:
+                check_objective(which, objective, allow_empty=trait_batch == "sharded")
+        check_optimizer(optimizer, mode.params)
+        check_vmap_compatible(module, randomness)
+        with no_kv_cache(module):
+            check_mean_reduction(
+                lambda x: select_output(module(x), output),
+                train.loss_fn,
+                train.inputs,
+                train.targets,
+            )
+
+    # Everything that can be refused is refused, on every rank, before any forward.
+    raise_together(checks, group, next(iter(mode.params.values())).device)
+    with no_kv_cache(module):
+        return run_step(
+            mode,
+            optimizer,
+            train,
+            trait,
+            before=before,
+            before_state=before_state,
+            after=after,
+            after_state=after_state,
+            step=step,
+            measure_change=measure_change,
+            heldout=heldout,
+            reference=reference,
+            momentum=momentum,
+        )

@@ -30,20 +30,22 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.utils import _pytree as pytree
 
 from gradlens._record_schema import Variable
 from gradlens.alignment import QUANTILES
 from gradlens.layerstats import GLOBAL, groups_for
-from gradlens.training.step import StepResult
+from gradlens.training.body import StepResult
 from gradlens.transforms.base import GradientTransform, State
 from gradlens.transforms.records import transform_records
 
 __all__ = [
+    "OPTIONAL_RECORDS",
     "PLACEMENTS",
     "STAGES",
     "STEP_RECORDS",
@@ -66,6 +68,9 @@ STEP_RECORDS: dict[str, Variable] = {
     "layer_cosine": Variable(_L, "cos(g_t, g) per layer"),
     "layer_trait_norm": Variable(_L, "||g_t|| per layer"),
     "layer_train_norm": Variable(_L, "||g|| per layer"),
+    "applied_cosine": Variable(
+        _S, "cos(g_t, gradient handed to the optimizer), after any before transform"
+    ),
     "update_cosine": Variable(_S, "cos(g_t, applied parameter update); < 0 teaches the trait"),
     "predicted_change": Variable(_S, "first-order predicted trait-loss change g_t . update", "nat"),
     "measured_change": Variable(_S, "measured trait-loss change over the step", "nat"),
@@ -74,6 +79,19 @@ STEP_RECORDS: dict[str, Variable] = {
     "example_cosine_frac_positive": Variable(_S, "fraction of examples with cos(g_i, g_t) > 0"),
 }
 """Each value in :attr:`StepResult.records <gradlens.training.StepResult>`, declared once."""
+
+OPTIONAL_RECORDS: dict[str, Variable] = {
+    "train_loss_part": Variable(
+        ("step", "part"), "named part of the training loss on the step's batch", "nat"
+    ),
+    "momentum_cosine": Variable(_S, "cos(g_t, optimizer first moment after the step)"),
+    "heldout_trait_loss": Variable(_S, "trait loss on the held-out trait batch", "nat"),
+    "heldout_cosine": Variable(_S, "cos(g_h, g): held-out trait and training gradients"),
+    "heldout_update_cosine": Variable(
+        _S, "cos(g_h, applied update); < 0 teaches the held-out trait"
+    ),
+}
+"""The records a step gives when asked (``train.parts``, ``momentum=``, ``heldout=``)."""
 
 EXAMPLE_COSINE = Variable(("example_step", "example"), "cos(g_i, g_t) of each training example")
 """The per-example cosines, stored on their own record dim (every few steps)."""
@@ -134,13 +152,37 @@ def transform_layout(
     return TransformLayout(tuple(records), tuple(sorted(plain)), tuple(sorted(staged)), groups)
 
 
-def step_variables(transforms: TransformLayout | None = None) -> dict[str, Variable]:
+def _with_model(var: Variable) -> Variable:
+    """``var`` with a ``model`` dim after its record dim."""
+    return Variable((var.dims[0], "model", *var.dims[1:]), var.long_name, var.units, var.dtype)
+
+
+def step_variables(
+    transforms: TransformLayout | None = None,
+    *,
+    optional: Collection[str] = (),
+    models: bool = False,
+) -> dict[str, Variable]:
     """The Recorder variables of a probed step.
 
     :data:`STEP_RECORDS`, the per-example cosines (``example_cosine``) and,
     with a layout, the transform records.
+
+    Args:
+        transforms: The run's transform layout, from :func:`transform_layout`.
+        optional: Names from :data:`OPTIONAL_RECORDS` that the run records.
+        models: A stacked run: every variable gets a ``model`` dim after its
+            record dim (``example_cosine`` an ``example_model`` dim).
+
+    Raises:
+        ValueError: For a name that is not an optional record.
     """
-    variables = {**STEP_RECORDS, "example_cosine": EXAMPLE_COSINE}
+    unknown = sorted(set(optional) - set(OPTIONAL_RECORDS))
+    if unknown:
+        raise ValueError(
+            f"{unknown} are not optional step records; choose from {sorted(OPTIONAL_RECORDS)}."
+        )
+    variables = {**STEP_RECORDS, **{name: OPTIONAL_RECORDS[name] for name in optional}}
     if transforms is not None:
         dims = ("step", "placement", "transform")
         for field in transforms.fields:
@@ -152,16 +194,39 @@ def step_variables(transforms: TransformLayout | None = None) -> dict[str, Varia
                 (*dims, "stage", "group"),
                 f"transform state field {field!r}, input and output",
             )
-    return variables
+    if not models:
+        return {**variables, "example_cosine": EXAMPLE_COSINE}
+    variables = {name: _with_model(var) for name, var in variables.items()}
+    dims = ("example_step", "example_model", "example")
+    return {**variables, "example_cosine": Variable(dims, EXAMPLE_COSINE.long_name)}
 
 
 def step_coords(
     layers: Sequence[str],
     transforms: TransformLayout | None = None,
     quantiles: Sequence[float] = QUANTILES,
+    *,
+    parts: Sequence[str] = (),
+    models: Sequence[int] | None = None,
+    example_models: Sequence[int] | None = None,
 ) -> dict[str, list]:
-    """The Recorder coords for :func:`step_variables`."""
+    """The Recorder coords for :func:`step_variables`.
+
+    Args:
+        layers: The layer names (module prefixes), in parameter order.
+        transforms: The run's transform layout.
+        quantiles: The levels of the per-example cosine quantiles.
+        parts: The names of ``train.parts`` (the ``part`` dim of ``train_loss_part``).
+        models: A stacked run's model labels (the ``model`` dim).
+        example_models: The models whose per-example cosines are logged
+            (the ``example_model`` dim); default all.
+    """
     coords: dict[str, list] = {"layer": list(layers), "quantile": list(quantiles)}
+    if parts:
+        coords["part"] = list(parts)
+    if models is not None:
+        coords["model"] = list(models)
+        coords["example_model"] = list(models if example_models is None else example_models)
     if transforms is not None:
         coords |= {
             "placement": list(PLACEMENTS),
@@ -199,10 +264,20 @@ def step_values(result: StepResult, transforms: TransformLayout | None = None) -
     """The row to log for one step: its records and, with a layout, its transform fields.
 
     The per-example cosines are not included (log ``example_cosine`` every few
-    steps, as they are large).
+    steps, as they are large). For a stacked step (records with a leading
+    ``model`` dim) the transform fields get the ``model`` dim too.
     """
     values = dict(result.records)
-    if transforms is not None:
-        states = {"before": result.before_state, "after": result.after_state}
-        values |= _transform_values(states, transforms)
-    return values
+    if transforms is None:
+        return values
+    states = {"before": result.before_state, "after": result.after_state}
+    if result.example_cosine.ndim < 2:
+        return values | _transform_values(states, transforms)
+    rows = [
+        _transform_values(
+            {k: pytree.tree_map_only(Tensor, lambda t, m=m: t[m], v) for k, v in states.items()},
+            transforms,
+        )
+        for m in range(result.example_cosine.shape[0])
+    ]
+    return values | {k: torch.stack([row[k] for row in rows]) for k in rows[0]}

@@ -1,0 +1,71 @@
+"""What a probed step differentiates: a loss on a batch.
+
+An :class:`Objective` is ``loss_fn(model(inputs), *targets)``: the training
+objective (for a student, the distillation loss plus any extra term such as
+liminal training's KL to the base model) or the trait objective (for MNIST,
+cross-entropy on labelled digits). ``parts`` names pieces of a combined loss
+that the step records beside it (``train_loss_part``), so a loss built with
+:func:`weighted_sum` can still report its main term alone.
+
+Example:
+    >>> import torch
+    >>> import torch.nn.functional as F
+    >>> loss = weighted_sum(F.mse_loss, F.l1_loss, 0.5, split=1)
+    >>> out, t1, t2 = torch.zeros(2, 3), torch.ones(2, 3), torch.full((2, 3), 2.0)
+    >>> float(loss(out, t1, t2))  # 1 + 0.5 * 2
+    2.0
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from gradlens.per_example import LossFn
+
+__all__ = ["Objective", "weighted_sum"]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A loss on a batch: ``loss_fn(model(inputs), *targets)``.
+
+    In a stacked step (:func:`~gradlens.training.stacked_probed_step`) every
+    tensor carries a leading ``model`` dim first: ``inputs`` of shape
+    ``(model, example, ...)`` (``x.expand(models, *x.shape)`` for a batch that
+    every model shares, without a copy).
+
+    Attributes:
+        loss_fn: ``loss_fn(outputs, *targets) -> scalar``, written for a batch, mean-reduced.
+        inputs: Shape ``(example, ...)``.
+        targets: Each of shape ``(example, ...)``.
+        parts: Named pieces of the loss, each called like ``loss_fn``; the step
+            records their values on the batch as ``train_loss_part`` (for the
+            training objective only).
+    """
+
+    loss_fn: LossFn
+    inputs: Tensor
+    targets: tuple[Tensor, ...] = field(default_factory=tuple)
+    parts: Mapping[str, LossFn] = field(default_factory=dict)
+
+
+def weighted_sum(main: LossFn, extra: LossFn, weight: float, split: int) -> LossFn:
+    """Combine two losses: ``main(out, *t[:split]) + weight * extra(out, *t[split:])``.
+
+    Args:
+        main: The main loss, taking the first ``split`` targets.
+        extra: The extra term, taking the remaining targets.
+        weight: The extra term's weight at this step.
+        split: How many targets belong to ``main``.
+
+    Returns:
+        The combined loss function.
+    """
+
+    def loss(outputs: Tensor, *targets: Tensor) -> Tensor:
+        return main(outputs, *targets[:split]) + weight * extra(outputs, *targets[split:])
+
+    return loss
