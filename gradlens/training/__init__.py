@@ -10,6 +10,7 @@ from gradlens.training.distributed import (
 )
 from gradlens.training.objective import Objective, weighted_sum
 from gradlens.training.records import (
+    OPTIONAL_RECORDS,
     STEP_RECORDS,
     TransformLayout,
     step_coords,
@@ -17,20 +18,28 @@ from gradlens.training.records import (
     step_variables,
     transform_layout,
 )
+from gradlens.training.stack import Stack, stack_forward, stack_modules, unstack
+from gradlens.training.stacked import stacked_probed_step
 from gradlens.training.step import probed_step
 
 __all__ = [
+    "OPTIONAL_RECORDS",
     "STEP_RECORDS",
     "Objective",
     "ReplicaDivergenceError",
+    "Stack",
     "StepResult",
     "TransformLayout",
     "distributed_probed_step",
     "gather_examples",
     "probed_step",
+    "stack_forward",
+    "stack_modules",
+    "stacked_probed_step",
     "step_coords",
     "step_values",
     "step_variables",
     "transform_layout",
+    "unstack",
     "weighted_sum",
 ]

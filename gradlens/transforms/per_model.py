@@ -52,7 +52,7 @@ from gradlens.errors import GradientMismatchError
 from gradlens.transforms._random import mix_seed
 from gradlens.transforms.base import GradientTransform, State
 
-__all__ = ["per_model"]
+__all__ = ["is_per_model", "per_model"]
 
 
 def _is_batched_extra(value: object) -> bool:
@@ -170,7 +170,13 @@ def per_model(
         p = None if params is None else dict(params)
         return vmapped(dict(grads), state, p, dict(reference), batched)
 
+    update.__gradlens_per_model__ = True  # type: ignore[attr-defined]
     return GradientTransform(init, update)
+
+
+def is_per_model(transform: GradientTransform) -> bool:
+    """Whether ``transform`` was made by :func:`per_model` (it transforms each model alone)."""
+    return bool(getattr(transform.update, "__gradlens_per_model__", False))
 
 
 def _model(values: Mapping[str, Tensor], m: int) -> dict[str, Tensor]:
