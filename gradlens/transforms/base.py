@@ -28,8 +28,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from collections.abc import Mapping
+from typing import NamedTuple, Protocol, TypeAlias, Union
 
 from torch import Tensor
 
@@ -49,14 +49,40 @@ __all__ = [
 ]
 
 
-State = Any
-"""A transform's state: a small NamedTuple, or a tuple of states for a chain."""
+State: TypeAlias = Union[tuple[object, ...], Mapping[str, "State"]]  # noqa: UP007
+"""A transform's state: a small NamedTuple of tensors (a tuple), a tuple of
+states for :func:`~gradlens.transforms.chain`, or a dict of states by member
+name for :func:`~gradlens.transforms.named_chain`."""
 
-TransformInit = Callable[[Mapping[str, Tensor]], State]
-"""``init(params) -> state``."""
 
-TransformUpdate = Callable[..., tuple[dict[str, Tensor], State]]
-"""``update(grads, state, params=None, *, reference, **extra) -> (grads, state)``."""
+class TransformInit(Protocol):
+    """``init(params) -> state``: only the parameters' names, shapes, dtypes and device matter."""
+
+    def __call__(self, params: Mapping[str, Tensor], /) -> State:
+        """Build the transform's first state."""
+        ...
+
+
+class TransformUpdate(Protocol):
+    """``update(grads, state, params=None, *, reference, **extra) -> (grads, state)``.
+
+    ``reference`` is keyword-only and required; extras a transform does not
+    use (``example_dots``, for one) are ignored, so a chain passes every extra
+    to every member.
+    """
+
+    def __call__(
+        self,
+        grads: Mapping[str, Tensor],
+        state: State,
+        params: Mapping[str, Tensor] | None = None,
+        /,
+        *,
+        reference: Mapping[str, Tensor],
+        **extra: object,
+    ) -> tuple[dict[str, Tensor], State]:
+        """Transform ``grads`` along ``reference``; return them and the new state."""
+        ...
 
 
 class StateMismatchError(GradlensError, TypeError):
