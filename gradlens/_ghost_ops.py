@@ -42,12 +42,48 @@ from gradlens._ghost_forms import Call, Form, Layout, to_examples
 from gradlens._ghost_linear import ADDMM, LINEAR
 from gradlens._ghost_norm import NORMS
 
-__all__ = ["FORMS", "OpLog", "Seen", "establish_layout"]
+__all__ = ["FORMS", "OpLog", "Seen", "establish_layout", "register_form", "registry_version"]
 
 FORMS: tuple[Form, ...] = (LINEAR, ADDMM, *CONV, EMBEDDING, *NORMS)
 """Every layer kind with a factored form."""
 
 _BY_FUNC = {func: form for form in FORMS for func in form.funcs}
+_VERSION = [0]  # bumped by register_form: cached plans made before it are not reused
+
+
+def register_form(form: Form, *, replace: bool = False) -> None:
+    """Give the ghost path a factored form for more functions (as Opacus's ``register_grad_sampler``).
+
+    A form is recognised by the function the forward calls (``form.funcs``,
+    as seen by a ``TorchFunctionMode``: for ``F.bilinear`` that is
+    ``torch.bilinear``). From the next plan on, a parameter read only by calls
+    of a registered form, and by no other operation, takes the ghost path; the
+    plan still establishes each call's example layout and checks that the
+    forward does not mix examples, so a wrong ``bind`` is refused, not trusted.
+    ``docs/contributing.md`` walks through one form and its test against the
+    float64 loop.
+
+    Args:
+        form: The form: ``bind`` the call, ``compute`` the dots and squared norms.
+        replace: Replace the form already registered for one of ``form.funcs``.
+
+    Raises:
+        ValueError: If a function already has another form and not ``replace``.
+    """
+    taken = sorted({_BY_FUNC[f].name for f in form.funcs if f in _BY_FUNC} - {form.name})
+    if taken and not replace:
+        raise ValueError(
+            f"{form.name!r} covers functions that already have the form(s) {taken}: pass "
+            "replace=True to replace them, or give the form only functions that have none."
+        )
+    for func in form.funcs:
+        _BY_FUNC[func] = form
+    _VERSION[0] += 1
+
+
+def registry_version() -> int:
+    """How many times :func:`register_form` has changed the registry (part of the plan key)."""
+    return _VERSION[0]
 
 
 def _transparent(func: Callable[..., Any]) -> Callable[..., Any]:

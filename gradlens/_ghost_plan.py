@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from gradlens._ghost_forms import Layout
-from gradlens._ghost_ops import OpLog, Seen, establish_layout
+from gradlens._ghost_ops import OpLog, Seen, establish_layout, registry_version
 from gradlens._outputs import OutputSelector, no_kv_cache, select_output, selector_key
 from gradlens.errors import UnsupportedModelError
 from gradlens.per_example import Randomness, check_vmap_compatible, split_params
@@ -279,6 +279,7 @@ def plan_for(
         inputs.device,
         randomness,
         selector_key(output),
+        registry_version(),
     )
     plans = _CACHE.setdefault(model, OrderedDict())
     if key in plans:
