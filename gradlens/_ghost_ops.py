@@ -52,7 +52,7 @@ _VERSION = [0]  # bumped by register_form: cached plans made before it are not r
 
 
 def register_form(form: Form, *, replace: bool = False) -> None:
-    """Give the ghost path a factored form for more functions (as Opacus's ``register_grad_sampler``).
+    """Give the ghost path a factored form for more functions (as Opacus's register_grad_sampler).
 
     A form is recognised by the function the forward calls (``form.funcs``,
     as seen by a ``TorchFunctionMode``: for ``F.bilinear`` that is
