@@ -15,30 +15,51 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+from gradlens_bench import run
+from gradlens_bench.agreement import against_loop, verify
+from gradlens_bench.measure import Case, Protocol, allocator_peak, measure_case
+from gradlens_bench.methods import METHODS, Method, Output, quiet_hooks
+from gradlens_bench.models import (
+    DEFAULT_MODELS,
+    MODELS,
+    ZOO,
+    ProbeWorkload,
+    Workload,
+    make_workload,
+)
+from gradlens_bench.render import markdown, zoo_targets_markdown
+from gradlens_bench.results import add_ratios, build_dataset
+from gradlens_bench.run import parse_args
 
-from benchmarks import run
-from benchmarks.agreement import against_loop, verify
-from benchmarks.measure import Case, Protocol, allocator_peak, measure_case
-from benchmarks.methods import METHODS, Method, Output, quiet_hooks
-from benchmarks.models import DEFAULT_MODELS, MODELS, ZOO, ProbeWorkload, Workload, make_workload
-from benchmarks.render import markdown, zoo_targets_markdown
-from benchmarks.results import add_ratios, build_dataset
-from benchmarks.run import parse_args
 from gradlens import per_example_grads
 
 ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
 # Where a library refuses a model, the benchmark says so instead of timing it.
 EXPECTED_UNSUPPORTED: set[tuple[str, str]] = set()  # the CNN has ghost forms since issue 9
 
 
+def _env(module: bool) -> dict[str, str]:
+    """The environment of a subprocess: ``-m gradlens_bench.x`` needs ``benchmarks/`` on the path.
+
+    A file run (``benchmarks/gradlens_bench/x.py``) must find its package by itself.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return env | {"PYTHONPATH": str(BENCH)} if module else env
+
+
 def _run(*args: str) -> None:
-    subprocess.run([sys.executable, *args], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=_env(args[0] == "-m"), capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bench")
-    _run("-m", "benchmarks.run", "--smoke", "--device", "cpu", "--out", str(out))
+    _run("-m", "gradlens_bench.run", "--smoke", "--device", "cpu", "--out", str(out))
     return out
 
 
@@ -92,7 +113,7 @@ def test_baselines_have_ratio_one(results: xr.Dataset) -> None:
 
 
 def test_render_reproduces_the_table_from_both_entry_forms(smoke: Path, tmp_path: Path) -> None:
-    for entry in (["-m", "benchmarks.run"], ["benchmarks/run.py"]):
+    for entry in (["-m", "gradlens_bench.run"], ["benchmarks/gradlens_bench/run.py"]):
         shutil.copy(smoke / "results.nc", tmp_path / "results.nc")
         _run(*entry, "--render", str(tmp_path / "results.nc"))
         assert (tmp_path / "table.md").read_text() == (smoke / "table.md").read_text()
@@ -173,12 +194,12 @@ def test_the_forkserver_preload_leaves_the_cuda_driver_alone(tmp_path: Path) -> 
         "calls = []\n"
         "orig = torch._C._cuda_getDeviceCount\n"
         "torch._C._cuda_getDeviceCount = lambda: calls.append(1) or orig()\n"
-        "import torch._dynamo, gradlens, benchmarks.preload\n"
+        "import torch._dynamo, gradlens, gradlens_bench.preload\n"
         "print(len(calls))\n"
     )
 
     def device_counts(device: str) -> int:
-        env = {**os.environ, "GRADLENS_BENCH_DEVICE": device, "CUDA_HOME": str(tmp_path)}
+        env = _env(module=True) | {"GRADLENS_BENCH_DEVICE": device, "CUDA_HOME": str(tmp_path)}
         env.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
         done = subprocess.run(
             [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True

@@ -12,8 +12,8 @@ from pathlib import Path
 import xarray as xr
 from matplotlib.figure import Figure
 
-from benchmarks.models import ZOO
-from benchmarks.results import add_ratios
+from gradlens_bench.models import ZOO
+from gradlens_bench.results import add_ratios
 
 __all__ = ["markdown", "plot", "render", "targets_markdown"]
 

@@ -23,12 +23,12 @@ from typing import Any, Literal, cast
 
 from torch import Tensor, nn
 
-from benchmarks import step
-from benchmarks.agreement import Check, against_loop, loop_grads, same_update
-from benchmarks.models import Family, ProbeWorkload, Workload, forward
 from gradlens import flush_denormal, per_example_grads
 from gradlens.ghost import per_example_dots
 from gradlens.transforms import remove_aligned
+from gradlens_bench import step
+from gradlens_bench.agreement import Check, against_loop, loop_grads, same_update
+from gradlens_bench.models import Family, ProbeWorkload, Workload, forward
 
 __all__ = ["CHUNK_SIZE", "METHODS", "Method", "Output", "quiet_hooks"]
 
@@ -61,7 +61,7 @@ class Method:
     Attributes:
         name: Registry key, used in flags and result files.
         label: Human-readable name for tables and plots.
-        family: The models it runs on (:data:`benchmarks.models.MODELS`).
+        family: The models it runs on (:data:`gradlens_bench.models.MODELS`).
         baseline: The method its time and memory are divided by.
         prepare: Setup context manager yielding ``run``.
         check: The agreement check; ``None`` for a reference cost that computes

@@ -2,7 +2,7 @@
 
 Each case runs in its own child process, forked from a ``forkserver`` that has
 already imported torch, gradlens and the optional libraries
-(:mod:`benchmarks.preload`), so a case costs no import time yet inherits no
+(:mod:`gradlens_bench.preload`), so a case costs no import time yet inherits no
 memory, caches or threads from another case.
 
 Time: :class:`torch.utils.benchmark.Timer` (``adaptive_autorange``), which
@@ -210,8 +210,8 @@ def measure_case(case: Case, protocol: Protocol) -> dict[str, object]:
         ``time_q75`` in seconds per call, ``cpu_time_median`` (NaN on CUDA),
         ``repeats`` (timed calls), ``peak_memory`` and ``peak_rss`` in bytes.
     """
-    from benchmarks.methods import METHODS
-    from benchmarks.models import make_workload
+    from gradlens_bench.methods import METHODS
+    from gradlens_bench.models import make_workload
 
     device = torch.device(protocol.device)
     configure(device, protocol.threads)
@@ -256,7 +256,7 @@ _PRELOAD = [
     "backpack",
     "torchvision.models.resnet",
     "transformers.models.gpt2.modeling_gpt2",
-    "benchmarks.preload",
+    "gradlens_bench.preload",
 ]
 """Modules the forkserver imports once (``torch._dynamo``: the first torch.func call's 1 s;
 GPT-2's modules: several seconds). None asks the CUDA driver for its devices on import."""

@@ -1,16 +1,16 @@
 """Benchmark per-example gradient probes and the probed training step against their baselines.
 
-For every model and batch size, each method of :data:`benchmarks.methods.METHODS`
-that runs on the model is first checked (:mod:`benchmarks.agreement`), then
+For every model and batch size, each method of :data:`gradlens_bench.methods.METHODS`
+that runs on the model is first checked (:mod:`gradlens_bench.agreement`), then
 timed and its peak memory measured in a fresh process
-(:mod:`benchmarks.measure`). Results go to ``results.nc``, ``table.md`` and
+(:mod:`gradlens_bench.measure`). Results go to ``results.nc``, ``table.md`` and
 ``probes.png`` under ``--out``.
 
 Example:
-    python -m benchmarks.run --smoke --out /tmp/bench
+    python -m gradlens_bench.run --smoke --out /tmp/bench
     python benchmarks/run.py --device cpu --threads 1
-    python -m benchmarks.run --device cpu --threads 1 --models zoo --batch-sizes 256
-    python -m benchmarks.run --render benchmarks/results/<slug>/results.nc
+    python -m gradlens_bench.run --device cpu --threads 1 --models zoo --batch-sizes 256
+    python -m gradlens_bench.run --render benchmarks/results/<slug>/results.nc
 """
 
 from __future__ import annotations
@@ -21,19 +21,22 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: make ``benchmarks`` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as a file: see "Running a file" in docs/benchmarks.md
+    _HERE = Path(__file__).resolve().parent
+    sys.path[:] = [str(_HERE.parent), str(_HERE.parents[1])] + [
+        p for p in sys.path if Path(p).resolve() != _HERE
+    ]
 
 import torch
 import xarray as xr
 from tqdm import tqdm
 
-from benchmarks.agreement import verify
-from benchmarks.measure import Case, Protocol, configure, run_isolated
-from benchmarks.methods import METHODS, quiet_hooks
-from benchmarks.models import DEFAULT_MODELS, MODELS, ZOO, make_workload
-from benchmarks.render import render
-from benchmarks.results import ROOT, build_dataset, device_slug, load_average, provenance
+from gradlens_bench.agreement import verify
+from gradlens_bench.measure import Case, Protocol, configure, run_isolated
+from gradlens_bench.methods import METHODS, quiet_hooks
+from gradlens_bench.models import DEFAULT_MODELS, MODELS, ZOO, make_workload
+from gradlens_bench.render import render
+from gradlens_bench.results import ROOT, build_dataset, device_slug, load_average, provenance
 
 __all__ = ["BenchConfig", "main", "parse_args"]
 
@@ -48,8 +51,8 @@ class BenchConfig:
     Attributes:
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         out: Output folder; ``None`` means ``benchmarks/results/<device-slug>``.
-        models: Model names from :data:`benchmarks.models.MODELS`; by default
-            all but the zoo (:data:`benchmarks.models.ZOO`).
+        models: Model names from :data:`gradlens_bench.models.MODELS`; by default
+            all but the zoo (:data:`gradlens_bench.models.ZOO`).
         batch_sizes: Batch sizes, ascending.
         methods: Method names; every chosen method's baseline is added.
         protocol: Timing protocol shared by every case (its device is overwritten).
@@ -98,7 +101,7 @@ def main(config: BenchConfig) -> xr.Dataset:
     """Check, then measure every case; write ``results.nc``, ``table.md`` and ``probes.png``.
 
     Returns:
-        The results dataset (see :func:`benchmarks.results.build_dataset`).
+        The results dataset (see :func:`gradlens_bench.results.build_dataset`).
     """
     device = torch.device(config.device)
     protocol = Protocol(**{**asdict(config.protocol), "device": str(device)})

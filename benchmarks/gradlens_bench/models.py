@@ -4,7 +4,7 @@ Every model is built from a fixed seed and maps its inputs to 13 logits, the
 class count of the experiment, except GPT-2, whose logits are next-token
 scores. Two families: ``"probe"`` models come with a labelled batch, a loss and
 a reference gradient (:class:`ProbeWorkload`); ``"step"`` models come with an
-optimizer, a training batch and a trait batch (:class:`benchmarks.step.StepWorkload`):
+optimizer, a training batch and a trait batch (:class:`gradlens_bench.step.StepWorkload`):
 the experiment's student with its teacher, and the zoo models (GPT-2 tiny, a
 small CNN, a transformer encoder, a small ResNet), which are in both families.
 A method runs on the models of its own family.
@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks.step import SIZES, StepWorkload, make_step_workload, make_zoo_step, pick
 from gradlens import mean_grad
 from gradlens.mnist.models import init_mlp
+from gradlens_bench.step import SIZES, StepWorkload, make_step_workload, make_zoo_step, pick
 
 __all__ = [
     "DEFAULT_MODELS",

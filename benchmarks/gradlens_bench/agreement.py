@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Literal, cast
 import torch
 from torch import Tensor
 
-from benchmarks.models import forward
-from benchmarks.step import StepWorkload, reference_update
 from gradlens import per_example_grads
 from gradlens.errors import UnsupportedModelError
+from gradlens_bench.models import forward
+from gradlens_bench.step import StepWorkload, reference_update
 
 if TYPE_CHECKING:
-    from benchmarks.methods import Method
-    from benchmarks.models import ProbeWorkload, Workload
+    from gradlens_bench.methods import Method
+    from gradlens_bench.models import ProbeWorkload, Workload
 
 __all__ = ["TOLERANCE", "Agreement", "Check", "against_loop", "loop_grads", "same_update"]
 
@@ -87,7 +87,7 @@ def against_loop(kind: Literal["mean", "grads", "dots", "loop"]) -> Check:
 
 
 def same_update(project: bool = False) -> Check:
-    """A check that a step method applies :func:`benchmarks.step.reference_update`.
+    """A check that a step method applies :func:`gradlens_bench.step.reference_update`.
 
     The error is ``|delta - reference| / |reference|`` (Euclidean norms) for the
     worst parameter tensor, both steps taken from copies of the same state.

@@ -1,0 +1,1 @@
+"""Benchmarks for gradlens; run ``python -m gradlens_bench.run --help``."""
