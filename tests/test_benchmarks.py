@@ -17,8 +17,9 @@ import torch
 import xarray as xr
 from gradlens_bench import run
 from gradlens_bench.agreement import against_loop, verify
+from gradlens_bench.contract import Method, Output
 from gradlens_bench.measure import Case, Protocol, allocator_peak, measure_case
-from gradlens_bench.methods import METHODS, Method, Output, quiet_hooks
+from gradlens_bench.methods import METHODS, quiet_hooks
 from gradlens_bench.models import (
     DEFAULT_MODELS,
     MODELS,
