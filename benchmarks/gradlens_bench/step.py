@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradlens.losses import kl_divergence
-from gradlens.mnist.models import init_mlp
 from gradlens.training import Objective, StepResult, probed_step
 from gradlens.transforms.base import GradientTransform
+from gradlens_bench.nets import init_mlp
 
 __all__ = [
     "SIZES",
