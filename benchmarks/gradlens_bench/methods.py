@@ -5,10 +5,12 @@ A method is a context manager ``prepare(workload)`` that does the one-off setup
 does the measured work once, and undoes the setup on exit. Probe methods run
 on the probe models and are compared with ``plain`` (forward and backward of
 the mean loss); step methods run on the step model and are compared with
-``step_unprobed``. ``run()`` leaves nothing behind on the model (``.grad``,
-``grad_sample`` and ``grad_batch`` move into its :class:`~gradlens_bench.contract.Output`), so calls
-of probe methods are independent; each call of a step method takes one more
-optimizer step.
+``step_unprobed``; DDP methods run on the DDP models, one process per rank
+(:mod:`gradlens_bench.world`), and are compared with ``ddp_plain``. ``run()``
+leaves nothing behind on the model (``.grad``, ``grad_sample`` and
+``grad_batch`` move into its :class:`~gradlens_bench.contract.Output`), so
+calls of probe methods are independent; each call of a step or DDP method
+takes one more optimizer step.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from gradlens.transforms import remove_aligned
 from gradlens_bench import step
 from gradlens_bench.agreement import against_loop, loop_grads, same_update
 from gradlens_bench.contract import Method, Output, Prepare, Run
+from gradlens_bench.ddp import ddp_step
 from gradlens_bench.models import ProbeWorkload, Workload, forward
 
 __all__ = ["CHUNK_SIZE", "METHODS", "quiet_hooks"]
@@ -274,6 +277,24 @@ METHODS: dict[str, Method] = {
             "step",
             "step_unprobed",
             _step(True, remove=True),
+            same_update(project=True),
+        ),
+        Method("ddp_plain", "plain DDP step (h)", "ddp", "ddp_plain", ddp_step("plain"), _STEP),
+        Method("ddp_probed", "probed DDP step (h)", "ddp", "ddp_plain", ddp_step("probed"), _STEP),
+        Method(
+            "ddp_probed_lean",
+            "probed DDP step, lean (h)",
+            "ddp",
+            "ddp_plain",
+            ddp_step("lean"),
+            _STEP,
+        ),
+        Method(
+            "ddp_probed_remove",
+            "probed DDP step + remove_aligned (h)",
+            "ddp",
+            "ddp_plain",
+            ddp_step("remove"),
             same_update(project=True),
         ),
     )

@@ -2,11 +2,13 @@
 
 Every model is built from a fixed seed and maps its inputs to 13 logits, the
 class count of the experiment, except GPT-2, whose logits are next-token
-scores. Two families: ``"probe"`` models come with a labelled batch, a loss and
+scores. Three families: ``"probe"`` models come with a labelled batch, a loss and
 a reference gradient (:class:`ProbeWorkload`); ``"step"`` models come with an
 optimizer, a training batch and a trait batch (:class:`gradlens_bench.step.StepWorkload`):
 the experiment's student with its teacher, and the zoo models (GPT-2 tiny, a
-small CNN, a transformer encoder, a small ResNet), which are in both families.
+small CNN, a transformer encoder, a small ResNet), which are in both families;
+``"ddp"`` models come as step workloads too, one per rank, and their methods
+step them through ``DistributedDataParallel`` (:mod:`gradlens_bench.ddp`).
 A method runs on the models of its own family.
 """
 
@@ -25,7 +27,10 @@ from gradlens_bench.nets import (
     CLASSES,
     GPT2_TOKENS,
     GPT2_VOCAB,
+    TinyConfig,
+    TinyTransformer,
     cnn,
+    ddp_mlp,
     encoder,
     gpt2_tiny,
     init_mlp,
@@ -35,9 +40,17 @@ from gradlens_bench.nets import (
     small_cnn,
     tokens_mlp,
 )
-from gradlens_bench.step import SIZES, StepWorkload, make_step_workload, make_zoo_step, pick
+from gradlens_bench.step import (
+    SIZES,
+    StepWorkload,
+    make_ddp_step,
+    make_step_workload,
+    make_zoo_step,
+    pick,
+)
 
 __all__ = [
+    "DDP",
     "DEFAULT_MODELS",
     "MODELS",
     "ZOO",
@@ -49,7 +62,7 @@ __all__ = [
     "make_workload",
 ]
 
-Family = Literal["probe", "step"]
+Family = Literal["probe", "step", "ddp"]
 
 
 @dataclass(frozen=True)
@@ -143,13 +156,31 @@ MODELS: dict[str, ModelSpec] = {
             (3, 32, 32),
             families=("probe", "step"),
         ),
+        ModelSpec(
+            "ddp_mlp",
+            "DDP step: MLP 784-256-256-10, MSE to random targets, SGD, trait batch 64",
+            ddp_mlp,
+            (784,),
+            families=("ddp",),
+        ),
+        ModelSpec(
+            "ddp_transformer",
+            "DDP step: tiny causal transformer (2 blocks, width 32, 12 tokens) distilled "
+            "from a copy, SGD, trait batch 64",
+            lambda: TinyTransformer(TinyConfig()),
+            (TinyConfig.length,),
+            families=("ddp",),
+        ),
     )
 }
 
 ZOO = ("gpt2_tiny", "small_cnn", "encoder", "resnet")
 """Models of common architectures (issue 9); not in a default run, name them with ``--models``."""
 
-DEFAULT_MODELS = tuple(m for m in MODELS if m not in ZOO)
+DDP = ("ddp_mlp", "ddp_transformer")
+"""The DDP entry (:mod:`gradlens_bench.world`); not in a default run: ``--models ddp``."""
+
+DEFAULT_MODELS = tuple(m for m in MODELS if m not in ZOO + DDP)
 """What a run without ``--models`` measures."""
 
 
@@ -178,7 +209,13 @@ def forward(w: ProbeWorkload, inputs: Tensor, model: nn.Module | None = None) ->
 
 
 def make_workload(
-    model_name: str, batch: int, device: torch.device, seed: int = 0, family: Family | None = None
+    model_name: str,
+    batch: int,
+    device: torch.device,
+    seed: int = 0,
+    family: Family | None = None,
+    *,
+    rank: int = 0,
 ) -> Workload:
     """Build the model and its batch of ``batch`` examples, all from ``seed``.
 
@@ -191,6 +228,7 @@ def make_workload(
         device: Where to put everything.
         seed: Seeds the model and the batches.
         family: The workload's family; default the model's first.
+        rank: For the DDP family, the process's rank, which draws its own training batch.
     """
     spec = MODELS[model_name]
     family = family or spec.families[0]
@@ -198,6 +236,8 @@ def make_workload(
         raise ValueError(f"model {model_name!r} has no {family!r} workload; it has {spec.families}")
     if family == "step" and model_name == "mnist_step":
         return make_step_workload(batch, device, seed=seed)
+    if family == "ddp":
+        return make_ddp_step(model_name, batch, device, seed=seed, rank=rank)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = spec.build().to(device)
