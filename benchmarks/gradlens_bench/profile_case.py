@@ -1,12 +1,14 @@
 """Where the time of one benchmark case goes: a ``torch.profiler`` table.
 
-Profiles cases of the registry (``model:batch:method``, step methods included)
-after a warm-up, and writes one operator table per case, sorted by device time
-on CUDA and by CPU time otherwise.
+Profiles cases of the registry (``model:batch:method``, step methods included;
+a DDP method runs in a group of this one process) after a warm-up, and writes
+one operator table per case, sorted by device time on CUDA and by CPU time
+otherwise.
 
-Example:
-    python -m gradlens_bench.profile_case mlp:1024:pe_grads mlp:1024:dots_ghost --out /tmp/prof
-    python benchmarks/profile_case.py mnist_step:1024:step_probed --device cpu
+Example (from the repository root; ``python -m gradlens_bench.profile_case``
+with ``benchmarks`` on the path takes the same arguments):
+    python benchmarks/gradlens_bench/profile_case.py mlp:1024:pe_grads --out /tmp/prof
+    python benchmarks/gradlens_bench/profile_case.py mnist_step:1024:step_probed --device cpu
 """
 
 from __future__ import annotations
