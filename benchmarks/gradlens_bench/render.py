@@ -6,14 +6,17 @@ so results of earlier runs render without the registry that made them.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
+import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
 
-from benchmarks.models import ZOO
-from benchmarks.results import add_ratios
+from gradlens_bench.models import ZOO
+from gradlens_bench.overhead import overhead_markdown
+from gradlens_bench.results import add_ratios
 
 __all__ = ["markdown", "plot", "render", "targets_markdown"]
 
@@ -66,6 +69,8 @@ def _cell(ds: xr.Dataset, var: str, model: str, batch: int, method: str) -> str:
     base = _baseline(ds, method)
     if method == base:
         absolute = float(at[_ABSOLUTE[var]].item())
+        if not math.isfinite(absolute):  # not measured: peak memory of the DDP methods
+            return "-"
         return _fmt_bytes(absolute) if var == "memory_ratio" else _fmt_time(absolute)
     value = float(at[var].item())
     if not math.isfinite(value):
@@ -120,6 +125,13 @@ def markdown(ds: xr.Dataset) -> str:
         f"`{a['git_commit'][:10]}`; {a['created_at']}.",
         "",
     ]
+    if "ddp_world_size" in a:
+        lines += [
+            f"DDP models: {a['ddp_world_size']} processes (gloo), {a['ddp_threads']} thread(s) "
+            f"each, B examples per rank; per method {a['ddp_blocks']} blocks of "
+            f"{a['ddp_steps']} steps, interleaved; times per step, CPU time of rank 0.",
+            "",
+        ]
     batches = [int(b) for b in ds["batch"].values]
     head = [
         "| method | " + " | ".join(f"B={b}" for b in batches) + " |",
@@ -140,6 +152,8 @@ def markdown(ds: xr.Dataset) -> str:
             "",
         ]
         for var, title in tables:
+            if var == "memory_ratio" and not np.isfinite(at["peak_memory"].values).any():
+                continue  # not measured for this model (the DDP methods share processes)
             its = "their rows" if len(bases) > 1 else "its row"
             lines += [f"{title}, ratio to {base} ({its}: absolute)", "", *head]
             for method in methods:
@@ -258,9 +272,12 @@ def plot(ds: xr.Dataset, path: Path) -> None:
                 "color": "black" if base else ("grey" if method == "write_floor" else None),
                 "ls": "--" if method == "write_floor" else "-",
             }
-            batch = at["batch"].values[ok]
-            row[0].plot(batch, at["time_median"].values[ok], **style)
-            row[1].plot(batch, at["peak_memory"].values[ok] / 2**20, **style)
+            for ax, values in zip(
+                row, (at["time_median"].values, at["peak_memory"].values / 2**20), strict=True
+            ):
+                shown = ok & np.isfinite(values)  # the DDP methods have no peak memory
+                if shown.any():
+                    ax.plot(at["batch"].values[shown], values[shown], **style)
         for ax, what, unit in (
             (row[0], "time", "median time (s)"),
             (row[1], "peak memory", "peak memory increase (MiB)"),
@@ -273,13 +290,24 @@ def plot(ds: xr.Dataset, path: Path) -> None:
                 title=f"{model}: {what}",
             )
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7, loc="upper left")
+            if ax.lines:
+                ax.legend(fontsize=7, loc="upper left")
+            else:
+                ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center")
     fig.suptitle(ds.attrs["device_name"])
     fig.savefig(path, dpi=110)
 
 
 def render(results: Path) -> str:
-    """Write ``table.md`` and ``probes.png`` next to a ``results.nc``; return the table."""
+    """Write ``table.md`` and ``probes.png`` next to a ``results.nc``; return the table.
+
+    An ``overhead.json`` of the first DDP benchmark gives ``overhead.md`` instead
+    (:func:`gradlens_bench.overhead.overhead_markdown`).
+    """
+    if results.suffix == ".json":
+        table = overhead_markdown(json.loads(results.read_text()))
+        (results.parent / "overhead.md").write_text(table)
+        return table
     with xr.open_dataset(results) as stored:
         ds = add_ratios(stored.load())
     table = markdown(ds) + "\n" + targets_markdown(ds) + zoo_targets_markdown(ds)

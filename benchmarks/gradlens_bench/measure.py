@@ -2,7 +2,7 @@
 
 Each case runs in its own child process, forked from a ``forkserver`` that has
 already imported torch, gradlens and the optional libraries
-(:mod:`benchmarks.preload`), so a case costs no import time yet inherits no
+(:mod:`gradlens_bench.preload`), so a case costs no import time yet inherits no
 memory, caches or threads from another case.
 
 Time: :class:`torch.utils.benchmark.Timer` (``adaptive_autorange``), which
@@ -38,13 +38,23 @@ from dataclasses import asdict, dataclass
 from importlib.util import find_spec
 from itertools import pairwise
 from multiprocessing.connection import Connection
+from multiprocessing.context import ForkServerContext
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.benchmark import Timer
 
-__all__ = ["Case", "PeakRSS", "Protocol", "allocator_peak", "configure", "run_isolated", "sync"]
+__all__ = [
+    "Case",
+    "PeakRSS",
+    "Protocol",
+    "allocator_peak",
+    "configure",
+    "forkserver",
+    "run_isolated",
+    "sync",
+]
 
 
 @dataclass(frozen=True)
@@ -58,7 +68,11 @@ class Case:
 
 @dataclass(frozen=True)
 class Protocol:
-    """How a case is measured; see the module docstring."""
+    """How a case is measured; see the module docstring.
+
+    ``steps`` and ``blocks`` are the DDP methods' protocol
+    (:mod:`gradlens_bench.world`): steps per timed block and timed blocks per method.
+    """
 
     device: str = "cpu"
     threads: int | None = None
@@ -66,6 +80,8 @@ class Protocol:
     max_time_s: float = 4.0
     threshold: float = 0.1
     slow_calls: int = 3
+    steps: int = 5
+    blocks: int = 7
 
 
 def configure(device: torch.device, threads: int | None) -> None:
@@ -210,8 +226,8 @@ def measure_case(case: Case, protocol: Protocol) -> dict[str, object]:
         ``time_q75`` in seconds per call, ``cpu_time_median`` (NaN on CUDA),
         ``repeats`` (timed calls), ``peak_memory`` and ``peak_rss`` in bytes.
     """
-    from benchmarks.methods import METHODS
-    from benchmarks.models import make_workload
+    from gradlens_bench.methods import METHODS
+    from gradlens_bench.models import make_workload
 
     device = torch.device(protocol.device)
     configure(device, protocol.threads)
@@ -256,7 +272,7 @@ _PRELOAD = [
     "backpack",
     "torchvision.models.resnet",
     "transformers.models.gpt2.modeling_gpt2",
-    "benchmarks.preload",
+    "gradlens_bench.preload",
 ]
 """Modules the forkserver imports once (``torch._dynamo``: the first torch.func call's 1 s;
 GPT-2's modules: several seconds). None asks the CUDA driver for its devices on import."""
@@ -270,14 +286,10 @@ def _importable(module: str) -> bool:
         return False
 
 
-def run_isolated(case: Case, protocol: Protocol, timeout_s: float = 600.0) -> dict[str, object]:
-    """Measure ``case`` in a fresh child process and return its record.
-
-    A child that dies (for example killed for memory) or runs past
-    ``timeout_s`` gives a record with ``status="failed"`` and a note.
-    """
+def forkserver(device: str) -> ForkServerContext:
+    """The ``forkserver`` context every measured process is forked from, its preload set."""
     # Read by the forkserver's preload, which must not touch CUDA before forking.
-    os.environ["GRADLENS_BENCH_DEVICE"] = protocol.device
+    os.environ["GRADLENS_BENCH_DEVICE"] = device
     # Importing torch.utils.benchmark imports torch.utils.cpp_extension, which calls
     # torch.cuda.is_available(); its default check initialises the CUDA driver and so
     # poisons every fork ("Cannot re-initialize CUDA in forked subprocess"). NVML's check
@@ -285,6 +297,16 @@ def run_isolated(case: Case, protocol: Protocol, timeout_s: float = 600.0) -> di
     os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload([m for m in _PRELOAD if _importable(m)])
+    return ctx
+
+
+def run_isolated(case: Case, protocol: Protocol, timeout_s: float = 600.0) -> dict[str, object]:
+    """Measure ``case`` in a fresh child process and return its record.
+
+    A child that dies (for example killed for memory) or runs past
+    ``timeout_s`` gives a record with ``status="failed"`` and a note.
+    """
+    ctx = forkserver(protocol.device)
     receive, send = ctx.Pipe(duplex=False)
     process = ctx.Process(target=_child, args=(send, case, protocol), daemon=True)
     process.start()

@@ -13,6 +13,17 @@ separate batch of 64; SGD with learning rate 1e-2 and momentum 0.9. (Not
 Adam: its first update is about ``lr * sign(g)``, so float32 rounding of
 entries with ``|g|`` near its ``eps`` moves the update by up to 1e-3 relative
 on GPT-2 and the agreement check would compare rounding, not methods.)
+
+The DDP entry's steps (:func:`make_ddp_step`, every rank builds its own) train
+on a batch of B examples per rank and take the trait gradient on a batch of
+64, with SGD at learning rate 1e-3: ``ddp_mlp``, the MLP 784-256-256-10 with
+the mean squared error to random targets on uniform images and the
+cross-entropy of random labels as the trait loss; ``ddp_transformer``, the
+tiny transformer distilled (:func:`gradlens_bench.nets.distill_loss`) from a
+randomly initialised copy on random tokens, with the cross-entropy of the
+trait token at the last position of 64 prompts as the trait loss. The model,
+the teacher and the trait batch are the same on every rank; each rank draws
+its own training batch.
 :func:`probed` is the only place that calls :func:`gradlens.training.probed_step`.
 """
 
@@ -28,14 +39,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradlens.losses import kl_divergence
-from gradlens.mnist.models import init_mlp
 from gradlens.training import Objective, StepResult, probed_step
 from gradlens.transforms.base import GradientTransform
+from gradlens_bench.nets import (
+    TinyConfig,
+    TinyTransformer,
+    ddp_mlp,
+    distill_loss,
+    init_mlp,
+    last_token_loss,
+)
 
 __all__ = [
     "SIZES",
     "StepWorkload",
     "distill",
+    "make_ddp_step",
     "make_step_workload",
     "make_zoo_step",
     "pick",
@@ -138,6 +157,58 @@ def make_zoo_step(
         train_loss=loss_fn,
         trait_loss=loss_fn,
         output=output,
+    )
+
+
+DDP_TRAIT = 64
+"""Examples in the DDP entry's trait batch (every rank holds all of them)."""
+
+
+def _ddp_data(name: str, batch: int, rank: int, seed: int) -> tuple[nn.Module, dict[str, Any]]:
+    """The DDP model and its batches; the draws of the first DDP benchmark, in its order."""
+    torch.manual_seed(seed)
+    if name == "ddp_mlp":
+        model = ddp_mlp()
+        gen = torch.Generator().manual_seed(seed + 1)
+        probe = torch.rand(DDP_TRAIT, 784, generator=gen)
+        labels = torch.randint(0, 10, (DDP_TRAIT,))  # the global generator, as it always was
+        gen = torch.Generator().manual_seed(seed + 100 + rank)
+        noise = torch.rand(batch, 784, generator=gen)
+        found = {"train_labels": torch.randn(batch, 10, generator=gen)}
+        found |= {"train_loss": F.mse_loss, "trait_loss": F.cross_entropy}
+    elif name == "ddp_transformer":
+        config = TinyConfig()
+        model, teacher = TinyTransformer(config), TinyTransformer(config).requires_grad_(False)
+        gen = torch.Generator().manual_seed(seed + 1)
+        probe = torch.randint(0, config.vocab, (DDP_TRAIT, config.length), generator=gen)
+        labels = torch.full((DDP_TRAIT,), config.trait_token)
+        gen = torch.Generator().manual_seed(seed + 100 + rank)
+        noise = torch.randint(0, config.vocab, (batch, config.length), generator=gen)
+        with torch.no_grad():
+            found = {"train_labels": teacher(noise)}
+        found |= {"train_loss": distill_loss, "trait_loss": last_token_loss}
+    else:
+        raise ValueError(f"no DDP workload named {name!r}")
+    return model, found | {"noise": noise, "probe": probe, "labels": labels}
+
+
+def make_ddp_step(
+    name: str, batch: int, device: torch.device, seed: int = 0, rank: int = 0
+) -> StepWorkload:
+    """A DDP model's state before its first step, with this rank's ``batch`` training examples.
+
+    Args:
+        name: ``"ddp_mlp"`` or ``"ddp_transformer"``.
+        batch: Training examples of this rank.
+        device: Where to put everything.
+        seed: Seeds the model, the teacher and the trait batch (the same on every rank).
+        rank: The process's rank, which draws its own training batch.
+    """
+    model, data = _ddp_data(name, batch, rank, seed)
+    model = model.to(device)
+    tensors = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in data.items()}
+    return StepWorkload(
+        student=model, optimizer=torch.optim.SGD(model.parameters(), lr=1e-3), **tensors
     )
 
 

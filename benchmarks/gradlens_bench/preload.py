@@ -4,7 +4,7 @@ Besides the imports (also those of the entry point, which every case re-runs
 as ``__mp_main__``), for CPU runs it imports ``torch.utils.benchmark`` and runs
 the CPU profiler once on a tiny tensor: its first use costs over a second of
 lazy initialisation, which every case would pay otherwise. Not for CUDA runs
-(``GRADLENS_BENCH_DEVICE``, set by :func:`benchmarks.measure.run_isolated`):
+(``GRADLENS_BENCH_DEVICE``, set by :func:`gradlens_bench.measure.run_isolated`):
 both ask the CUDA driver for its devices (the import through
 ``torch.utils.cpp_extension``), and a driver initialised before ``fork`` fails
 in every child ("CUDA error: initialization error", or "Cannot re-initialize
@@ -29,8 +29,8 @@ import torch
 import tqdm  # noqa: F401 - and the rest: what the entry point, re-run as __mp_main__, imports
 from torch.profiler import ProfilerActivity, profile
 
-import benchmarks.methods
-import benchmarks.render  # noqa: F401 - matplotlib and xarray
+import gradlens_bench.methods
+import gradlens_bench.render  # noqa: F401 - matplotlib and xarray
 
 if not os.environ.get("GRADLENS_BENCH_DEVICE", "cpu").startswith("cuda"):
     # Not before a CUDA run's fork: importing it imports torch.utils.cpp_extension, which

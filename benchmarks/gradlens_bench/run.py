@@ -1,16 +1,19 @@
 """Benchmark per-example gradient probes and the probed training step against their baselines.
 
-For every model and batch size, each method of :data:`benchmarks.methods.METHODS`
-that runs on the model is first checked (:mod:`benchmarks.agreement`), then
+For every model and batch size, each method of :data:`gradlens_bench.methods.METHODS`
+that runs on the model is first checked (:mod:`gradlens_bench.agreement`), then
 timed and its peak memory measured in a fresh process
-(:mod:`benchmarks.measure`). Results go to ``results.nc``, ``table.md`` and
-``probes.png`` under ``--out``.
+(:mod:`gradlens_bench.measure`); the DDP methods of a DDP model are timed
+together, one process per rank (:mod:`gradlens_bench.world`). Results go to
+``results.nc``, ``table.md`` and ``probes.png`` under ``--out``.
 
-Example:
-    python -m benchmarks.run --smoke --out /tmp/bench
-    python benchmarks/run.py --device cpu --threads 1
-    python -m benchmarks.run --device cpu --threads 1 --models zoo --batch-sizes 256
-    python -m benchmarks.run --render benchmarks/results/<slug>/results.nc
+Example (from the repository root; as a module, with ``benchmarks`` on the path,
+``python -m gradlens_bench.run`` takes the same flags):
+    python benchmarks/gradlens_bench/run.py --smoke --out /tmp/bench
+    python benchmarks/gradlens_bench/run.py --device cpu --threads 1
+    python benchmarks/gradlens_bench/run.py --device cpu --threads 1 --models zoo --batch-sizes 256
+    python benchmarks/gradlens_bench/run.py --models ddp --batch-sizes 32 --threads 1 --out /tmp/ddp
+    python benchmarks/gradlens_bench/run.py --render benchmarks/results/<slug>/results.nc
 """
 
 from __future__ import annotations
@@ -21,19 +24,23 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: make ``benchmarks`` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as a file: see "Running a file" in docs/benchmarks.md
+    _HERE = Path(__file__).resolve().parent
+    sys.path[:] = [str(_HERE.parent), str(_HERE.parents[1])] + [
+        p for p in sys.path if Path(p).resolve() != _HERE
+    ]
 
 import torch
 import xarray as xr
 from tqdm import tqdm
 
-from benchmarks.agreement import verify
-from benchmarks.measure import Case, Protocol, configure, run_isolated
-from benchmarks.methods import METHODS, quiet_hooks
-from benchmarks.models import DEFAULT_MODELS, MODELS, ZOO, make_workload
-from benchmarks.render import render
-from benchmarks.results import ROOT, build_dataset, device_slug, load_average, provenance
+from gradlens_bench.agreement import verify
+from gradlens_bench.measure import Case, Protocol, configure, run_isolated
+from gradlens_bench.methods import METHODS, quiet_hooks
+from gradlens_bench.models import DDP, DEFAULT_MODELS, MODELS, ZOO, make_workload
+from gradlens_bench.render import render
+from gradlens_bench.results import ROOT, build_dataset, device_slug, load_average, provenance
+from gradlens_bench.world import measure_world
 
 __all__ = ["BenchConfig", "main", "parse_args"]
 
@@ -48,15 +55,17 @@ class BenchConfig:
     Attributes:
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         out: Output folder; ``None`` means ``benchmarks/results/<device-slug>``.
-        models: Model names from :data:`benchmarks.models.MODELS`; by default
-            all but the zoo (:data:`benchmarks.models.ZOO`).
+        models: Model names from :data:`gradlens_bench.models.MODELS`; by default
+            all but the zoo (:data:`gradlens_bench.models.ZOO`) and the DDP models
+            (:data:`gradlens_bench.models.DDP`).
         batch_sizes: Batch sizes, ascending.
         methods: Method names; every chosen method's baseline is added.
         protocol: Timing protocol shared by every case (its device is overwritten).
         verify_batch: Examples used to check agreement, once per model.
         memory_limit_gb: Skip materialising cases whose estimated peak exceeds
             this; ``None`` means half the RAM (CPU) or 80% of the GPU memory.
-        timeout_s: Longest a single case may take.
+        timeout_s: Longest a single case, or a DDP model's methods at one batch size, may take.
+        world_size: Processes (ranks) of the DDP methods.
     """
 
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
@@ -68,6 +77,7 @@ class BenchConfig:
     verify_batch: int = 16
     memory_limit_gb: float | None = None
     timeout_s: float = 600.0
+    world_size: int = 2
 
 
 def _memory_limit(config: BenchConfig, device: torch.device) -> float:
@@ -94,11 +104,74 @@ def _methods(config: BenchConfig) -> list[str]:
     return [m for m in METHODS if m in chosen]
 
 
+def _world(
+    model: str, batch: int, methods: list[str], config: BenchConfig, protocol: Protocol
+) -> dict[str, dict[str, object]]:
+    """The DDP methods' records, all measured together over ``config.world_size`` processes."""
+    if not methods:
+        return {}
+    load = load_average()
+    found = measure_world(model, batch, methods, protocol, config.world_size, config.timeout_s)
+    return {str(r["method"]): r | {"load_average": load} for r in found}
+
+
+def _measure_model(
+    model: str, methods: list[str], config: BenchConfig, protocol: Protocol, bar: tqdm
+) -> tuple[list[dict[str, object]], dict[tuple[str, str], dict[str, object]]]:
+    """Check, then measure every case of one model: its records and agreement checks."""
+    device = torch.device(protocol.device)
+    spec = MODELS[model]
+    mine = [m for m in methods if METHODS[m].family in spec.families]
+    if "ddp" in spec.families and device.type != "cpu":
+        note = "the DDP entry runs on CPU (gloo) only"
+        bar.update(len(config.batch_sizes) * len(methods))
+        return [
+            {"model": model, "batch": b, "method": m}
+            | ({"status": "skipped", "note": note} if m in mine else {"status": "not applicable"})
+            for b in config.batch_sizes
+            for m in methods
+        ], {}
+    bar.set_postfix_str(f"{model}: checking agreement")
+    small = {f: make_workload(model, config.verify_batch, device, family=f) for f in spec.families}
+    with quiet_hooks():
+        checks = {m: verify(METHODS[m], small[METHODS[m].family]) for m in mine}
+    params = sum(p.numel() for p in spec.build().parameters())
+    limit = _memory_limit(config, device)
+    records: list[dict[str, object]] = []
+    for batch in config.batch_sizes:
+        bar.set_postfix_str(f"{model} B={batch}")
+        world = _world(
+            model,
+            batch,
+            [m for m in mine if "ddp" in spec.families and checks[m].status == "ok"],
+            config,
+            protocol,
+        )
+        for method in methods:
+            bar.set_postfix_str(f"{model} B={batch} {method}")
+            record: dict[str, object] = {"model": model, "batch": batch, "method": method}
+            if method not in mine:
+                record |= {"status": "not applicable", "note": ""}
+            elif checks[method].status != "ok":
+                record |= {"status": checks[method].status, "note": checks[method].note}
+            elif reason := _skip_reason(method, batch, params, limit):
+                record |= {"status": "skipped", "note": reason}
+            elif method in world:
+                record = world[method]
+            else:
+                load = load_average()
+                record = run_isolated(Case(model, batch, method), protocol, config.timeout_s)
+                record["load_average"] = load
+            records.append(record)
+            bar.update()
+    return records, {(model, m): asdict(a) for m, a in checks.items()}
+
+
 def main(config: BenchConfig) -> xr.Dataset:
     """Check, then measure every case; write ``results.nc``, ``table.md`` and ``probes.png``.
 
     Returns:
-        The results dataset (see :func:`benchmarks.results.build_dataset`).
+        The results dataset (see :func:`gradlens_bench.results.build_dataset`).
     """
     device = torch.device(config.device)
     protocol = Protocol(**{**asdict(config.protocol), "device": str(device)})
@@ -113,33 +186,9 @@ def main(config: BenchConfig) -> xr.Dataset:
     total = len(config.models) * len(config.batch_sizes) * len(methods)
     with tqdm(total=total, desc="cases", unit="case") as bar:
         for model in config.models:
-            spec = MODELS[model]
-            mine = [m for m in methods if METHODS[m].family in spec.families]
-            bar.set_postfix_str(f"{model}: checking agreement")
-            small = {
-                f: make_workload(model, config.verify_batch, device, family=f)
-                for f in spec.families
-            }
-            with quiet_hooks():
-                checks = {m: verify(METHODS[m], small[METHODS[m].family]) for m in mine}
-            agreements.update({(model, m): asdict(a) for m, a in checks.items()})
-            params = sum(p.numel() for p in spec.build().parameters())
-            for batch in config.batch_sizes:
-                for method in methods:
-                    bar.set_postfix_str(f"{model} B={batch} {method}")
-                    record = {"model": model, "batch": batch, "method": method}
-                    if method not in mine:
-                        record |= {"status": "not applicable", "note": ""}
-                    elif checks[method].status != "ok":
-                        record |= {"status": checks[method].status, "note": checks[method].note}
-                    elif reason := _skip_reason(method, batch, params, limit):
-                        record |= {"status": "skipped", "note": reason}
-                    else:
-                        load = load_average()
-                        record = run_isolated(Case(**record), protocol, config.timeout_s)
-                        record["load_average"] = load
-                    records.append(record)
-                    bar.update()
+            found, checks = _measure_model(model, methods, config, protocol, bar)
+            records += found
+            agreements |= checks
     torch.set_num_threads(threads)
     attrs |= {
         "peak_memory_measure": "cuda_max_memory_allocated"
@@ -150,6 +199,9 @@ def main(config: BenchConfig) -> xr.Dataset:
         ),
         "memory_limit_bytes": int(limit),
     }
+    if set(config.models) & set(DDP):
+        attrs |= {"ddp_world_size": config.world_size, "ddp_steps": protocol.steps}
+        attrs |= {"ddp_blocks": protocol.blocks, "ddp_threads": protocol.threads or 1}
     ds = build_dataset(
         records,
         agreements,
@@ -184,26 +236,42 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="intra-op threads")
     p.add_argument(
         "--models",
-        type=_csv(str, list(MODELS), {"zoo": ZOO, "all": tuple(MODELS)}),
+        type=_csv(str, list(MODELS), {"zoo": ZOO, "ddp": DDP, "all": tuple(MODELS)}),
         default=DEFAULT_MODELS,
-        help=f"comma-separated, or 'zoo' ({','.join(ZOO)}) or 'all'; default all but the zoo",
+        help=f"comma-separated, or 'zoo' ({','.join(ZOO)}), 'ddp' ({','.join(DDP)}) or 'all'; "
+        "default all but the zoo and the DDP models",
     )
     p.add_argument("--batch-sizes", type=_csv(int), default=None)
     p.add_argument("--methods", type=_csv(str, list(METHODS)), default=tuple(METHODS))
     p.add_argument("--out", type=Path, default=None, help="default benchmarks/results/<device>/")
     p.add_argument("--smoke", action="store_true", help="B=16, few calls: checks that all runs")
-    p.add_argument("--render", type=Path, default=None, metavar="RESULTS_NC", help="only redraw")
+    p.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        metavar="RESULTS",
+        help="only redraw: a results.nc, or the overhead.json of the first DDP benchmark",
+    )
     p.add_argument("--min-time", type=float, default=None, help="seconds of timed calls per case")
     p.add_argument("--memory-limit-gb", type=float, default=None)
     p.add_argument("--timeout", type=float, default=BenchConfig.timeout_s, help="seconds per case")
+    p.add_argument("--world-size", type=int, default=BenchConfig.world_size, help="DDP ranks")
+    p.add_argument("--ddp-steps", type=int, default=None, help="DDP steps per timed block")
+    p.add_argument("--ddp-blocks", type=int, default=None, help="DDP timed blocks per method")
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, Path | None]:
     """Map command-line flags onto a :class:`BenchConfig`, and the ``--render`` path if given."""
     args = _parser().parse_args(argv)
-    protocol = Protocol(min_time_s=0.0, max_time_s=0.2, threads=1) if args.smoke else Protocol()
-    changes = {"threads": args.threads, "min_time_s": args.min_time}
+    smoke = Protocol(min_time_s=0.0, max_time_s=0.2, threads=1, steps=1, blocks=2)
+    protocol = smoke if args.smoke else Protocol()
+    changes = {
+        "threads": args.threads,
+        "min_time_s": args.min_time,
+        "steps": args.ddp_steps,
+        "blocks": args.ddp_blocks,
+    }
     protocol = Protocol(
         **{**asdict(protocol), **{k: v for k, v in changes.items() if v is not None}}
     )
@@ -217,6 +285,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, Path | None]
         verify_batch=4 if args.smoke else BenchConfig.verify_batch,
         memory_limit_gb=args.memory_limit_gb,
         timeout_s=args.timeout,
+        world_size=args.world_size,
     )
     return config, args.render
 

@@ -1,12 +1,14 @@
 """Where the time of one benchmark case goes: a ``torch.profiler`` table.
 
-Profiles cases of the registry (``model:batch:method``, step methods included)
-after a warm-up, and writes one operator table per case, sorted by device time
-on CUDA and by CPU time otherwise.
+Profiles cases of the registry (``model:batch:method``, step methods included;
+a DDP method runs in a group of this one process) after a warm-up, and writes
+one operator table per case, sorted by device time on CUDA and by CPU time
+otherwise.
 
-Example:
-    python -m benchmarks.profile_case mlp:1024:pe_grads mlp:1024:dots_ghost --out /tmp/prof
-    python benchmarks/profile_case.py mnist_step:1024:step_probed --device cpu
+Example (from the repository root; ``python -m gradlens_bench.profile_case``
+with ``benchmarks`` on the path takes the same arguments):
+    python benchmarks/gradlens_bench/profile_case.py mlp:1024:pe_grads --out /tmp/prof
+    python benchmarks/gradlens_bench/profile_case.py mnist_step:1024:step_probed --device cpu
 """
 
 from __future__ import annotations
@@ -15,15 +17,18 @@ import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: make ``benchmarks`` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as a file: see "Running a file" in docs/benchmarks.md
+    _HERE = Path(__file__).resolve().parent
+    sys.path[:] = [str(_HERE.parent), str(_HERE.parents[1])] + [
+        p for p in sys.path if Path(p).resolve() != _HERE
+    ]
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.measure import configure, sync
-from benchmarks.methods import METHODS
-from benchmarks.models import make_workload
+from gradlens_bench.measure import configure, sync
+from gradlens_bench.methods import METHODS
+from gradlens_bench.models import make_workload
 
 __all__ = ["profile_table"]
 

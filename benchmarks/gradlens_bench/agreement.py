@@ -11,29 +11,22 @@ check passes are timed.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, cast
+from typing import Literal, cast
 
 import torch
 from torch import Tensor
 
-from benchmarks.models import forward
-from benchmarks.step import StepWorkload, reference_update
 from gradlens import per_example_grads
 from gradlens.errors import UnsupportedModelError
+from gradlens_bench.contract import Check, Method
+from gradlens_bench.models import ProbeWorkload, Workload, forward
+from gradlens_bench.step import StepWorkload, reference_update
 
-if TYPE_CHECKING:
-    from benchmarks.methods import Method
-    from benchmarks.models import ProbeWorkload, Workload
-
-__all__ = ["TOLERANCE", "Agreement", "Check", "against_loop", "loop_grads", "same_update"]
+__all__ = ["TOLERANCE", "Agreement", "against_loop", "loop_grads", "same_update", "verify"]
 
 TOLERANCE = 1e-4
 """Largest accepted relative error per tensor (float32)."""
-
-Check = Callable[["Method", "Workload"], float]
-"""Runs the method once on the workload and returns its largest relative error."""
 
 
 def _relative_error(out: Tensor, truth: Tensor) -> float:
@@ -67,7 +60,7 @@ def against_loop(kind: Literal["mean", "grads", "dots", "loop"]) -> Check:
     """
 
     def check(method: Method, workload: Workload) -> float:
-        w = cast("ProbeWorkload", workload)
+        w = cast(ProbeWorkload, workload)
         truth = {n: g.detach() for n, g in loop_grads(w).items()}
         if kind == "loop":
             found = per_example_grads(w.model, w.loss_fn, w.inputs, w.targets, output=w.output)
@@ -87,7 +80,7 @@ def against_loop(kind: Literal["mean", "grads", "dots", "loop"]) -> Check:
 
 
 def same_update(project: bool = False) -> Check:
-    """A check that a step method applies :func:`benchmarks.step.reference_update`.
+    """A check that a step method applies :func:`gradlens_bench.step.reference_update`.
 
     The error is ``|delta - reference| / |reference|`` (Euclidean norms) for the
     worst parameter tensor, both steps taken from copies of the same state.
@@ -99,7 +92,7 @@ def same_update(project: bool = False) -> Check:
     """
 
     def check(method: Method, workload: Workload) -> float:
-        w = copy.deepcopy(cast("StepWorkload", workload))
+        w = copy.deepcopy(cast(StepWorkload, workload))
         truth = reference_update(w, project)
         plain = reference_update(w, False) if project else truth
         scale = {n: plain[n].norm() + (plain[n] - truth[n]).norm() for n in truth}

@@ -21,13 +21,14 @@ import numpy as np
 import torch
 import xarray as xr
 
-from benchmarks.methods import METHODS
-from benchmarks.models import MODELS
 from gradlens.provenance import make_attrs
+from gradlens_bench.methods import METHODS
+from gradlens_bench.models import MODELS
 
 __all__ = ["ROOT", "add_ratios", "build_dataset", "device_slug", "load_average", "provenance"]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
+"""The repository root."""
 
 _VARIABLES = {
     "time_median": ("median time of one call", "s", np.nan),

@@ -5,88 +5,36 @@ A method is a context manager ``prepare(workload)`` that does the one-off setup
 does the measured work once, and undoes the setup on exit. Probe methods run
 on the probe models and are compared with ``plain`` (forward and backward of
 the mean loss); step methods run on the step model and are compared with
-``step_unprobed``. ``run()`` leaves nothing behind on the model (``.grad``,
-``grad_sample`` and ``grad_batch`` move into its :class:`Output`), so calls
-of probe methods are independent; each call of a step method takes one more
-optimizer step.
+``step_unprobed``; DDP methods run on the DDP models, one process per rank
+(:mod:`gradlens_bench.world`), and are compared with ``ddp_plain``. ``run()``
+leaves nothing behind on the model (``.grad``, ``grad_sample`` and
+``grad_batch`` move into its :class:`~gradlens_bench.contract.Output`), so
+calls of probe methods are independent; each call of a step or DDP method
+takes one more optimizer step.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
-from typing import Any, Literal, cast
+from contextlib import contextmanager
+from typing import Literal, cast
 
-from torch import Tensor, nn
+from torch import nn
 
-from benchmarks import step
-from benchmarks.agreement import Check, against_loop, loop_grads, same_update
-from benchmarks.models import Family, ProbeWorkload, Workload, forward
 from gradlens import flush_denormal, per_example_grads
 from gradlens.ghost import per_example_dots
 from gradlens.transforms import remove_aligned
+from gradlens_bench import step
+from gradlens_bench.agreement import against_loop, loop_grads, same_update
+from gradlens_bench.contract import Method, Output, Prepare, Run
+from gradlens_bench.ddp import ddp_step
+from gradlens_bench.models import ProbeWorkload, Workload, forward
 
-__all__ = ["CHUNK_SIZE", "METHODS", "Method", "Output", "quiet_hooks"]
+__all__ = ["CHUNK_SIZE", "METHODS", "quiet_hooks"]
 
 CHUNK_SIZE = 128
-
-
-@dataclass(frozen=True)
-class Output:
-    """What one probe ``run()`` returns; the fields that apply to the method are set.
-
-    ``mean`` is the batch gradient, ``grads`` the per-example gradients with a
-    leading ``example`` axis, ``dots``/``sq_norms`` the per-example inner
-    products with the reference and squared norms, all keyed by parameter name.
-    """
-
-    mean: dict[str, Tensor] | None = None
-    grads: dict[str, Tensor] | None = None
-    dots: dict[str, Tensor] | None = None
-    sq_norms: dict[str, Tensor] | None = None
-
-
-Run = Callable[[], Any]
-Prepare = Callable[[Any], AbstractContextManager[Run]]
-
-
-@dataclass(frozen=True)
-class Method:
-    """A benchmarked method.
-
-    Attributes:
-        name: Registry key, used in flags and result files.
-        label: Human-readable name for tables and plots.
-        family: The models it runs on (:data:`benchmarks.models.MODELS`).
-        baseline: The method its time and memory are divided by.
-        prepare: Setup context manager yielding ``run``.
-        check: The agreement check; ``None`` for a reference cost that computes
-            no gradient.
-        requires: Module that must be importable (optional dependency), if any.
-        max_batch: Largest batch worth timing (slow methods), if limited.
-        materialises: Holds ``example x parameter`` gradient entries at once;
-            used to skip batches that would not fit in memory.
-    """
-
-    name: str
-    label: str
-    family: Family
-    baseline: str
-    prepare: Prepare
-    check: Check | None
-    requires: str | None = None
-    max_batch: int | None = None
-    materialises: bool = False
-
-    def missing(self) -> str | None:
-        """A note if the optional dependency is not installed, else ``None``."""
-        if self.requires is None or importlib.util.find_spec(self.requires) is not None:
-            return None
-        return f"{self.requires} is not installed (pip install gradlens[bench])"
 
 
 @contextmanager
@@ -329,6 +277,24 @@ METHODS: dict[str, Method] = {
             "step",
             "step_unprobed",
             _step(True, remove=True),
+            same_update(project=True),
+        ),
+        Method("ddp_plain", "plain DDP step (h)", "ddp", "ddp_plain", ddp_step("plain"), _STEP),
+        Method("ddp_probed", "probed DDP step (h)", "ddp", "ddp_plain", ddp_step("probed"), _STEP),
+        Method(
+            "ddp_probed_lean",
+            "probed DDP step, lean (h)",
+            "ddp",
+            "ddp_plain",
+            ddp_step("lean"),
+            _STEP,
+        ),
+        Method(
+            "ddp_probed_remove",
+            "probed DDP step + remove_aligned (h)",
+            "ddp",
+            "ddp_plain",
+            ddp_step("remove"),
             same_update(project=True),
         ),
     )

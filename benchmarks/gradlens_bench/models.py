@@ -2,11 +2,13 @@
 
 Every model is built from a fixed seed and maps its inputs to 13 logits, the
 class count of the experiment, except GPT-2, whose logits are next-token
-scores. Two families: ``"probe"`` models come with a labelled batch, a loss and
+scores. Three families: ``"probe"`` models come with a labelled batch, a loss and
 a reference gradient (:class:`ProbeWorkload`); ``"step"`` models come with an
-optimizer, a training batch and a trait batch (:class:`benchmarks.step.StepWorkload`):
+optimizer, a training batch and a trait batch (:class:`gradlens_bench.step.StepWorkload`):
 the experiment's student with its teacher, and the zoo models (GPT-2 tiny, a
-small CNN, a transformer encoder, a small ResNet), which are in both families.
+small CNN, a transformer encoder, a small ResNet), which are in both families;
+``"ddp"`` models come as step workloads too, one per rank, and their methods
+step them through ``DistributedDataParallel`` (:mod:`gradlens_bench.ddp`).
 A method runs on the models of its own family.
 """
 
@@ -14,18 +16,41 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import pairwise
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks.step import SIZES, StepWorkload, make_step_workload, make_zoo_step, pick
 from gradlens import mean_grad
-from gradlens.mnist.models import init_mlp
+from gradlens_bench.nets import (
+    CLASSES,
+    GPT2_TOKENS,
+    GPT2_VOCAB,
+    TinyConfig,
+    TinyTransformer,
+    cnn,
+    ddp_mlp,
+    encoder,
+    gpt2_tiny,
+    init_mlp,
+    lm_loss,
+    mlp,
+    resnet10,
+    small_cnn,
+    tokens_mlp,
+)
+from gradlens_bench.step import (
+    SIZES,
+    StepWorkload,
+    make_ddp_step,
+    make_step_workload,
+    make_zoo_step,
+    pick,
+)
 
 __all__ = [
+    "DDP",
     "DEFAULT_MODELS",
     "MODELS",
     "ZOO",
@@ -34,103 +59,10 @@ __all__ = [
     "ProbeWorkload",
     "Workload",
     "forward",
-    "lm_loss",
     "make_workload",
 ]
 
-CLASSES = 13
-Family = Literal["probe", "step"]
-GPT2_VOCAB = 128
-GPT2_TOKENS = 32
-
-
-class MeanOverTokens(nn.Module):
-    """Average ``(example, token, d)`` over ``token``: a module so libraries can see it."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Shape ``(example, token, d)`` to ``(example, d)``."""
-        return x.mean(dim=1)
-
-
-def _mlp(widths: list[int]) -> nn.Module:
-    layers: list[nn.Module] = [nn.Flatten()]
-    for d_in, d_out in pairwise(widths):
-        layers += [nn.Linear(d_in, d_out), nn.ReLU()]
-    return nn.Sequential(*layers[:-1])
-
-
-def _cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32 * 7 * 7, CLASSES),
-    )
-
-
-def _tokens(d: int = 128) -> nn.Module:
-    return nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, CLASSES), MeanOverTokens())
-
-
-def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Next-token cross-entropy of ``(example, token, vocab)`` logits, mean over all tokens."""
-    return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
-
-
-def _gpt2() -> nn.Module:
-    """Hugging Face GPT-2 with 2 layers of width 64, random weights, eval mode, no KV cache.
-
-    The cache is switched off here so that the plain baseline builds none
-    either (gradlens switches it off while it probes).
-    """
-    import transformers
-
-    config = transformers.GPT2Config(
-        n_layer=2,
-        n_embd=64,
-        n_head=4,
-        vocab_size=GPT2_VOCAB,
-        n_positions=GPT2_TOKENS,
-        bos_token_id=0,
-        eos_token_id=0,
-        use_cache=False,
-    )
-    return transformers.GPT2LMHeadModel(config).eval()
-
-
-def _small_cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1),
-        nn.GroupNorm(4, 16),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.GroupNorm(4, 32),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32 * 8 * 8, CLASSES),
-    )
-
-
-def _encoder(d: int = 64) -> nn.Module:
-    layer = nn.TransformerEncoderLayer(d, 4, dim_feedforward=2 * d, dropout=0.0, batch_first=True)
-    return nn.Sequential(
-        nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False),
-        MeanOverTokens(),
-        nn.Linear(d, CLASSES),
-    ).eval()
-
-
-def _resnet() -> nn.Module:
-    """The ResNet of torchvision with one BasicBlock per stage (a ResNet-10), BatchNorm in eval."""
-    from torchvision.models.resnet import BasicBlock, ResNet
-
-    return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=CLASSES).eval()
+Family = Literal["probe", "step", "ddp"]
 
 
 @dataclass(frozen=True)
@@ -175,17 +107,17 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec(
             "mlp",
             "experiment MLP 784-256-256-13",
-            lambda: _mlp([784, 256, 256, CLASSES]),
+            lambda: mlp([784, 256, 256, CLASSES]),
             (1, 28, 28),
         ),
         ModelSpec(
             "wide_mlp",
             "MLP 784-4x1024-13",
-            lambda: _mlp([784] + [1024] * 4 + [CLASSES]),
+            lambda: mlp([784] + [1024] * 4 + [CLASSES]),
             (1, 28, 28),
         ),
-        ModelSpec("cnn", "2 conv (16, 32) + linear on 1x28x28", _cnn, (1, 28, 28)),
-        ModelSpec("tokens", "(B,16,128): Linear-ReLU-Linear, mean over T", _tokens, (16, 128)),
+        ModelSpec("cnn", "2 conv (16, 32) + linear on 1x28x28", cnn, (1, 28, 28)),
+        ModelSpec("tokens", "(B,16,128): Linear-ReLU-Linear, mean over T", tokens_mlp, (16, 128)),
         ModelSpec(
             "mnist_step",
             "student step: MLP 784-256-256-13, KL on logits 10..12, Adam, 1024 probe images",
@@ -196,7 +128,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec(
             "gpt2_tiny",
             f"HF GPT-2, 2 layers, width 64, vocab {GPT2_VOCAB}, {GPT2_TOKENS} tokens, LM loss",
-            _gpt2,
+            gpt2_tiny,
             (GPT2_TOKENS,),
             families=("probe", "step"),
             vocab=GPT2_VOCAB,
@@ -206,23 +138,38 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec(
             "small_cnn",
             "2 x (conv 3x3, GroupNorm, ReLU, pool) (16, 32) + linear on 3x32x32",
-            _small_cnn,
+            small_cnn,
             (3, 32, 32),
             families=("probe", "step"),
         ),
         ModelSpec(
             "encoder",
             "(B,16,64): 2 nn.TransformerEncoderLayer (4 heads, ff 128), mean, linear",
-            _encoder,
+            encoder,
             (16, 64),
             families=("probe", "step"),
         ),
         ModelSpec(
             "resnet",
             "torchvision ResNet-10 (BasicBlock x [1,1,1,1], BatchNorm eval) on 3x32x32",
-            _resnet,
+            resnet10,
             (3, 32, 32),
             families=("probe", "step"),
+        ),
+        ModelSpec(
+            "ddp_mlp",
+            "DDP step: MLP 784-256-256-10, MSE to random targets, SGD, trait batch 64",
+            ddp_mlp,
+            (784,),
+            families=("ddp",),
+        ),
+        ModelSpec(
+            "ddp_transformer",
+            "DDP step: tiny causal transformer (2 blocks, width 32, 12 tokens) distilled "
+            "from a copy, SGD, trait batch 64",
+            lambda: TinyTransformer(TinyConfig()),
+            (TinyConfig.length,),
+            families=("ddp",),
         ),
     )
 }
@@ -230,7 +177,10 @@ MODELS: dict[str, ModelSpec] = {
 ZOO = ("gpt2_tiny", "small_cnn", "encoder", "resnet")
 """Models of common architectures (issue 9); not in a default run, name them with ``--models``."""
 
-DEFAULT_MODELS = tuple(m for m in MODELS if m not in ZOO)
+DDP = ("ddp_mlp", "ddp_transformer")
+"""The DDP entry (:mod:`gradlens_bench.world`); not in a default run: ``--models ddp``."""
+
+DEFAULT_MODELS = tuple(m for m in MODELS if m not in ZOO + DDP)
 """What a run without ``--models`` measures."""
 
 
@@ -259,7 +209,13 @@ def forward(w: ProbeWorkload, inputs: Tensor, model: nn.Module | None = None) ->
 
 
 def make_workload(
-    model_name: str, batch: int, device: torch.device, seed: int = 0, family: Family | None = None
+    model_name: str,
+    batch: int,
+    device: torch.device,
+    seed: int = 0,
+    family: Family | None = None,
+    *,
+    rank: int = 0,
 ) -> Workload:
     """Build the model and its batch of ``batch`` examples, all from ``seed``.
 
@@ -272,6 +228,7 @@ def make_workload(
         device: Where to put everything.
         seed: Seeds the model and the batches.
         family: The workload's family; default the model's first.
+        rank: For the DDP family, the process's rank, which draws its own training batch.
     """
     spec = MODELS[model_name]
     family = family or spec.families[0]
@@ -279,6 +236,8 @@ def make_workload(
         raise ValueError(f"model {model_name!r} has no {family!r} workload; it has {spec.families}")
     if family == "step" and model_name == "mnist_step":
         return make_step_workload(batch, device, seed=seed)
+    if family == "ddp":
+        return make_ddp_step(model_name, batch, device, seed=seed, rank=rank)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = spec.build().to(device)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -15,30 +14,35 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+from gradlens_bench import run as run_module
+from gradlens_bench.agreement import against_loop, verify
+from gradlens_bench.contract import Method, Output
+from gradlens_bench.measure import Case, Protocol, allocator_peak, measure_case
+from gradlens_bench.methods import METHODS, quiet_hooks
+from gradlens_bench.models import (
+    DDP,
+    DEFAULT_MODELS,
+    MODELS,
+    ZOO,
+    ProbeWorkload,
+    Workload,
+    make_workload,
+)
+from gradlens_bench.render import markdown, zoo_targets_markdown
+from gradlens_bench.results import add_ratios, build_dataset
+from gradlens_bench.run import parse_args
 
-from benchmarks import run
-from benchmarks.agreement import against_loop, verify
-from benchmarks.measure import Case, Protocol, allocator_peak, measure_case
-from benchmarks.methods import METHODS, Method, Output, quiet_hooks
-from benchmarks.models import DEFAULT_MODELS, MODELS, ZOO, ProbeWorkload, Workload, make_workload
-from benchmarks.render import markdown, zoo_targets_markdown
-from benchmarks.results import add_ratios, build_dataset
-from benchmarks.run import parse_args
 from gradlens import per_example_grads
+from tests.benchmarks._cli import ROOT, env, run
 
-ROOT = Path(__file__).resolve().parent.parent
 # Where a library refuses a model, the benchmark says so instead of timing it.
 EXPECTED_UNSUPPORTED: set[tuple[str, str]] = set()  # the CNN has ghost forms since issue 9
-
-
-def _run(*args: str) -> None:
-    subprocess.run([sys.executable, *args], cwd=ROOT, check=True, capture_output=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bench")
-    _run("-m", "benchmarks.run", "--smoke", "--device", "cpu", "--out", str(out))
+    run("-m", "gradlens_bench.run", "--smoke", "--device", "cpu", "--out", str(out))
     return out
 
 
@@ -88,13 +92,13 @@ def test_baselines_have_ratio_one(results: xr.Dataset) -> None:
         # process CPU time needs two timed blocks, which a --smoke case may not reach
         timed = np.isfinite(at["cpu_time_median"].values)
         assert (at["cpu_time_ratio"].values[timed] == 1.0).all(), model
-    assert set(results["baseline"].values) == {"plain", "step_unprobed"}
+    assert set(results["baseline"].values) == {m.baseline for m in METHODS.values()}
 
 
 def test_render_reproduces_the_table_from_both_entry_forms(smoke: Path, tmp_path: Path) -> None:
-    for entry in (["-m", "benchmarks.run"], ["benchmarks/run.py"]):
+    for entry in (["-m", "gradlens_bench.run"], ["benchmarks/gradlens_bench/run.py"]):
         shutil.copy(smoke / "results.nc", tmp_path / "results.nc")
-        _run(*entry, "--render", str(tmp_path / "results.nc"))
+        run(*entry, "--render", str(tmp_path / "results.nc"))
         assert (tmp_path / "table.md").read_text() == (smoke / "table.md").read_text()
         assert (tmp_path / "probes.png").stat().st_size > 0
         (tmp_path / "table.md").unlink()
@@ -135,9 +139,9 @@ def test_a_wrong_method_is_caught_and_not_timed(
 
     wrong = Method("wrong", "1% off", "probe", "plain", _perturbed, against_loop("grads"))
     monkeypatch.setitem(METHODS, "wrong", wrong)
-    monkeypatch.setattr(run, "run_isolated", fake_run_isolated)
+    monkeypatch.setattr(run_module, "run_isolated", fake_run_isolated)
     config, _ = parse_args(["--smoke", "--models", "tokens", "--methods", "wrong"])
-    ds = run.main(replace(config, out=tmp_path))
+    ds = run_module.main(replace(config, out=tmp_path))
     at = ds.sel({"model": "tokens", "method": "wrong"})
     assert str(at["agreement_status"].item()) == "mismatch"
     assert float(at["agreement_error"].item()) == pytest.approx(0.01, rel=1e-3)
@@ -155,6 +159,9 @@ def test_flags_map_onto_the_config() -> None:
     assert (config.models, config.batch_sizes, render_path) == (("mlp", "tokens"), (8, 32), None)
     assert parse_args([])[0].models == DEFAULT_MODELS and not set(ZOO) & set(DEFAULT_MODELS)
     assert parse_args(["--models", "zoo,mlp"])[0].models == (*ZOO, "mlp")
+    assert not set(DDP) & set(DEFAULT_MODELS) and parse_args(["--models", "ddp"])[0].models == DDP
+    config = parse_args(["--world-size", "3", "--ddp-steps", "4", "--ddp-blocks", "5"])[0]
+    assert (config.world_size, config.protocol.steps, config.protocol.blocks) == (3, 4, 5)
     assert parse_args(["--threads", "1"])[0].protocol.threads == 1
     with pytest.raises(SystemExit):
         parse_args(["--methods", "plain,nonsense"])
@@ -173,15 +180,15 @@ def test_the_forkserver_preload_leaves_the_cuda_driver_alone(tmp_path: Path) -> 
         "calls = []\n"
         "orig = torch._C._cuda_getDeviceCount\n"
         "torch._C._cuda_getDeviceCount = lambda: calls.append(1) or orig()\n"
-        "import torch._dynamo, gradlens, benchmarks.preload\n"
+        "import torch._dynamo, gradlens, gradlens_bench.preload\n"
         "print(len(calls))\n"
     )
 
     def device_counts(device: str) -> int:
-        env = {**os.environ, "GRADLENS_BENCH_DEVICE": device, "CUDA_HOME": str(tmp_path)}
-        env.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
+        variables = env(module=True) | {"GRADLENS_BENCH_DEVICE": device, "CUDA_HOME": str(tmp_path)}
+        variables.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
         done = subprocess.run(
-            [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
+            [sys.executable, "-c", code], cwd=ROOT, env=variables, capture_output=True, text=True
         )
         assert done.returncode == 0, done.stderr[-2000:]
         return int(done.stdout.split()[-1])
@@ -206,6 +213,8 @@ def test_zoo_models_pass_the_agreement_check(model: str) -> None:
     small = {f: make_workload(model, 3, torch.device("cpu"), family=f) for f in spec.families}
     assert set(spec.families) == {"probe", "step"}
     for name, method in METHODS.items():
+        if method.family not in spec.families:  # the DDP methods: tests/benchmarks/test_ddp.py
+            continue
         with quiet_hooks():
             found = verify(method, small[method.family])
         if name in GRADLENS_METHODS or method.family == "step":

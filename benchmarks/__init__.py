@@ -1,1 +1,0 @@
-"""Benchmarks for gradlens; run ``python -m benchmarks.run --help``."""
