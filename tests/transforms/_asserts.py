@@ -228,3 +228,28 @@ def assert_records_cosine_after(case: Case, problem: Problem) -> None:
         g, new, r = (dense(d, group) for d in (problem.grads, out, problem.reference))
         atol = 1e-9 * max(1.0, float(g.norm() / new.norm()) if new.norm() > 0 else 1.0)
         assert_close(recorded[k], cosine(new, r), atol=atol, rtol=1e-7)
+
+
+def assert_records_incoming_coef_and_cosine(case: Case, problem: Problem) -> None:
+    """The first recorded ``coef`` and ``cosine_before`` are those of the incoming gradient.
+
+    Per group, against the dense float64 ``<g, r> / ||r||^2`` and ``cos(g, r)``, both 0
+    for a zero reference. Every transform but the identity records them; the first
+    member of a chain sees the incoming gradient.
+    """
+    _, state = apply(case, problem)
+    records = _flat_records(state)
+    if case.alpha == 1.0:
+        assert not records
+        return
+    coefs = [name for name in records if name.endswith("/coef")]
+    cosines = [name for name in records if name.endswith("/cosine_before")]
+    assert coefs and cosines, f"{case.id} records no coef or cosine_before: {sorted(records)}"
+    recorded_coef = records[coefs[0]].reshape(-1)
+    recorded_cosine = records[cosines[0]].reshape(-1)
+    for k, group in enumerate(groups(case, problem)):
+        g, r = dense(problem.grads, group), dense(problem.reference, group)
+        # rounding in <g, r> is relative to ||g|| ||r||: in the coefficient to ||g|| / ||r||
+        scale = float(g.norm() / r.norm()) if r.norm() > 0 else 0.0
+        assert_close(recorded_coef[k], coef(g, r), atol=1e-12 * scale, rtol=1e-9)
+        assert_close(recorded_cosine[k], cosine(g, r), atol=1e-12, rtol=1e-9)

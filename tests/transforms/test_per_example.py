@@ -159,6 +159,6 @@ def test_state_records_the_fraction_acted_on() -> None:
     out, state = tx.update(g, tx.init(g), reference=r, example_dots={"w": g_i["w"] @ r["w"]})
     assert isinstance(state, ScaleAlignedPerExampleState)
     assert float(state.acted) == 0.5
-    assert float(state.coef) == 0.0
-    assert float(state.acted_coef) == 0.75
+    assert float(state.coef) == pytest.approx(0.0, abs=1e-6)  # float32 mean of c_i in [-3, 2]
+    assert float(state.acted_coef) == pytest.approx(0.75, rel=1e-6)
     assert_close(out["w"], g["w"] - 2 * 0.75 * r["w"])
