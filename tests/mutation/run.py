@@ -292,15 +292,15 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "summarize_ge_zero",
         ALIGNMENT,
-        '"frac_positive": (values > 0).float().mean(),',
-        '"frac_positive": (values >= 0).float().mean(),',
+        '"frac_positive": (values > 0).float().mean(dim=-1),',
+        '"frac_positive": (values >= 0).float().mean(dim=-1),',
         "zero-gradient examples (cosine exactly 0) counted as positive",
     ),
     Mutant(
         "summarize_median",
         ALIGNMENT,
-        '"mean": values.mean(),',
-        '"mean": values.median(),',
+        '"mean": values.mean(dim=-1),',
+        '"mean": values.median(dim=-1).values,',
         "the mean reported as the median",
     ),
     Mutant(
@@ -313,8 +313,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "quantile_nearest",
         ALIGNMENT,
-        "torch.quantile(values, levels)",
-        'torch.quantile(values, levels, interpolation="lower")',
+        "torch.quantile(values, levels, dim=-1)",
+        'torch.quantile(values, levels, dim=-1, interpolation="lower")',
         "quantiles without linear interpolation",
     ),
     # gradlens.transforms.aligned and its helpers
