@@ -27,7 +27,9 @@ from typing import NoReturn
 import torch
 from tqdm.auto import tqdm
 
-from gradlens.mnist import (
+from gradlens.numerics import flush_denormal
+from gradlens.provenance import make_attrs, run_provenance
+from subliminal_mnist import (
     BASE_CONDITIONS,
     CONDITIONS,
     EXECUTORS,
@@ -57,8 +59,6 @@ from gradlens.mnist import (
     write_compact,
     write_summary,
 )
-from gradlens.numerics import flush_denormal
-from gradlens.provenance import make_attrs, run_provenance
 
 
 @dataclass(frozen=True)

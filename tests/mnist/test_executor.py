@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import xarray as xr
 
-import gradlens.mnist.dispatch as dispatch
-from gradlens.mnist import Dispatch
+import subliminal_mnist.dispatch as dispatch
+from subliminal_mnist import Dispatch
 from tests.mnist.test_mnist_aux_quick import ROOT, data_dir, mnist_aux
 
 

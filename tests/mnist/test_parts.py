@@ -7,9 +7,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gradlens.losses import kl_divergence
-from gradlens.mnist import get_conditions, init_mlp, noise_batch
-from gradlens.mnist.experiment import cross_seed
-from gradlens.mnist.losses import class_cross_entropy, logit_kl
+from subliminal_mnist import get_conditions, init_mlp, noise_batch
+from subliminal_mnist.experiment import cross_seed
+from subliminal_mnist.losses import class_cross_entropy, logit_kl
 
 
 def test_initialisation_statistics_follow_one_over_sqrt_fan_in() -> None:

@@ -11,18 +11,18 @@ import torch
 import xarray as xr
 from torch import nn
 
-from gradlens.mnist.conditions import Condition
-from gradlens.mnist.data import Digits
-from gradlens.mnist.models import init_mlp
-from gradlens.mnist.student import (
+from gradlens.recording import Recorder, open_run
+from gradlens.training import step_coords, transform_layout
+from subliminal_mnist.conditions import Condition
+from subliminal_mnist.data import Digits
+from subliminal_mnist.models import init_mlp
+from subliminal_mnist.student import (
     StudentSetup,
     layer_names,
     run_student,
     student_transforms,
     student_variables,
 )
-from gradlens.recording import Recorder, open_run
-from gradlens.training import step_coords, transform_layout
 
 __all__ = ["combine_runs", "cross_seed", "probe_subset", "run_condition"]
 

@@ -5,17 +5,17 @@ student from the same initialisation is distilled only on the ``m`` auxiliary
 logits, on uniform noise images, and is then tested on digits.
 
 Everything specific to that setting lives here, built on the generic core:
-the data (:mod:`~gradlens.mnist.data`), models, noise and losses, the teacher,
+the data (:mod:`~subliminal_mnist.data`), models, noise and losses, the teacher,
 the conditions (interventions) and the probed student loop, combining runs,
 and the run's figures and summary. The core never imports this package; vary
-the setting by passing your own :class:`~gradlens.mnist.student.StudentSetup`,
-:class:`~gradlens.mnist.conditions.Condition` or sizes, or copy a module.
+the setting by passing your own :class:`~subliminal_mnist.student.StudentSetup`,
+:class:`~subliminal_mnist.conditions.Condition` or sizes, or copy a module.
 ``experiments/mnist_aux.py`` is the script that strings the pieces together.
 """
 
 from __future__ import annotations
 
-from gradlens.mnist.blocks import (
+from subliminal_mnist.blocks import (
     TeacherBlock,
     combine_blocks,
     cross_models,
@@ -26,8 +26,8 @@ from gradlens.mnist.blocks import (
     teachers_path,
     trait_probes,
 )
-from gradlens.mnist.compact import compact_results, write_compact
-from gradlens.mnist.conditions import (
+from subliminal_mnist.compact import compact_results, write_compact
+from subliminal_mnist.conditions import (
     BASE_CONDITIONS,
     CAUSAL_CONDITIONS,
     CONDITIONS,
@@ -36,27 +36,27 @@ from gradlens.mnist.conditions import (
     Condition,
     get_conditions,
 )
-from gradlens.mnist.data import Digits, load_mnist
-from gradlens.mnist.dispatch import EXECUTORS, Dispatch, PartSettings, run_part, run_parts
-from gradlens.mnist.engine import run_students, stack_coords, stack_variables
-from gradlens.mnist.experiment import combine_runs, cross_seed, probe_subset, run_condition
-from gradlens.mnist.figures import draw_figures, plot_final_vs_alignment, save_figures
-from gradlens.mnist.losses import class_cross_entropy, class_kl, logit_kl
-from gradlens.mnist.models import init_mlp
-from gradlens.mnist.noise import NOISE_KINDS, NoiseStream, noise_batch
-from gradlens.mnist.report import final_values, headline_table, summary_markdown
-from gradlens.mnist.resume import (
+from subliminal_mnist.data import Digits, load_mnist
+from subliminal_mnist.dispatch import EXECUTORS, Dispatch, PartSettings, run_part, run_parts
+from subliminal_mnist.engine import run_students, stack_coords, stack_variables
+from subliminal_mnist.experiment import combine_runs, cross_seed, probe_subset, run_condition
+from subliminal_mnist.figures import draw_figures, plot_final_vs_alignment, save_figures
+from subliminal_mnist.losses import class_cross_entropy, class_kl, logit_kl
+from subliminal_mnist.models import init_mlp
+from subliminal_mnist.noise import NOISE_KINDS, NoiseStream, noise_batch
+from subliminal_mnist.report import final_values, headline_table, summary_markdown
+from subliminal_mnist.resume import (
     check_settings,
     part_path,
     reusable_parts,
     write_combined,
     write_summary,
 )
-from gradlens.mnist.stacked import init_stack, model_view, stack_forward
-from gradlens.mnist.stacked_step import DistillBatch, TraitProbes, stacked_step
-from gradlens.mnist.student import StudentSetup, run_student, student_variables
-from gradlens.mnist.teacher import accuracy, train_classifier
-from gradlens.mnist.teachers import evaluate_stack, train_teacher_stack
+from subliminal_mnist.stacked import init_stack, model_view, stack_forward
+from subliminal_mnist.stacked_step import DistillBatch, TraitProbes, stacked_step
+from subliminal_mnist.student import StudentSetup, run_student, student_variables
+from subliminal_mnist.teacher import accuracy, train_classifier
+from subliminal_mnist.teachers import evaluate_stack, train_teacher_stack
 
 __all__ = [
     "BASE_CONDITIONS",

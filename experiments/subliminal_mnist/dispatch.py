@@ -5,7 +5,7 @@ runs every part one after another. :func:`run_parts` runs the same parts
 through :func:`gradlens.sweeps.run_sweep` instead, in two batches:
 
 1. one job per seed whose teachers are not cached yet
-   (:func:`~gradlens.mnist.teachers_path`, written with the same key): it
+   (:func:`~subliminal_mnist.teachers_path`, written with the same key): it
    trains the block's teachers and writes the cache, so no two jobs ever
    train (and write) the same seed's teachers;
 2. one job per (seed, condition) part to run (:func:`run_part`): it loads
@@ -14,9 +14,9 @@ through :func:`gradlens.sweeps.run_sweep` instead, in two batches:
    ``.part`` and a rename, the config in the attrs).
 
 Finished parts (their file stores the same config in every field but
-:data:`~gradlens.mnist.SETTINGS_THAT_SELECT`) are skipped, so resubmitting
+:data:`~subliminal_mnist.SETTINGS_THAT_SELECT`) are skipped, so resubmitting
 after a crash, a timeout or a preempted node runs only what is missing. The
-caller merges the part files as before (:func:`~gradlens.mnist.combine_blocks`).
+caller merges the part files as before (:func:`~subliminal_mnist.combine_blocks`).
 
 The jobs receive a :class:`PartSettings`: the experiment's config in its
 stored (JSON) form, which each part file records, and the few settings a part
@@ -26,16 +26,21 @@ where the job runs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-from collections.abc import Callable, Collection, Mapping, Sequence
+import os
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import xarray as xr
 
-from gradlens.mnist.blocks import (
+from gradlens.numerics import flush_denormal
+from gradlens.provenance import config_to_json
+from gradlens.sweeps import Part, make_executor, pending_parts, run_sweep
+from subliminal_mnist.blocks import (
     TEACHER_ATTR,
     TeacherBlock,
     load_or_train_teachers,
@@ -45,16 +50,13 @@ from gradlens.mnist.blocks import (
     teachers_path,
     trait_probes,
 )
-from gradlens.mnist.conditions import get_conditions
-from gradlens.mnist.data import Digits, load_mnist
-from gradlens.mnist.noise import NoiseStream
-from gradlens.mnist.resume import SETTINGS_THAT_SELECT, part_path
-from gradlens.mnist.stacked import init_stack
-from gradlens.mnist.student import StudentSetup
-from gradlens.mnist.teachers import train_teacher_stack
-from gradlens.numerics import flush_denormal
-from gradlens.provenance import config_to_json
-from gradlens.sweeps import Part, make_executor, pending_parts, run_sweep
+from subliminal_mnist.conditions import get_conditions
+from subliminal_mnist.data import Digits, load_mnist
+from subliminal_mnist.noise import NoiseStream
+from subliminal_mnist.resume import SETTINGS_THAT_SELECT, part_path
+from subliminal_mnist.stacked import init_stack
+from subliminal_mnist.student import StudentSetup
+from subliminal_mnist.teachers import train_teacher_stack
 
 __all__ = [
     "EXECUTORS",
@@ -216,7 +218,7 @@ def run_part(job: tuple[PartSettings, int, str]) -> Path:
     The same computation and file as one step of the inline loop: the block's
     initialisations, its teachers (from the cache :func:`train_teachers_part`
     wrote; trained here if it is missing), their metrics, the noise stream and
-    the trait probes, then :func:`~gradlens.mnist.run_block_condition`.
+    the trait probes, then :func:`~subliminal_mnist.run_block_condition`.
 
     Args:
         job: ``(settings, seed, condition name)``.
@@ -259,6 +261,28 @@ def run_part(job: tuple[PartSettings, int, str]) -> Path:
             config=settings.config,
             progress=settings.progress,
         )
+
+
+@contextlib.contextmanager
+def _importable_in_jobs() -> Iterator[None]:
+    """Put the folder holding this package on ``PYTHONPATH`` while jobs are submitted.
+
+    ``subliminal_mnist`` is not installed: ``experiments/mnist_aux.py`` finds it
+    beside itself, but a job is a fresh interpreter that unpickles
+    :func:`run_part` by its module's name. Local submitit jobs, and SLURM jobs
+    (``sbatch`` exports the environment by default), inherit the environment
+    of the process that submits them.
+    """
+    folder = str(Path(__file__).resolve().parents[1])
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([folder, old] if old else [folder])
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
 
 
 def _has_teacher_metrics(part: Part) -> list[str]:
@@ -316,20 +340,21 @@ def run_parts(
     pending = pending_parts(parts, ignore=ignore, check=_has_teacher_metrics, overwrite=overwrite)
     todo = sorted({p.arg[1] for p in pending})
     untrained = [s for s in todo if not _teachers_cached(settings, s)]
-    if untrained:
-        with executor.batch():
-            jobs = [executor.submit(train_teachers_part, (settings, s)) for s in untrained]
-        failures = []
-        for seed, job in zip(untrained, jobs, strict=True):
-            try:
-                job.result()
-            except Exception as exc:  # the job's own error, re-raised by submitit
-                failures.append(f"teachers of seed {seed}: job {job.job_id} failed ({exc})")
-        if failures:
-            listed = "\n  ".join(failures)
-            raise RuntimeError(
-                f"{listed}\nTheir logs are in {executor.folder}; fix the cause and run again "
-                "(finished parts and cached teachers are reused)."
-            )
-    run_sweep(parts, executor, ignore=ignore, check=_has_teacher_metrics, overwrite=overwrite)
+    with _importable_in_jobs():
+        if untrained:
+            with executor.batch():
+                jobs = [executor.submit(train_teachers_part, (settings, s)) for s in untrained]
+            failures = []
+            for seed, job in zip(untrained, jobs, strict=True):
+                try:
+                    job.result()
+                except Exception as exc:  # the job's own error, re-raised by submitit
+                    failures.append(f"teachers of seed {seed}: job {job.job_id} failed ({exc})")
+            if failures:
+                listed = "\n  ".join(failures)
+                raise RuntimeError(
+                    f"{listed}\nTheir logs are in {executor.folder}; fix the cause and run again "
+                    "(finished parts and cached teachers are reused)."
+                )
+        run_sweep(parts, executor, ignore=ignore, check=_has_teacher_metrics, overwrite=overwrite)
     return {(p.arg[1], p.arg[2]): p.path for p in parts}

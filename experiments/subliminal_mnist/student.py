@@ -11,11 +11,6 @@ from tqdm.auto import tqdm
 
 from gradlens.gradops import group_by_layer
 from gradlens.liminal import liminal_loss, liminal_weight
-from gradlens.mnist.conditions import Condition
-from gradlens.mnist.data import Digits
-from gradlens.mnist.losses import class_cross_entropy, class_kl, logit_kl
-from gradlens.mnist.noise import noise_batch
-from gradlens.mnist.teacher import accuracy
 from gradlens.per_example import LossFn
 from gradlens.recording import Recorder, Variable
 from gradlens.training import (
@@ -28,6 +23,11 @@ from gradlens.training import (
     weighted_sum,
 )
 from gradlens.transforms import GradientTransform, named_chain
+from subliminal_mnist.conditions import Condition
+from subliminal_mnist.data import Digits
+from subliminal_mnist.losses import class_cross_entropy, class_kl, logit_kl
+from subliminal_mnist.noise import noise_batch
+from subliminal_mnist.teacher import accuracy
 
 __all__ = ["StudentSetup", "run_student", "student_transforms", "student_variables"]
 
