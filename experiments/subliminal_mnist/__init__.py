@@ -39,9 +39,8 @@ from subliminal_mnist.conditions import (
 from subliminal_mnist.data import Digits, load_mnist
 from subliminal_mnist.dispatch import EXECUTORS, Dispatch, PartSettings, run_part, run_parts
 from subliminal_mnist.engine import run_students, stack_coords, stack_variables
-from subliminal_mnist.experiment import combine_runs, cross_seed, probe_subset, run_condition
 from subliminal_mnist.figures import draw_figures, plot_final_vs_alignment, save_figures
-from subliminal_mnist.losses import class_cross_entropy, class_kl, logit_kl
+from subliminal_mnist.losses import class_cross_entropy, logit_kl
 from subliminal_mnist.models import init_mlp
 from subliminal_mnist.noise import NOISE_KINDS, NoiseStream, noise_batch
 from subliminal_mnist.report import final_values, headline_table, summary_markdown
@@ -54,7 +53,7 @@ from subliminal_mnist.resume import (
 )
 from subliminal_mnist.stacked import init_stack, model_view, stack_forward
 from subliminal_mnist.stacked_step import DistillBatch, TraitProbes, stacked_step
-from subliminal_mnist.student import StudentSetup, run_student, student_variables
+from subliminal_mnist.student import StudentSetup
 from subliminal_mnist.teacher import accuracy, train_classifier
 from subliminal_mnist.teachers import evaluate_stack, train_teacher_stack
 
@@ -78,12 +77,9 @@ __all__ = [
     "accuracy",
     "check_settings",
     "class_cross_entropy",
-    "class_kl",
     "combine_blocks",
-    "combine_runs",
     "compact_results",
     "cross_models",
-    "cross_seed",
     "draw_figures",
     "evaluate_stack",
     "final_values",
@@ -99,20 +95,16 @@ __all__ = [
     "noise_batch",
     "part_path",
     "plot_final_vs_alignment",
-    "probe_subset",
     "reusable_parts",
     "run_block_condition",
-    "run_condition",
     "run_part",
     "run_parts",
-    "run_student",
     "run_students",
     "save_figures",
     "stack_coords",
     "stack_forward",
     "stack_variables",
     "stacked_step",
-    "student_variables",
     "summary_markdown",
     "teacher_metrics",
     "teachers_path",
