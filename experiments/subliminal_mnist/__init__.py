@@ -1,16 +1,20 @@
-"""The MNIST auxiliary-logit setting of subliminal learning (Cloud et al. 2025), on the core.
+"""The MNIST auxiliary-logit setting of subliminal learning (Cloud et al. 2025), on gradlens.
 
 A teacher MLP with ``10 + m`` outputs learns MNIST on its 10 class logits; a
 student from the same initialisation is distilled only on the ``m`` auxiliary
 logits, on uniform noise images, and is then tested on digits.
 
-Everything specific to that setting lives here, built on the generic core:
-the data (:mod:`~subliminal_mnist.data`), models, noise and losses, the teacher,
-the conditions (interventions) and the probed student loop, combining runs,
-and the run's figures and summary. The core never imports this package; vary
-the setting by passing your own :class:`~subliminal_mnist.student.StudentSetup`,
+Everything specific to that setting lives here, a client of the library that
+is not installed with it: the scripts in ``experiments/`` import it from
+beside them. The data (:mod:`~subliminal_mnist.data`), models, noise and
+losses, the teachers, the conditions (interventions), the stacked probed
+student loop, the experiment's orchestration (:func:`run_experiment`, parts
+run here or as submitit jobs), and the run's figures and summary. gradlens
+never imports this package; vary the setting by passing your own
+:class:`~subliminal_mnist.student.StudentSetup`,
 :class:`~subliminal_mnist.conditions.Condition` or sizes, or copy a module.
-``experiments/mnist_aux.py`` is the script that strings the pieces together.
+``experiments/mnist_aux.py`` maps its flags onto a config and runs
+:func:`run_experiment`.
 """
 
 from __future__ import annotations
@@ -37,7 +41,14 @@ from subliminal_mnist.conditions import (
     get_conditions,
 )
 from subliminal_mnist.data import Digits, load_mnist
-from subliminal_mnist.dispatch import EXECUTORS, Dispatch, PartSettings, run_part, run_parts
+from subliminal_mnist.dispatch import (
+    EXECUTORS,
+    Dispatch,
+    PartSettings,
+    run_part,
+    run_parts,
+    run_seed,
+)
 from subliminal_mnist.engine import run_students, stack_coords, stack_variables
 from subliminal_mnist.figures import draw_figures, plot_final_vs_alignment, save_figures
 from subliminal_mnist.losses import class_cross_entropy, logit_kl
@@ -51,6 +62,7 @@ from subliminal_mnist.resume import (
     write_combined,
     write_summary,
 )
+from subliminal_mnist.run import ExperimentConfig, check_run, run_experiment
 from subliminal_mnist.stacked import init_stack, model_view, stack_forward
 from subliminal_mnist.stacked_step import DistillBatch, TraitProbes, stacked_step
 from subliminal_mnist.student import StudentSetup
@@ -69,12 +81,14 @@ __all__ = [
     "Digits",
     "Dispatch",
     "DistillBatch",
+    "ExperimentConfig",
     "NoiseStream",
     "PartSettings",
     "StudentSetup",
     "TeacherBlock",
     "TraitProbes",
     "accuracy",
+    "check_run",
     "check_settings",
     "class_cross_entropy",
     "combine_blocks",
@@ -97,8 +111,10 @@ __all__ = [
     "plot_final_vs_alignment",
     "reusable_parts",
     "run_block_condition",
+    "run_experiment",
     "run_part",
     "run_parts",
+    "run_seed",
     "run_students",
     "save_figures",
     "stack_coords",
