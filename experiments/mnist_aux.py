@@ -17,48 +17,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shlex
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
 import torch
-from tqdm.auto import tqdm
 
-from gradlens.mnist import (
+from subliminal_mnist import (
     BASE_CONDITIONS,
     CONDITIONS,
     EXECUTORS,
     NOISE_KINDS,
     Dispatch,
-    NoiseStream,
     StudentSetup,
-    TeacherBlock,
-    check_settings,
-    combine_blocks,
-    get_conditions,
-    init_stack,
-    load_mnist,
-    load_or_train_teachers,
-    model_seeds,
-    part_path,
-    reusable_parts,
-    run_block_condition,
-    run_parts,
-    save_figures,
-    summary_markdown,
-    teacher_metrics,
-    teachers_path,
-    train_teacher_stack,
-    trait_probes,
-    write_combined,
-    write_compact,
-    write_summary,
+    check_run,
+    run_experiment,
 )
-from gradlens.numerics import flush_denormal
-from gradlens.provenance import make_attrs, run_provenance
 
 
 @dataclass(frozen=True)
@@ -107,108 +82,7 @@ def main(config: Config, dispatch: Dispatch | None = None) -> Path:
     Returns:
         The path of the combined netCDF file.
     """
-    with flush_denormal():
-        return _run(config, dispatch or Dispatch())
-
-
-def _run(config: Config, dispatch: Dispatch) -> Path:
-    start = time.perf_counter()
-    provenance = run_provenance()  # the code that runs, not the code at the end of the run
-    # Everything that can fail without data or training fails here, before them.
-    conditions = get_conditions(config.conditions)
-    here = dispatch.executor != "slurm"
-    device = check_settings(
-        seeds=config.seeds, device=config.device, out=config.out, available=here
-    )
-    seeds = list(range(config.seeds))
-    parts = reusable_parts(
-        config.out, config, seeds, [c.name for c in conditions], overwrite=config.overwrite
-    )
-    if parts:
-        print(
-            f"resuming in {config.out}: {len(parts)} of {len(seeds) * len(conditions)} parts "
-            "are complete and reused (--overwrite runs them again)"
-        )
-    todo = {s: [c for c in conditions if (s, c.name) not in parts] for s in seeds}
-    if dispatch.executor != "inline" and any(todo.values()):  # as submitit jobs
-        names = [c.name for c in conditions]
-        run_parts(config, seeds, names, dispatch, overwrite=config.overwrite)
-        parts = {(s, c): part_path(config.out, s, c) for s in seeds for c in names}
-        todo = {s: [] for s in seeds}
-    if any(todo.values()):
-        train = load_mnist(config.data_dir, train=True)
-        test = load_mnist(config.data_dir, train=False)
-        train = type(train)(*(t.to(device) for t in train))
-        test = type(test)(*(t.to(device) for t in test))
-    for seed in tqdm(seeds, desc="seeds", disable=not config.progress):
-        if not todo[seed]:
-            continue
-        block_seeds = model_seeds(seed, config.models)
-        init = {n: v.to(device) for n, v in init_stack(config.sizes, block_seeds).items()}
-        teacher_settings = (config.teacher_epochs, config.teacher_batch_size, config.teacher_lr)
-        key = json.dumps([block_seeds, config.sizes, *teacher_settings, str(device)])
-        teachers = load_or_train_teachers(
-            teachers_path(config.out, seed),
-            init,
-            key,
-            lambda init=init, block_seeds=block_seeds: train_teacher_stack(
-                init,
-                train,
-                seeds=block_seeds,
-                epochs=config.teacher_epochs,
-                batch_size=config.teacher_batch_size,
-                lr=config.teacher_lr,
-                progress=config.progress,
-            ),
-        )
-        block = TeacherBlock(
-            block_seeds,
-            init,
-            teachers,
-            teacher_metrics(init, teachers, test),
-            NoiseStream.create(
-                config.student.noise,
-                seeds=block_seeds,
-                size=config.student.noise_per_epoch,
-                batch_size=config.student.batch_size,
-                dim=config.sizes[0],
-                device=device,
-            ),
-            trait_probes(train, config.probe_size, seed, test),
-        )
-        for condition in todo[seed]:
-            path = part_path(config.out, seed, condition.name)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            parts[seed, condition.name] = run_block_condition(
-                condition,
-                block,
-                seed=seed,
-                test=test,
-                setup=config.student,
-                path=path,
-                config=config,
-                progress=config.progress,
-            )
-        del block
-    wall = time.perf_counter() - start
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" and here else "CPU"
-    device_text = f"{name} ({torch.get_num_threads()} threads)" if name == "CPU" else name
-    if dispatch.executor != "inline":
-        device_text = f"{device} ({dispatch.executor} submitit jobs)"
-    command = "python " + shlex.join(sys.argv) if sys.argv[0].endswith(".py") else "main(config)"
-    attrs = make_attrs(config, provenance=provenance) | {
-        "device": device_text,
-        "wall_time_s": f"{wall:.1f}",
-    }
-    order = [(s, c.name) for s in seeds for c in conditions]
-    ds = combine_blocks({key: parts[key] for key in order}, attrs)
-    result = write_combined(ds, config.out)
-    write_compact(ds, config.out)
-    save_figures(ds, config.out / "figures")
-    summary = summary_markdown(ds, wall_time_s=wall, device=device_text, command=command)
-    write_summary(summary, config.out)
-    print(summary)
-    return result
+    return run_experiment(config, dispatch)
 
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -341,9 +215,7 @@ def cli(argv: list[str] | None = None) -> Path:
     config = parse(argv)
     try:
         dispatch = parse_dispatch(argv)
-        get_conditions(config.conditions)
-        here = dispatch.executor != "slurm"
-        check_settings(seeds=config.seeds, device=config.device, out=config.out, available=here)
+        check_run(config, dispatch)
     except (ValueError, OSError) as exc:
         _exit_with(exc)
     try:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import xarray as xr
 
-from gradlens.mnist.compact import COMPACT
-from gradlens.mnist.sweep import SWEEP_FILE, plot_sweep, sweep_finals, sweep_markdown
+from subliminal_mnist.compact import COMPACT
+from subliminal_mnist.sweep import SWEEP_FILE, plot_sweep, sweep_finals, sweep_markdown
 
 LABELS = {
     "lambda0": "liminal lambda_0 (weight at step 0)",

@@ -18,7 +18,7 @@ experiment's:
 in one batch (on SLURM, one job array), waits for them, and checks that each
 wrote its file. Resubmitting the same sweep after a crash, a timeout or a
 preempted node runs only what is missing. Merging the part files into one
-dataset is the caller's (for the experiment, ``combine_runs``).
+dataset is the caller's.
 :func:`make_executor` builds the executor: ``cluster="local"`` (default)
 runs every part as a subprocess of this machine, ``"slurm"`` submits a
 job array, ``"debug"`` runs them one after another in this process.

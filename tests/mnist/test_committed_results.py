@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import xarray as xr
 
-from gradlens.mnist import summary_markdown
+from subliminal_mnist import summary_markdown
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = sorted((ROOT / "docs" / "results").glob("*/mnist_aux_compact.nc"))

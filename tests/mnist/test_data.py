@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from gradlens import DataNotFoundError
-from gradlens.mnist.data import DATA_DIR_ENV, candidate_roots, load_mnist
+from subliminal_mnist.data import DATA_DIR_ENV, candidate_roots, load_mnist
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import xarray as xr
 
-import gradlens.mnist.dispatch as dispatch
-from gradlens.mnist import Dispatch
+import subliminal_mnist.dispatch as dispatch
+import subliminal_mnist.run as run
+from subliminal_mnist import Dispatch
 from tests.mnist.test_mnist_aux_quick import ROOT, data_dir, mnist_aux
 
 
@@ -33,9 +34,10 @@ def stored_config(path: Path) -> dict[str, object]:
 def test_local_jobs_match_inline_and_a_resubmission_runs_only_the_missing_part(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The jobs are fresh interpreters: they import this checkout's gradlens through PYTHONPATH.
+    # The jobs are fresh interpreters: they import this checkout's gradlens through PYTHONPATH
+    # (run_parts adds the folder of subliminal_mnist itself).
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    monkeypatch.setattr(mnist_aux, "save_figures", lambda ds, folder: None)
+    monkeypatch.setattr(run, "save_figures", lambda ds, folder: None)
     sweeps: list[object] = []
     run_sweep = dispatch.run_sweep
 

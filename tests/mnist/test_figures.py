@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from gradlens.mnist import draw_figures, save_figures
+from subliminal_mnist import draw_figures, save_figures
 
 NAMES = [
     "alignment.png",

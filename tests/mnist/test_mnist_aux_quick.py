@@ -1,19 +1,17 @@
 """Integration: the experiment script's --quick run on real MNIST."""
 
 import os
-import sys
 from pathlib import Path
 
+import mnist_aux
 import numpy as np
 import pytest
 import xarray as xr
 
-from gradlens.mnist import compact_results, final_values, headline_table, summary_markdown
-from gradlens.mnist.data import DATA_DIR_ENV
+from subliminal_mnist import compact_results, final_values, headline_table, summary_markdown
+from subliminal_mnist.data import DATA_DIR_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "experiments"))
-import mnist_aux  # noqa: E402
 
 
 def data_dir() -> str:

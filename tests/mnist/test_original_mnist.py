@@ -3,14 +3,10 @@ what to pass when the checkout is missing."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
+import original_mnist
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "experiments"))
-import original_mnist  # noqa: E402
 
 STAND_IN = """
 import torch as t

@@ -7,9 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gradlens.losses import kl_divergence
-from gradlens.mnist import get_conditions, init_mlp, noise_batch
-from gradlens.mnist.experiment import cross_seed
-from gradlens.mnist.losses import class_cross_entropy, logit_kl
+from subliminal_mnist import get_conditions, init_mlp, noise_batch
+from subliminal_mnist.losses import class_cross_entropy, logit_kl
 
 
 def test_initialisation_statistics_follow_one_over_sqrt_fan_in() -> None:
@@ -102,22 +101,6 @@ def test_trait_cross_entropy_uses_class_logits() -> None:
     changed[:, 10:] += torch.randn(5, 3, dtype=torch.float64) * 5.0
     loss = float(class_cross_entropy(10)(out, labels))
     assert float(class_cross_entropy(10)(changed, labels)) == loss
-
-
-@pytest.mark.parametrize("n", [2, 3, 5, 8])
-def test_cross_init_is_a_derangement(n: int) -> None:
-    seeds = list(range(n))
-    partners = [cross_seed(s, seeds) for s in seeds]
-    assert sorted(partners) == seeds
-    assert all(p != s for p, s in zip(partners, seeds, strict=True))
-
-
-def test_single_seed_cross_init_comes_from_an_unrelated_seed() -> None:
-    partners = [cross_seed(s, [s]) for s in (0, 4, 99)]
-    assert all(p >= 1000 for p in partners)  # far from any seed a run uses
-    assert len(set(partners)) == 3  # each teacher seed gets its own
-    with pytest.raises(ValueError, match="not among the seeds"):
-        cross_seed(9, [0, 1])
 
 
 def test_noise_is_deterministic_uniform_and_distinct() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gradlens.mnist.blocks import trait_probes
-from gradlens.mnist.data import Digits
+from subliminal_mnist.blocks import trait_probes
+from subliminal_mnist.data import Digits
 
 
 def _digits(n: int, offset: int) -> Digits:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gradlens import DamagedDataError, DataNotFoundError
-from gradlens.mnist.data import SPLIT_SIZES, load_mnist, read_idx
+from subliminal_mnist.data import SPLIT_SIZES, load_mnist, read_idx
 
 
 def idx(kind: str, values: np.ndarray, *, count: int | None = None) -> bytes:

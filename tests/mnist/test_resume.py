@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import xarray as xr
 
+import subliminal_mnist.dispatch as dispatch
+import subliminal_mnist.run as run
 from gradlens.recording import open_run
 from tests.mnist.test_mnist_aux_quick import data_dir, mnist_aux
 
@@ -45,15 +47,15 @@ def runs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, str]]:
     """Count the (seed, condition) runs; an untrained teacher, no figures (for speed: the
     quick runs of test_mnist_aux_quick train a teacher and draw the figures)."""
     done: list[tuple[int, str]] = []
-    run_block_condition = mnist_aux.run_block_condition
+    run_block_condition = dispatch.run_block_condition
 
     def counted(condition, block, **kwargs):  # type: ignore[no-untyped-def]
         done.append((kwargs["seed"], condition.name))
         return run_block_condition(condition, block, **kwargs)
 
-    monkeypatch.setattr(mnist_aux, "run_block_condition", counted)
-    monkeypatch.setattr(mnist_aux, "save_figures", lambda ds, folder: None)
-    monkeypatch.setattr(mnist_aux, "train_teacher_stack", lambda stack, digits, **kwargs: stack)
+    monkeypatch.setattr(dispatch, "run_block_condition", counted)
+    monkeypatch.setattr(run, "save_figures", lambda ds, folder: None)
+    monkeypatch.setattr(dispatch, "train_teacher_stack", lambda stack, digits, **kwargs: stack)
     return done
 
 
@@ -61,7 +63,7 @@ def no_data(monkeypatch: pytest.MonkeyPatch) -> None:
     def load_mnist(*args: object, **kwargs: object) -> None:
         raise AssertionError("MNIST was loaded")
 
-    monkeypatch.setattr(mnist_aux, "load_mnist", load_mnist)
+    monkeypatch.setattr(dispatch, "load_mnist", load_mnist)
 
 
 def test_a_rerun_resumes_refuses_another_config_and_overwrite_reruns(

@@ -8,7 +8,10 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from gradlens.liminal import liminal_loss
-from gradlens.mnist import (
+from gradlens.per_example import LossFn, loss_and_grad
+from gradlens.training import Objective, probed_step, weighted_sum
+from gradlens.transforms import per_model
+from subliminal_mnist import (
     Digits,
     DistillBatch,
     NoiseStream,
@@ -27,11 +30,8 @@ from gradlens.mnist import (
     train_classifier,
     train_teacher_stack,
 )
-from gradlens.mnist.engine import make_optimizer
-from gradlens.mnist.student import StudentSetup, _class_slice, student_transforms
-from gradlens.per_example import loss_and_grad
-from gradlens.training import Objective, probed_step, weighted_sum
-from gradlens.transforms import per_model
+from subliminal_mnist.engine import make_optimizer
+from subliminal_mnist.student import StudentSetup, student_transforms
 
 SIZES = (12, 8, 8, 13)
 SEEDS = [0, 1, 2]
@@ -40,6 +40,18 @@ TRANSFORMED = ["remove", "reverse", "remove_layer", "remove_per_example", "remov
 
 def _stack(seeds: list[int]) -> dict[str, torch.Tensor]:
     return {n: v.double().requires_grad_(True) for n, v in init_stack(SIZES, seeds).items()}
+
+
+def _class_slice(num_classes: int) -> LossFn:
+    """The one-model liminal term (T = 1) on the first ``num_classes`` logits.
+
+    ``loss(outputs, base_logits)``.
+    """
+
+    def loss(outputs: Tensor, base_logits: Tensor) -> Tensor:
+        return liminal_loss(outputs[:, :num_classes], base_logits, temperature=1.0)
+
+    return loss
 
 
 def _probes(gen: torch.Generator) -> TraitProbes:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mnist_sweep
 import numpy as np
 import pytest
 import xarray as xr
 from scipy import stats
 
-from gradlens.mnist.sweep import SWEEP_FILE, plot_sweep, sweep_finals, sweep_markdown
+from subliminal_mnist.sweep import SWEEP_FILE, plot_sweep, sweep_finals, sweep_markdown
 
 ROOT = Path(__file__).resolve().parents[2]
 SWEEPS = sorted((ROOT / "docs" / "results").glob(f"*/{SWEEP_FILE}"))
@@ -102,11 +103,6 @@ def test_a_committed_sweep_table_recomputes_from_its_file(path: Path) -> None:
 def test_the_cli_records_its_own_command_and_what_the_shared_run_stands_in_for(
     tmp_path: Path,
 ) -> None:
-    import sys
-
-    sys.path.insert(0, str(ROOT / "experiments"))
-    import mnist_sweep
-
     folders = {
         "lam0": _run(["liminal"], [0, 1, 2], seed=1),
         "base": _run(["aux", "liminal"], [0, 1, 2], seed=0),

@@ -2,7 +2,7 @@
 
 An output folder holds one file per (seed, condition),
 ``parts/seed{s}_{condition}.nc``: the block of ``--models`` models of that
-seed (:mod:`gradlens.mnist.blocks`) trained under that condition, renamed into
+seed (:mod:`subliminal_mnist.blocks`) trained under that condition, renamed into
 place only when that run is complete, and the results built from them
 (:func:`write_combined`, :func:`write_summary`: atomically, so a crash leaves
 the previous version). Before anything is loaded or trained,
@@ -29,8 +29,8 @@ import torch
 import xarray as xr
 
 from gradlens._atomic import atomic_write, atomic_write_text
-from gradlens.mnist.blocks import TEACHER_ATTR
 from gradlens.provenance import config_from_attrs, config_to_json
+from subliminal_mnist.blocks import TEACHER_ATTR
 
 __all__ = [
     "SETTINGS_THAT_SELECT",

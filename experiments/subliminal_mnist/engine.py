@@ -16,13 +16,6 @@ from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
 from gradlens.liminal import liminal_schedule
-from gradlens.mnist.conditions import Condition
-from gradlens.mnist.data import Digits
-from gradlens.mnist.noise import NoiseStream
-from gradlens.mnist.stacked import stack_forward, unstack
-from gradlens.mnist.stacked_step import DistillBatch, TraitProbes, stacked_step
-from gradlens.mnist.student import StudentSetup, student_transforms
-from gradlens.mnist.teachers import EVAL_METRICS, evaluate_stack
 from gradlens.recording import Recorder, Variable
 from gradlens.training import (
     StepResult,
@@ -33,6 +26,13 @@ from gradlens.training import (
     transform_layout,
 )
 from gradlens.transforms import per_model
+from subliminal_mnist.conditions import Condition
+from subliminal_mnist.data import Digits
+from subliminal_mnist.noise import NoiseStream
+from subliminal_mnist.stacked import stack_forward, unstack
+from subliminal_mnist.stacked_step import DistillBatch, TraitProbes, stacked_step
+from subliminal_mnist.student import StudentSetup, student_transforms
+from subliminal_mnist.teachers import EVAL_METRICS, evaluate_stack
 
 __all__ = ["liminal_at", "make_optimizer", "run_students", "stack_coords", "stack_variables"]
 

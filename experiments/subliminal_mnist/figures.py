@@ -1,9 +1,9 @@
 """The figures of a combined MNIST auxiliary-logit run, built on :mod:`gradlens.plotting`.
 
-The run's Dataset is the one :func:`gradlens.mnist.combine_blocks` writes:
+The run's Dataset is the one :func:`subliminal_mnist.combine_blocks` writes:
 dims ``step``, ``model``, ``layer``, ``example_step``, ``example_model``,
 ``example``, ``condition``, with the variables of
-:func:`gradlens.mnist.stack_variables`. Each figure draws one line or panel
+:func:`subliminal_mnist.stack_variables`. Each figure draws one line or panel
 per condition and averages over models (bands: 95% t intervals over models).
 Files of the one-model-per-seed protocol (dim ``seed``) draw with
 ``replicate="seed"``.

@@ -13,7 +13,7 @@ keeps what the summary, the figures and the docs cite:
 - per model and layer, the run mean of ``layer_cosine`` as ``layer_cosine_run_mean``;
 - the teachers' and references' accuracies; no per-example values.
 
-:func:`gradlens.mnist.final_values` and :func:`gradlens.mnist.headline_table`
+:func:`subliminal_mnist.final_values` and :func:`subliminal_mnist.headline_table`
 give the same numbers on the compact file as on the full one (tested).
 """
 
@@ -66,7 +66,7 @@ def compact_results(ds: xr.Dataset) -> xr.Dataset:
     if "model" not in ds.dims:
         raise ValueError(
             "compact_results needs a combined run with a 'model' dim "
-            "(gradlens.mnist.combine_blocks); this one has dims "
+            "(subliminal_mnist.combine_blocks); this one has dims "
             f"{sorted(map(str, ds.dims))}."
         )
     out = xr.Dataset(attrs=dict(ds.attrs))

@@ -1,6 +1,6 @@
 """Many MLPs at once: parameters stacked along a leading ``model`` dim.
 
-A *stack* is a ``dict[str, Tensor]`` keyed like :func:`~gradlens.mnist.init_mlp`'s
+A *stack* is a ``dict[str, Tensor]`` keyed like :func:`~subliminal_mnist.init_mlp`'s
 ``named_parameters()`` (``"0.weight"``, ``"0.bias"``, ``"2.weight"``, ...), each
 tensor with a leading ``model`` axis. The forward pass is one batched matmul per
 layer, as in the original code's ``MultiLinear``; a loss summed over models gives
@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from gradlens.gradops import group_by_layer
-from gradlens.mnist.models import init_mlp
+from subliminal_mnist.models import init_mlp
 
 __all__ = [
     "Activations",

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from gradlens.mnist.data import Digits
+from subliminal_mnist.data import Digits
 
 __all__ = ["accuracy", "train_classifier"]
 

@@ -16,7 +16,6 @@ from gradlens.per_example import LossFn
 
 __all__ = [
     "class_cross_entropy",
-    "class_kl",
     "example_cross_entropy",
     "example_kl",
     "logit_kl",
@@ -46,11 +45,6 @@ def class_cross_entropy(num_classes: int = 10) -> LossFn:
         return F.cross_entropy(outputs[..., :num_classes], labels)
 
     return loss
-
-
-def class_kl(num_classes: int = 10) -> LossFn:
-    """Trait loss: KL from the teacher's class distribution, ``loss(outputs, teacher_logits)``."""
-    return logit_kl(0, num_classes)
 
 
 def example_kl(logits: Tensor, target_logits: Tensor, temperature: float = 1.0) -> Tensor:

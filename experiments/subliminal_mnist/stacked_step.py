@@ -32,14 +32,14 @@ from torch import Tensor
 
 from gradlens.alignment import QUANTILES
 from gradlens.gradops import check_finite, group_by_layer, safe_divide
-from gradlens.mnist.losses import example_cross_entropy, example_kl
-from gradlens.mnist.stacked import (
+from gradlens.transforms import GradientTransform
+from subliminal_mnist.losses import example_cross_entropy, example_kl
+from subliminal_mnist.stacked import (
     model_dot,
     model_layer_dot,
     stack_forward,
     stack_forward_cached,
 )
-from gradlens.transforms import GradientTransform
 
 __all__ = [
     "DistillBatch",

@@ -2,7 +2,7 @@
 
 A sweep is a set of combined (or compact) runs that differ in one setting,
 the swept ``dim`` (the liminal ``lambda0``, the trait probe size, ...). Each
-run gives :func:`gradlens.mnist.final_values` per condition and model;
+run gives :func:`subliminal_mnist.final_values` per condition and model;
 :func:`sweep_finals` puts them along ``dim``. Models are paired across
 conditions at one value of ``dim`` (same initialisation, teacher and noise),
 never across values: a run at another value may hold other models.
@@ -20,8 +20,8 @@ import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
 
-from gradlens.mnist.report import final_values
 from gradlens.stats import mean_ci, paired_t
+from subliminal_mnist.report import final_values
 
 __all__ = ["SWEEP_FILE", "plot_sweep", "sweep_finals", "sweep_markdown"]
 
@@ -62,7 +62,7 @@ def sweep_finals(
             depend on the liminal ``lambda0``), run once on the same models.
 
     Returns:
-        :func:`~gradlens.mnist.final_values` with dims ``(dim, condition,
+        :func:`~subliminal_mnist.final_values` with dims ``(dim, condition,
         model)``, NaN where a run lacks a model; attrs ``commands`` (one line
         per value) and ``conditions``.
 

@@ -1,6 +1,6 @@
 """A block of models: M (initialisation, teacher, student) triples from one seed.
 
-Model ``m`` of the block of ``seed`` starts from :func:`~gradlens.mnist.init_mlp`
+Model ``m`` of the block of ``seed`` starts from :func:`~subliminal_mnist.init_mlp`
 with seed :func:`model_seeds` ``[m]``; its teacher is trained from that
 initialisation; its student starts there too (``init="same"``) or, for
 ``cross_init``, from the next model's initialisation in the block
@@ -22,16 +22,16 @@ import xarray as xr
 from torch import Tensor
 
 from gradlens._atomic import atomic_write
-from gradlens.mnist.conditions import Condition
-from gradlens.mnist.data import Digits
-from gradlens.mnist.engine import run_students, stack_coords, stack_variables
-from gradlens.mnist.noise import NoiseStream
-from gradlens.mnist.stacked import unstack
-from gradlens.mnist.stacked_step import TraitProbes, layer_names
-from gradlens.mnist.student import StudentSetup, student_transforms
-from gradlens.mnist.teachers import evaluate_stack
 from gradlens.recording import Recorder, open_run
 from gradlens.training import transform_layout
+from subliminal_mnist.conditions import Condition
+from subliminal_mnist.data import Digits
+from subliminal_mnist.engine import run_students, stack_coords, stack_variables
+from subliminal_mnist.noise import NoiseStream
+from subliminal_mnist.stacked import unstack
+from subliminal_mnist.stacked_step import TraitProbes, layer_names
+from subliminal_mnist.student import StudentSetup, student_transforms
+from subliminal_mnist.teachers import evaluate_stack
 
 __all__ = [
     "MAX_MODELS",
@@ -206,7 +206,7 @@ def run_block_condition(
             index = [block.seeds.index(s) for s in order]
             init = {n: v[index] for n, v in block.init.items()}
         else:
-            from gradlens.mnist.stacked import init_stack
+            from subliminal_mnist.stacked import init_stack
 
             init = init_stack(_sizes(block.init), order)
     single = unstack(init, 0)

@@ -1,41 +1,50 @@
-"""Run the experiment's (seed block, condition) parts as submitit jobs: locally or on SLURM.
+"""Where the experiment's (seed block, condition) parts run: here, or as submitit jobs.
 
-The in-process loop of ``experiments/mnist_aux.py`` (``--executor inline``)
-runs every part one after another. :func:`run_parts` runs the same parts
-through :func:`gradlens.sweeps.run_sweep` instead, in two batches:
+A part is one seed's block of models distilled under one condition, written
+to ``parts/seed{s}_{condition}.nc`` (through ``.part`` and a rename, the
+config in the attrs). :func:`run_seed` builds a seed's block (initialisations,
+teachers, their metrics, the noise stream, the trait probes) and runs
+conditions on it: :func:`~subliminal_mnist.run_experiment` calls it in this
+process (``--executor inline``, every part one after another), and each job
+calls it for its one part. :func:`run_parts` runs the parts through
+:func:`gradlens.sweeps.run_sweep` instead, in two batches:
 
 1. one job per seed whose teachers are not cached yet
-   (:func:`~gradlens.mnist.teachers_path`, written with the same key): it
+   (:func:`~subliminal_mnist.teachers_path`, written with the same key): it
    trains the block's teachers and writes the cache, so no two jobs ever
    train (and write) the same seed's teachers;
 2. one job per (seed, condition) part to run (:func:`run_part`): it loads
-   MNIST, loads the seed's cached teachers and writes
-   ``parts/seed{s}_{condition}.nc`` exactly as the inline loop does (through
-   ``.part`` and a rename, the config in the attrs).
+   MNIST, loads the seed's cached teachers and writes the part's file through
+   :func:`run_seed`, as the inline loop does.
 
 Finished parts (their file stores the same config in every field but
-:data:`~gradlens.mnist.SETTINGS_THAT_SELECT`) are skipped, so resubmitting
+:data:`~subliminal_mnist.SETTINGS_THAT_SELECT`) are skipped, so resubmitting
 after a crash, a timeout or a preempted node runs only what is missing. The
-caller merges the part files as before (:func:`~gradlens.mnist.combine_blocks`).
+caller merges the part files (:func:`~subliminal_mnist.combine_blocks`).
 
-The jobs receive a :class:`PartSettings`: the experiment's config in its
+Every part receives a :class:`PartSettings`: the experiment's config in its
 stored (JSON) form, which each part file records, and the few settings a part
 needs, so that the experiment's own config class never has to be importable
-where the job runs.
+where a job runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-from collections.abc import Callable, Collection, Mapping, Sequence
+import os
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import xarray as xr
 
-from gradlens.mnist.blocks import (
+from gradlens.numerics import flush_denormal
+from gradlens.provenance import config_to_json
+from gradlens.sweeps import Part, make_executor, pending_parts, run_sweep
+from subliminal_mnist.blocks import (
     TEACHER_ATTR,
     TeacherBlock,
     load_or_train_teachers,
@@ -45,23 +54,23 @@ from gradlens.mnist.blocks import (
     teachers_path,
     trait_probes,
 )
-from gradlens.mnist.conditions import get_conditions
-from gradlens.mnist.data import Digits, load_mnist
-from gradlens.mnist.noise import NoiseStream
-from gradlens.mnist.resume import SETTINGS_THAT_SELECT, part_path
-from gradlens.mnist.stacked import init_stack
-from gradlens.mnist.student import StudentSetup
-from gradlens.mnist.teachers import train_teacher_stack
-from gradlens.numerics import flush_denormal
-from gradlens.provenance import config_to_json
-from gradlens.sweeps import Part, make_executor, pending_parts, run_sweep
+from subliminal_mnist.conditions import get_conditions
+from subliminal_mnist.data import Digits, load_mnist
+from subliminal_mnist.noise import NoiseStream
+from subliminal_mnist.resume import SETTINGS_THAT_SELECT, part_path
+from subliminal_mnist.stacked import init_stack
+from subliminal_mnist.student import StudentSetup
+from subliminal_mnist.teachers import train_teacher_stack
 
 __all__ = [
     "EXECUTORS",
     "Dispatch",
     "PartSettings",
+    "load_splits",
     "run_part",
     "run_parts",
+    "run_seed",
+    "seed_block",
     "train_teachers_part",
 ]
 
@@ -152,7 +161,7 @@ class PartSettings:
 
 
 def _teacher_key(settings: PartSettings, seed: int) -> str:
-    """What the seed's teachers depend on; the same key as the inline loop's."""
+    """What the seed's teachers depend on: the init seeds, sizes, teacher settings, device."""
     teacher = (settings.teacher_epochs, settings.teacher_batch_size, settings.teacher_lr)
     return json.dumps(
         [model_seeds(seed, settings.models), settings.sizes, *teacher, settings.device]
@@ -166,7 +175,9 @@ def _teachers_cached(settings: PartSettings, seed: int) -> bool:
     return torch.load(path, map_location="cpu").get("key") == _teacher_key(settings, seed)
 
 
-def _splits(settings: PartSettings, device: torch.device) -> tuple[Digits, Digits]:
+def load_splits(settings: PartSettings) -> tuple[Digits, Digits]:
+    """MNIST's training and test splits, on ``settings.device``."""
+    device = torch.device(settings.device)
     train = load_mnist(settings.data_dir, train=True)
     test = load_mnist(settings.data_dir, train=False)
     return Digits(*(t.to(device) for t in train)), Digits(*(t.to(device) for t in test))
@@ -192,6 +203,67 @@ def _teachers(
     )
 
 
+def seed_block(settings: PartSettings, seed: int, train: Digits, test: Digits) -> TeacherBlock:
+    """The block of ``seed``: what every condition of that seed shares.
+
+    The initialisations, the teachers (from the cache when it holds this
+    block's, else trained and cached), their and the references' test
+    metrics, the noise stream and the trait probes.
+    """
+    device = torch.device(settings.device)
+    block_seeds = model_seeds(seed, settings.models)
+    init = {n: v.to(device) for n, v in init_stack(settings.sizes, block_seeds).items()}
+    teachers = _teachers(settings, seed, init, train)
+    return TeacherBlock(
+        block_seeds,
+        init,
+        teachers,
+        teacher_metrics(init, teachers, test),
+        NoiseStream.create(
+            settings.student.noise,
+            seeds=block_seeds,
+            size=settings.student.noise_per_epoch,
+            batch_size=settings.student.batch_size,
+            dim=settings.sizes[0],
+            device=device,
+        ),
+        trait_probes(train, settings.probe_size, seed, test),
+    )
+
+
+def run_seed(
+    settings: PartSettings, seed: int, conditions: Sequence[str], train: Digits, test: Digits
+) -> dict[str, Path]:
+    """Build the block of ``seed`` once and distil it under each of ``conditions``.
+
+    Args:
+        settings: The experiment's part settings.
+        seed: The block's seed.
+        conditions: Condition names, run in this order.
+        train: MNIST's training split (the teachers and the trait probes).
+        test: MNIST's test split.
+
+    Returns:
+        ``condition -> parts/seed{seed}_{condition}.nc`` in ``settings.out``.
+    """
+    block = seed_block(settings, seed, train, test)
+    paths = {}
+    for condition in get_conditions(conditions):
+        path = part_path(settings.out, seed, condition.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        paths[condition.name] = run_block_condition(
+            condition,
+            block,
+            seed=seed,
+            test=test,
+            setup=settings.student,
+            path=path,
+            config=settings.config,
+            progress=settings.progress,
+        )
+    return paths
+
+
 def train_teachers_part(job: tuple[PartSettings, int]) -> Path:
     """A job: train the block of ``seed``'s teachers, unless cached, and cache them.
 
@@ -204,7 +276,7 @@ def train_teachers_part(job: tuple[PartSettings, int]) -> Path:
     settings, seed = job
     device = torch.device(settings.device)
     with flush_denormal():
-        train, _ = _splits(settings, device)
+        train, _ = load_splits(settings)
         init = init_stack(settings.sizes, model_seeds(seed, settings.models))
         _teachers(settings, seed, {n: v.to(device) for n, v in init.items()}, train)
     return teachers_path(settings.out, seed)
@@ -213,10 +285,9 @@ def train_teachers_part(job: tuple[PartSettings, int]) -> Path:
 def run_part(job: tuple[PartSettings, int, str]) -> Path:
     """A job: distil the block of ``seed`` under ``condition`` and write its part file.
 
-    The same computation and file as one step of the inline loop: the block's
-    initialisations, its teachers (from the cache :func:`train_teachers_part`
-    wrote; trained here if it is missing), their metrics, the noise stream and
-    the trait probes, then :func:`~gradlens.mnist.run_block_condition`.
+    The same computation and file as the inline loop's (:func:`run_seed`),
+    the teachers from the cache :func:`train_teachers_part` wrote (trained
+    here if it is missing).
 
     Args:
         job: ``(settings, seed, condition name)``.
@@ -225,40 +296,31 @@ def run_part(job: tuple[PartSettings, int, str]) -> Path:
         ``parts/seed{seed}_{condition}.nc`` in ``settings.out``.
     """
     settings, seed, name = job
-    (condition,) = get_conditions((name,))
-    device = torch.device(settings.device)
     with flush_denormal():
-        train, test = _splits(settings, device)
-        block_seeds = model_seeds(seed, settings.models)
-        init = {n: v.to(device) for n, v in init_stack(settings.sizes, block_seeds).items()}
-        teachers = _teachers(settings, seed, init, train)
-        block = TeacherBlock(
-            block_seeds,
-            init,
-            teachers,
-            teacher_metrics(init, teachers, test),
-            NoiseStream.create(
-                settings.student.noise,
-                seeds=block_seeds,
-                size=settings.student.noise_per_epoch,
-                batch_size=settings.student.batch_size,
-                dim=settings.sizes[0],
-                device=device,
-            ),
-            trait_probes(train, settings.probe_size, seed, test),
-        )
-        path = part_path(settings.out, seed, name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return run_block_condition(
-            condition,
-            block,
-            seed=seed,
-            test=test,
-            setup=settings.student,
-            path=path,
-            config=settings.config,
-            progress=settings.progress,
-        )
+        train, test = load_splits(settings)
+        return run_seed(settings, seed, [name], train, test)[name]
+
+
+@contextlib.contextmanager
+def _importable_in_jobs() -> Iterator[None]:
+    """Put the folder holding this package on ``PYTHONPATH`` while jobs are submitted.
+
+    ``subliminal_mnist`` is not installed: ``experiments/mnist_aux.py`` finds it
+    beside itself, but a job is a fresh interpreter that unpickles
+    :func:`run_part` by its module's name. Local submitit jobs, and SLURM jobs
+    (``sbatch`` exports the environment by default), inherit the environment
+    of the process that submits them.
+    """
+    folder = str(Path(__file__).resolve().parents[1])
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([folder, old] if old else [folder])
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
 
 
 def _has_teacher_metrics(part: Part) -> list[str]:
@@ -316,20 +378,21 @@ def run_parts(
     pending = pending_parts(parts, ignore=ignore, check=_has_teacher_metrics, overwrite=overwrite)
     todo = sorted({p.arg[1] for p in pending})
     untrained = [s for s in todo if not _teachers_cached(settings, s)]
-    if untrained:
-        with executor.batch():
-            jobs = [executor.submit(train_teachers_part, (settings, s)) for s in untrained]
-        failures = []
-        for seed, job in zip(untrained, jobs, strict=True):
-            try:
-                job.result()
-            except Exception as exc:  # the job's own error, re-raised by submitit
-                failures.append(f"teachers of seed {seed}: job {job.job_id} failed ({exc})")
-        if failures:
-            listed = "\n  ".join(failures)
-            raise RuntimeError(
-                f"{listed}\nTheir logs are in {executor.folder}; fix the cause and run again "
-                "(finished parts and cached teachers are reused)."
-            )
-    run_sweep(parts, executor, ignore=ignore, check=_has_teacher_metrics, overwrite=overwrite)
+    with _importable_in_jobs():
+        if untrained:
+            with executor.batch():
+                jobs = [executor.submit(train_teachers_part, (settings, s)) for s in untrained]
+            failures = []
+            for seed, job in zip(untrained, jobs, strict=True):
+                try:
+                    job.result()
+                except Exception as exc:  # the job's own error, re-raised by submitit
+                    failures.append(f"teachers of seed {seed}: job {job.job_id} failed ({exc})")
+            if failures:
+                listed = "\n  ".join(failures)
+                raise RuntimeError(
+                    f"{listed}\nTheir logs are in {executor.folder}; fix the cause and run again "
+                    "(finished parts and cached teachers are reused)."
+                )
+        run_sweep(parts, executor, ignore=ignore, check=_has_teacher_metrics, overwrite=overwrite)
     return {(p.arg[1], p.arg[2]): p.path for p in parts}

@@ -8,9 +8,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from gradlens.mnist.data import Digits
-from gradlens.mnist.losses import example_cross_entropy
-from gradlens.mnist.stacked import stack_forward
+from subliminal_mnist.data import Digits
+from subliminal_mnist.losses import example_cross_entropy
+from subliminal_mnist.stacked import stack_forward
 
 __all__ = ["EVAL_METRICS", "evaluate_stack", "train_teacher_stack"]
 
@@ -66,7 +66,7 @@ def train_teacher_stack(
     """Train every model of ``stack`` with Adam on the cross-entropy of its class logits.
 
     Model ``m`` sees the training images in the order
-    :func:`gradlens.mnist.train_classifier` uses with ``seed=seeds[m]``, so it
+    :func:`subliminal_mnist.train_classifier` uses with ``seed=seeds[m]``, so it
     ends as that function would leave it (up to float summation order).
 
     Returns:

@@ -1,7 +1,7 @@
 """The markdown summary of a combined MNIST auxiliary-logit run.
 
 Statistics are over the ``replicate`` dim: ``model`` for runs of stacked models
-(:func:`gradlens.mnist.combine_blocks`; models of every seed pooled, as each has
+(:func:`subliminal_mnist.combine_blocks`; models of every seed pooled, as each has
 its own initialisation, teacher and noise), ``seed`` for files of the
 one-model-per-seed protocol. Intervals are 95% Student-t intervals over that
 dim, and the paired differences are taken model by model (a paired t interval:
