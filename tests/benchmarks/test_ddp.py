@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+
 from gradlens_bench.agreement import TOLERANCE, same_update
 from gradlens_bench.measure import Protocol
 from gradlens_bench.methods import METHODS
 from gradlens_bench.models import DDP, make_workload
 from gradlens_bench.overhead import overhead_markdown
 from gradlens_bench.world import measure_world
-
 from tests.benchmarks._cli import ROOT, run
 
 COMMITTED = ROOT / "benchmarks" / "results" / "ddp-cpu-2proc"

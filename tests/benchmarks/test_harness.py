@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+
+from gradlens import per_example_grads
 from gradlens_bench import run as run_module
 from gradlens_bench.agreement import against_loop, verify
 from gradlens_bench.contract import Method, Output
@@ -31,8 +33,6 @@ from gradlens_bench.models import (
 from gradlens_bench.render import markdown, zoo_targets_markdown
 from gradlens_bench.results import add_ratios, build_dataset
 from gradlens_bench.run import parse_args
-
-from gradlens import per_example_grads
 from tests.benchmarks._cli import ROOT, env, run
 
 # Where a library refuses a model, the benchmark says so instead of timing it.

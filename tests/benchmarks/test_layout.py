@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from gradlens_bench.nets import init_mlp
 
+from gradlens_bench.nets import init_mlp
 from tests.benchmarks._cli import BENCH, run
 
 PACKAGE = BENCH / "gradlens_bench"
