@@ -28,7 +28,7 @@ from subliminal_mnist.conditions import Condition
 from subliminal_mnist.data import Digits
 from subliminal_mnist.engine import run_students, stack_coords, stack_variables
 from subliminal_mnist.noise import NoiseStream
-from subliminal_mnist.stacked import unstack
+from subliminal_mnist.stacked import model_params
 from subliminal_mnist.stacked_step import TraitProbes, layer_names
 from subliminal_mnist.student import StudentSetup, student_transforms
 from subliminal_mnist.teachers import evaluate_stack
@@ -209,7 +209,7 @@ def run_block_condition(
             from subliminal_mnist.stacked import init_stack
 
             init = init_stack(_sizes(block.init), order)
-    single = unstack(init, 0)
+    single = model_params(init, 0)
     layout = transform_layout(single, *student_transforms(condition))
     partial = path.with_name(path.name + ".part")
     attrs = {

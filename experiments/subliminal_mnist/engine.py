@@ -1,9 +1,10 @@
 """Distil a stack of students under one condition, probing and recording every step.
 
-The stacked counterpart of :func:`gradlens.mnist.run_student`: every model of
-the stack (its own initialisation, teacher and noise) is distilled at once by
-:func:`~gradlens.mnist.stacked_step.stacked_step`, and each record gets a
-``model`` dim after ``step``.
+Every model of the stack (its own initialisation, teacher and noise) is
+distilled at once by gradlens's stacked step
+(:func:`subliminal_mnist.stacked_step.stacked_step`, the experiment's
+objectives for :func:`gradlens.training.stacked_probed_step`); each record has
+a ``model`` dim after ``step``.
 """
 
 from __future__ import annotations
@@ -12,13 +13,11 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
 from gradlens.liminal import liminal_schedule
 from gradlens.recording import Recorder, Variable
 from gradlens.training import (
-    StepResult,
     TransformLayout,
     step_coords,
     step_values,
@@ -29,36 +28,23 @@ from gradlens.transforms import per_model
 from subliminal_mnist.conditions import Condition
 from subliminal_mnist.data import Digits
 from subliminal_mnist.noise import NoiseStream
-from subliminal_mnist.stacked import stack_forward, unstack
+from subliminal_mnist.stacked import model_params, stack_forward
 from subliminal_mnist.stacked_step import DistillBatch, TraitProbes, stacked_step
 from subliminal_mnist.student import StudentSetup, student_transforms
 from subliminal_mnist.teachers import EVAL_METRICS, evaluate_stack
 
 __all__ = ["liminal_at", "make_optimizer", "run_students", "stack_coords", "stack_variables"]
 
-STEP_EXTRA: dict[str, tuple[str, str]] = {
-    "distill_loss": ("distillation loss on the step's noise batch, before the step", "nat"),
-    "applied_cosine": ("cos(g_t, gradient handed to the optimizer), after any transform", "1"),
-    "momentum_cosine": ("cos(g_t, optimizer first moment after the step); NaN for SGD", "1"),
-    "heldout_trait_loss": ("trait loss on the held-out probe images, before the step", "nat"),
-    # The held-out records are measured at the evaluation steps only (NaN elsewhere).
-    "heldout_cosine": ("cos(g_h, g): held-out trait gradient and training gradient", "1"),
-    "heldout_update_cosine": ("cos(g_h, applied update); < 0 teaches the held-out trait", "1"),
-}
+OPTIONAL = ("momentum_cosine", "heldout_trait_loss", "heldout_cosine", "heldout_update_cosine")
+"""The core step's optional records this experiment asks for (held-out ones at eval steps)."""
 
-
-def _with_model(var: Variable) -> Variable:
-    dims = (var.dims[0], "model", *var.dims[1:])
-    return Variable(dims, var.long_name, var.units, var.dtype, var.coord)
+DISTILL_LOSS = ("distillation loss on the step's noise batch, before the step", "nat")
 
 
 def stack_variables(condition: Condition, layout: TransformLayout | None) -> dict[str, Variable]:
     """Declare every record of a stacked student run (dims ``step, model, ...``)."""
-    base = step_variables(layout)
-    example = base.pop("example_cosine")
-    v = {name: _with_model(var) for name, var in base.items()}
-    v["example_cosine"] = Variable(("example_step", "example_model", "example"), example.long_name)
-    for name, (long_name, units) in {**STEP_EXTRA, **EVAL_METRICS}.items():
+    v = step_variables(layout, optional=OPTIONAL, models=True)
+    for name, (long_name, units) in {"distill_loss": DISTILL_LOSS, **EVAL_METRICS}.items():
         v[name] = Variable(("step", "model"), long_name, units)
     v["test_accuracy"] = Variable(
         ("step", "model"), "student test accuracy after the step (class logits)"
@@ -73,11 +59,7 @@ def stack_coords(
     layers: Sequence[str], layout: TransformLayout | None, models: Sequence[int], examples: int
 ) -> dict[str, list]:
     """The Recorder coords of :func:`stack_variables`."""
-    return {
-        **step_coords(layers, layout),
-        "model": list(models),
-        "example_model": list(models[:examples]),
-    }
+    return step_coords(layers, layout, models=models, example_models=models[:examples])
 
 
 def make_optimizer(
@@ -156,7 +138,7 @@ def run_students(
     models = next(iter(params.values())).shape[0]
     optimizer = make_optimizer(condition, list(params.values()), setup)
     before, after = student_transforms(condition)
-    layout = transform_layout(unstack(base, 0), before, after)
+    layout = transform_layout(model_params(base, 0), before, after)
     # A loop over the models, not vmap: remove_random's torch.Generator cannot be
     # vmapped, and on the CPU the loop is also the faster (161 against 411 ms an update
     # for remove_aligned(scope="layer") at 25 models, measured for per_model).
@@ -195,9 +177,7 @@ def run_students(
                     step=step,
                 )
                 before_state, after_state = result.before_state, result.after_state
-                values: dict[str, object] = dict(result.records)
-                if layout is not None:
-                    values |= _transform_values(before_state, after_state, models, layout)
+                values: dict[str, object] = dict(step_values(result, layout))
                 if condition.liminal:
                     values["liminal_weight"] = weight
                 if evaluate:
@@ -212,21 +192,3 @@ def run_students(
                 bar.update()
                 step += 1
     return {n: p.detach() for n, p in params.items()}
-
-
-def _transform_values(
-    before_state: object, after_state: object, models: int, layout: TransformLayout
-) -> dict[str, Tensor]:
-    """Each model's transform fields, stacked along a leading ``model`` dim."""
-
-    def model_of(state: object, m: int) -> object:
-        return None if state is None else pytree.tree_map_only(Tensor, lambda t: t[m], state)
-
-    rows = [
-        step_values(
-            StepResult({}, torch.empty(0), model_of(before_state, m), model_of(after_state, m)),
-            layout,
-        )
-        for m in range(models)
-    ]
-    return {k: torch.stack([row[k] for row in rows]) for k in rows[0]}

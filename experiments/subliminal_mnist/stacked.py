@@ -1,12 +1,10 @@
-"""Many MLPs at once: parameters stacked along a leading ``model`` dim.
+"""The experiment's MLPs as a core :class:`~gradlens.training.Stack`.
 
-A *stack* is a ``dict[str, Tensor]`` keyed like :func:`~subliminal_mnist.init_mlp`'s
+A *stack* here is a ``dict[str, Tensor]`` keyed like :func:`init_mlp`'s
 ``named_parameters()`` (``"0.weight"``, ``"0.bias"``, ``"2.weight"``, ...), each
-tensor with a leading ``model`` axis. The forward pass is one batched matmul per
-layer, as in the original code's ``MultiLinear``; a loss summed over models gives
-every model its own gradient (the models share no parameter), and an elementwise
-optimizer (Adam, SGD) on the stacked tensors updates each model exactly as if it
-were trained alone.
+tensor with a leading ``model`` axis, as the original code's ``MultiLinear``
+holds its models. :func:`mlp_stack` hands it to gradlens's stacked step and
+forward (one batched matmul per layer); nothing here computes a probe.
 
 Example:
     >>> stack = init_stack((4, 3, 2), seeds=[0, 1])
@@ -23,24 +21,16 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from functools import cache
 
 import torch
 from torch import Tensor, nn
 
-from gradlens.gradops import group_by_layer
+from gradlens.training import Stack, unstack
+from gradlens.training import stack_forward as core_forward
 from subliminal_mnist.models import init_mlp
 
-__all__ = [
-    "Activations",
-    "init_stack",
-    "model_dot",
-    "model_layer_dot",
-    "model_view",
-    "stack_forward",
-    "stack_forward_cached",
-    "unstack",
-]
+__all__ = ["init_stack", "mlp_stack", "model_params", "model_view", "sizes_of", "stack_forward"]
 
 
 def init_stack(sizes: Sequence[int], seeds: Sequence[int]) -> dict[str, Tensor]:
@@ -59,19 +49,20 @@ def init_stack(sizes: Sequence[int], seeds: Sequence[int]) -> dict[str, Tensor]:
     return {name: torch.stack([m[name].detach() for m in models]) for name in models[0]}
 
 
-def _linear_names(stack: Mapping[str, Tensor]) -> list[str]:
-    layers = list(group_by_layer(stack))
-    for layer in layers:
-        if f"{layer}.weight" not in stack or f"{layer}.bias" not in stack:
-            raise ValueError(f"stack layer {layer!r} needs both {layer}.weight and {layer}.bias.")
-    return layers
+def sizes_of(stack: Mapping[str, Tensor]) -> tuple[int, ...]:
+    """The layer widths of a stack, input first."""
+    weights = [v for n, v in stack.items() if n.endswith(".weight")]
+    return (weights[0].shape[2], *(w.shape[1] for w in weights))
 
 
-def _linear(stack: Mapping[str, Tensor], layer: str, x: Tensor) -> Tensor:
-    weight, bias = stack[f"{layer}.weight"], stack[f"{layer}.bias"]
-    if x.ndim == 2:  # one input batch shared by every model
-        return torch.einsum("moi,bi->mbo", weight, x) + bias[:, None, :]
-    return torch.baddbmm(bias[:, None, :], x, weight.transpose(1, 2))
+@cache
+def _architecture(sizes: tuple[int, ...]) -> nn.Module:
+    return init_mlp(sizes, seed=0).to("meta")
+
+
+def mlp_stack(stack: Mapping[str, Tensor]) -> Stack:
+    """The stack as a core :class:`~gradlens.training.Stack` (sharing its tensors)."""
+    return Stack(_architecture(sizes_of(stack)), dict(stack), {})
 
 
 def stack_forward(stack: Mapping[str, Tensor], x: Tensor) -> Tensor:
@@ -85,73 +76,17 @@ def stack_forward(stack: Mapping[str, Tensor], x: Tensor) -> Tensor:
     Returns:
         ``(model, example, logit)``.
     """
-    return stack_forward_cached(stack, x).logits
+    models = next(iter(stack.values())).shape[0]
+    if x.ndim == 2:
+        x = x.expand(models, *x.shape)
+    return core_forward(mlp_stack(stack), x)
 
 
-class Activations(NamedTuple):
-    """A forward pass with what the per-example probes need.
-
-    Attributes:
-        logits: ``(model, example, logit)``.
-        inputs: Each linear layer's input, ``layer -> (model, example, in)``.
-        outputs: Each linear layer's output (pre-activation), ``layer -> (model, example, out)``.
-    """
-
-    logits: Tensor
-    inputs: dict[str, Tensor]
-    outputs: dict[str, Tensor]
-
-
-def stack_forward_cached(stack: Mapping[str, Tensor], x: Tensor) -> Activations:
-    """:func:`stack_forward`, keeping every linear layer's input and output."""
-    layers = _linear_names(stack)
-    inputs, outputs = {}, {}
-    h = x
-    for i, layer in enumerate(layers):
-        if h.ndim == 2:
-            h = h.expand(stack[f"{layer}.weight"].shape[0], *h.shape)
-        inputs[layer] = h
-        z = _linear(stack, layer, h)
-        outputs[layer] = z
-        h = torch.relu(z) if i < len(layers) - 1 else z
-    return Activations(h, inputs, outputs)
-
-
-def unstack(stack: Mapping[str, Tensor], model: int) -> dict[str, Tensor]:
+def model_params(stack: Mapping[str, Tensor], model: int) -> dict[str, Tensor]:
     """One model's parameters (views of the stack)."""
     return {name: value[model] for name, value in stack.items()}
 
 
-def model_view(stack: Mapping[str, Tensor], model: int) -> nn.Sequential:
-    """One model of the stack as an :func:`init_mlp` module sharing the stack's memory.
-
-    Its parameters are views of the stack (detached, with ``requires_grad``),
-    so single-model tools such as :func:`gradlens.probe_batch` see exactly
-    that model.
-    """
-    layers = _linear_names(stack)
-    sizes = [stack[f"{layers[0]}.weight"].shape[2]]
-    sizes += [stack[f"{layer}.weight"].shape[1] for layer in layers]
-    net = init_mlp(sizes, seed=0)
-    for name, value in unstack(stack, model).items():
-        module, attr = name.rsplit(".", 1)
-        setattr(net.get_submodule(module), attr, nn.Parameter(value.detach()))
-    return net.to(next(iter(stack.values())).dtype)
-
-
-def _vecdot(a: Tensor, b: Tensor) -> Tensor:
-    return torch.linalg.vecdot(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1))
-
-
-def model_dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
-    """``<a_m, b_m>`` for every model, shape ``(model,)``."""
-    return sum(_vecdot(a[n], b[n]) for n in a)  # type: ignore[return-value]
-
-
-def model_layer_dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
-    """``<a_m, b_m>`` per model and layer, shape ``(model, layer)``, layers in parameter order."""
-    groups = group_by_layer(a)
-    return torch.stack(
-        [sum(_vecdot(a[n], b[n]) for n in names) for names in groups.values()],
-        dim=1,
-    )
+def model_view(stack: Mapping[str, Tensor], model: int) -> nn.Module:
+    """One model of the stack as an :func:`init_mlp` module (a copy of its parameters)."""
+    return unstack(mlp_stack(stack), model)

@@ -154,7 +154,8 @@ def transform_layout(
 
 def _with_model(var: Variable) -> Variable:
     """``var`` with a ``model`` dim after its record dim."""
-    return Variable((var.dims[0], "model", *var.dims[1:]), var.long_name, var.units, var.dtype)
+    dims = (var.dims[0], "model", *var.dims[1:])
+    return Variable(dims, var.long_name, var.units, var.dtype, var.coord)
 
 
 def step_variables(

@@ -100,10 +100,15 @@ def stack_modules(modules: Sequence[nn.Module]) -> Stack:
 
 
 def unstack(stack: Stack, model: int) -> nn.Module:
-    """One model of the stack as an ordinary module (a copy of its parameters and buffers)."""
+    """One model of the stack as an ordinary module, with a copy of its parameters and buffers.
+
+    The copies keep the stack's dtypes and device.
+    """
     module = copy.deepcopy(stack.module).to_empty(device=next(iter(stack.params.values())).device)
-    state = {n: v[model].detach() for n, v in (*stack.params.items(), *stack.buffers.items())}
-    module.load_state_dict(state, strict=False)
+    state = {
+        n: v[model].detach().clone() for n, v in (*stack.params.items(), *stack.buffers.items())
+    }
+    module.load_state_dict(state, strict=False, assign=True)
     return module
 
 

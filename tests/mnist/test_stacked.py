@@ -171,30 +171,30 @@ def test_the_shuffled_reference_is_removed_and_the_probes_keep_the_true_trait() 
     probes = probes._replace(shuffled_labels=shuffled)
     before = per_model(student_transforms(condition)[0])
     state = before.init(stack)
-    seen: dict[str, torch.Tensor] = {}
     views = [model_view(stack, m) for m in range(3)]  # at the parameters before the step
     shuffled_grads = [
         loss_and_grad(v, class_cross_entropy(10), probes.images, shuffled)[1] for v in views
     ]
     x = torch.rand(3, 16, SIZES[0], generator=gen, dtype=torch.float64) * 2 - 1
+    targets = stack_forward(teachers, x)[..., 10:]
+    raw_grads = [loss_and_grad(v, logit_kl(10), x[m], targets[m])[1] for m, v in enumerate(views)]
     optimizer = torch.optim.SGD(list(stack.values()), lr=1.0)
     old = {n: v.detach().clone() for n, v in stack.items()}
     result = stacked_step(
         stack,
         optimizer,
-        DistillBatch(x, stack_forward(teachers, x)[..., 10:], 10),
+        DistillBatch(x, targets, 10),
         probes,
         before=before,
         before_state=state,
         use_shuffled_reference=True,
         heldout=False,
-        on_grads=seen.update,
     )
     for m in range(3):
         applied = {n: old[n][m] - stack[n][m].detach() for n in old}  # SGD, lr 1: the gradient
         along = sum((applied[n] * shuffled_grads[m][n]).sum() for n in applied)
         assert abs(float(along)) < 1e-12
-        raw = sum((seen[n][m] * shuffled_grads[m][n]).sum() for n in applied)
+        raw = sum((raw_grads[m][n] * shuffled_grads[m][n]).sum() for n in applied)
         assert abs(float(raw)) > 1e-6  # there was something to remove
     # the probes measure the true trait gradient: the applied gradient is not orthogonal to it
     assert float(result.records["applied_cosine"].abs().min()) > 1e-6
@@ -296,7 +296,16 @@ def test_remove_random_takes_off_as_much_as_remove_along_other_directions_per_mo
     for name in ("remove", "remove_random"):
         params = {n: v.detach().clone().requires_grad_(True) for n, v in stack.items()}
         before = per_model(student_transforms(get_conditions([name])[0])[0], vectorize=False)
-        seen: dict[str, Tensor] = {}
+        views = [model_view(params, m) for m in range(3)]  # before the step
+        seen = {
+            n: torch.stack(
+                [
+                    loss_and_grad(v, logit_kl(10), x[m], batch.targets[m])[1][n]
+                    for m, v in enumerate(views)
+                ]
+            )
+            for n in params
+        }
         optimizer = torch.optim.SGD(list(params.values()), lr=1.0)
         result = stacked_step(
             params,
@@ -306,7 +315,6 @@ def test_remove_random_takes_off_as_much_as_remove_along_other_directions_per_mo
             before=before,
             before_state=before.init(params),
             heldout=False,
-            on_grads=seen.update,
         )
         applied = {n: stack[n].detach() - params[n].detach() for n in params}
         removed[name] = {n: seen[n] - applied[n] for n in params}
