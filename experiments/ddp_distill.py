@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from gradlens import Objective, Recorder, Variable, open_run
-from gradlens.layerstats import groups_for
+from gradlens.alignment.layerstats import groups_for
 from gradlens.training import step_coords, step_values, step_variables, transform_layout
 from gradlens.training.distributed import distributed_probed_step, gather_examples
 from gradlens.transforms import GradientTransform, named_chain, remove_aligned

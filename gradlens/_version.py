@@ -1,3 +1,3 @@
 """The gradlens version, read by the package, its provenance and ``pyproject.toml``."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

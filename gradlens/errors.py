@@ -56,7 +56,7 @@ class DamagedDataError(GradlensError, ValueError):
 
 
 class RecordWriteError(GradlensError, OSError):
-    """A :class:`~gradlens.recording.Recorder` that could not write its file (a full disk, say).
+    """A :class:`~gradlens.records.Recorder` that could not write its file (a full disk, say).
 
     The recorder is closed; the file at its path still holds every row up to
     its last successful flush.

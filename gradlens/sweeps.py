@@ -44,7 +44,7 @@ from typing import Any, NamedTuple
 
 import xarray as xr
 
-from gradlens.provenance import config_from_attrs, config_to_json
+from gradlens.records.provenance import config_from_attrs, config_to_json
 
 __all__ = ["Part", "Sweep", "make_executor", "part_problems", "pending_parts", "run_sweep"]
 

@@ -4,9 +4,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gradlens import GradientMismatchError
-from gradlens.alignment import alignment, example_alignment, summarize
-from gradlens.ghost import per_example_dots
+from gradlens.alignment.measures import alignment, example_alignment, summarize
+from gradlens.errors import GradientMismatchError
+from gradlens.probes.ghost import per_example_dots
 from tests.models import loop_grads, loss_fn, make_case
 
 # summarize works in float32: a sum of n terms errs by at most about n eps relative to the

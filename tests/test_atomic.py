@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import xarray as xr
 
-from gradlens._atomic import atomic_write
+from gradlens.records.atomic import atomic_write
 
 KILLED_WHILE_WRITING = """
 import os, signal
 import numpy as np, xarray as xr
-from gradlens._atomic import atomic_write
+from gradlens.records.atomic import atomic_write
 
 def write(tmp):
     xr.Dataset({{"x": ("step", np.arange(100_000.0))}}).to_netcdf(tmp)

@@ -16,15 +16,14 @@ from torch import Tensor, nn
 
 from gradlens import (
     Objective,
-    UnsupportedModelError,
     ghost_plan,
-    mean_grad,
     per_example_dots,
     per_example_grads,
-    per_example_losses,
     probe_batch,
     probed_step,
 )
+from gradlens.errors import UnsupportedModelError
+from gradlens.probes import mean_grad, per_example_losses
 from gradlens.transforms import remove_aligned
 
 transformers = pytest.importorskip("transformers")

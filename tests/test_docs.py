@@ -7,14 +7,14 @@ from types import ModuleType
 import pytest
 
 import gradlens
-import gradlens.plotting
+import gradlens.figures.plots
 import subliminal_mnist
 
 API = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
 
 
 @pytest.mark.parametrize(
-    "module", [gradlens, gradlens.plotting, subliminal_mnist], ids=lambda m: m.__name__
+    "module", [gradlens, gradlens.figures.plots, subliminal_mnist], ids=lambda m: m.__name__
 )
 def test_every_public_name_is_in_the_api_reference(module: ModuleType) -> None:
     missing = [n for n in module.__all__ if n != "__version__" and f"`{n}" not in API]

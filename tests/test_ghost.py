@@ -2,8 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from gradlens import GradientMismatchError, UnsupportedModelError, per_example_grads
-from gradlens.ghost import per_example_dots
+from gradlens import per_example_grads
+from gradlens.errors import GradientMismatchError, UnsupportedModelError
+from gradlens.probes.ghost import per_example_dots
 from tests.models import KINDS, loop_grads, loss_fn, make_case
 
 
@@ -125,8 +126,8 @@ def test_unknown_method_is_an_error() -> None:
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("method", ["auto", "vmap"])
 def test_probe_batch_gives_losses_mean_grad_and_dots(kind: str, method: str) -> None:
-    from gradlens import mean_grad
-    from gradlens.ghost import probe_batch
+    from gradlens.probes import mean_grad
+    from gradlens.probes.ghost import probe_batch
 
     model, x, y = make_case(kind, batch=6)
     ref = reference_for(model)

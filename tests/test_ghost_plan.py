@@ -6,15 +6,10 @@ import re
 import pytest
 import torch
 
-import gradlens._ghost_plan as ghost_plan_module
-from gradlens import (
-    UnsupportedModelError,
-    ghost_plan,
-    mean_grad,
-    per_example_dots,
-    per_example_grads,
-    probe_batch,
-)
+import gradlens.probes.plan as ghost_plan_module
+from gradlens import ghost_plan, per_example_dots, per_example_grads, probe_batch
+from gradlens.errors import UnsupportedModelError
+from gradlens.probes import mean_grad
 from tests.models import loop_grads, loss_fn, make_case
 from tests.test_ghost import reference_for
 from tests.zoo import ZOO, make
@@ -187,7 +182,7 @@ def test_chunk_size_must_be_positive(chunk_size: int) -> None:
 @pytest.mark.parametrize("kind", ["time_major", "shared_weight", "table_lookup"])
 def test_probed_step_example_cosine_matches_the_loop(kind: str) -> None:
     from gradlens import Objective, probed_step
-    from gradlens.gradops import cosine
+    from gradlens.alignment.gradops import cosine
 
     model, x, y = make(kind)
     trait = Objective(loss_fn, x.flip(0), (y.flip(0),))

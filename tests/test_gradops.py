@@ -6,8 +6,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gradlens import GradientMismatchError
-from gradlens.gradops import (
+from gradlens.alignment.gradops import (
     add,
     cosine,
     dot,
@@ -22,6 +21,7 @@ from gradlens.gradops import (
     sub,
     zeros_like,
 )
+from gradlens.errors import GradientMismatchError
 
 SHAPES = {"a.weight": (3, 2), "a.bias": (3,), "b.weight": (2, 3)}
 

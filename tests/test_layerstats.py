@@ -14,8 +14,14 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gradlens import GradientMismatchError
-from gradlens.layerstats import GLOBAL, LayerStats, groups_for, layer_sq_norms, layer_stats
+from gradlens.alignment.layerstats import (
+    GLOBAL,
+    LayerStats,
+    groups_for,
+    layer_sq_norms,
+    layer_stats,
+)
+from gradlens.errors import GradientMismatchError
 
 # name -> shape, and the layers by hand. Names of a layer are interleaved with other layers'
 # and nested ("net.0" and "net.2" are different layers of "net").

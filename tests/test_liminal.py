@@ -8,7 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gradlens.liminal import LIMINAL_SCHEDULES, liminal_loss, liminal_schedule, liminal_weight
+from gradlens.training.liminal import (
+    LIMINAL_SCHEDULES,
+    liminal_loss,
+    liminal_schedule,
+    liminal_weight,
+)
 
 
 @pytest.mark.parametrize(

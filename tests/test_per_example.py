@@ -3,7 +3,9 @@ import torch
 from torch import nn
 
 import gradlens
-from gradlens import UnsupportedModelError, mean_grad, per_example_grads
+from gradlens import per_example_grads
+from gradlens.errors import UnsupportedModelError
+from gradlens.probes import mean_grad
 from tests.models import KINDS, loop_grads, loss_fn, make_case
 
 

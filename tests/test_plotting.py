@@ -7,7 +7,7 @@ import pytest
 import xarray as xr
 from matplotlib.figure import Figure
 
-from gradlens.plotting import (
+from gradlens.figures.plots import (
     check_layout,
     plot_histograms,
     plot_layer_heatmap,

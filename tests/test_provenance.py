@@ -17,7 +17,7 @@ import xarray as xr
 
 import gradlens
 from gradlens import Recorder, Variable, open_run
-from gradlens.provenance import (
+from gradlens.records.provenance import (
     MAX_CHANGES,
     RunProvenance,
     config_from_attrs,
@@ -97,7 +97,7 @@ def test_every_attr_is_netcdf_safe_and_names_the_versions() -> None:
     }
     assert all(type(value) is str for key, value in attrs.items() if key != "git_dirty")
     assert attrs["git_dirty"] in (-1, 0, 1) and type(attrs["git_dirty"]) is int
-    assert attrs["gradlens_version"] == gradlens.__version__ == "0.1.0"
+    assert attrs["gradlens_version"] == gradlens.__version__ == "0.2.0"
     assert attrs["torch_version"] == str(torch.__version__)
     assert attrs["numpy_version"] == np.__version__
     assert attrs["xarray_version"] == xr.__version__
@@ -276,7 +276,7 @@ def test_gradlens_and_its_provenance_read_one_version() -> None:
     assert gradlens.__version__ == _version.__version__
     assert make_attrs()["gradlens_version"] == _version.__version__
     # provenance reads the version from gradlens._version, never through the package
-    tree = ast.parse(Path(gradlens.provenance.__file__).read_text())
+    tree = ast.parse(Path(gradlens.records.provenance.__file__).read_text())
     imported = {
         alias.name
         for node in ast.walk(tree)

@@ -10,8 +10,8 @@ import pytest
 import torch
 import xarray as xr
 
-from gradlens.provenance import config_from_attrs, make_attrs
-from gradlens.recording import Recorder, Variable, open_run
+from gradlens.records.provenance import config_from_attrs, make_attrs
+from gradlens.records.recorder import Recorder, Variable, open_run
 
 LAYERS = ["net.0", "net.2"]
 # Fixed times, so that recorders made in different seconds (or processes) compare identical.

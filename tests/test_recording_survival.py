@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import gradlens._atomic
-import gradlens._netcdf_writer
-import gradlens.recording
+import gradlens.records.atomic
+import gradlens.records.netcdf
+import gradlens.records.recorder
 from gradlens.errors import RecordWriteError
-from gradlens.recording import open_run
+from gradlens.records.recorder import open_run
 from tests.test_recording import log_run, make
 
 TESTS = str(Path(__file__).parent)
@@ -39,7 +39,7 @@ READER = """
 import json, os, sys, time
 import numpy as np
 import xarray as xr
-from gradlens.recording import open_run
+from gradlens.records.recorder import open_run
 
 path = {path!r}
 deadline = time.monotonic() + 30
@@ -115,9 +115,9 @@ def full_disk_from_flush(monkeypatch: pytest.MonkeyPatch, flush: int, where: str
     (inside the open netCDF file) or while publishing (copying the working file)."""
     flushes = [0]
     append, block, copy = (
-        gradlens.recording.append_netcdf,
-        gradlens._netcdf_writer.block,
-        gradlens._atomic.shutil.copyfile,
+        gradlens.records.recorder.append_netcdf,
+        gradlens.records.netcdf.block,
+        gradlens.records.atomic.shutil.copyfile,
     )
 
     def counted_append(*args: object) -> None:
@@ -132,9 +132,9 @@ def full_disk_from_flush(monkeypatch: pytest.MonkeyPatch, flush: int, where: str
 
         return write
 
-    monkeypatch.setattr(gradlens.recording, "append_netcdf", counted_append)
-    monkeypatch.setattr(gradlens._netcdf_writer, "block", full(block, "append"))
-    monkeypatch.setattr(gradlens._atomic.shutil, "copyfile", full(copy, "publish"))
+    monkeypatch.setattr(gradlens.records.recorder, "append_netcdf", counted_append)
+    monkeypatch.setattr(gradlens.records.netcdf, "block", full(block, "append"))
+    monkeypatch.setattr(gradlens.records.atomic.shutil, "copyfile", full(copy, "publish"))
 
 
 @pytest.mark.parametrize("where", ["append", "publish"])
@@ -240,7 +240,7 @@ def test_a_recorder_on_a_folder_or_in_an_unwritable_one_fails_at_once(
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
 
     with monkeypatch.context() as patch:  # root may write anywhere: inject the refusal
-        patch.setattr(gradlens.recording.tempfile, "TemporaryFile", refuse)
+        patch.setattr(gradlens.records.recorder.tempfile, "TemporaryFile", refuse)
         with pytest.raises(
             PermissionError, match=r"cannot create files in .* \(Permission denied\); choose"
         ):
@@ -264,7 +264,7 @@ def test_a_netcdf_library_failure_is_a_record_write_error_without_errno(
     def hdf_error(*args: object) -> None:
         raise RuntimeError("NetCDF: HDF error")
 
-    monkeypatch.setattr(gradlens.recording, "append_netcdf", hdf_error)
+    monkeypatch.setattr(gradlens.records.recorder, "append_netcdf", hdf_error)
     with pytest.raises(RecordWriteError, match=r"NetCDF: HDF error; .* MiB free") as e:
         log_run(rec, range(5, 10))
     assert e.value.errno is None and e.value.filename == str(path) + ".writing"

@@ -10,9 +10,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradlens import _ghost_ops, ghost_plan, per_example_dots
-from gradlens._ghost_forms import Call, Form, Layout, argument, from_materialised, to_examples
-from gradlens._ghost_ops import register_form
+from gradlens import ghost_plan, per_example_dots
+from gradlens.probes.forms import (
+    Call,
+    Form,
+    Layout,
+    argument,
+    from_materialised,
+    register_form,
+    registry,
+    to_examples,
+)
 
 
 def bind_bilinear(args: tuple, kwargs: dict[str, Any]) -> Call | str:
@@ -57,12 +65,12 @@ class Pair(nn.Module):
 
 
 @pytest.fixture
-def registry(monkeypatch: pytest.MonkeyPatch) -> None:
+def fresh_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     """Registrations in a test do not outlive it."""
-    monkeypatch.setattr(_ghost_ops, "_BY_FUNC", dict(_ghost_ops._BY_FUNC))
+    monkeypatch.setattr(registry, "_BY_FUNC", dict(registry._BY_FUNC))
 
 
-def test_a_registered_form_takes_the_ghost_path_and_is_exact(registry: None) -> None:
+def test_a_registered_form_takes_the_ghost_path_and_is_exact(fresh_registry: None) -> None:
     model = Pair().double()
     x, y = torch.randn(6, 7, dtype=torch.float64), torch.randint(0, 2, (6,))
     assert ghost_plan(model, x)["mix.weight"].path == "vmap"  # no form yet
@@ -80,7 +88,7 @@ def test_a_registered_form_takes_the_ghost_path_and_is_exact(registry: None) -> 
             torch.testing.assert_close(sq[name][i], g.square().sum())
 
 
-def test_a_function_with_a_form_is_not_taken_silently(registry: None) -> None:
+def test_a_function_with_a_form_is_not_taken_silently(fresh_registry: None) -> None:
     linear = Form("my linear", (torch._C._nn.linear,), bind_bilinear, compute_bilinear)
     with pytest.raises(ValueError, match="replace=True"):
         register_form(linear)

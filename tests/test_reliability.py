@@ -18,16 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradlens import (
-    GradientMismatchError,
-    NonFiniteGradientError,
-    UnsupportedModelError,
-    alignment,
-    per_example_dots,
-    per_example_grads,
-)
-from gradlens.per_example import loss_and_grad
-from gradlens.recording import Recorder, Variable
+from gradlens import alignment, per_example_dots, per_example_grads
+from gradlens.errors import GradientMismatchError, NonFiniteGradientError, UnsupportedModelError
+from gradlens.probes.vmap import loss_and_grad
+from gradlens.records.recorder import Recorder, Variable
 from gradlens.training import Objective, probed_step
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from gradlens.recording import Recorder, open_run
+from gradlens.records.recorder import Recorder, open_run
 from tests.test_recording import log_run, make
 
 TESTS = str(Path(__file__).parent)
@@ -55,7 +55,7 @@ for k in range(kills):
 
 # results files (combined file, summary): replaced whole, version after version
 import numpy as np, xarray as xr
-from gradlens._atomic import atomic_write
+from gradlens.records.atomic import atomic_write
 
 def version(k):
     return xr.Dataset({{"x": ("step", np.full(20_000, float(k)))}}, attrs={{"version": k}})
@@ -128,7 +128,7 @@ import errno, json, os, sys
 sys.path.insert(0, {tests!r})
 import numpy as np
 from gradlens.errors import RecordWriteError
-from gradlens.recording import Recorder, Variable, open_run
+from gradlens.records.recorder import Recorder, Variable, open_run
 
 folder = {folder!r}
 path = os.path.join(folder, "run.nc")

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradlens import Objective, UnsupportedModelError, per_example_grads, probed_step
+from gradlens import Objective, per_example_grads, probed_step
+from gradlens.errors import UnsupportedModelError
 
 ACCEPTED = set(inspect.signature(probed_step).parameters)
 

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradlens import NonFiniteGradientError, Objective, probed_step
-from gradlens.gradops import cosine
+from gradlens import Objective, probed_step
+from gradlens.alignment.gradops import cosine
+from gradlens.errors import NonFiniteGradientError
 from gradlens.transforms import (
     remove_aligned,
     remove_aligned_per_example,

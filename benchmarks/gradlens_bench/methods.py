@@ -23,8 +23,9 @@ from typing import Literal, cast
 
 from torch import nn
 
-from gradlens import flush_denormal, per_example_grads
-from gradlens.ghost import per_example_dots
+from gradlens import per_example_grads
+from gradlens.numerics import flush_denormal
+from gradlens.probes.ghost import per_example_dots
 from gradlens.transforms import remove_aligned
 from gradlens_bench import step
 from gradlens_bench.agreement import against_loop, loop_grads, same_update

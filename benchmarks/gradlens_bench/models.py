@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradlens import mean_grad
+from gradlens.probes import mean_grad
 from gradlens_bench.nets import (
     CLASSES,
     GPT2_TOKENS,

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from gradlens.provenance import make_attrs
+from gradlens.records.provenance import make_attrs
 from gradlens_bench.methods import METHODS
 from gradlens_bench.models import MODELS
 
@@ -93,7 +93,7 @@ def _changed_paths() -> str:
 
 
 def provenance(device: torch.device, config: object) -> dict[str, str | int]:
-    """Attrs: :func:`gradlens.provenance.make_attrs` plus the device and the rivals' versions.
+    """Attrs: :func:`gradlens.records.make_attrs` plus the device and the rivals' versions.
 
     netCDF attrs must be strings or numbers, so the working-tree state is the
     list of changed paths (``""`` when clean) and TF32 a word.

@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradlens.losses import kl_divergence
 from gradlens.training import Objective, StepResult, probed_step
+from gradlens.training.losses import kl_divergence
 from gradlens.transforms.base import GradientTransform
 from gradlens_bench.nets import (
     TinyConfig,

@@ -21,8 +21,8 @@ import torch
 import xarray as xr
 from torch import Tensor
 
-from gradlens._atomic import atomic_write
-from gradlens.recording import Recorder, open_run
+from gradlens.records.atomic import atomic_write
+from gradlens.records.recorder import Recorder, open_run
 from gradlens.training import transform_layout
 from subliminal_mnist.conditions import Condition
 from subliminal_mnist.data import Digits

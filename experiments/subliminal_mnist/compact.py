@@ -23,7 +23,7 @@ from pathlib import Path
 
 import xarray as xr
 
-from gradlens._atomic import atomic_write
+from gradlens.records.atomic import atomic_write
 
 __all__ = ["AT_EVALUATION", "COMPACT", "PER_MODEL", "compact_results", "write_compact"]
 

@@ -42,7 +42,7 @@ class Condition:
         before: Factory of the transform applied to the distillation gradient.
         after: Factory of the transform applied to the optimizer's update.
         liminal: Add liminal training's KL-to-base term with this named schedule of
-            :func:`gradlens.liminal.liminal_schedule` (``None``: no term).
+            :func:`gradlens.training.liminal.liminal_schedule` (``None``: no term).
         liminal_temperature: The term's temperature; ``None`` takes
             ``StudentSetup.liminal_temperature`` (2, as published).
         optimizer: ``"adam"`` (the original's), ``"sgd"`` or ``"sgd_momentum"``.

@@ -42,7 +42,7 @@ import torch
 import xarray as xr
 
 from gradlens.numerics import flush_denormal
-from gradlens.provenance import config_to_json
+from gradlens.records.provenance import config_to_json
 from gradlens.sweeps import Part, make_executor, pending_parts, run_sweep
 from subliminal_mnist.blocks import (
     TEACHER_ATTR,

@@ -15,8 +15,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from gradlens.liminal import liminal_schedule
-from gradlens.recording import Recorder, Variable
+from gradlens.records.recorder import Recorder, Variable
 from gradlens.training import (
     TransformLayout,
     step_coords,
@@ -24,6 +23,7 @@ from gradlens.training import (
     step_variables,
     transform_layout,
 )
+from gradlens.training.liminal import liminal_schedule
 from gradlens.transforms import per_model
 from subliminal_mnist.conditions import Condition
 from subliminal_mnist.data import Digits
@@ -81,7 +81,7 @@ def make_optimizer(
 def liminal_at(condition: Condition, step: int, setup: StudentSetup) -> tuple[float, float]:
     """The liminal term's weight and temperature at ``step`` (0 and 1 without one).
 
-    The weight is :func:`gradlens.liminal.liminal_schedule` of the condition's
+    The weight is :func:`gradlens.training.liminal.liminal_schedule` of the condition's
     schedule with ``lambda_0 = setup.liminal_lambda0``, epochs of
     ``setup.steps_per_epoch`` steps and ``setup.steps`` steps in all; the
     temperature is the condition's, else ``setup.liminal_temperature`` (2, as published).

@@ -1,4 +1,4 @@
-"""The figures of a combined MNIST auxiliary-logit run, built on :mod:`gradlens.plotting`.
+"""The figures of a combined MNIST auxiliary-logit run, built on :mod:`gradlens.figures.plots`.
 
 The run's Dataset is the one :func:`subliminal_mnist.combine_blocks` writes:
 dims ``step``, ``model``, ``layer``, ``example_step``, ``example_model``,
@@ -16,7 +16,7 @@ from pathlib import Path
 import xarray as xr
 from matplotlib.figure import Figure
 
-from gradlens.plotting import (
+from gradlens.figures.plots import (
     check_layout,
     plot_histograms,
     plot_layer_heatmap,

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gradlens.losses import kl_divergence
-from gradlens.per_example import LossFn
+from gradlens.probes.vmap import LossFn
+from gradlens.training.losses import kl_divergence
 
 __all__ = [
     "class_cross_entropy",
@@ -51,7 +51,7 @@ def example_kl(logits: Tensor, target_logits: Tensor, temperature: float = 1.0) 
     """Per-example ``KL(softmax(target / T) || softmax(logits / T))``, summed over logits.
 
     Any leading dims (``model``, ``example``) are kept; the target is detached.
-    ``T = 1`` gives the per-example terms of :func:`gradlens.losses.kl_divergence`.
+    ``T = 1`` gives the per-example terms of :func:`gradlens.training.losses.kl_divergence`.
 
     Args:
         logits: ``(..., logit)``.

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 import xarray as xr
 
-from gradlens._atomic import atomic_write, atomic_write_text
-from gradlens.provenance import config_from_attrs, config_to_json
+from gradlens.records.atomic import atomic_write, atomic_write_text
+from gradlens.records.provenance import config_from_attrs, config_to_json
 from subliminal_mnist.blocks import TEACHER_ATTR
 
 __all__ = [

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gradlens.numerics import flush_denormal
-from gradlens.provenance import make_attrs, run_provenance
+from gradlens.records.provenance import make_attrs, run_provenance
 from subliminal_mnist.blocks import combine_blocks
 from subliminal_mnist.compact import write_compact
 from subliminal_mnist.conditions import get_conditions
@@ -45,7 +45,7 @@ class ExperimentConfig(Protocol):
     """The settings :func:`run_experiment` reads: ``mnist_aux.py``'s ``Config``, or alike.
 
     It must also be a dataclass instance or a Mapping, stored as JSON in every
-    file (:func:`gradlens.provenance.make_attrs`).
+    file (:func:`gradlens.records.provenance.make_attrs`).
     """
 
     @property

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from gradlens.gradops import group_by_layer
+from gradlens.alignment.gradops import group_by_layer
 from gradlens.training import Objective, StepResult, stacked_probed_step, weighted_sum
 from gradlens.transforms import GradientTransform
 from subliminal_mnist.losses import example_cross_entropy, example_kl

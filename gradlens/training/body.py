@@ -27,10 +27,10 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 import torch
 from torch import Tensor
 
-from gradlens.alignment import summarize
+from gradlens.alignment.gradops import check_finite, safe_divide
+from gradlens.alignment.layerstats import layer_stats
+from gradlens.alignment.measures import summarize
 from gradlens.errors import GradientMismatchError
-from gradlens.gradops import check_finite, safe_divide
-from gradlens.layerstats import layer_stats
 from gradlens.training.objective import Objective
 from gradlens.transforms.base import GradientTransform
 

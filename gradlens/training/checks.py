@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
-from gradlens.per_example import check_batch
+from gradlens.probes.vmap import check_batch
 from gradlens.training.objective import Objective
 
 __all__ = ["check_mean_reduction", "check_objective", "check_optimizer"]

@@ -13,9 +13,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from gradlens._outputs import OutputSelector, select_output
 from gradlens.errors import GradlensError
-from gradlens.per_example import loss_and_grad
+from gradlens.probes.outputs import OutputSelector, select_output
+from gradlens.probes.vmap import loss_and_grad
 from gradlens.training.objective import Objective
 
 __all__ = [

@@ -56,9 +56,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from gradlens._outputs import OutputSelector, no_kv_cache, select_output
-from gradlens.ghost import Method
-from gradlens.per_example import Randomness, check_vmap_compatible
+from gradlens.probes.ghost import Method
+from gradlens.probes.outputs import OutputSelector, no_kv_cache, select_output
+from gradlens.probes.vmap import Randomness, check_vmap_compatible
 from gradlens.training.body import ModeProbe, StepResult, run_step
 from gradlens.training.checks import check_mean_reduction, check_objective, check_optimizer
 from gradlens.training.collectives import (

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from gradlens.per_example import LossFn
+from gradlens.probes.vmap import LossFn
 
 __all__ = ["Objective", "weighted_sum"]
 

@@ -37,9 +37,9 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from gradlens._record_schema import Variable
-from gradlens.alignment import QUANTILES
-from gradlens.layerstats import GLOBAL, groups_for
+from gradlens.alignment.layerstats import GLOBAL, groups_for
+from gradlens.alignment.measures import QUANTILES
+from gradlens.records.schema import Variable
 from gradlens.training.body import StepResult
 from gradlens.transforms.base import GradientTransform, State
 from gradlens.transforms.records import transform_records

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state
 
-from gradlens._outputs import OutputSelector, select_output
+from gradlens.probes.outputs import OutputSelector, select_output
 
 __all__ = ["ELEMENTWISE", "Stack", "mlp_layers", "stack_forward", "stack_modules", "unstack"]
 

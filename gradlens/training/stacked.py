@@ -50,9 +50,9 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, grad_and_value
 
-from gradlens._outputs import OutputSelector, select_output
 from gradlens.errors import UnsupportedModelError
-from gradlens.per_example import check_chunk_size, check_vmap_compatible
+from gradlens.probes.outputs import OutputSelector, select_output
+from gradlens.probes.vmap import check_chunk_size, check_vmap_compatible
 from gradlens.training.body import ModeProbe, StepResult, run_step
 from gradlens.training.checks import check_mean_reduction, check_optimizer
 from gradlens.training.objective import Objective

@@ -34,10 +34,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradlens._outputs import OutputSelector, no_kv_cache, select_output
 from gradlens.errors import UnsupportedModelError
-from gradlens.ghost import Method, probe_batch
-from gradlens.per_example import Randomness, check_vmap_compatible, loss_and_grad
+from gradlens.probes.ghost import Method, probe_batch
+from gradlens.probes.outputs import OutputSelector, no_kv_cache, select_output
+from gradlens.probes.vmap import Randomness, check_vmap_compatible, loss_and_grad
 from gradlens.training.body import ModeProbe, StepResult, run_step
 from gradlens.training.checks import check_mean_reduction, check_objective, check_optimizer
 from gradlens.training.objective import Objective

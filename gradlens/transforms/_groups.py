@@ -2,8 +2,8 @@
 
 A *group* is a list of parameter names that share one projection coefficient:
 all names for ``scope="global"``, one group per layer (in first-seen order) for
-``scope="layer"``, as :func:`gradlens.layerstats.groups_for` makes them. The
-per-group statistics are :func:`gradlens.layerstats.layer_stats`, shape
+``scope="layer"``, as :func:`gradlens.alignment.layerstats.groups_for` makes them. The
+per-group statistics are :func:`gradlens.alignment.layerstats.layer_stats`, shape
 ``(group,)``, turned into the state's shape, ``()`` or ``(layer,)``, by
 :func:`to_scope`.
 """
@@ -17,8 +17,8 @@ from functools import reduce
 import torch
 from torch import Tensor
 
-from gradlens.gradops import check_compatible
-from gradlens.layerstats import LayerStats, Scope, groups_for
+from gradlens.alignment.gradops import check_compatible
+from gradlens.alignment.layerstats import LayerStats, Scope, groups_for
 
 SCOPES: tuple[Scope, ...] = ("global", "layer")
 

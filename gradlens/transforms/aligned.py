@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from gradlens.layerstats import layer_stats
+from gradlens.alignment.layerstats import layer_stats
 from gradlens.transforms._groups import (
     check_options,
     cosine_after,

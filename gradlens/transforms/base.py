@@ -33,8 +33,8 @@ from typing import NamedTuple, Protocol, TypeAlias, Union
 
 from torch import Tensor
 
+from gradlens.alignment.layerstats import Scope
 from gradlens.errors import GradlensError
-from gradlens.layerstats import Scope
 
 __all__ = [
     "GradientTransform",

@@ -39,9 +39,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from gradlens.alignment.gradops import safe_divide
+from gradlens.alignment.layerstats import layer_stats, sum_groups
 from gradlens.errors import GradientMismatchError
-from gradlens.gradops import safe_divide
-from gradlens.layerstats import layer_stats, sum_groups
 from gradlens.transforms._groups import (
     check_options,
     cosine_after,

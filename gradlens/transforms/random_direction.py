@@ -45,9 +45,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from gradlens.alignment.gradops import safe_divide
+from gradlens.alignment.layerstats import layer_stats
 from gradlens.errors import GradlensError
-from gradlens.gradops import safe_divide
-from gradlens.layerstats import layer_stats
 from gradlens.transforms._groups import (
     check_options,
     cosine_after,

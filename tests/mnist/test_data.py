@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from gradlens import DataNotFoundError
+from gradlens.errors import DataNotFoundError
 from subliminal_mnist.data import DATA_DIR_ENV, candidate_roots, load_mnist
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"

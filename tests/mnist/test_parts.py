@@ -6,7 +6,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gradlens.losses import kl_divergence
+from gradlens.training.losses import kl_divergence
 from subliminal_mnist import get_conditions, init_mlp, noise_batch
 from subliminal_mnist.losses import class_cross_entropy, logit_kl
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gradlens import DamagedDataError, DataNotFoundError
+from gradlens.errors import DamagedDataError, DataNotFoundError
 from subliminal_mnist.data import SPLIT_SIZES, load_mnist, read_idx
 
 

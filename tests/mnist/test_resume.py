@@ -11,7 +11,7 @@ import xarray as xr
 
 import subliminal_mnist.dispatch as dispatch
 import subliminal_mnist.run as run
-from gradlens.recording import open_run
+from gradlens.records.recorder import open_run
 from tests.mnist.test_mnist_aux_quick import data_dir, mnist_aux
 
 

@@ -7,9 +7,9 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from gradlens.liminal import liminal_loss
-from gradlens.per_example import LossFn, loss_and_grad
+from gradlens.probes.vmap import LossFn, loss_and_grad
 from gradlens.training import Objective, probed_step, weighted_sum
+from gradlens.training.liminal import liminal_loss
 from gradlens.transforms import per_model
 from subliminal_mnist import (
     Digits,
@@ -263,7 +263,7 @@ def test_fixed_noise_is_uniform_on_minus_one_one() -> None:
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_the_stacked_liminal_term_is_the_published_loss_per_model(temperature: float) -> None:
-    """``T^2 KL(base/T || student/T)`` per model equals gradlens.liminal.liminal_loss."""
+    """``T^2 KL(base/T || student/T)`` per model equals gradlens.training.liminal.liminal_loss."""
     gen = torch.Generator().manual_seed(4)
     stack = _stack(SEEDS)
     base = {

@@ -63,9 +63,9 @@ settings.register_profile(
 settings.load_profile("mutation")
 """
 
-GRADOPS = "gradlens/gradops.py"
-LAYERSTATS = "gradlens/layerstats.py"
-ALIGNMENT = "gradlens/alignment.py"
+GRADOPS = "gradlens/alignment/gradops.py"
+LAYERSTATS = "gradlens/alignment/layerstats.py"
+ALIGNMENT = "gradlens/alignment/measures.py"
 ALIGNED = "gradlens/transforms/aligned.py"
 GROUPS = "gradlens/transforms/_groups.py"
 
@@ -90,7 +90,7 @@ class Mutant:
 
 
 MUTANTS: tuple[Mutant, ...] = (
-    # gradlens.gradops
+    # gradlens.alignment.gradops
     Mutant(
         "cosine_one",
         GRADOPS,
@@ -168,7 +168,7 @@ MUTANTS: tuple[Mutant, ...] = (
         'groups.setdefault("all", []).append(name)',
         "every parameter in one layer",
     ),
-    # gradlens.layerstats
+    # gradlens.alignment.layerstats
     Mutant(
         "groups_for_ignores_scope",
         LAYERSTATS,
@@ -239,7 +239,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "ref_sq_norm = sum_groups(_sq_norms(g), sizes)",
         "||r||^2 taken from the gradient instead of the reference",
     ),
-    # gradlens.alignment
+    # gradlens.alignment.measures
     Mutant(
         "alignment_projection_is_cosine",
         ALIGNMENT,

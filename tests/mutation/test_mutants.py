@@ -19,10 +19,10 @@ def test_every_core_test_file_exists() -> None:
 
 
 def test_a_mutant_that_is_not_found_once_is_refused() -> None:
-    absent = Mutant("absent", "gradlens/gradops.py", "no such text", "x", "")
+    absent = Mutant("absent", "gradlens/alignment/gradops.py", "no such text", "x", "")
     with pytest.raises(ValueError, match="occurs 0 times"):
         mutate("some source", absent)
-    twice = Mutant("twice", "gradlens/gradops.py", "a", "b", "")
+    twice = Mutant("twice", "gradlens/alignment/gradops.py", "a", "b", "")
     with pytest.raises(ValueError, match="occurs 2 times"):
         mutate("a a", twice)
     assert mutate("x = a > 0", Mutant("ge", "f.py", "a > 0", "a >= 0", "")) == "x = a >= 0"

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.testing import assert_close
 
-from gradlens.gradops import flatten
+from gradlens.alignment.gradops import flatten
 from gradlens.transforms import State, chain, identity, transform_records
 from gradlens.transforms._random import mix_seed
 

@@ -10,7 +10,7 @@ import torch
 from hypothesis import strategies as st
 from torch import Tensor
 
-from gradlens.gradops import group_by_layer
+from gradlens.alignment.gradops import group_by_layer
 from gradlens.transforms import (
     GradientTransform,
     Scope,

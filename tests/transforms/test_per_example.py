@@ -7,8 +7,9 @@ from hypothesis import given, settings
 from torch import Tensor, nn
 from torch.testing import assert_close
 
-from gradlens import mean_grad, per_example_grads
+from gradlens import per_example_grads
 from gradlens.errors import GradientMismatchError
+from gradlens.probes import mean_grad
 from gradlens.transforms import (
     ScaleAlignedPerExampleState,
     Scope,
@@ -78,7 +79,7 @@ def test_equals_the_materialised_per_example_computation(
 @pytest.mark.parametrize("method", ["auto", "ghost"])
 @pytest.mark.parametrize(("alpha", "scope", "only_positive"), SETTINGS)
 def test_with_ghost_dots(alpha: float, scope: Scope, only_positive: bool, method: str) -> None:
-    from gradlens.ghost import per_example_dots
+    from gradlens.probes.ghost import per_example_dots
 
     examples, reference, (model, x, y) = distillation_batch()
     dots, _ = per_example_dots(model, F.cross_entropy, x, y, reference=reference, method=method)

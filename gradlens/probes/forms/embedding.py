@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gradlens._ghost_forms import Call, Form, Layout, Results, argument, to_examples
-from gradlens._ghost_shared import Outer
+from gradlens.probes.forms.base import Call, Form, Layout, Results, argument, to_examples
+from gradlens.probes.forms.shared import Outer
 
 __all__ = ["EMBEDDING"]
 

@@ -1,4 +1,4 @@
-"""Checks and small pieces shared by the figures of :mod:`gradlens.plotting` (private)."""
+"""Checks and small pieces shared by the figures of :mod:`gradlens.figures.plots` (private)."""
 
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ def check_layout(
 
 
 def check_rest(da: xr.DataArray, used: Sequence[Hashable | None], who: str, spread: str) -> None:
+    """Raise if ``da`` has dims that no axis, panel or colour of the figure uses."""
     rest = [str(d) for d in da.dims if d not in used]
     if rest:
         raise ValueError(
@@ -85,5 +86,6 @@ def units_of(da: xr.DataArray) -> str:
 
 
 def row_label(ax: Axes, label: str | None) -> None:
+    """Label a panel row on its left, horizontally."""
     if label is not None:
         ax.set_ylabel(label, rotation=0, ha="right", va="center")

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gradlens._ghost_forms import (
+from gradlens.probes.forms.base import (
     Call,
     Form,
     Layout,
@@ -32,7 +32,7 @@ from gradlens._ghost_forms import (
     from_materialised,
     to_examples,
 )
-from gradlens._ghost_shared import Materialised
+from gradlens.probes.forms.shared import Materialised
 
 __all__ = ["NORMS"]
 

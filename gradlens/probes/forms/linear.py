@@ -14,7 +14,7 @@ are ``G_i = sum_t b_it a_it^T`` and ``sum_t b_it``, and for a reference ``R``:
 
 (Goodfellow 2015 for norms; Li et al. 2021, "ghost clipping", for sequences.)
 :func:`grouped_dots` does this for ``group`` independent blocks at once, which
-is also the core of grouped convolution (:mod:`gradlens._ghost_conv`).
+is also the core of grouped convolution (:mod:`gradlens.probes.forms.conv`).
 
 Example:
     >>> import torch
@@ -38,8 +38,8 @@ import torch
 from einops import einsum
 from torch import Tensor
 
-from gradlens._ghost_forms import Call, Form, Layout, Results, argument, to_examples
-from gradlens._ghost_shared import Materialised, Outer
+from gradlens.probes.forms.base import Call, Form, Layout, Results, argument, to_examples
+from gradlens.probes.forms.shared import Materialised, Outer
 
 __all__ = ["ADDMM", "LINEAR", "grouped_dots"]
 

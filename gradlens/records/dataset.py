@@ -1,8 +1,8 @@
 """The in-memory ``xarray.Dataset`` of a recorder's rows (private).
 
 :func:`build_dataset` lays out buffered rows with xarray alone, the same way
-:mod:`gradlens._netcdf_writer` lays them out in a file, so that a recorder
-without a path returns the dataset that :func:`~gradlens.recording.open_run`
+:mod:`gradlens.records.netcdf` lays them out in a file, so that a recorder
+without a path returns the dataset that :func:`~gradlens.records.recorder.open_run`
 would read back from one with a path.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from gradlens._record_schema import STEP_ATTRS, Schema, block, label_attrs, sized, var_attrs
+from gradlens.records.schema import STEP_ATTRS, Schema, block, label_attrs, sized, var_attrs
 
 
 def build_dataset(

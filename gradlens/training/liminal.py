@@ -62,7 +62,7 @@ import math
 
 from torch import Tensor
 
-from gradlens.losses import kl_divergence
+from gradlens.training.losses import kl_divergence
 
 __all__ = ["LIMINAL_SCHEDULES", "liminal_loss", "liminal_schedule", "liminal_weight"]
 

@@ -1,6 +1,6 @@
 """Which parameters may take the ghost path, established by tracing the forward (private).
 
-The factored forms of :mod:`gradlens._ghost_ops` (``FORMS``: ``F.linear``, HF
+The factored forms of :mod:`gradlens.probes.forms.registry` (``FORMS``: ``F.linear``, HF
 ``Conv1D``'s ``torch.addmm``, ``F.conv1d``/``F.conv2d``, ``F.embedding``, the
 affine parameters of the normalisations) are exact for a parameter only if
 (1) exactly one operation of the forward reads it, a call of a registered form
@@ -11,7 +11,7 @@ this can be read from the sizes of one forward: a ``(token, example, d)`` input
 with ``token == example``, or a table with as many rows as the batch, look like
 ``(example, token, d)``. So the forward is traced twice, on the batch
 (``example`` rows) and on ``example - 1`` of its rows in reverse order (the
-first row twice for a batch of one), under :class:`~gradlens._ghost_ops.OpLog`,
+first row twice for a batch of one), under :class:`~gradlens.probes.forms.registry.OpLog`,
 which counts every operation that reads a selected parameter and notes each
 registered call.
 
@@ -51,11 +51,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from gradlens._ghost_forms import Layout
-from gradlens._ghost_ops import OpLog, Seen, establish_layout, registry_version
-from gradlens._outputs import OutputSelector, no_kv_cache, select_output, selector_key
 from gradlens.errors import UnsupportedModelError
-from gradlens.per_example import Randomness, check_vmap_compatible, split_params
+from gradlens.probes.forms.base import Layout
+from gradlens.probes.forms.registry import OpLog, Seen, establish_layout, registry_version
+from gradlens.probes.outputs import OutputSelector, no_kv_cache, select_output, selector_key
+from gradlens.probes.vmap import Randomness, check_vmap_compatible, split_params
 
 __all__ = ["CACHE_SIZE", "PlanEntry", "ghost_plan", "plan_for"]
 
@@ -98,7 +98,7 @@ class PlanEntry(NamedTuple):
 
     @property
     def layout(self) -> Layout:
-        """The :class:`~gradlens._ghost_forms.Layout` of a ghost entry."""
+        """The :class:`~gradlens.probes.forms.base.Layout` of a ghost entry."""
         assert self.example_axis is not None
         return Layout(self.example_axis, self.rows, self.token_major)
 
@@ -323,7 +323,7 @@ def ghost_plan(
     :func:`~gradlens.probe_batch` follow (and return as ``Probe.plan``): the
     forward is traced at two batch sizes to establish the example axis of
     each captured layer input and every use of each parameter (see
-    :mod:`gradlens._ghost_plan`). Cached per model and input signature.
+    :mod:`gradlens.probes.plan`). Cached per model and input signature.
 
     Args:
         model: The model.

@@ -1,10 +1,10 @@
 """Inner products and norms of a gradient with a reference, per group of parameters.
 
 The one implementation behind every per-layer statistic in gradlens: the
-alignment records (:mod:`gradlens.alignment`) and the aligned transforms
+alignment records (:mod:`gradlens.alignment.measures`) and the aligned transforms
 (:mod:`gradlens.transforms`) both call :func:`layer_stats`. A *group* is a set
 of parameter names that share one statistic: one group per layer (the module
-prefix of the name, :func:`~gradlens.gradops.group_by_layer`) or one group of
+prefix of the name, :func:`~gradlens.alignment.gradops.group_by_layer`) or one group of
 everything (``scope="global"``).
 
 The per-parameter values are computed with a fixed number of tensor
@@ -32,7 +32,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from gradlens.gradops import check_compatible, group_by_layer, safe_divide
+from gradlens.alignment.gradops import check_compatible, group_by_layer, safe_divide
 
 __all__ = [
     "GLOBAL",

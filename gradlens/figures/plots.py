@@ -35,7 +35,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from gradlens._plot_layout import (
+from gradlens.figures.layout import (
     check_layout,
     check_rest,
     groups_of,
@@ -43,7 +43,7 @@ from gradlens._plot_layout import (
     row_label,
     units_of,
 )
-from gradlens._plot_transforms import plot_transform_cosine
+from gradlens.figures.transforms import plot_transform_cosine
 from gradlens.stats import mean_ci
 
 __all__ = [

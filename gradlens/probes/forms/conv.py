@@ -5,7 +5,7 @@ the input unfolded into patches ``u_il`` (``F.unfold``, of length
 ``in_channels / groups * kernel``), group ``g`` computes ``z_igl = W_g u_igl``.
 So example ``i``'s weight gradient is ``G_ig = sum_l b_igl u_igl^T``, a linear
 layer's with the output positions as tokens, and
-:func:`gradlens._ghost_linear.grouped_dots` gives the dots and the squared
+:func:`gradlens.probes.forms.linear.grouped_dots` gives the dots and the squared
 norms, choosing per layer between the Gram form (``positions^2 (d_in + d_out)``
 per group) and building ``G_ig`` (``positions d_in d_out``). The bias gradient
 is ``sum_l b_il``.
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gradlens._ghost_forms import Call, Form, Layout, Results, argument, to_examples
-from gradlens._ghost_linear import bias_results, grouped_dots
+from gradlens.probes.forms.base import Call, Form, Layout, Results, argument, to_examples
+from gradlens.probes.forms.linear import bias_results, grouped_dots
 
 __all__ = ["CONV"]
 

@@ -1,4 +1,4 @@
-"""What a :class:`~gradlens.recording.Recorder`'s declaration means (private).
+"""What a :class:`~gradlens.records.recorder.Recorder`'s declaration means (private).
 
 A declaration of :class:`Variable` s (re-exported as ``gradlens.Variable``)
 and coords becomes a validated :class:`Schema`. Here too are the checks every logged row must pass

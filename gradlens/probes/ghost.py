@@ -8,15 +8,15 @@ gradient is ``G_i = sum_t b_it a_it^T``. So, for a reference ``R``,
 - ``||G_i||^2 = sum_{t,s} (a_it . a_is)(b_it . b_is)``
 
 (Goodfellow 2015; Li et al. 2021, "ghost clipping"; shapes, the bias and the
-cost of each form in :mod:`gradlens._ghost_linear`). Convolutions, embeddings,
+cost of each form in :mod:`gradlens.probes.forms.linear`). Convolutions, embeddings,
 HF ``Conv1D`` and the affine parameters of normalisations have factored forms
-of their own (the registry in :mod:`gradlens._ghost_ops`). All come from the
+of their own (the registry in :mod:`gradlens.probes.forms.registry`). All come from the
 inputs and output gradients of one ordinary forward and backward pass, so
 the ``example x parameter`` matrix is never built, and ``K`` references cost
 ``K`` inner products, not ``K`` passes. Which parameters may go this way is
 established, not inferred from sizes, by :func:`ghost_plan` (the example axis of
 each captured input, every use of each parameter, and a check that the forward
-does not mix examples; see :mod:`gradlens._ghost_plan`). The others fall back to
+does not mix examples; see :mod:`gradlens.probes.plan`). The others fall back to
 ``vmap`` per-example gradients, reduced chunk by chunk.
 
 Example:
@@ -49,12 +49,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from gradlens._ghost_pass import ghost_pass
-from gradlens._ghost_plan import PlanEntry, ghost_plan, plan_for
-from gradlens._outputs import OutputSelector, no_kv_cache
+from gradlens.alignment.gradops import check_compatible
 from gradlens.errors import UnsupportedModelError
-from gradlens.gradops import check_compatible
-from gradlens.per_example import (
+from gradlens.probes.capture import ghost_pass
+from gradlens.probes.outputs import OutputSelector, no_kv_cache
+from gradlens.probes.plan import PlanEntry, ghost_plan, plan_for
+from gradlens.probes.vmap import (
     LossFn,
     Randomness,
     check_chunk_size,

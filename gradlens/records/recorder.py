@@ -13,7 +13,7 @@ the first :meth:`Recorder.log` once ``flush_seconds`` have passed since the
 last flush (so a short or slow run is on disk too), and on
 :meth:`Recorder.close`, to a private working file beside it
 (``<path>.writing``), which is closed between flushes; after each flush a
-copy of it is renamed onto ``path`` (:mod:`gradlens._atomic`). So ``path``
+copy of it is renamed onto ``path`` (:mod:`gradlens.records.atomic`). So ``path``
 always holds a whole file as of some flush: readers in other processes
 (:func:`open_run`, plain ``xarray.open_dataset``) never touch the file being
 written and cannot disturb the writer, and a killed process leaves a
@@ -21,8 +21,8 @@ readable file holding every row up to its last flush. Without a path,
 everything stays in memory. Either way
 :meth:`Recorder.dataset` returns the ``xarray.Dataset`` of everything logged,
 and :func:`open_run` reads a file back. (Validation and layout live in the
-private :mod:`gradlens._record_schema`, :mod:`gradlens._netcdf_writer` and
-:mod:`gradlens._dataset_builder`.)
+private :mod:`gradlens.records.schema`, :mod:`gradlens.records.netcdf` and
+:mod:`gradlens.records.dataset`.)
 
 Example:
     >>> import torch
@@ -60,10 +60,12 @@ import numpy as np
 import torch
 import xarray as xr
 
-from gradlens._atomic import atomic_copy, atomic_rename
-from gradlens._dataset_builder import build_dataset
-from gradlens._netcdf_writer import append_netcdf
-from gradlens._record_schema import (
+from gradlens.errors import RecordWriteError
+from gradlens.records.atomic import atomic_copy, atomic_rename
+from gradlens.records.dataset import build_dataset
+from gradlens.records.netcdf import append_netcdf
+from gradlens.records.provenance import RunProvenance, make_attrs
+from gradlens.records.schema import (
     Variable,
     fit_shape,
     make_schema,
@@ -71,8 +73,6 @@ from gradlens._record_schema import (
     record_dims_hit,
     to_numpy,
 )
-from gradlens.errors import RecordWriteError
-from gradlens.provenance import RunProvenance, make_attrs
 
 __all__ = ["Recorder", "Variable", "open_run"]
 
@@ -106,7 +106,7 @@ class Recorder:
         attrs: Extra dataset attrs (str, int or float), merged over
             ``make_attrs(config, provenance=provenance)``.
         config: The run's config (a dataclass or Mapping), stored as JSON in the attrs.
-        provenance: The run's :func:`~gradlens.run_provenance` snapshot, when
+        provenance: The run's :func:`~gradlens.records.run_provenance` snapshot, when
             the run started before the recorder; by default it is taken here,
             so the git commit and ``git_dirty`` in the file are those of the
             code at construction, not at a later flush.

@@ -3,7 +3,7 @@
 :func:`append_netcdf` creates the file on the first flush and appends to it on
 later ones, opening and closing it each time, so a killed process leaves a
 readable file holding every row up to its last flush. The layout matches
-:mod:`gradlens._dataset_builder`: record dims are unlimited, with int64 step
+:mod:`gradlens.records.dataset`: record dims are unlimited, with int64 step
 coordinates, and the other dims are fixed, with their labels.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 import netCDF4
 import numpy as np
 
-from gradlens._record_schema import STEP_ATTRS, Schema, block, label_attrs, sized, var_attrs
+from gradlens.records.schema import STEP_ATTRS, Schema, block, label_attrs, sized, var_attrs
 
 
 def append_netcdf(
@@ -30,7 +30,7 @@ def append_netcdf(
     """Append rows to a netCDF4 file, opening and closing it here (the file path).
 
     ``steps`` and ``rows`` hold the new rows as in
-    :func:`~gradlens._dataset_builder.build_dataset`. With ``attrs`` the file
+    :func:`~gradlens.records.dataset.build_dataset`. With ``attrs`` the file
     is created first (never over an existing one); without, it is appended to.
     Dims and variables join the file once their sizes are known; float entries
     never written read as their fill value, NaN.

@@ -6,7 +6,7 @@ digits) and the gradient is the training gradient ``g`` (the gradient of the
 loss the model is trained on, for example a distillation loss). Their cosine,
 norms and projection coefficient say how much a training step moves the model
 along the trait, globally and layer by layer. The statistics come from
-:func:`gradlens.layerstats.layer_stats`.
+:func:`gradlens.alignment.layerstats.layer_stats`.
 
 Example:
     >>> import torch
@@ -25,8 +25,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from gradlens.gradops import check_compatible, check_finite, safe_divide
-from gradlens.layerstats import groups_for, layer_sq_norms, layer_stats, sum_groups
+from gradlens.alignment.gradops import check_compatible, check_finite, safe_divide
+from gradlens.alignment.layerstats import groups_for, layer_sq_norms, layer_stats, sum_groups
 
 __all__ = [
     "QUANTILES",

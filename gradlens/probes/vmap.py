@@ -24,8 +24,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from gradlens._outputs import OutputSelector, no_kv_cache, select_output
 from gradlens.errors import UnsupportedModelError
+from gradlens.probes.outputs import OutputSelector, no_kv_cache, select_output
 
 __all__ = [
     "LossFn",

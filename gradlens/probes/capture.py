@@ -1,11 +1,11 @@
 """The ghost pass: one forward and backward, factored forms for planned parameters (private).
 
-Runs the forward under an :class:`~gradlens._ghost_ops.OpLog` that captures each
-registered call reading a ghost parameter (see :mod:`gradlens._ghost_plan` for
+Runs the forward under an :class:`~gradlens.probes.forms.registry.OpLog` that captures each
+registered call reading a ghost parameter (see :mod:`gradlens.probes.plan` for
 how the plan was established), backpropagates the summed per-example losses to
 the captured outputs (and to the parameters for the batch gradient), and hands
 each call's input and output gradient to its form. Parameters read by several
-calls are combined by :mod:`gradlens._ghost_shared`.
+calls are combined by :mod:`gradlens.probes.forms.shared`.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from gradlens._ghost_forms import Layout
-from gradlens._ghost_ops import OpLog, Seen
-from gradlens._ghost_plan import PlanEntry
-from gradlens._ghost_shared import Part, combine
-from gradlens._outputs import OutputSelector
-from gradlens.per_example import LossFn, per_example_losses
+from gradlens.probes.forms.base import Layout
+from gradlens.probes.forms.registry import OpLog, Seen
+from gradlens.probes.forms.shared import Part, combine
+from gradlens.probes.outputs import OutputSelector
+from gradlens.probes.plan import PlanEntry
+from gradlens.probes.vmap import LossFn, per_example_losses
 
 __all__ = ["ghost_pass"]
 
@@ -42,12 +42,12 @@ def ghost_pass(
     """One forward and one backward; ghost values for the parameters planned so.
 
     Each registered call reading a ghost parameter is captured by an
-    :class:`~gradlens._ghost_ops.OpLog`; its example layout comes from ``plan``.
+    :class:`~gradlens.probes.forms.registry.OpLog`; its example layout comes from ``plan``.
     A parameter whose capture does not match its plan (read again, another
     form or shape) gets no ghost value, so the caller sends it to ``vmap``.
 
     ``references`` holds stacked references, name -> ``(reference, *param)``;
-    the other arguments are those of :func:`gradlens.ghost.probe_batch`, with the
+    the other arguments are those of :func:`gradlens.probes.ghost.probe_batch`, with the
     parameters split by ``split_params``.
 
     Returns:

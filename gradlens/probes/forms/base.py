@@ -16,7 +16,7 @@ reached functionally is seen as well as one called as a module. Each form gives
   gradient of the summed per-example losses with respect to its output.
 
 Which axis of the input holds the examples is never read from sizes: the plan
-(:mod:`gradlens._ghost_plan`) establishes a :class:`Layout` from two traced
+(:mod:`gradlens.probes.plan`) establishes a :class:`Layout` from two traced
 forwards. Every form here keeps the input's leading axes in its output
 (``F.linear``: ``(..., d_in) -> (..., d_out)``; conv and norms keep axis 0), so
 the output gradient has the same layout as the input.
@@ -71,7 +71,7 @@ class Form(NamedTuple):
     """One layer kind with a factored form; see the module docstring.
 
     ``parts(call, grad_output, layout)`` gives, per role, the parameter's
-    gradient in a form that adds across calls (:mod:`gradlens._ghost_shared`);
+    gradient in a form that adds across calls (:mod:`gradlens.probes.forms.shared`);
     ``shared`` names each role's kind (``"outer"`` or ``"materialised"``), and
     a role absent from it cannot be combined with other calls.
     """

@@ -4,8 +4,8 @@
 Opacus's ``grad_sample`` table, but keyed by the function the forward calls).
 :class:`OpLog` is a ``TorchFunctionMode`` that, during one forward, counts
 every operation reading each named parameter and notes each call of a
-registered form that reads one. The plan (:mod:`gradlens._ghost_plan`) runs it
-on two traced forwards; the ghost pass (:mod:`gradlens.ghost`) runs it again to
+registered form that reads one. The plan (:mod:`gradlens.probes.plan`) runs it
+on two traced forwards; the ghost pass (:mod:`gradlens.probes.ghost`) runs it again to
 capture the inputs and outputs it needs. Where the traces saw a captured output
 written in place later (``ReLU(inplace=True)``, ``out += identity``), the pass
 hands the model a copy of it instead, so the output gradient still refers to
@@ -36,11 +36,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from gradlens._ghost_conv import CONV
-from gradlens._ghost_embedding import EMBEDDING
-from gradlens._ghost_forms import Call, Form, Layout, to_examples
-from gradlens._ghost_linear import ADDMM, LINEAR
-from gradlens._ghost_norm import NORMS
+from gradlens.probes.forms.base import Call, Form, Layout, to_examples
+from gradlens.probes.forms.conv import CONV
+from gradlens.probes.forms.embedding import EMBEDDING
+from gradlens.probes.forms.linear import ADDMM, LINEAR
+from gradlens.probes.forms.norm import NORMS
 
 __all__ = ["FORMS", "OpLog", "Seen", "establish_layout", "register_form", "registry_version"]
 

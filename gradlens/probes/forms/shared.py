@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from gradlens._ghost_forms import from_materialised
+from gradlens.probes.forms.base import from_materialised
 
 __all__ = ["Materialised", "Outer", "Part", "combine"]
 

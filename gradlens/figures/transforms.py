@@ -1,6 +1,6 @@
 """The figure of what a transform did to the cosine with the reference (private).
 
-Re-exported by :mod:`gradlens.plotting`.
+Re-exported by :mod:`gradlens.figures.plots`.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
 
-from gradlens._plot_layout import check_layout, check_rest, groups_of
+from gradlens.figures.layout import check_layout, check_rest, groups_of
 from gradlens.stats import mean_ci
 
 __all__ = ["plot_transform_cosine"]

@@ -1,0 +1,30 @@
+"""Runs as labelled ``xarray`` datasets, written incrementally to netCDF4.
+
+- :mod:`gradlens.records.recorder`: :class:`Recorder`, :class:`Variable`, :func:`open_run`;
+- :mod:`gradlens.records.schema`, :mod:`~gradlens.records.netcdf`,
+  :mod:`~gradlens.records.dataset`, :mod:`~gradlens.records.atomic`: validation,
+  the file writer, the dataset builder and atomic publishing behind it;
+- :mod:`gradlens.records.provenance`: what made a run (versions, commit, config).
+
+What a probed step records is declared in :mod:`gradlens.training.records`.
+"""
+
+from __future__ import annotations
+
+from gradlens.records.provenance import (
+    RunProvenance,
+    config_from_attrs,
+    make_attrs,
+    run_provenance,
+)
+from gradlens.records.recorder import Recorder, Variable, open_run
+
+__all__ = [
+    "Recorder",
+    "RunProvenance",
+    "Variable",
+    "config_from_attrs",
+    "make_attrs",
+    "open_run",
+    "run_provenance",
+]
