@@ -120,5 +120,7 @@ def __getattr__(name: str) -> Any:
             DeprecationWarning,
             stacklevel=2,
         )
-        return getattr(importlib.import_module(home), name)
+        value = getattr(importlib.import_module(home), name)
+        globals()[name] = value  # warned once: from-imports look a name up twice
+        return value
     raise AttributeError(f"module 'gradlens' has no attribute {name!r}")

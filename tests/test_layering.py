@@ -59,3 +59,63 @@ def test_the_experiment_names_are_not_top_level_exports() -> None:
 
     for name in ("Digits", "load_mnist", "liminal_loss", "liminal_weight"):
         assert name not in gradlens.__all__ and not hasattr(gradlens, name), name
+
+
+LEVELS: dict[str, int] = {
+    "errors": 0,
+    "numerics": 0,
+    "_version": 0,
+    "stats": 0,
+    "alignment": 1,
+    "records": 1,
+    "probes": 2,
+    "transforms": 2,
+    "figures": 2,
+    "sweeps": 2,
+    "training": 3,
+}
+"""The stages, in the order a probed step's data flows: a stage imports only lower levels."""
+
+
+def stage_of(module: str) -> str:
+    return module.split(".")[1]
+
+
+STAGED = [p for p in CORE if len(p.relative_to(PACKAGE).parts) > 1 or p.stem in LEVELS]
+
+
+@pytest.mark.parametrize("path", STAGED, ids=module_name)
+def test_a_stage_imports_only_the_stages_below_it(path: Path) -> None:
+    mine = stage_of(module_name(path))
+    found = {
+        n
+        for n in imported(path)
+        if n.startswith("gradlens.") and stage_of(n) in LEVELS and stage_of(n) != mine
+    }
+    bad = sorted(n for n in found if LEVELS[stage_of(n)] >= LEVELS[mine])
+    assert not bad, f"{module_name(path)} (level {LEVELS[mine]}) imports {bad} at or above it."
+
+
+def test_every_stage_has_a_level() -> None:
+    stages = {stage_of(module_name(p)) for p in CORE if module_name(p) != "gradlens"}
+    assert stages - {"_moved"} <= set(LEVELS), sorted(stages - set(LEVELS))
+
+
+def test_the_top_level_face_is_small_and_old_paths_still_work_with_a_warning() -> None:
+    code = (
+        "import sys, warnings, gradlens\n"
+        "assert len(gradlens.__all__) <= 30, len(gradlens.__all__)\n"
+        "with warnings.catch_warnings(record=True) as seen:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import gradlens.ghost, gradlens.recording\n"
+        "    from gradlens import summarize\n"
+        "assert gradlens.ghost.per_example_dots is gradlens.probes.per_example_dots\n"
+        "assert summarize is sys.modules['gradlens.alignment'].summarize\n"
+        "print(*sorted(str(w.message).split()[0] for w in seen"
+        " if w.category is DeprecationWarning))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["gradlens.ghost", "gradlens.recording", "gradlens.summarize"]

@@ -38,9 +38,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 CORE_TESTS = (
-    "tests/test_gradops.py",
-    "tests/test_layerstats.py",
-    "tests/test_alignment.py",
+    "tests/alignment/test_gradops.py",
+    "tests/alignment/test_layerstats.py",
+    "tests/alignment/test_measures.py",
     "tests/transforms/test_aligned_values.py",
     "tests/transforms/test_aligned.py",
     "tests/transforms/test_record_properties.py",

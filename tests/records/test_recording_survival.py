@@ -21,7 +21,7 @@ import gradlens.records.netcdf
 import gradlens.records.recorder
 from gradlens.errors import RecordWriteError
 from gradlens.records.recorder import open_run
-from tests.test_recording import log_run, make
+from tests.records.test_recording import log_run, make
 
 TESTS = str(Path(__file__).parent)
 

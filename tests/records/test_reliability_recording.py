@@ -26,7 +26,7 @@ import pytest
 import xarray as xr
 
 from gradlens.records.recorder import Recorder, open_run
-from tests.test_recording import log_run, make
+from tests.records.test_recording import log_run, make
 
 TESTS = str(Path(__file__).parent)
 

@@ -32,7 +32,7 @@ from gradlens.training.distributed import (
 )
 from gradlens.transforms import GradientTransform, remove_aligned, remove_aligned_per_example
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEPS = 3
 TRAIT = 10
 

@@ -17,7 +17,7 @@ from gradlens import ghost_plan, per_example_dots, probe_batch
 from gradlens.errors import UnsupportedModelError
 from gradlens.probes import mean_grad
 from tests.models import loop_grads, loss_fn
-from tests.test_ghost import reference_for
+from tests.probes.test_ghost import reference_for
 from tests.zoo import FORMS_ZOO, make_forms
 
 pytestmark = [

@@ -11,7 +11,7 @@ from gradlens import ghost_plan, per_example_dots, per_example_grads, probe_batc
 from gradlens.errors import UnsupportedModelError
 from gradlens.probes import mean_grad
 from tests.models import loop_grads, loss_fn, make_case
-from tests.test_ghost import reference_for
+from tests.probes.test_ghost import reference_for
 from tests.zoo import ZOO, make
 
 # vmap over MultiheadAttention on the CPU runs sdpa through vmap's slow fallback, and says so.
