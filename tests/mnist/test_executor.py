@@ -50,7 +50,10 @@ def test_local_jobs_match_inline_and_a_resubmission_runs_only_the_missing_part(
 
     inline = xr.load_dataset(mnist_aux.main(tiny(tmp_path / "inline")))
     jobs = xr.load_dataset(mnist_aux.main(tiny(tmp_path / "jobs"), local))
-    xr.testing.assert_identical(jobs.drop_attrs(), inline.drop_attrs())
+    # A job is a fresh interpreter that may run with another thread count, which changes the
+    # order of a parallel sum: the same computation, equal to float32 rounding, not bit for bit.
+    xr.testing.assert_allclose(jobs.drop_attrs(), inline.drop_attrs(), rtol=1e-5, atol=1e-7)
+    assert list(jobs.coords) == list(inline.coords) and list(jobs) == list(inline)
     assert list(jobs.condition.values) == ["aux", "cross_init"]
     parts = tmp_path / "jobs" / "parts"
     for name in ("seed0_aux.nc", "seed0_cross_init.nc"):  # the same part files, but for --out
@@ -65,7 +68,9 @@ def test_local_jobs_match_inline_and_a_resubmission_runs_only_the_missing_part(
     assert [p.name for p in sweeps[1].submitted] == ["seed0_cross_init.nc"]
     assert [p.name for p in sweeps[1].skipped] == ["seed0_aux.nc"]
     assert ((parts / "seed0_aux.nc").stat().st_mtime_ns, teachers.stat().st_mtime_ns) == kept
-    xr.testing.assert_identical(again.drop_attrs(), inline.drop_attrs())
+    # The rerun part is a job again, as in the first jobs run: the same computation in the same
+    # kind of process, bit for bit.
+    xr.testing.assert_identical(again.drop_attrs(), jobs.drop_attrs())
 
 
 def test_job_flags_map_onto_submitit_parameters() -> None:
