@@ -52,7 +52,7 @@ from torch.func import functional_call
 from gradlens.alignment.gradops import check_compatible
 from gradlens.errors import UnsupportedModelError
 from gradlens.probes.capture import ghost_pass
-from gradlens.probes.outputs import OutputSelector, no_kv_cache
+from gradlens.probes.outputs import OutputSelector, plain_forward
 from gradlens.probes.plan import PlanEntry, ghost_plan, plan_for
 from gradlens.probes.vmap import (
     LossFn,
@@ -342,7 +342,7 @@ def per_example_dots(
         ValueError: If ``chunk_size`` is zero or negative, or not exactly one of
             ``reference`` and ``references`` is given.
     """
-    with no_kv_cache(model):
+    with plain_forward(model):
         found = _probe(
             model,
             loss_fn,
@@ -383,7 +383,7 @@ def probe_batch(
     Returns:
         A :class:`Probe`.
     """
-    with no_kv_cache(model):
+    with plain_forward(model):
         return _probe(
             model,
             loss_fn,

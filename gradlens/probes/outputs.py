@@ -36,11 +36,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeAlias
 
+import torch
 from torch import Tensor, nn
 
 from gradlens.errors import UnsupportedModelError
 
-__all__ = ["OutputSelector", "no_kv_cache", "select_output", "selector_key"]
+__all__ = ["OutputSelector", "no_kv_cache", "plain_forward", "select_output", "selector_key"]
 
 OutputSelector: TypeAlias = str | int | Callable[[Any], Tensor]
 """A key or attribute name, a tuple index, or ``output(model_output) -> Tensor``."""
@@ -142,3 +143,19 @@ def no_kv_cache(model: nn.Module) -> Iterator[None]:
     finally:
         for config in switched:
             config.use_cache = True
+
+
+@contextmanager
+def plain_forward(model: nn.Module) -> Iterator[None]:
+    """Run ``model``'s forward as written while the block runs: eagerly, without a KV cache.
+
+    Code compiled with ``torch.compile`` (a compiled model, ``model.compile()``,
+    a compiled submodule or function) runs eagerly (``torch.compiler.set_stance
+    ("force_eager")``): the probes see every operation through their
+    ``TorchFunctionMode``, hooks and ``vmap``, which a compiled graph hides, so
+    they are exact on a compiled model instead of silently wrong, and they
+    leave no compiled state behind. The parameters are the compiled model's own.
+    Also :func:`no_kv_cache`.
+    """
+    with torch.compiler.set_stance("force_eager"), no_kv_cache(model):
+        yield

@@ -54,7 +54,7 @@ from torch.func import functional_call
 from gradlens.errors import UnsupportedModelError
 from gradlens.probes.forms.base import Layout
 from gradlens.probes.forms.registry import OpLog, Seen, establish_layout, registry_version
-from gradlens.probes.outputs import OutputSelector, no_kv_cache, select_output, selector_key
+from gradlens.probes.outputs import OutputSelector, plain_forward, select_output, selector_key
 from gradlens.probes.vmap import Randomness, check_vmap_compatible, split_params
 
 __all__ = ["CACHE_SIZE", "PlanEntry", "ghost_plan", "plan_for"]
@@ -344,5 +344,5 @@ def ghost_plan(
         raise ValueError("ghost_plan needs at least one example to trace the forward.")
     check_vmap_compatible(model, randomness)
     selected, frozen = split_params(model, params)
-    with no_kv_cache(model):
+    with plain_forward(model):
         return plan_for(model, inputs, selected, frozen, randomness, output)

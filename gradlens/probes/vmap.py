@@ -32,7 +32,7 @@ from gradlens.probes.checks import (
     explain_vmap_failures,
     split_params,
 )
-from gradlens.probes.outputs import OutputSelector, no_kv_cache, select_output
+from gradlens.probes.outputs import OutputSelector, plain_forward, select_output
 
 __all__ = [
     "LossFn",
@@ -120,7 +120,7 @@ def per_example_grads(
     def plain() -> Tensor:
         return loss(selected, inputs[0], *(t[0] for t in targets))
 
-    with no_kv_cache(model), explain_vmap_failures(model, plain):
+    with plain_forward(model), explain_vmap_failures(model, plain):
         # Chunks are written into one preallocated result: vmap's own chunk_size
         # concatenates them at the end, which doubles the peak memory.
         for start in range(0, count, step):
@@ -202,7 +202,7 @@ def loss_and_grad(
     selected, frozen = split_params(model, params)
     selected = {name: p.requires_grad_() for name, p in selected.items()}
     buffers = dict(model.named_buffers())
-    with torch.enable_grad(), no_kv_cache(model):
+    with torch.enable_grad(), plain_forward(model):
         outputs = functional_call(model, (selected, frozen, buffers), (inputs,))
         loss = loss_fn(select_output(outputs, output), *targets)
         if not isinstance(loss, Tensor) or loss.ndim != 0:

@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from gradlens.probes.ghost import Method
-from gradlens.probes.outputs import OutputSelector, no_kv_cache, select_output
+from gradlens.probes.outputs import OutputSelector, plain_forward, select_output
 from gradlens.probes.vmap import Randomness, check_vmap_compatible
 from gradlens.training.body import ModeProbe, StepResult, run_step
 from gradlens.training.checks import check_mean_reduction, check_objective, check_optimizer
@@ -265,7 +265,7 @@ def distributed_probed_step(
                 check_objective(which, objective, allow_empty=trait_batch == "sharded")
         check_optimizer(optimizer, mode.params)
         check_vmap_compatible(module, randomness)
-        with no_kv_cache(module):
+        with plain_forward(module):
             check_mean_reduction(
                 lambda x: select_output(module(x), output),
                 train.loss_fn,
@@ -275,7 +275,7 @@ def distributed_probed_step(
 
     # Everything that can be refused is refused, on every rank, before any forward.
     raise_together(checks, group, next(iter(mode.params.values())).device)
-    with no_kv_cache(module):
+    with plain_forward(module):
         return run_step(
             mode,
             optimizer,

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from gradlens.errors import UnsupportedModelError
 from gradlens.probes.ghost import Method, probe_batch
-from gradlens.probes.outputs import OutputSelector, no_kv_cache, select_output
+from gradlens.probes.outputs import OutputSelector, plain_forward, select_output
 from gradlens.probes.vmap import Randomness, check_vmap_compatible, loss_and_grad
 from gradlens.training.body import ModeProbe, StepResult, run_step
 from gradlens.training.checks import check_mean_reduction, check_objective, check_optimizer
@@ -226,7 +226,7 @@ def probed_step(
             check_objective(which, objective)
     check_optimizer(optimizer, mode.params)
     check_vmap_compatible(model, randomness)
-    with no_kv_cache(model):
+    with plain_forward(model):
         check_mean_reduction(
             lambda x: select_output(model(x), output), train.loss_fn, train.inputs, train.targets
         )
