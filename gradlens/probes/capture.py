@@ -16,10 +16,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from gradlens.probes.checks import check_mean_loss
 from gradlens.probes.forms.base import Layout
 from gradlens.probes.forms.registry import OpLog, Seen
 from gradlens.probes.forms.shared import Part, combine
-from gradlens.probes.outputs import OutputSelector
+from gradlens.probes.outputs import OutputSelector, select_output
 from gradlens.probes.plan import PlanEntry
 from gradlens.probes.vmap import LossFn, per_example_losses
 
@@ -64,6 +65,9 @@ def ghost_pass(
     with torch.enable_grad(), log:
         outputs = functional_call(model, (params, frozen, buffers), (inputs,))
         losses = per_example_losses(loss_fn, outputs, *targets, output=output)
+    if with_grad:  # the batch gradient is the mean of the examples' only for a mean loss
+        with torch.no_grad():
+            check_mean_loss(loss_fn(select_output(outputs, output), *targets), losses)
     eligible = _as_planned(log, plan, batch)
     wrt = [seen.output for seen, _ in eligible] + (list(params.values()) if with_grad else [])
     if not wrt:

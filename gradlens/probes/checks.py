@@ -8,10 +8,12 @@ failure into an error that names the module and the fix.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from typing import Literal
 
+import torch
 from torch import Tensor, nn
 
 from gradlens.errors import UnsupportedModelError
@@ -21,6 +23,7 @@ __all__ = [
     "Randomness",
     "check_batch",
     "check_chunk_size",
+    "check_mean_loss",
     "check_vmap_compatible",
     "explain_vmap_failures",
     "split_params",
@@ -206,3 +209,51 @@ def explain_vmap_failures(model: nn.Module, plain_call: Callable[[], object]) ->
     finally:
         for handle in handles:
             handle.remove()
+
+
+def check_mean_loss(batch_loss: Tensor, losses: Tensor) -> None:
+    """Raise unless the batch loss is the mean of the examples' losses, to the dtype's rounding.
+
+    A probe's batch gradient is the mean of the per-example gradients, which is
+    the gradient of the batch loss only for such a loss. The whole batch is
+    checked, on outputs already computed (no forward): a loss that averages
+    over the tokens of the whole batch (``F.cross_entropy(..., ignore_index=-100)``
+    on ``(example * token, vocab)``, Hugging Face models' own loss) passes only
+    when every example has as many valid tokens, which is when it is exact.
+
+    Args:
+        batch_loss: ``loss_fn`` on the batch, shape ``()``.
+        losses: ``loss_fn`` on each example alone, ``(example,)``.
+
+    Raises:
+        ValueError: Naming both values and the likely cause.
+    """
+    if losses.numel() < 2:
+        return
+    found = torch.stack([batch_loss.detach().reshape(()).double(), losses.detach().double().mean()])
+    value, mean = found.tolist()
+    if not (math.isfinite(value) and math.isfinite(mean)):
+        return  # the non-finite gradient it gives is reported by check_finite
+    rtol = max(1e-4, 8 * torch.finfo(losses.dtype).eps)  # bf16: 0.06; float32: 1e-4
+    if abs(value - mean) <= rtol * max(abs(value), abs(mean)) + 1e-7:
+        return
+    count = losses.numel()
+    if abs(value - count * mean) <= rtol * abs(value) + 1e-7:
+        cause = (
+            "It is their sum (reduction='sum'): divide it by the number of examples, or keep "
+            "reduction='mean'."
+        )
+    else:
+        cause = (
+            "It weighs the examples unequally: most often a mean over the tokens of the whole "
+            "batch (F.cross_entropy(..., ignore_index=-100) on (example * token, vocab), as "
+            "Hugging Face models compute their loss), which weighs each example by its number "
+            "of valid tokens, or class weights. Average each example's token losses first: "
+            "loss = ((token_loss * mask).sum(1) / mask.sum(1)).mean()."
+        )
+    raise ValueError(
+        f"the batch loss is {value:.6g} but the mean of the {count} examples' own losses is "
+        f"{mean:.6g}. gradlens steps along (and probes) the mean of the per-example gradients, "
+        f"which is the gradient of the batch loss only when that loss is the mean of the "
+        f"examples' losses. {cause}"
+    )

@@ -52,7 +52,8 @@ from torch.func import functional_call
 from gradlens.alignment.gradops import check_compatible
 from gradlens.errors import UnsupportedModelError
 from gradlens.probes.capture import ghost_pass
-from gradlens.probes.outputs import OutputSelector, plain_forward
+from gradlens.probes.checks import check_mean_loss
+from gradlens.probes.outputs import OutputSelector, plain_forward, select_output
 from gradlens.probes.plan import PlanEntry, ghost_plan, plan_for
 from gradlens.probes.vmap import (
     LossFn,
@@ -222,6 +223,7 @@ def _probe(
                     model, (selected, frozen, dict(model.named_buffers())), (inputs,)
                 )
                 losses = per_example_losses(loss_fn, outputs, *targets, output=output)
+                check_mean_loss(loss_fn(select_output(outputs, output), *targets), losses)
         dots, sq_norms, grad_sum = {}, {}, {}
     else:
         losses, grad_sum, dots, sq_norms = ghost_pass(

@@ -7,7 +7,7 @@ on every rank of ``group`` (a collective left out on one rank hangs the others).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,8 @@ __all__ = [
     "rank_and_world",
     "unflat",
 ]
+
+T = TypeVar("T")
 
 TraitBatch = Literal["replicated", "sharded"]
 """How the trait batch is laid out over the ranks."""
@@ -228,16 +230,22 @@ def after_step_collective(
     return ((counts * losses).sum() / counts.sum()).to(reference.dtype)
 
 
-def raise_together(checks: Callable[[], None], group: ProcessGroup, device: torch.device) -> None:
-    """Run ``checks`` on every rank; if any rank refuses, raise on every rank at once.
+def raise_together(work: Callable[[], T], group: ProcessGroup, device: torch.device) -> T:
+    """Run ``work`` on every rank; if it raises on any rank, raise on every rank at once.
 
     One all-reduce of one flag per rank, so no rank is left waiting in a
-    collective for a rank that refused the step.
+    collective for a rank that refused the step. Errors other than gradlens's
+    refusals (``GradlensError``, ``ValueError``, ``TypeError``) propagate as
+    they are.
+
+    Returns:
+        What ``work`` returned.
     """
     rank, world = rank_and_world(group)
     failure: Exception | None = None
+    result = None
     try:
-        checks()
+        result = work()
     except (GradlensError, ValueError, TypeError) as err:
         failure = err
     flags = torch.zeros(world, device=device)
@@ -251,3 +259,4 @@ def raise_together(checks: Callable[[], None], group: ProcessGroup, device: torc
             f"ranks {failed} refused this step (their error names the cause and the fix); "
             f"rank {rank} stops with them instead of waiting in a collective."
         )
+    return result  # type: ignore[return-value]

@@ -121,7 +121,12 @@ class DistributedMode(SingleMode):
         and ``count x`` its mean gradient, loss and parts; the all-gather the
         examples' dots and squared norms, in rank order.
         """
-        local = super().probe(train, references)
+        # The local probe refuses a loss that is not a mean of the examples' losses: on every rank.
+        local = raise_together(
+            lambda: super(DistributedMode, self).probe(train, references),
+            self.group,
+            next(iter(self.params.values())).device,
+        )
         names = list(self.params)
         count = train.inputs.shape[0]
         rank, world = rank_and_world(self.group)

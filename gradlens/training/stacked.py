@@ -51,8 +51,8 @@ from torch import Tensor
 from torch.func import functional_call, grad_and_value
 
 from gradlens.errors import UnsupportedModelError
+from gradlens.probes.checks import check_chunk_size, check_mean_loss, check_vmap_compatible
 from gradlens.probes.outputs import OutputSelector, select_output
-from gradlens.probes.vmap import check_chunk_size, check_vmap_compatible
 from gradlens.training.body import ModeProbe, StepResult, run_step
 from gradlens.training.checks import check_mean_reduction, check_optimizer
 from gradlens.training.objective import Objective
@@ -77,6 +77,34 @@ def _model_losses(loss_fn: Callable[..., Tensor], outputs: Tensor, targets: tupl
     return torch.stack(
         [loss_fn(outputs[m], *(t[m] for t in targets)) for m in range(outputs.shape[0])]
     )
+
+
+def _example_losses(loss_fn: Callable[..., Tensor], outputs: Tensor, targets: tuple) -> Tensor:
+    """Each model's each example's loss, ``(model, example)``, from computed outputs."""
+
+    def one(o: Tensor, *t: Tensor) -> Tensor:
+        return loss_fn(o.unsqueeze(0), *(v.unsqueeze(0) for v in t))
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "There is a performance drop", UserWarning)
+        return torch.func.vmap(torch.func.vmap(one))(outputs, *targets)
+
+
+def _check_model_means(loss: Tensor, each: Tensor) -> None:
+    """:func:`~gradlens.probes.checks.check_mean_loss` for every model, with one host sync.
+
+    Args:
+        loss: Each model's batch loss, ``(model,)``.
+        each: Each example's loss alone, ``(model, example)``.
+    """
+    if each.shape[1] < 2:
+        return
+    mean = each.mean(-1)
+    rtol = max(1e-4, 8 * torch.finfo(each.dtype).eps)
+    off = (loss - mean).abs() > rtol * torch.maximum(loss.abs(), mean.abs()) + 1e-7
+    bad = off.nonzero().flatten().tolist()
+    if bad:
+        check_mean_loss(loss[bad[0]], each[bad[0]])
 
 
 class StackedMode:
@@ -142,6 +170,8 @@ class StackedMode:
             loss = _model_losses(train.loss_fn, found.outputs, train.targets)
             outs = list(found.layer_outputs.values())
             grads = torch.autograd.grad(loss.sum(), [*self.params.values(), *outs])
+        each = _example_losses(train.loss_fn, found.outputs.detach(), train.targets)
+        _check_model_means(loss.detach(), each)
         g = dict(zip(names, grads[: len(names)], strict=True))
         size = train.inputs.shape[1]
         # The batch loss is the mean over examples: example i's own output gradient is size x.
@@ -188,10 +218,11 @@ class StackedMode:
         with warnings.catch_warnings():
             # Ops without a batching rule (kl_div) run as a loop: slower, and as exact.
             warnings.filterwarnings("ignore", "There is a performance drop", UserWarning)
-            _, dots, sq = torch.func.vmap(one_model)(
+            losses, dots, sq = torch.func.vmap(one_model)(
                 detached, self.stack.buffers, references, train.inputs, *train.targets
             )
         loss, g = self.gradient(train)
+        _check_model_means(loss, losses.detach())
         with torch.no_grad():
             parts = self._parts(train, self.forward(train.inputs)) if train.parts else {}
         return ModeProbe(loss, g, list(dots), sq, parts)

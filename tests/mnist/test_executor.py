@@ -52,7 +52,9 @@ def test_local_jobs_match_inline_and_a_resubmission_runs_only_the_missing_part(
     jobs = xr.load_dataset(mnist_aux.main(tiny(tmp_path / "jobs"), local))
     # A job is a fresh interpreter that may run with another thread count, which changes the
     # order of a parallel sum: the same computation, equal to float32 rounding, not bit for bit.
-    xr.testing.assert_allclose(jobs.drop_attrs(), inline.drop_attrs(), rtol=1e-5, atol=1e-7)
+    # atol covers differences of nearby losses (measured_change: two losses near 2.4 whose
+    # float32 rounding, about 1e-6 each, does not shrink with their difference of 0.007).
+    xr.testing.assert_allclose(jobs.drop_attrs(), inline.drop_attrs(), rtol=1e-5, atol=1e-5)
     assert list(jobs.coords) == list(inline.coords) and list(jobs) == list(inline)
     assert list(jobs.condition.values) == ["aux", "cross_init"]
     parts = tmp_path / "jobs" / "parts"

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from gradlens import Objective, open_run, probed_step
+from gradlens import GradlensError, Objective, open_run, probed_step
 from gradlens.training.distributed import (
     ReplicaDivergenceError,
     distributed_probed_step,
@@ -138,6 +138,45 @@ def diverge(rank: int) -> str:
     return "no error"
 
 
+def weighted(out: Tensor, y: Tensor, w: Tensor) -> Tensor:
+    """A weighted mean: the mean of the examples' losses only where the weights are equal."""
+    each = (out - y).square().mean(1)
+    return (w * each).sum() / w.sum()
+
+
+def refuse_on_one_rank(rank: int) -> str:
+    """Rank 1's shard weighs its examples unequally (past the first two); rank 0's does not."""
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y, x_t, y_t = batch(0, 8)
+    shard = slice(4 * rank, 4 * rank + 4)
+    w = torch.tensor([1.0, 1.0, 3.0, 1.0] if rank == 1 else [1.0] * 4, dtype=x.dtype)
+    train = Objective(weighted, x[shard], (y[shard], w))
+    try:
+        distributed_probed_step(model, opt, train, Objective(F.cross_entropy, x_t, (y_t,)))
+    except (ValueError, GradlensError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
+
+
+def diverge_buffer(rank: int) -> str:
+    """Rank 1's BatchNorm running mean differs; the parameters do not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)).double().eval()
+    if rank == 1:
+        with torch.no_grad():
+            model[1].running_mean[0] += 1e-3
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y, x_t, y_t = batch(0, 8)
+    shard = slice(4 * rank, 4 * rank + 4)
+    train = Objective(F.mse_loss, x[shard], (y[shard],))
+    try:
+        distributed_probed_step(model, opt, train, Objective(F.cross_entropy, x_t, (y_t,)))
+    except ReplicaDivergenceError as exc:
+        return str(exc)
+    return "no error"
+
+
 def worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -145,6 +184,8 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
     try:
         found = {name: run_scenario(name, rank) for name in SCENARIOS}
         found["diverge"] = diverge(rank)
+        found["refuse"] = refuse_on_one_rank(rank)
+        found["diverge_buffer"] = diverge_buffer(rank)
         torch.save(found, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -212,6 +253,17 @@ def test_a_transform_acted_so_the_comparison_is_not_vacuous(ranks: list[dict[str
 def test_a_diverged_replica_is_reported_on_every_rank(ranks: list[dict[str, Any]]) -> None:
     for found in ranks:
         assert "rank 1: ['0.bias']" in found["diverge"], found["diverge"]
+
+
+def test_a_refusal_on_one_rank_is_raised_on_every_rank(ranks: list[dict[str, Any]]) -> None:
+    assert ranks[1]["refuse"].startswith("ValueError: the batch loss"), ranks[1]["refuse"]
+    assert "weighs the examples unequally" in ranks[1]["refuse"]
+    assert ranks[0]["refuse"].startswith("GradlensError: ranks [1] refused"), ranks[0]["refuse"]
+
+
+def test_a_diverged_buffer_is_reported_on_every_rank(ranks: list[dict[str, Any]]) -> None:
+    for found in ranks:
+        assert "rank 1: ['1.running_mean']" in found["diverge_buffer"], found["diverge_buffer"]
 
 
 def test_without_a_process_group_the_error_names_the_remedy() -> None:
