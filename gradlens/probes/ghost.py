@@ -53,6 +53,7 @@ from gradlens.alignment.gradops import check_compatible
 from gradlens.errors import UnsupportedModelError
 from gradlens.probes.capture import ghost_pass
 from gradlens.probes.checks import check_mean_loss
+from gradlens.probes.fallback import refuse_mixed_masks, vmap_dots
 from gradlens.probes.outputs import OutputSelector, plain_forward, select_output
 from gradlens.probes.plan import PlanEntry, ghost_plan, plan_for
 from gradlens.probes.vmap import (
@@ -60,7 +61,6 @@ from gradlens.probes.vmap import (
     Randomness,
     check_chunk_size,
     check_vmap_compatible,
-    per_example_grads,
     per_example_losses,
     split_params,
 )
@@ -103,52 +103,6 @@ def _stack_references(
         check_compatible(selected, ref, what=f"model parameters and references[{key!r}]")
     stacked = {n: torch.stack([ref[n] for ref in references.values()]) for n in selected}
     return stacked, tuple(references)
-
-
-def _vmap_dots(
-    model: nn.Module,
-    loss_fn: LossFn,
-    reference: Mapping[str, Tensor],
-    inputs: Tensor,
-    targets: tuple[Tensor, ...],
-    names: list[str],
-    chunk_size: int | None,
-    randomness: Randomness,
-    output: OutputSelector | None,
-) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
-    """Inner products, squared norms and gradient sums from per-example gradients.
-
-    Examples are processed ``chunk_size`` at a time and reduced at once, so at
-    most ``chunk_size x parameter`` gradient entries exist at any moment.
-    ``reference`` holds stacked references, ``(reference, *param)``; the dots
-    have shape ``(example, reference)``.
-    """
-    step = chunk_size or inputs.shape[0]
-    dots: dict[str, list[Tensor]] = {n: [] for n in names}
-    sq_norms: dict[str, list[Tensor]] = {n: [] for n in names}
-    grad_sum: dict[str, Tensor] = {}
-    for start in range(0, inputs.shape[0], step):
-        chunk = slice(start, start + step)
-        grads = per_example_grads(
-            model,
-            loss_fn,
-            inputs[chunk],
-            *(t[chunk] for t in targets),
-            params=names,
-            randomness=randomness,
-            output=output,
-        )
-        for name, g in grads.items():
-            flat = g.flatten(start_dim=1)
-            refs = reference[name]
-            dots[name].append(flat @ refs.reshape(refs.shape[0], -1).T)
-            sq_norms[name].append(torch.linalg.vector_norm(flat, dim=1).square())
-            grad_sum[name] = g.sum(dim=0) + grad_sum.get(name, 0.0)
-    return (
-        {n: torch.cat(v) for n, v in dots.items()},
-        {n: torch.cat(v) for n, v in sq_norms.items()},
-        grad_sum,
-    )
 
 
 class Probe(NamedTuple):
@@ -215,6 +169,7 @@ def _probe(
             "inputs with an established example axis; use method='auto' to send the others "
             "to vmap (ghost_plan shows the plan)."
         )
+    refuse_mixed_masks(plan, randomness, method)
     if method == "vmap":
         losses = torch.empty(0)
         if with_grad:
@@ -247,8 +202,10 @@ def _probe(
             f"parameters {rest} were planned for the ghost path but the forward differed from "
             "its trace (a forward that depends on the data?); use method='auto'."
         )
+    if rest and method == "auto":
+        refuse_mixed_masks(plan, randomness, method)
     if rest:
-        more = _vmap_dots(
+        more = vmap_dots(
             model, loss_fn, stacked, inputs, targets, rest, chunk_size, randomness, output
         )
         dots.update(more[0])

@@ -185,7 +185,13 @@ def test_gpt2_in_training_mode_needs_randomness_from_probed_step() -> None:
     train, trait = Objective(lm_loss, x, (y,)), Objective(lm_loss, x[:2], (y[:2],))
     with pytest.raises(UnsupportedModelError, match="randomness='different'"):
         probed_step(model, opt, train, trait, output="logits")
-    out = probed_step(model, opt, train, trait, output="logits", randomness="different")
+    # GPT-2's plan mixes ghost and vmap parameters: their dots would come from two sets of
+    # dropout masks, so auto refuses and names method='vmap' (every value from one set).
+    with pytest.raises(UnsupportedModelError, match="method='vmap'"):
+        probed_step(model, opt, train, trait, output="logits", randomness="different")
+    out = probed_step(
+        model, opt, train, trait, output="logits", randomness="different", method="vmap"
+    )
     assert torch.isfinite(out.example_cosine).all()
 
 
