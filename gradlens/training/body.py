@@ -21,7 +21,7 @@ the order, the transforms and every record are here, once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol, TypeVar
 
 import torch
@@ -34,7 +34,7 @@ from gradlens.errors import GradientMismatchError
 from gradlens.training.objective import Objective
 from gradlens.transforms.base import GradientTransform
 
-__all__ = ["ModeProbe", "StepMode", "StepResult", "run_step"]
+__all__ = ["ModeProbe", "StepMode", "StepResult", "accumulate", "micro_batches", "run_step"]
 
 T = TypeVar("T")
 Grads = Mapping[str, Tensor]
@@ -147,10 +147,58 @@ def _sum_params(values: Mapping[str, Tensor]) -> Tensor:
     return torch.stack(list(values.values())).sum(dim=0)
 
 
+def micro_batches(train: Objective | Sequence[Objective]) -> list[Objective]:
+    """The micro-batches of a step: one objective, or several accumulated into one step."""
+    if isinstance(train, Objective):
+        return [train]
+    batches = list(train)
+    if not batches or not all(isinstance(b, Objective) for b in batches):
+        raise TypeError(
+            "train must be an Objective or a non-empty sequence of Objectives (micro-batches "
+            "accumulated into one optimizer step)."
+        )
+    return batches
+
+
+def _examples(probe: ModeProbe) -> int:
+    return next(iter(probe.sq_norms.values())).shape[-1]
+
+
+def accumulate(probes: list[ModeProbe]) -> ModeProbe:
+    """One probe of the concatenated micro-batches, from each micro-batch's probe.
+
+    The batch loss, gradient and parts are the example-weighted means (the
+    mean over all examples, as for one batch of all of them: each micro-batch's
+    loss is checked to be the mean of its examples' losses); the per-example
+    dots and squared norms are concatenated along ``example``, in order.
+    """
+    if len(probes) == 1:
+        return probes[0]
+    counts = [_examples(p) for p in probes]
+    total = sum(counts)
+    if total == 0:
+        raise ValueError("every micro-batch of train is empty: give at least one example.")
+
+    def mean(values: list[Tensor]) -> Tensor:
+        return sum(v * (n / total) for v, n in zip(values, counts, strict=True))  # type: ignore[return-value]
+
+    first = probes[0]
+    return ModeProbe(
+        mean([p.loss for p in probes]),
+        {n: mean([p.grad[n] for p in probes]) for n in first.grad},
+        [
+            {n: torch.cat([p.dots[k][n] for p in probes], dim=-1) for n in first.dots[k]}
+            for k in range(len(first.dots))
+        ],
+        {n: torch.cat([p.sq_norms[n] for p in probes], dim=-1) for n in first.sq_norms},
+        {n: mean([p.parts[n] for p in probes]) for n in first.parts},
+    )
+
+
 def run_step(
     mode: StepMode,
     optimizer: torch.optim.Optimizer,
-    train: Objective,
+    train: Objective | Sequence[Objective],
     trait: Objective,
     *,
     before: GradientTransform | None,
@@ -168,7 +216,8 @@ def run_step(
     Args:
         mode: Where the gradients come from.
         optimizer: Holds ``mode.params``; its ``.grad`` inputs are set and cleared here.
-        train: The training objective.
+        train: The training objective, or its micro-batches (gradient accumulation:
+            one optimizer step on all of their examples, see :func:`accumulate`).
         trait: The trait objective.
         before: Transform of ``g`` before the optimizer.
         before_state: Its state.
@@ -195,7 +244,8 @@ def run_step(
     if heldout is not None:
         heldout_loss, g_h = mode.gradient(heldout)
         check_finite(g_h, step=step, what="held-out trait gradient")
-    probe = mode.probe(train, [g_t] if along is g_t else [g_t, along])
+    references = [g_t] if along is g_t else [g_t, along]
+    probe = accumulate([mode.probe(batch, references) for batch in micro_batches(train)])
     g = probe.grad
     check_finite(g, step=step, what="training gradient")
 

@@ -48,7 +48,7 @@ Example (run under ``torchrun --nproc-per-node 2``; see
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -59,7 +59,7 @@ from torch.nn.parallel import DistributedDataParallel
 from gradlens.probes.ghost import Method
 from gradlens.probes.outputs import OutputSelector, plain_forward, select_output
 from gradlens.probes.vmap import Randomness, check_vmap_compatible
-from gradlens.training.body import ModeProbe, StepResult, run_step
+from gradlens.training.body import ModeProbe, StepResult, micro_batches, run_step
 from gradlens.training.checks import check_mean_reduction, check_objective, check_optimizer
 from gradlens.training.collectives import (
     ProcessGroup,
@@ -178,7 +178,7 @@ class DistributedMode(SingleMode):
 def distributed_probed_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    train: Objective,
+    train: Objective | Sequence[Objective],
     trait: Objective,
     *,
     trait_batch: TraitBatch = "replicated",
@@ -210,7 +210,8 @@ def distributed_probed_step(
             probed) or a plain module replicated on every rank.
         optimizer: A ``torch.optim`` optimizer over the model's parameters,
             the same on every rank.
-        train: This rank's shard of the training batch; shards may differ in size.
+        train: This rank's shard of the training batch (shards may differ in size), or its
+            micro-batches (gradient accumulation, as in :func:`~gradlens.training.probed_step`).
         trait: The trait objective: the whole trait batch on every rank
             (``trait_batch="replicated"``) or this rank's shard of it (``"sharded"``,
             for a mean-reduced loss).
@@ -263,20 +264,24 @@ def distributed_probed_step(
         output=output,
     )
 
+    batches = micro_batches(train)
+
     def checks() -> None:
-        check_objective("train", train, allow_empty=True)
+        for batch in batches:
+            check_objective("train", batch, allow_empty=True)
         for which, objective in (("trait", trait), ("heldout", heldout), ("reference", reference)):
             if objective is not None:
                 check_objective(which, objective, allow_empty=trait_batch == "sharded")
         check_optimizer(optimizer, mode.params)
         check_vmap_compatible(module, randomness)
         with plain_forward(module):
-            check_mean_reduction(
-                lambda x: select_output(module(x), output),
-                train.loss_fn,
-                train.inputs,
-                train.targets,
-            )
+            for batch in batches:
+                check_mean_reduction(
+                    lambda x: select_output(module(x), output),
+                    batch.loss_fn,
+                    batch.inputs,
+                    batch.targets,
+                )
 
     # Everything that can be refused is refused, on every rank, before any forward.
     raise_together(checks, group, next(iter(mode.params.values())).device)

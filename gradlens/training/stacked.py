@@ -43,7 +43,7 @@ Example:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -53,7 +53,7 @@ from torch.func import functional_call, grad_and_value
 from gradlens.errors import UnsupportedModelError
 from gradlens.probes.checks import check_chunk_size, check_mean_loss, check_vmap_compatible
 from gradlens.probes.outputs import OutputSelector, select_output
-from gradlens.training.body import ModeProbe, StepResult, run_step
+from gradlens.training.body import ModeProbe, StepResult, micro_batches, run_step
 from gradlens.training.checks import check_mean_reduction, check_optimizer
 from gradlens.training.objective import Objective
 from gradlens.training.stack import Stack, mlp_layers, mlp_pass, stack_forward
@@ -265,7 +265,7 @@ def _check_transform(which: str, transform: GradientTransform | None) -> None:
 def stacked_probed_step(
     stack: Stack,
     optimizer: torch.optim.Optimizer,
-    train: Objective,
+    train: Objective | Sequence[Objective],
     trait: Objective,
     *,
     before: GradientTransform | None = None,
@@ -293,7 +293,8 @@ def stacked_probed_step(
         stack: The models; ``optimizer`` holds ``stack.params``.
         optimizer: An elementwise ``torch.optim`` optimizer (Adam, SGD) over
             ``stack.params``: it updates each model as if alone.
-        train: The training objective, ``(model, example, ...)``.
+        train: The training objective, ``(model, example, ...)``, or its
+            micro-batches (gradient accumulation, as in :func:`probed_step`).
         trait: The trait objective, ``(model, example, ...)``.
         before: A :func:`~gradlens.transforms.per_model` transform of ``g``.
         before_state: Its state, from ``before.init(stack.params)`` or the last step.
@@ -323,8 +324,9 @@ def stacked_probed_step(
     """
     mode = StackedMode(stack, method=method, chunk_size=chunk_size, output=output)
     models = stack.models
+    batches = micro_batches(train)
     for which, objective in (
-        ("train", train),
+        *(("train", b) for b in batches),
         ("trait", trait),
         ("heldout", heldout),
         ("reference", reference),
@@ -340,12 +342,13 @@ def stacked_probed_step(
         {n: p[:1] for n, p in stack.params.items()},
         {n: b[:1] for n, b in stack.buffers.items()},
     )
-    check_mean_reduction(
-        lambda x: stack_forward(first, x[None], output=output)[0],
-        train.loss_fn,
-        train.inputs[0],
-        tuple(t[0] for t in train.targets),
-    )
+    for batch in batches:
+        check_mean_reduction(
+            lambda x: stack_forward(first, x[None], output=output)[0],
+            batch.loss_fn,
+            batch.inputs[0],
+            tuple(t[0] for t in batch.targets),
+        )
     return run_step(
         mode,
         optimizer,

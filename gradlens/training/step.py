@@ -28,7 +28,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -38,7 +38,7 @@ from gradlens.errors import UnsupportedModelError
 from gradlens.probes.ghost import Method, probe_batch
 from gradlens.probes.outputs import OutputSelector, plain_forward, select_output
 from gradlens.probes.vmap import Randomness, check_vmap_compatible, loss_and_grad
-from gradlens.training.body import ModeProbe, StepResult, run_step
+from gradlens.training.body import ModeProbe, StepResult, micro_batches, run_step
 from gradlens.training.checks import check_mean_reduction, check_objective, check_optimizer
 from gradlens.training.objective import Objective
 from gradlens.transforms.base import GradientTransform
@@ -136,7 +136,7 @@ class SingleMode:
 def probed_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    train: Objective,
+    train: Objective | Sequence[Objective],
     trait: Objective,
     *,
     before: GradientTransform | None = None,
@@ -173,7 +173,10 @@ def probed_step(
         model: The student.
         optimizer: A ``torch.optim`` optimizer over ``model``'s parameters.
         train: The training objective (for a student, the distillation loss
-            plus any extra term; name its pieces in ``train.parts`` to record them).
+            plus any extra term; name its pieces in ``train.parts`` to record them),
+            or a sequence of micro-batches: gradient accumulation, one optimizer
+            step along the mean gradient of all their examples, per-example values
+            concatenated in order (equal to one step on the concatenated batch).
         trait: The trait objective, for example cross-entropy on labelled probes.
         before: Transform applied to ``g`` before the optimizer; name its
             members with :func:`~gradlens.transforms.named_chain` to name their records.
@@ -216,8 +219,10 @@ def probed_step(
         model, method=method, chunk_size=chunk_size, randomness=randomness, output=output
     )
     # Everything that can be refused is refused before any forward changes a buffer.
+    batches = micro_batches(train)
+    named = [(f"train[{i}]" if len(batches) > 1 else "train", b) for i, b in enumerate(batches)]
     for which, objective in (
-        ("train", train),
+        *named,
         ("trait", trait),
         ("heldout", heldout),
         ("reference", reference),
@@ -227,9 +232,13 @@ def probed_step(
     check_optimizer(optimizer, mode.params)
     check_vmap_compatible(model, randomness)
     with plain_forward(model):
-        check_mean_reduction(
-            lambda x: select_output(model(x), output), train.loss_fn, train.inputs, train.targets
-        )
+        for batch in batches:
+            check_mean_reduction(
+                lambda x: select_output(model(x), output),
+                batch.loss_fn,
+                batch.inputs,
+                batch.targets,
+            )
         return run_step(
             mode,
             optimizer,

@@ -177,6 +177,25 @@ def diverge_buffer(rank: int) -> str:
     return "no error"
 
 
+def micro_vs_whole(rank: int) -> list[dict[str, Tensor]]:
+    """One step on this rank's shard of 4, whole and as micro-batches of 1 and 3."""
+    found = []
+    x, y, x_t, y_t = batch(0, 8)
+    for micro in (False, True):
+        model = make_model()
+        opt = torch.optim.Adam(model.parameters(), lr=0.1)
+        shard = x[4 * rank : 4 * rank + 4], y[4 * rank : 4 * rank + 4]
+        if micro:
+            train = [
+                Objective(F.mse_loss, shard[0][a:b], (shard[1][a:b],)) for a, b in ((0, 1), (1, 4))
+            ]
+        else:
+            train = Objective(F.mse_loss, shard[0], (shard[1],))
+        out = distributed_probed_step(model, opt, train, Objective(F.cross_entropy, x_t, (y_t,)))
+        found.append(out.records | {"params": torch.cat([p.flatten() for p in model.parameters()])})
+    return found
+
+
 def worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -186,6 +205,7 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
         found["diverge"] = diverge(rank)
         found["refuse"] = refuse_on_one_rank(rank)
         found["diverge_buffer"] = diverge_buffer(rank)
+        found["micro"] = micro_vs_whole(rank)
         torch.save(found, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -264,6 +284,13 @@ def test_a_refusal_on_one_rank_is_raised_on_every_rank(ranks: list[dict[str, Any
 def test_a_diverged_buffer_is_reported_on_every_rank(ranks: list[dict[str, Any]]) -> None:
     for found in ranks:
         assert "rank 1: ['1.running_mean']" in found["diverge_buffer"], found["diverge_buffer"]
+
+
+def test_micro_batches_on_every_rank_equal_the_whole_shards(ranks: list[dict[str, Any]]) -> None:
+    for found in ranks:
+        whole, micro = found["micro"]
+        for key, value in whole.items():
+            torch.testing.assert_close(micro[key], value, rtol=1e-9, atol=1e-12, msg=key)
 
 
 def test_without_a_process_group_the_error_names_the_remedy() -> None:
