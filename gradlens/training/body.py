@@ -31,6 +31,7 @@ from gradlens.alignment.gradops import check_finite, safe_divide
 from gradlens.alignment.layerstats import layer_stats
 from gradlens.alignment.measures import summarize
 from gradlens.errors import GradientMismatchError
+from gradlens.probes.plan import PlanEntry
 from gradlens.training.objective import Objective
 from gradlens.transforms.base import GradientTransform
 
@@ -53,6 +54,7 @@ class ModeProbe(NamedTuple):
             ``(*model, example)``.
         sq_norms: ``||g_i[p]||^2``, name -> ``(*model, example)``.
         parts: The objective's named parts on the batch, name -> ``(*model)``.
+        plan: The path each parameter's per-example values took, and why.
     """
 
     loss: Tensor
@@ -60,6 +62,7 @@ class ModeProbe(NamedTuple):
     dots: list[dict[str, Tensor]]
     sq_norms: dict[str, Tensor]
     parts: dict[str, Tensor]
+    plan: dict[str, PlanEntry] = {}  # noqa: RUF012 - a NamedTuple default, never mutated
 
 
 class StepMode(Protocol):
@@ -101,12 +104,16 @@ class StepResult(NamedTuple):
             ``(*model, example)``.
         before_state: New state of the ``before`` transform (``None`` without one).
         after_state: New state of the ``after`` transform (``None`` without one).
+        plan: The path (``"ghost"`` or ``"vmap"``) each parameter's per-example
+            values took and why (:class:`~gradlens.probes.PlanEntry`); record it
+            with :func:`~gradlens.training.records.plan_attr`.
     """
 
     records: dict[str, Tensor]
     example_cosine: Tensor
     before_state: Any
     after_state: Any
+    plan: dict[str, PlanEntry] = {}  # noqa: RUF012 - a NamedTuple default, never mutated
 
 
 def _stats(grad: Grads, reference: Grads) -> tuple[Tensor, Tensor, Tensor]:
@@ -192,6 +199,7 @@ def accumulate(probes: list[ModeProbe]) -> ModeProbe:
         ],
         {n: torch.cat([p.sq_norms[n] for p in probes], dim=-1) for n in first.sq_norms},
         {n: mean([p.parts[n] for p in probes]) for n in first.parts},
+        first.plan,
     )
 
 
@@ -317,4 +325,4 @@ def run_step(
         records["heldout_trait_loss"] = heldout_loss
         records["heldout_cosine"] = _pair(mode, g, g_h).cosine
         records["heldout_update_cosine"] = _pair(mode, delta, g_h).cosine
-    return StepResult(records, example_cosine, before_state, after_state)
+    return StepResult(records, example_cosine, before_state, after_state, probe.plan)

@@ -157,9 +157,8 @@ class DistributedMode(SingleMode):
         ]
         start = len(local.dots) * k
         sq_norms = {n: gathered[:, start + i] for i, n in enumerate(names)}
-        return ModeProbe(
-            means[0], grads, dots, sq_norms, dict(zip(local.parts, means[1:], strict=True))
-        )
+        parts = dict(zip(local.parts, means[1:], strict=True))
+        return ModeProbe(means[0], grads, dots, sq_norms, parts, local.plan)
 
     def after_step(self, trait: Objective | None, step: int | None) -> Tensor | None:
         """The global trait loss at the new parameters, and the replica check."""

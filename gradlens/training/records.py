@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Mapping, Sequence
 from typing import NamedTuple
 
@@ -39,6 +40,7 @@ from torch.utils import _pytree as pytree
 
 from gradlens.alignment.layerstats import GLOBAL, groups_for
 from gradlens.alignment.measures import QUANTILES
+from gradlens.probes.plan import PlanEntry
 from gradlens.records.schema import Variable
 from gradlens.training.body import StepResult
 from gradlens.transforms.base import GradientTransform, State
@@ -50,6 +52,7 @@ __all__ = [
     "STAGES",
     "STEP_RECORDS",
     "TransformLayout",
+    "plan_attr",
     "step_coords",
     "step_values",
     "step_variables",
@@ -282,3 +285,19 @@ def step_values(result: StepResult, transforms: TransformLayout | None = None) -
         for m in range(result.example_cosine.shape[0])
     ]
     return values | {k: torch.stack([row[k] for row in rows]) for k in rows[0]}
+
+
+def plan_attr(plan: Mapping[str, PlanEntry]) -> str:
+    """The plan of a step as a netCDF-safe attr: JSON, parameter -> path, reason, form.
+
+    Example:
+        >>> from gradlens.probes import PlanEntry
+        >>> plan_attr({"0.weight": PlanEntry("ghost", "F.linear, read once", 0, "F.linear")})
+        '{"0.weight": {"path": "ghost", "reason": "F.linear, read once", "form": "F.linear"}}'
+    """
+    return json.dumps(
+        {
+            name: {"path": e.path, "reason": e.reason, **({"form": e.form} if e.form else {})}
+            for name, e in plan.items()
+        }
+    )

@@ -53,6 +53,7 @@ from torch.func import functional_call, grad_and_value
 from gradlens.errors import UnsupportedModelError
 from gradlens.probes.checks import check_chunk_size, check_mean_loss, check_vmap_compatible
 from gradlens.probes.outputs import OutputSelector, select_output
+from gradlens.probes.plan import PlanEntry
 from gradlens.training.body import ModeProbe, StepResult, micro_batches, run_step
 from gradlens.training.checks import check_mean_reduction, check_optimizer
 from gradlens.training.objective import Objective
@@ -197,7 +198,17 @@ class StackedMode:
             if f"{layer}.bias" in self.params:
                 sq[f"{layer}.bias"] = b2
         sq = {n: sq[n] for n in names}
-        return ModeProbe(loss.detach(), g, dots, sq, self._parts(train, found.outputs.detach()))
+        plan = {
+            n: PlanEntry(
+                "ghost",
+                "stacked MLP: the factored F.linear form on batched matmuls",
+                example_axis=1,
+                form="F.linear",
+            )
+            for n in names
+        }
+        parts = self._parts(train, found.outputs.detach())
+        return ModeProbe(loss.detach(), g, dots, sq, parts, plan)
 
     def _vmap_probe(self, train: Objective, references: list[Grads]) -> ModeProbe:
         module, loss_fn, output = self.stack.module, train.loss_fn, self.output
@@ -225,7 +236,8 @@ class StackedMode:
         _check_model_means(loss, losses.detach())
         with torch.no_grad():
             parts = self._parts(train, self.forward(train.inputs)) if train.parts else {}
-        return ModeProbe(loss, g, list(dots), sq, parts)
+        plan = {n: PlanEntry("vmap", "stacked: per-example gradients by nested vmap") for n in g}
+        return ModeProbe(loss, g, list(dots), sq, parts, plan)
 
     def after_step(self, trait: Objective | None, step: int | None) -> Tensor | None:
         """Every model's trait loss at the new parameters."""

@@ -121,7 +121,7 @@ class SingleMode:
         else:
             dots = [{n: d[..., k] for n, d in found.dots.items()} for k in range(len(references))]
         parts = objective_parts(self.model, train, self.output)
-        return ModeProbe(found.losses.mean(), found.grad, dots, found.sq_norms, parts)
+        return ModeProbe(found.losses.mean(), found.grad, dots, found.sq_norms, parts, found.plan)
 
     def after_step(self, trait: Objective | None, step: int | None) -> Tensor | None:
         """The trait loss at the new parameters."""
