@@ -21,7 +21,7 @@ from gradlens.probes.forms.base import Layout
 from gradlens.probes.forms.registry import OpLog, Seen
 from gradlens.probes.forms.shared import Part, combine
 from gradlens.probes.outputs import OutputSelector, select_output
-from gradlens.probes.plan import PlanEntry
+from gradlens.probes.plan import PlanEntry, check_rows_alone
 from gradlens.probes.vmap import LossFn, per_example_losses
 
 __all__ = ["ghost_pass"]
@@ -39,6 +39,7 @@ def ghost_pass(
     *,
     output: OutputSelector | None,
     with_grad: bool,
+    check_rows: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
     """One forward and one backward; ghost values for the parameters planned so.
 
@@ -49,7 +50,9 @@ def ghost_pass(
 
     ``references`` holds stacked references, name -> ``(reference, *param)``;
     the other arguments are those of :func:`gradlens.probes.ghost.probe_batch`, with the
-    parameters split by ``split_params``.
+    parameters split by ``split_params``; ``check_rows`` runs
+    :func:`~gradlens.probes.plan.check_rows_alone` on this batch (two forwards of
+    one example), off only where the forward draws random numbers.
 
     Returns:
         ``(losses, grad_sum, dots, sq_norms)``: per-example losses ``(example,)``;
@@ -68,6 +71,9 @@ def ghost_pass(
     if with_grad:  # the batch gradient is the mean of the examples' only for a mean loss
         with torch.no_grad():
             check_mean_loss(loss_fn(select_output(outputs, output), *targets), losses)
+    if check_rows:  # every batch, cached plan or not: a data-dependent mix shows here
+        detached = {n: p.detach() for n, p in params.items()}
+        check_rows_alone(model, detached, frozen, inputs, select_output(outputs, output), output)
     eligible = _as_planned(log, plan, batch)
     wrt = [seen.output for seen, _ in eligible] + (list(params.values()) if with_grad else [])
     if not wrt:

@@ -192,6 +192,7 @@ def _probe(
             plan,
             output=output,
             with_grad=with_grad,
+            check_rows=randomness == "error",
         )
     rest = [n for n in names if n not in dots]
     for name in rest:

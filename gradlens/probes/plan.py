@@ -24,9 +24,12 @@ registered call.
   parameter goes to ``vmap``: the plan never guesses.
 - A parameter read by more than one operation, or by one without a factored
   form, goes to ``vmap``, and its entry names the operations.
-- The second trace's outputs must equal the matching rows of the first; if not,
-  the forward mixes examples and :class:`UnsupportedModelError` is raised
-  (skipped when ``randomness`` is not ``"error"``, as dropout masks differ).
+- The second trace's outputs must equal the matching rows of the first, and
+  each example's output alone (:func:`check_rows_alone`) its row of the first;
+  if not, the forward mixes examples and :class:`UnsupportedModelError` is
+  raised (skipped when ``randomness`` is not ``"error"``, as dropout masks
+  differ). The probes repeat the check on the first and last example of every
+  batch, so a cached plan never accepts a batch that mixes through them.
 
 Plans are cached per model (a ``WeakKeyDictionary``, at most
 ``CACHE_SIZE`` input signatures each) and hold only names, strings and ints.
@@ -43,7 +46,7 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Hashable
+from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
@@ -57,7 +60,14 @@ from gradlens.probes.forms.registry import OpLog, Seen, establish_layout, regist
 from gradlens.probes.outputs import OutputSelector, plain_forward, select_output, selector_key
 from gradlens.probes.vmap import Randomness, check_vmap_compatible, split_params
 
-__all__ = ["CACHE_SIZE", "PlanEntry", "ghost_plan", "plan_for"]
+__all__ = [
+    "CACHE_SIZE",
+    "ROWS_AT_PLAN",
+    "PlanEntry",
+    "check_rows_alone",
+    "ghost_plan",
+    "plan_for",
+]
 
 CACHE_SIZE = 8
 """Input signatures whose plan is kept per model."""
@@ -162,6 +172,78 @@ def _check_not_mixing(
                 "of such a forward are not defined, by ghost or by vmap: call model.eval(), "
                 "normalise per example (LayerNorm, GroupNorm), or keep the examples apart."
             )
+
+
+ROWS_AT_PLAN = 32
+"""How many examples a new plan checks alone (every one of a batch up to this size)."""
+
+
+def check_rows_alone(
+    model: nn.Module,
+    params: dict[str, Tensor],
+    frozen: dict[str, Tensor],
+    inputs: Tensor,
+    batch_output: Tensor,
+    output: OutputSelector | None,
+    rows: Sequence[int] | None = None,
+) -> None:
+    """Raise if an example alone gives another output than in its batch.
+
+    One forward of one example per row. It sees a forward that depends on the
+    batch through a statistic of it, such as the longest example (padding
+    trimmed to ``mask.sum(1).max()`` before a pooling over positions), which
+    the plan's reversed sub-batch misses when another example is as long as
+    the one it drops. A new plan checks every example alone (up to
+    :data:`ROWS_AT_PLAN`); the probes check the first and the last example of
+    every later batch, cached plan or not. What this cannot see: a later batch
+    whose first and last examples are both among those that set the statistic
+    (both longest) while others are shorter.
+
+    Args:
+        model: The model.
+        params: The probed parameters (detached).
+        frozen: The other parameters.
+        inputs: The batch, ``(example, ...)``.
+        batch_output: The output the loss sees for the batch, ``(example, ...)``.
+        output: The output selector.
+        rows: The examples to check; default the first and the last.
+    """
+    batch = inputs.shape[0]
+    rows = (0, batch - 1) if rows is None else rows
+    if batch < 2 or not batch_output.is_floating_point() or batch_output.shape[:1] != (batch,):
+        return
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    tol = max(1e-4, 50 * torch.finfo(batch_output.dtype).eps)
+    tol *= float(batch_output.detach().abs().max().clamp_min(1e-30))
+    for row in rows:
+        try:
+            with torch.no_grad():
+                alone = functional_call(model, (params, frozen, buffers), (inputs[row : row + 1],))
+            alone = select_output(alone, output)
+        except Exception:
+            return
+        if alone.shape[1:] != batch_output.shape[1:]:
+            raise UnsupportedModelError(
+                _mixing(
+                    model,
+                    f"example {row} alone has output shape "
+                    f"{tuple(alone.shape[1:])}, in the batch "
+                    f"{tuple(batch_output.shape[1:])}",
+                )
+            )
+        if float((alone[0] - batch_output[row].detach()).abs().max()) > tol:
+            raise UnsupportedModelError(_mixing(model, f"example {row} alone gives another output"))
+
+
+def _mixing(model: nn.Module, what: str) -> str:
+    return (
+        f"{type(model).__name__} mixes examples: {what} than in its batch (the forward depends "
+        "on the other examples: batch statistics, padding trimmed to the batch's longest "
+        "example, attention across the batch axis). Per-example gradients of such a forward "
+        "are not defined, by ghost or by vmap: trim and pool per example (pool over each "
+        "example's own mask), call model.eval(), normalise per example, or keep the examples "
+        "apart."
+    )
 
 
 def _decide(
@@ -300,6 +382,8 @@ def plan_for(
                 model,
                 lambda: _trace(model, selected, frozen, inputs, output),
             )
+            every = range(min(batch, ROWS_AT_PLAN))
+            check_rows_alone(model, selected, frozen, inputs, first.outputs[0], output, every)
     check = randomness == "error"
     plan = {n: _decide(n, first, second, index, batch, check) for n in selected}
     del first, second  # the traces hold activations; the plan holds only names and ints
