@@ -260,6 +260,14 @@ def plot_histograms(
     """
     who = "plot_histograms"
     needed = [d for d in (column, row) if d]
+    if var in ds and column == "step" and "step" not in ds[var].dims:
+        steps = [d for d in ds[var].dims if str(d).endswith("_step")]
+        if steps:
+            raise ValueError(
+                f"{who}: {var!r} is recorded along {steps[0]!r}, not 'step' (per-example "
+                f"values are logged every few steps on their own dim): pass "
+                f"column={steps[0]!r}."
+            )
     da = check_layout(ds, var, needed, who=who)
     picks = _picks(da, column, at) if column else [None]
     groups = groups_of(da, row)

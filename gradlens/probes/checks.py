@@ -37,6 +37,35 @@ Randomness = Literal["error", "different", "same"]
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
 
+_RNNS = (nn.RNNBase,)
+
+
+def _vmap_cause(model: nn.Module, where: str, said: str) -> str:
+    """The likely cause of a failure that only vmap has, and its fix, from what vmap said."""
+    module = dict(model.named_modules()).get(where, model)
+    if isinstance(module, _RNNS):
+        return (
+            f"vmap cannot batch the fused kernel of {type(module).__name__} (nor packed "
+            "sequences), so per-example gradients of its weights cannot be taken by vmap. Use "
+            "method='auto' for the other parameters and freeze the RNN "
+            "(requires_grad_(False)), or write its recurrence with nn.LSTMCell / nn.GRUCell "
+            "over the time steps, which vmap batches."
+        )
+    if ".item()" in said or "data-dependent control flow" in said:
+        return (
+            "it branches on a tensor's value (an `if` on a tensor, .item(), or a shape read "
+            "from the data: Hugging Face's attention-mask code checks whether any token is "
+            "masked), which vmap cannot batch. Give the branch-free form (pass the mask "
+            "already expanded, or none when nothing is masked), or use method='auto' so that "
+            "only the parameters without a factored form need vmap."
+        )
+    return (
+        "it probably writes per-example values in place into a tensor shared by the batch. "
+        "Use the out-of-place op (for example `y = y + x` for `y += x`) or build the "
+        "tensor from the input."
+    )
+
+
 def split_params(
     model: nn.Module, params: Collection[str] | None = None
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -201,10 +230,8 @@ def explain_vmap_failures(model: nn.Module, plain_call: Callable[[], object]) ->
                 "(F.dropout(x, p, training=self.training) and model.eval())."
             ) from err
         raise UnsupportedModelError(
-            f"module {where!r} fails under vmap although one example runs without it: it "
-            "probably writes per-example values in place into a tensor shared by the batch. "
-            "Use the out-of-place op (for example `y = y + x` for `y += x`) or build the "
-            f"tensor from the input. vmap said: {str(err).splitlines()[0]}"
+            f"module {where!r} fails under vmap although one example runs without it: "
+            f"{_vmap_cause(model, where, str(err))} vmap said: {str(err).splitlines()[0]}"
         ) from err
     finally:
         for handle in handles:

@@ -91,18 +91,20 @@ def check_mean_reduction(
     mean = (each[0] + each[1]) / 2
     if not all(map(math.isfinite, (value, *each))):
         return  # the non-finite gradient it gives is reported by check_finite
-    tol = 1e-3 * max(abs(value), abs(mean)) + 1e-6
-    if abs(value - mean) <= tol:
+    # bfloat16 rounds at 4e-3: a tolerance tighter than the dtype would refuse a mean loss
+    rtol = max(1e-3, 8 * torch.finfo(outputs.dtype).eps) if outputs.is_floating_point() else 1e-3
+    if abs(value - mean) <= rtol * max(abs(value), abs(mean)) + 1e-6:
         return
     looks = (
         " It is their sum: reduction='sum'?"
-        if abs(value - 2 * mean) <= 1e-3 * abs(value) + 1e-6
-        else ""
+        if abs(value - 2 * mean) <= rtol * abs(value) + 1e-6
+        else " It weighs them unequally: a mean over the tokens of the batch, or class weights?"
     )
     raise ValueError(
         f"train.loss_fn gives {value:.6g} for two examples whose losses alone are {each[0]:.6g} "
         f"and {each[1]:.6g} (mean {mean:.6g}).{looks} probed_step steps along the mean of the "
         "per-example gradients, which is the batch gradient only for a loss that is the mean "
-        "of the examples' losses: use reduction='mean' (the default of torch's losses), or "
-        "divide a summed loss by the number of examples."
+        "of the examples' losses: use reduction='mean' (the default of torch's losses), "
+        "divide a summed loss by the number of examples, or, for token losses, average each "
+        "example's tokens first: ((token_loss * mask).sum(1) / mask.sum(1)).mean()."
     )

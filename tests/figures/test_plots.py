@@ -282,3 +282,12 @@ def test_transform_cosine_errors_name_the_fix() -> None:
         plot_transform_cosine(ds)  # "none" recorded no transform
     with pytest.raises(ValueError, match="group 'fc9'"):
         plot_transform_cosine(ds, group="fc9")
+
+
+def test_per_example_values_on_their_own_step_dim_name_the_column() -> None:
+    ds = xr.Dataset(
+        {"example_cosine": (("example_step", "example"), np.zeros((3, 4)))},
+        coords={"example_step": [0, 5, 10]},
+    )
+    with pytest.raises(ValueError, match="column='example_step'"):
+        plot_histograms(ds, "example_cosine")

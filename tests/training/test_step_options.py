@@ -172,3 +172,18 @@ def test_per_example_grads_on_functional_dropout_asks_for_randomness() -> None:
         randomness="different",
     )  # fmt: skip
     assert grads["inp.weight"].shape == (12, 8, 5)
+
+
+def test_a_pure_bfloat16_model_with_a_mean_loss_is_not_refused() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    model = model.to(torch.bfloat16)
+    x, t = torch.randn(8, 4, dtype=torch.bfloat16), torch.randn(8, 3, dtype=torch.bfloat16)
+    px, py = torch.randn(6, 4, dtype=torch.bfloat16), torch.randint(0, 3, (6,))
+    out = probed_step(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        Objective(F.mse_loss, x, (t,)),
+        Objective(F.cross_entropy, px, (py,)),
+    )
+    assert torch.isfinite(out.records["cosine"])
