@@ -14,8 +14,8 @@ from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
+from gradlens.probes.batch import call, examples
 from gradlens.probes.checks import check_mean_loss
 from gradlens.probes.forms.base import Layout
 from gradlens.probes.forms.registry import OpLog, Seen
@@ -60,13 +60,13 @@ def ghost_pass(
         every selected parameter (else empty); dots ``(example, reference)`` and
         squared norms ``(example,)`` of the ghost parameters.
     """
-    batch = inputs.shape[0]
+    batch = examples(inputs)
     params = {n: p.requires_grad_() for n, p in selected.items()}
     buffers = dict(model.named_buffers())
     ghost = {id(params[n]): n for n, e in plan.items() if e.path == "ghost"}
     log = OpLog(ghost, copy_outputs={n for n, e in plan.items() if e.copy_output})
     with torch.enable_grad(), log:
-        outputs = functional_call(model, (params, frozen, buffers), (inputs,))
+        outputs = call(model, (params, frozen, buffers), inputs)
         losses = per_example_losses(loss_fn, outputs, *targets, output=output)
     if with_grad:  # the batch gradient is the mean of the examples' only for a mean loss
         with torch.no_grad():

@@ -9,7 +9,7 @@ failure into an error that names the module and the fix.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Literal
 
@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from gradlens.errors import UnsupportedModelError
+from gradlens.probes.batch import Inputs, describe, examples
 
 __all__ = [
     "LossFn",
@@ -116,7 +117,7 @@ def check_chunk_size(chunk_size: int | None) -> None:
         )
 
 
-def check_batch(inputs: Tensor, targets: tuple[Tensor, ...], *, what: str = "inputs") -> None:
+def check_batch(inputs: Inputs, targets: tuple[Tensor, ...], *, what: str = "inputs") -> None:
     """Raise unless ``inputs`` and every target are tensors with the same number of examples.
 
     Args:
@@ -130,19 +131,23 @@ def check_batch(inputs: Tensor, targets: tuple[Tensor, ...], *, what: str = "inp
     """
     prefix = what.rpartition(".")[0] + "." if "." in what else ""
     labels = [f"{prefix}targets[{i}]" for i in range(len(targets))]
+    if isinstance(inputs, Mapping):
+        count = examples(inputs)  # every tensor of a dict batch: one example axis
     for label, value in ((what, inputs), *zip(labels, targets, strict=True)):
+        if isinstance(value, Mapping) and label == what:
+            continue
         if not isinstance(value, Tensor):
             raise TypeError(
                 f"{label} is a {type(value).__name__}; pass a tensor with the examples along "
                 "its first dim (torch.as_tensor(...))."
             )
-    if inputs.ndim == 0:
+    if isinstance(inputs, Tensor) and inputs.ndim == 0:
         raise ValueError(f"{what} is a 0-d tensor; it needs a first dim of examples.")
-    count = inputs.shape[0]
+    count = examples(inputs)
     for label, target in zip(labels, targets, strict=True):
         if target.ndim == 0 or target.shape[0] != count:
             raise ValueError(
-                f"{what} has {count} examples (shape {tuple(inputs.shape)}) but {label} has "
+                f"{what} has {count} examples (shape {describe(inputs)}) but {label} has "
                 f"shape {tuple(target.shape)}: every target needs one row per example, along "
                 "its first dim. Pass the targets of the same examples as the inputs."
             )

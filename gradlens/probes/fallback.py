@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from gradlens.errors import UnsupportedModelError
+from gradlens.probes.batch import examples, take
 from gradlens.probes.outputs import OutputSelector
 from gradlens.probes.plan import PlanEntry
 from gradlens.probes.vmap import LossFn, Randomness, per_example_grads
@@ -39,16 +40,16 @@ def vmap_dots(
     ``reference`` holds stacked references, ``(reference, *param)``; the dots
     have shape ``(example, reference)``.
     """
-    step = chunk_size or inputs.shape[0]
+    step = chunk_size or examples(inputs)
     dots: dict[str, list[Tensor]] = {n: [] for n in names}
     sq_norms: dict[str, list[Tensor]] = {n: [] for n in names}
     grad_sum: dict[str, Tensor] = {}
-    for start in range(0, inputs.shape[0], step):
+    for start in range(0, examples(inputs), step):
         chunk = slice(start, start + step)
         grads = per_example_grads(
             model,
             loss_fn,
-            inputs[chunk],
+            take(inputs, chunk),
             *(t[chunk] for t in targets),
             params=names,
             randomness=randomness,

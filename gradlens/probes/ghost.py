@@ -47,10 +47,10 @@ from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from gradlens.alignment.gradops import check_compatible
 from gradlens.errors import UnsupportedModelError
+from gradlens.probes.batch import call, examples
 from gradlens.probes.capture import ghost_pass
 from gradlens.probes.checks import check_mean_loss
 from gradlens.probes.fallback import refuse_mixed_masks, vmap_dots
@@ -155,7 +155,7 @@ def _probe(
     selected, frozen = split_params(model, params)
     stacked, ref_names = _stack_references(selected, reference, references)
     names = list(selected)
-    if inputs.shape[0] == 0:
+    if examples(inputs) == 0:
         return _empty_probe(selected, stacked, ref_names, with_grad=with_grad)
     plan = plan_for(model, inputs, selected, frozen, randomness, output)  # + the mixing check
     if method == "vmap":
@@ -174,9 +174,7 @@ def _probe(
         losses = torch.empty(0)
         if with_grad:
             with torch.no_grad():
-                outputs = functional_call(
-                    model, (selected, frozen, dict(model.named_buffers())), (inputs,)
-                )
+                outputs = call(model, (selected, frozen, dict(model.named_buffers())), inputs)
                 losses = per_example_losses(loss_fn, outputs, *targets, output=output)
                 check_mean_loss(loss_fn(select_output(outputs, output), *targets), losses)
         dots, sq_norms, grad_sum = {}, {}, {}
@@ -213,7 +211,7 @@ def _probe(
         sq_norms.update(more[1])
         if method == "vmap":
             grad_sum = more[2]
-    count = inputs.shape[0]
+    count = examples(inputs)
     return Probe(
         losses=losses,
         grad={n: grad_sum[n] / count for n in names} if with_grad else {},

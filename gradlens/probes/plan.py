@@ -52,9 +52,9 @@ from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from gradlens.errors import UnsupportedModelError
+from gradlens.probes.batch import call, examples, signature, take
 from gradlens.probes.forms.base import Layout
 from gradlens.probes.forms.registry import OpLog, Seen, establish_layout, registry_version
 from gradlens.probes.outputs import OutputSelector, plain_forward, select_output, selector_key
@@ -138,7 +138,7 @@ def _trace(
     params = {n: p.detach().requires_grad_() for n, p in selected.items()}
     log = OpLog({id(t): n for n, t in params.items()})
     with torch.enable_grad(), log:
-        out = functional_call(model, (params, frozen, buffers), (inputs,))
+        out = call(model, (params, frozen, buffers), inputs)
     outputs = [select_output(out, output).detach()]
     return _Trace(log, outputs)
 
@@ -208,7 +208,7 @@ def check_rows_alone(
         output: The output selector.
         rows: The examples to check; default the first and the last.
     """
-    batch = inputs.shape[0]
+    batch = examples(inputs)
     rows = (0, batch - 1) if rows is None else rows
     if batch < 2 or not batch_output.is_floating_point() or batch_output.shape[:1] != (batch,):
         return
@@ -218,7 +218,7 @@ def check_rows_alone(
     for row in rows:
         try:
             with torch.no_grad():
-                alone = functional_call(model, (params, frozen, buffers), (inputs[row : row + 1],))
+                alone = call(model, (params, frozen, buffers), take(inputs, slice(row, row + 1)))
             alone = select_output(alone, output)
         except Exception:
             return
@@ -356,9 +356,7 @@ def plan_for(
         tuple(selected),
         tuple(id(p) for p in model.parameters()),
         tuple(m.training for m in model.modules()),
-        tuple(inputs.shape),
-        inputs.dtype,
-        inputs.device,
+        signature(inputs),
         randomness,
         selector_key(output),
         registry_version(),
@@ -367,13 +365,14 @@ def plan_for(
     if key in plans:
         plans.move_to_end(key)
         return dict(plans[key])
-    batch = inputs.shape[0]
+    batch = examples(inputs)
+    device = next(iter(selected.values())).device
     index = torch.arange(batch - 1, 0, -1) if batch > 1 else torch.zeros(2, dtype=torch.long)
-    index = index.to(inputs.device)
-    devices = [inputs.device] if inputs.device.type == "cuda" else []
+    index = index.to(device)
+    devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         first = _trace(model, selected, frozen, inputs, output)
-        second = _trace(model, selected, frozen, inputs[index], output)
+        second = _trace(model, selected, frozen, take(inputs, index), output)
         if randomness == "error" and batch > 1:
             _check_not_mixing(
                 first,
@@ -424,7 +423,7 @@ def ghost_plan(
         UnsupportedModelError: If the forward mixes examples, or as in
             :func:`~gradlens.per_example_grads`.
     """
-    if inputs.shape[0] == 0:
+    if examples(inputs) == 0:
         raise ValueError("ghost_plan needs at least one example to trace the forward.")
     check_vmap_compatible(model, randomness)
     selected, frozen = split_params(model, params)

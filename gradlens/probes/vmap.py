@@ -20,9 +20,10 @@ from collections.abc import Callable, Collection
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
 from gradlens.errors import UnsupportedModelError
+from gradlens.probes.batch import Inputs, call, examples, take, unsqueeze
 from gradlens.probes.checks import (
     LossFn,
     Randomness,
@@ -57,8 +58,8 @@ def _one_example_loss(
 ) -> Callable[..., Tensor]:
     """Build ``loss(params, x, *targets)`` for one example, fed as a batch of one."""
 
-    def loss(params: dict[str, Tensor], x: Tensor, *targets: Tensor) -> Tensor:
-        found = functional_call(model, (params, frozen, buffers), (x.unsqueeze(0),))
+    def loss(params: dict[str, Tensor], x: Inputs, *targets: Tensor) -> Tensor:
+        found = call(model, (params, frozen, buffers), unsqueeze(x))
         return loss_fn(select_output(found, output), *(t.unsqueeze(0) for t in targets))
 
     return loss
@@ -107,25 +108,25 @@ def per_example_grads(
     check_batch(inputs, targets)
     check_vmap_compatible(model, randomness)
     selected, frozen = split_params(model, params)
-    if inputs.shape[0] == 0:
+    if examples(inputs) == 0:
         return {name: p.new_zeros((0, *p.shape)) for name, p in selected.items()}
     buffers = dict(model.named_buffers())
     loss = _one_example_loss(model, loss_fn, frozen, buffers, output)
     in_dims = (None, 0, *([0] * len(targets)))
     batched = vmap(grad(loss), in_dims=in_dims, randomness=randomness)
-    count = inputs.shape[0]
+    count = examples(inputs)
     step = chunk_size or count
     result: dict[str, Tensor] = {}
 
     def plain() -> Tensor:
-        return loss(selected, inputs[0], *(t[0] for t in targets))
+        return loss(selected, take(inputs, 0), *(t[0] for t in targets))
 
     with plain_forward(model), explain_vmap_failures(model, plain):
         # Chunks are written into one preallocated result: vmap's own chunk_size
         # concatenates them at the end, which doubles the peak memory.
         for start in range(0, count, step):
             part = slice(start, start + step)
-            grads = batched(selected, inputs[part], *(t[part] for t in targets))
+            grads = batched(selected, take(inputs, part), *(t[part] for t in targets))
             if step == count:
                 return grads
             for name, g in grads.items():
@@ -203,7 +204,7 @@ def loss_and_grad(
     selected = {name: p.requires_grad_() for name, p in selected.items()}
     buffers = dict(model.named_buffers())
     with torch.enable_grad(), plain_forward(model):
-        outputs = functional_call(model, (selected, frozen, buffers), (inputs,))
+        outputs = call(model, (selected, frozen, buffers), inputs)
         loss = loss_fn(select_output(outputs, output), *targets)
         if not isinstance(loss, Tensor) or loss.ndim != 0:
             shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__

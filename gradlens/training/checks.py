@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
+from gradlens.probes.batch import Inputs, describe, examples, take
 from gradlens.probes.vmap import check_batch
 from gradlens.training.objective import Objective
 
@@ -28,9 +29,9 @@ def check_objective(which: str, objective: Objective, *, allow_empty: bool = Fal
         allow_empty: Accept a batch of no examples (a rank's empty shard).
     """
     check_batch(objective.inputs, objective.targets, what=f"{which}.inputs")
-    if objective.inputs.shape[0] == 0 and not allow_empty:
+    if examples(objective.inputs) == 0 and not allow_empty:
         raise ValueError(
-            f"{which}.inputs has no examples (shape {tuple(objective.inputs.shape)}); a probed "
+            f"{which}.inputs has no examples (shape {describe(objective.inputs)}); a probed "
             f"step needs at least one in each batch. Skip empty batches (for a DataLoader, "
             "drop_last=True)."
         )
@@ -53,7 +54,7 @@ def check_optimizer(optimizer: torch.optim.Optimizer, params: Mapping[str, Tenso
 def check_mean_reduction(
     forward: Callable[[Tensor], Tensor],
     loss_fn: Callable[..., Tensor],
-    inputs: Tensor,
+    inputs: Inputs,
     targets: tuple[Tensor, ...],
 ) -> None:
     """Raise unless the loss of two examples is the mean of their losses alone.
@@ -71,11 +72,11 @@ def check_mean_reduction(
         inputs: One model's training inputs, ``(example, ...)``.
         targets: Its targets.
     """
-    if inputs.shape[0] < 2:
+    if examples(inputs) < 2:
         return
-    device = inputs.device
+    device = targets[0].device if targets else torch.device("cpu")
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        outputs = forward(inputs[:2])
+        outputs = forward(take(inputs, slice(0, 2)))
         two = [t[:2] for t in targets]
         batch = loss_fn(outputs, *two)
         if not isinstance(batch, Tensor) or batch.numel() != 1:

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from gradlens.errors import GradlensError
+from gradlens.probes.batch import examples, forward
 from gradlens.probes.outputs import OutputSelector, select_output
 from gradlens.probes.vmap import loss_and_grad
 from gradlens.training.objective import Objective
@@ -118,7 +119,7 @@ def global_gradient(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The global trait loss and gradient, the same bits on every rank."""
     names = list(params)
-    count = trait.inputs.shape[0]
+    count = examples(trait.inputs)
     if layout == "replicated" and count == 0:
         raise ValueError(
             "the trait batch is empty: with trait_batch='replicated' every rank needs the whole "
@@ -188,11 +189,11 @@ def after_step_collective(
     reference = next(iter(params.values()))
     parts = []
     if trait is not None:
-        count = trait.inputs.shape[0]
+        count = examples(trait.inputs)
         loss = reference.new_zeros((), dtype=torch.float64)
         if count > 0:
             with torch.no_grad():
-                out = select_output(model(trait.inputs), output)
+                out = select_output(forward(model, trait.inputs), output)
                 loss = trait.loss_fn(out, *trait.targets).detach().double()
         parts.append(torch.stack([loss.new_tensor(float(count)), loss]))
     watched = {

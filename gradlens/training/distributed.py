@@ -56,6 +56,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from gradlens.probes.batch import examples, forward
 from gradlens.probes.ghost import Method
 from gradlens.probes.outputs import OutputSelector, plain_forward, select_output
 from gradlens.probes.vmap import Randomness, check_vmap_compatible
@@ -128,7 +129,7 @@ class DistributedMode(SingleMode):
             next(iter(self.params.values())).device,
         )
         names = list(self.params)
-        count = train.inputs.shape[0]
+        count = examples(train.inputs)
         rank, world = rank_and_world(self.group)
         first = local.grad[names[0]]
         counts = first.new_zeros(world)
@@ -276,7 +277,7 @@ def distributed_probed_step(
         with plain_forward(module):
             for batch in batches:
                 check_mean_reduction(
-                    lambda x: select_output(module(x), output),
+                    lambda x: select_output(forward(module, x), output),
                     batch.loss_fn,
                     batch.inputs,
                     batch.targets,

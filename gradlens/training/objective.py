@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from gradlens.probes.batch import Inputs
 from gradlens.probes.vmap import LossFn
 
 __all__ = ["Objective", "weighted_sum"]
@@ -39,7 +40,9 @@ class Objective:
 
     Attributes:
         loss_fn: ``loss_fn(outputs, *targets) -> scalar``, written for a batch, mean-reduced.
-        inputs: Shape ``(example, ...)``.
+        inputs: Shape ``(example, ...)``, or a dict of such tensors that the model
+            takes as keywords (``model(**inputs)``: a Hugging Face batch without its labels;
+            see :meth:`from_batch`).
         targets: Each of shape ``(example, ...)``.
         parts: Named pieces of the loss, each called like ``loss_fn``; the step
             records their values on the batch as ``train_loss_part`` (for the
@@ -47,9 +50,43 @@ class Objective:
     """
 
     loss_fn: LossFn
-    inputs: Tensor
+    inputs: Inputs
     targets: tuple[Tensor, ...] = field(default_factory=tuple)
     parts: Mapping[str, LossFn] = field(default_factory=dict)
+
+    @classmethod
+    def from_batch(
+        cls,
+        loss_fn: LossFn,
+        batch: Mapping[str, Tensor],
+        *,
+        targets: tuple[str, ...] = ("labels",),
+        parts: Mapping[str, LossFn] | None = None,
+    ) -> Objective:
+        """An objective from a batch dict as a data collator returns it.
+
+        The ``targets`` keys (``labels``, with -100 where ignored) become the
+        targets, in order; every other key is an input the model takes as a
+        keyword. Give the model a loss it does not compute itself: the model
+        never sees the labels.
+
+        Args:
+            loss_fn: ``loss_fn(outputs, *targets)`` (e.g. ``training.losses.token_mean``).
+            batch: Name -> ``(example, ...)`` tensor.
+            targets: The keys that are targets, not inputs.
+            parts: As the attribute.
+
+        Raises:
+            KeyError: If a target key is not in the batch.
+        """
+        missing = [k for k in targets if k not in batch]
+        if missing:
+            raise KeyError(
+                f"the batch has no {missing} (it has {sorted(batch)}): name the target keys "
+                "with targets=(...)."
+            )
+        inputs = {k: v for k, v in batch.items() if k not in targets}
+        return cls(loss_fn, inputs, tuple(batch[k] for k in targets), dict(parts or {}))
 
 
 def weighted_sum(main: LossFn, extra: LossFn, weight: float, split: int) -> LossFn:

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from gradlens.errors import UnsupportedModelError
+from gradlens.probes.batch import forward as call_model
 from gradlens.probes.ghost import Method, probe_batch
 from gradlens.probes.outputs import OutputSelector, plain_forward, select_output
 from gradlens.probes.vmap import Randomness, check_vmap_compatible, loss_and_grad
@@ -63,9 +64,9 @@ def objective_parts(
     """The objective's named parts on its batch: one forward without grad, RNG streams kept."""
     if not objective.parts:
         return {}
-    device = objective.inputs.device
-    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        outputs = select_output(forward(objective.inputs), output)
+    devices = [t.device for t in objective.targets if t.device.type == "cuda"][:1]
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        outputs = select_output(call_model(forward, objective.inputs), output)
         return {
             name: fn(outputs, *objective.targets).detach().reshape(())
             for name, fn in objective.parts.items()
@@ -129,7 +130,7 @@ class SingleMode:
         if trait is None:
             return None
         with torch.no_grad():
-            out = select_output(self.model(trait.inputs), self.output)
+            out = select_output(call_model(self.model, trait.inputs), self.output)
             return trait.loss_fn(out, *trait.targets)
 
 
@@ -234,7 +235,7 @@ def probed_step(
     with plain_forward(model):
         for batch in batches:
             check_mean_reduction(
-                lambda x: select_output(model(x), output),
+                lambda x: select_output(call_model(model, x), output),
                 batch.loss_fn,
                 batch.inputs,
                 batch.targets,
