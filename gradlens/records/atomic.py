@@ -75,8 +75,11 @@ def atomic_write(
     path = Path(path)
     if clean:
         remove_stale(path, ".tmp")
-    tmp = _create(path)
-    try:
+    tmp = path.with_name(f".{path.name}.{_host()}-{os.getpid()}.{secrets.token_hex(8)}.tmp")
+    try:  # one block, so that an interruption anywhere after the open removes the file
+        # mode 0o666 less the umask, as open(tmp, "w") would make it (the name of this host,
+        # process and 64 random bits is never another's: O_EXCL only makes sure)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         write(tmp)
         _fsync(tmp)
         os.replace(tmp, path)
@@ -154,18 +157,6 @@ def remove_stale(path: str | os.PathLike[str], suffix: str) -> list[Path]:
             os.unlink(entry.path)
             removed.append(Path(entry.path))
     return removed
-
-
-def _create(path: Path) -> Path:
-    """Create an empty, new temporary file beside ``path``, with the mode ``open`` would give."""
-    while True:
-        tmp = path.with_name(f".{path.name}.{_host()}-{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        try:  # mode 0o666 less the umask, as open(tmp, "w") would make it
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            continue
-        os.close(fd)
-        return tmp
 
 
 def _host() -> str:
