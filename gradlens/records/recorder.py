@@ -274,18 +274,19 @@ class Recorder:
         return seconds is not None and self._clock() - self._flushed_at >= seconds
 
     def flush(self) -> None:
-        """Write the buffered rows to the file (creating it the first time); no-op in memory.
+        """Write the buffered rows to the file (creating it the first time).
 
-        Interrupted (``KeyboardInterrupt``), it leaves ``path`` as of the
-        previous flush and keeps the rows buffered: the next flush or
-        :meth:`close` writes them once.
+        A no-op in memory and once closed. Interrupted (``KeyboardInterrupt``),
+        it leaves ``path`` as of the previous flush and keeps the rows
+        buffered: the next flush or :meth:`close` writes them once.
 
         Raises:
             RecordWriteError: If the rows could not be written (a full disk,
                 say). The recorder is then closed and ``path`` still holds
                 every row up to the previous flush.
         """
-        self._flush(final=False, complete=False)
+        if not self._closed:
+            self._flush(final=False, complete=False)
 
     def close(self, *, complete: bool = True) -> None:
         """Flush and stop recording; calling it again does nothing.

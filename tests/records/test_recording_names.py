@@ -111,6 +111,11 @@ BAD: dict[str, tuple[dict[str, Any], type[Exception], str]] = {
         ValueError,
         r"attr name '_FillValue' is reserved for netCDF",
     ),
+    "the coordinates attr": (
+        {"attrs": {"coordinates": "epoch"}},
+        ValueError,
+        r"attr name 'coordinates' is reserved for the Recorder",
+    ),
     "the completeness marker": (
         {"attrs": {"complete": 1}},
         ValueError,

@@ -156,6 +156,8 @@ def test_a_full_disk_names_the_file_keeps_the_flushed_steps_and_closes(
     with pytest.raises(ValueError, match="closed"):
         rec.log(30, loss=1.0, n_correct=1, epoch=0)
     rec.close()  # nothing is retried
+    rec.flush()  # nor written over the kept file
+    assert rec.dataset()["step"].values.tolist() == list(range(10))
 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.nc"]
     assert open_files_under(tmp_path) == []
