@@ -167,7 +167,8 @@ class Recorder:
         PermissionError: If the folder of ``path`` cannot be written to.
         ValueError: If ``flush_every`` or ``flush_seconds`` is not positive, or a
             name, label or attr netCDF would refuse or alter (``/`` or NUL in a
-            name, NUL in a text attr, ...), or the reserved attr ``complete``.
+            name, NUL in a text attr, ...), or a reserved attr name (``complete``,
+            ``coordinates``, ``_*``).
         TypeError: For an attr that is not str, int or float.
     """
 

@@ -5,7 +5,9 @@ and coords becomes a validated :class:`Schema`. Here too are the checks every lo
 against it (:func:`record_dims_hit`, :func:`to_numpy`, :func:`fit_shape`) and
 the arrays and attrs a buffer of rows becomes (:func:`block`,
 :func:`var_attrs`, :func:`label_attrs`), shared by the in-memory dataset
-builder and the netCDF4 writer so that both lay out rows the same way.
+builder and the netCDF4 writer so that both lay out rows the same way. And
+the rules of what netCDF stores unchanged (:func:`check_name`,
+:func:`check_text`, :func:`check_attrs`), applied when a recorder is made.
 """
 
 from __future__ import annotations
@@ -106,6 +108,9 @@ def make_schema(variables: Mapping[str, Variable], coords: Mapping[str, Sequence
 
 def _label_array(dim: str, values: Sequence[Any]) -> np.ndarray:
     """Return coordinate labels as an int, float or (object) str array."""
+    for label in values:
+        if isinstance(label, str):  # before numpy, which drops trailing NULs silently
+            check_text(f"coords[{dim!r}] label", label)
     array = np.asarray(values)
     if array.ndim != 1:
         raise ValueError(f"coords[{dim!r}] must be one-dimensional, got shape {array.shape}.")

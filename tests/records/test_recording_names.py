@@ -79,7 +79,7 @@ BAD: dict[str, tuple[dict[str, Any], type[Exception], str]] = {
         r"back as 'loss'\); remove it",
     ),
     "NUL in a label": (
-        {"coords": {"layer": ["net.0", "net\0.2"]}},
+        {"coords": {"layer": ["net.0", "net.2\0"]}},  # numpy alone would drop it silently
         ValueError,
         r"coords\['layer'\] label contains a NUL character",
     ),
