@@ -1,9 +1,11 @@
 """Runs as labelled ``xarray`` datasets, written incrementally to netCDF4.
 
-- :mod:`gradlens.records.recorder`: :class:`Recorder`, :class:`Variable`, :func:`open_run`;
+- :mod:`gradlens.records.recorder`: :class:`Recorder`, :class:`Variable`, :func:`open_run`,
+  :func:`is_complete`;
 - :mod:`gradlens.records.schema`, :mod:`~gradlens.records.netcdf`,
-  :mod:`~gradlens.records.dataset`, :mod:`~gradlens.records.atomic`: validation,
-  the file writer, the dataset builder and atomic publishing behind it;
+  :mod:`~gradlens.records.dataset`, :mod:`~gradlens.records.atomic`,
+  :mod:`~gradlens.records.files`: validation, the file writer, the dataset builder,
+  atomic publishing and the files around a path behind it;
 - :mod:`gradlens.records.provenance`: what made a run (versions, commit, config).
 
 What a probed step records is declared in :mod:`gradlens.training.records`.
@@ -17,13 +19,14 @@ from gradlens.records.provenance import (
     make_attrs,
     run_provenance,
 )
-from gradlens.records.recorder import Recorder, Variable, open_run
+from gradlens.records.recorder import Recorder, Variable, is_complete, open_run
 
 __all__ = [
     "Recorder",
     "RunProvenance",
     "Variable",
     "config_from_attrs",
+    "is_complete",
     "make_attrs",
     "open_run",
     "run_provenance",

@@ -12,12 +12,15 @@ With a path, rows are buffered and appended every ``flush_every`` rows, at
 the first :meth:`Recorder.log` once ``flush_seconds`` have passed since the
 last flush (so a short or slow run is on disk too), and on
 :meth:`Recorder.close`, to a private working file beside it
-(``<path>.writing``), which is closed between flushes; after each flush a
-copy of it is renamed onto ``path`` (:mod:`gradlens.records.atomic`). So ``path``
-always holds a whole file as of some flush: readers in other processes
-(:func:`open_run`, plain ``xarray.open_dataset``) never touch the file being
-written and cannot disturb the writer, and a killed process leaves a
-readable file holding every row up to its last flush. Without a path,
+(``<path>.<host>-<pid>.writing``), which is closed between flushes; after each
+flush a copy of it is renamed onto ``path`` (:mod:`gradlens.records.atomic`).
+So ``path`` always holds a whole file as of some flush: readers in other
+processes (:func:`open_run`, plain ``xarray.open_dataset``) never touch the
+file being written and cannot disturb the writer, and a killed process leaves
+a readable file holding every row up to its last flush. The file's global
+attr ``complete`` is 0 until a clean :meth:`Recorder.close` sets it to 1
+(:func:`is_complete`), so a cut-short file is never taken for a finished run.
+Without a path,
 everything stays in memory. Either way
 :meth:`Recorder.dataset` returns the ``xarray.Dataset`` of everything logged,
 and :func:`open_run` reads a file back. (Validation and layout live in the
@@ -48,25 +51,24 @@ from __future__ import annotations
 import contextlib
 import operator
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import xarray as xr
 
-from gradlens.errors import RecordWriteError
-from gradlens.records.atomic import atomic_copy, atomic_rename
+from gradlens.records.atomic import atomic_copy, atomic_rename, scratch_path
 from gradlens.records.dataset import build_dataset
-from gradlens.records.netcdf import append_netcdf
+from gradlens.records.files import prepare_destination, write_error
+from gradlens.records.netcdf import COMPLETE, append_netcdf, read_complete
 from gradlens.records.provenance import RunProvenance, make_attrs
 from gradlens.records.schema import (
     Variable,
+    check_attrs,
     fit_shape,
     make_schema,
     no_rows,
@@ -74,7 +76,7 @@ from gradlens.records.schema import (
     to_numpy,
 )
 
-__all__ = ["Recorder", "Variable", "open_run"]
+__all__ = ["Recorder", "Variable", "is_complete", "open_run"]
 
 
 def open_run(path: str | os.PathLike[str]) -> xr.Dataset:
@@ -89,10 +91,46 @@ def open_run(path: str | os.PathLike[str]) -> xr.Dataset:
     return xr.load_dataset(path, engine="netcdf4", decode_times=False, decode_timedelta=False)
 
 
-def working_path(path: str | os.PathLike[str]) -> Path:
-    """The private file a :class:`Recorder` appends to while it writes ``path``."""
-    path = Path(path)
-    return path.with_name(path.name + ".writing")
+def is_complete(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` holds a finished run: a :class:`Recorder` closed it cleanly.
+
+    A :class:`Recorder` writes the global attr ``complete = 0`` into every
+    version of its file it publishes, and ``complete = 1`` only into the last
+    one, at :meth:`Recorder.close` (``complete=True``, the default) after the
+    final flush succeeded. ``with Recorder(...)`` closes it so only when its
+    body finished without an exception. Reads the header only.
+
+    Args:
+        path: The file.
+
+    Returns:
+        ``True`` if its ``complete`` attr is the integer 1. ``False`` for a
+        file still being written, cut short by a kill, closed after an
+        exception or with ``close(complete=False)``, a missing file, a file
+        that is not netCDF, and a file without the attr (written by gradlens
+        before the marker existed, or by other tools): such a file may hold
+        a whole run, but nothing says so.
+
+    Raises:
+        OSError: If the file exists but cannot be read (permissions, I/O).
+    """
+    return read_complete(path)
+
+
+class _Pending(NamedTuple):
+    """What a recorder has written and what it holds back.
+
+    Attributes:
+        offsets: Rows of each record dim in the working file; ``None`` before it exists.
+        steps: The buffered steps of each record dim.
+        rows: The buffered rows of each variable.
+
+    Replaced in one assignment, so that an interruption sees the old or the new one.
+    """
+
+    offsets: dict[str, int] | None
+    steps: dict[str, list[int]]
+    rows: dict[str, list[np.ndarray | None]]
 
 
 class Recorder:
@@ -127,7 +165,11 @@ class Recorder:
         FileExistsError: If ``path`` exists and ``overwrite`` is not set.
         FileNotFoundError: If the folder of ``path`` does not exist.
         PermissionError: If the folder of ``path`` cannot be written to.
-        ValueError: If ``flush_every`` or ``flush_seconds`` is not positive.
+        ValueError: If ``flush_every`` or ``flush_seconds`` is not positive, or a
+            name, label or attr netCDF would refuse or alter (``/`` or NUL in a
+            name, NUL in a text attr, ...), or a reserved attr name (``complete``,
+            ``coordinates``, ``_*``).
+        TypeError: For an attr that is not str, int or float.
     """
 
     def __init__(
@@ -150,26 +192,23 @@ class Recorder:
             raise ValueError(
                 f"flush_seconds must be a positive number of seconds or None, got {flush_seconds}."
             )
-        for key, value in (attrs or {}).items():
-            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-                raise TypeError(
-                    f"attrs[{key!r}] is a {type(value).__name__}; netCDF attrs must be str, "
-                    "int or float (store structured values as a JSON string)."
-                )
+        check_attrs(attrs or {}, reserved=(COMPLETE, "coordinates"))
         self._schema = make_schema(variables, coords or {})
         self._sizes = {dim: len(labels) for dim, labels in self._schema.coords.items()}
         # Without a snapshot, make_attrs takes one now: construction is the run's start.
         self._attrs = {**make_attrs(config, provenance=provenance), **(attrs or {})}
+        check_attrs(self._attrs, reserved=(COMPLETE, "coordinates"))
         self._flush_every = flush_every
         self._flush_seconds = flush_seconds
         self._clock = clock
         self._path = None if path is None else Path(path)
         if self._path is not None:
-            _check_destination(self._path, overwrite)
-        self._created = False
+            prepare_destination(self._path, overwrite)
+            self._writing = scratch_path(self._path, ".writing")
         self._closed = False
+        self._complete = False
         self._last_step: dict[str, int] = {}
-        self._steps, self._rows = no_rows(self._schema)
+        self._pending = _Pending(None, *no_rows(self._schema))
         self._flushed_at = clock()
 
     @property
@@ -209,92 +248,111 @@ class Recorder:
         for name, array in arrays.items():
             sizes = fit_shape(name, variables[name], array, sizes)
         self._sizes = sizes
-        for dim in dims:
-            self._last_step[dim] = step
-            self._steps[dim].append(step)
-            for name, var in self._schema.variables.items():
-                if var.dims[0] == dim:
-                    self._rows[name].append(arrays.get(name))
+        pending = self._pending
+        lengths = {dim: len(pending.steps[dim]) for dim in dims}
+        try:
+            for dim in dims:
+                pending.steps[dim].append(step)
+                for name, var in variables.items():
+                    if var.dims[0] == dim:
+                        pending.rows[name].append(arrays.get(name))
+        except BaseException:  # interrupted: drop the half-added row
+            for dim, length in lengths.items():
+                del pending.steps[dim][length:]
+                for name, var in variables.items():
+                    if var.dims[0] == dim:
+                        del pending.rows[name][length:]
+            raise
+        self._last_step.update(dict.fromkeys(dims, step))
         if self._path is not None and self._due():
             self.flush()
 
     def _due(self) -> bool:
         """Whether a buffered row count or the time since the last flush calls for a flush."""
-        if max(map(len, self._steps.values())) >= self._flush_every:
+        if max(map(len, self._pending.steps.values())) >= self._flush_every:
             return True
         seconds = self._flush_seconds
         return seconds is not None and self._clock() - self._flushed_at >= seconds
 
     def flush(self) -> None:
-        """Write the buffered rows to the file (creating it the first time); no-op in memory.
+        """Write the buffered rows to the file (creating it the first time).
+
+        A no-op in memory and once closed. Interrupted (``KeyboardInterrupt``),
+        it leaves ``path`` as of the previous flush and keeps the rows
+        buffered: the next flush or :meth:`close` writes them once.
 
         Raises:
             RecordWriteError: If the rows could not be written (a full disk,
                 say). The recorder is then closed and ``path`` still holds
                 every row up to the previous flush.
         """
-        self._flush(final=False)
+        if not self._closed:
+            self._flush(final=False, complete=False)
 
-    def close(self) -> None:
+    def close(self, *, complete: bool = True) -> None:
         """Flush and stop recording; calling it again does nothing.
 
+        Args:
+            complete: Mark the file complete (its ``complete`` attr 1, see
+                :func:`is_complete`) once the final flush succeeded; pass
+                ``False`` for a run that stopped early. Leaving a ``with``
+                block through an exception closes with ``complete=False``.
+
         Raises:
-            RecordWriteError: As :meth:`flush`.
+            RecordWriteError: As :meth:`flush`; the file is then not complete.
         """
         if not self._closed:
             self._closed = True  # a failed final flush is not tried again
-            self._flush(final=True)
+            self._flush(final=True, complete=complete)
+            self._complete = complete
 
-    def _flush(self, *, final: bool) -> None:
-        """Append to the working file, then publish it onto the path (rename it if ``final``)."""
-        path = self._path
-        if path is None or (self._created and not any(self._steps.values()) and not final):
+    def _flush(self, *, final: bool, complete: bool) -> None:
+        """Write the rows into the working file, then publish it onto the path.
+
+        The working file is copied onto the path, or renamed onto it if ``final``.
+        """
+        path, pending = self._path, self._pending
+        has_rows = any(pending.steps.values())
+        if path is None or (pending.offsets is not None and not has_rows and not final):
             return
-        writing = working_path(path)
-        pending = ", ".join(f"{dim} {s[0]}..{s[-1]}" for dim, s in self._steps.items() if s)
-        pending = f"the rows of {pending}" if pending else "the file's header"
-        if any(self._steps.values()) or not self._created:
-            attrs = None if self._created else self._attrs
+        described = ", ".join(f"{dim} {s[0]}..{s[-1]}" for dim, s in pending.steps.items() if s)
+        described = f"the rows of {described}" if described else "the file's header"
+        if has_rows or pending.offsets is None or (final and complete):
             try:
-                append_netcdf(writing, self._schema, self._sizes, self._steps, self._rows, attrs)
+                append_netcdf(
+                    self._writing,
+                    self._schema,
+                    self._sizes,
+                    pending.offsets,
+                    pending.steps,
+                    pending.rows,
+                    self._attrs,
+                    complete=final and complete,
+                )
             except (OSError, RuntimeError) as exc:
-                self._fail(pending, writing, exc)
-            self._created = True
-            self._steps, self._rows = no_rows(self._schema)
+                self._fail(described, self._writing, exc)
+            start = pending.offsets or dict.fromkeys(pending.steps, 0)
+            offsets = {dim: start[dim] + len(steps) for dim, steps in pending.steps.items()}
+            self._pending = _Pending(offsets, *no_rows(self._schema))
             self._flushed_at = self._clock()
         try:
             if final:
-                atomic_rename(writing, path)
+                atomic_rename(self._writing, path)
             else:
-                atomic_copy(writing, path)
+                atomic_copy(self._writing, path, clean=False)
         except OSError as exc:
-            self._fail(pending, path, exc)
+            self._fail(described, path, exc)
 
     def _fail(self, rows: str, where: Path, exc: BaseException) -> None:
         """Close the recorder, drop the working file and raise a :class:`RecordWriteError`."""
         self._closed = True
-        self._steps, self._rows = no_rows(self._schema)
+        self._pending = _Pending(None, *no_rows(self._schema))
         path = self._path
         assert path is not None
+        size = max((p.stat().st_size for p in (path, self._writing) if p.exists()), default=0)
         with contextlib.suppress(OSError):
-            working_path(path).unlink()
-        kept = (
-            f"{path} still holds every row up to the previous flush"
-            if path.exists()
-            else f"{path} was not created"
-        )
-        try:
-            free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free there"
-        except OSError:
-            free = "its free space unknown"
-        errno = getattr(exc, "errno", None)
-        raise RecordWriteError(
-            f"could not write {rows} to {where} ({type(exc).__name__}: {exc}; {free}). "
-            f"{kept}; this Recorder is closed and those rows are lost. Free disk space or fix "
-            "the cause, then record to a new path or with overwrite=True.",
-            errno=errno if isinstance(errno, int) and errno > 0 else None,
-            filename=str(where),
-        ) from exc
+            self._writing.unlink()
+        raise write_error(path, rows, where, exc, size) from exc
 
     def __enter__(self) -> Recorder:
         return self
@@ -305,39 +363,16 @@ class Recorder:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        self.close(complete=exc_type is None)
 
     def dataset(self) -> xr.Dataset:
-        """Return everything logged so far; with a path, flush and read the file back."""
+        """Return everything logged so far; with a path, flush and read the file back.
+
+        Its ``complete`` attr is 1 once the recorder was closed with ``complete=True``.
+        """
         if self._path is not None:
             self.flush()
             return open_run(self._path)
-        return build_dataset(self._schema, self._sizes, self._steps, self._rows, self._attrs)
-
-
-def _check_destination(path: Path, overwrite: bool) -> None:
-    """Refuse an existing ``path`` without ``overwrite`` or a missing folder; clear old files."""
-    if not path.parent.is_dir():
-        raise FileNotFoundError(
-            f"the folder {path.parent} of {path.name} does not exist; create it first "
-            "(Path.mkdir(parents=True)) or choose another path."
-        )
-    if path.is_dir():
-        raise IsADirectoryError(
-            f"{path} is a folder; give the Recorder a file in it, such as {path / 'run.nc'}."
-        )
-    try:  # a folder that cannot be written would fail only at the first flush
-        tempfile.TemporaryFile(dir=path.parent).close()
-    except OSError as exc:
-        raise PermissionError(
-            f"cannot create files in {path.parent} ({exc.strerror or exc}); choose a folder "
-            f"you can write to for {path.name}."
-        ) from exc
-    if path.exists():
-        if not overwrite:
-            raise FileExistsError(
-                f"{path} already exists; pass overwrite=True to replace it, or choose another path."
-            )
-        path.unlink()
-    # A working file left by a killed recorder of this path is private scratch.
-    working_path(path).unlink(missing_ok=True)
+        pending = self._pending
+        attrs = {**self._attrs, COMPLETE: int(self._complete)}
+        return build_dataset(self._schema, self._sizes, pending.steps, pending.rows, attrs)

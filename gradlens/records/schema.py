@@ -5,11 +5,14 @@ and coords becomes a validated :class:`Schema`. Here too are the checks every lo
 against it (:func:`record_dims_hit`, :func:`to_numpy`, :func:`fit_shape`) and
 the arrays and attrs a buffer of rows becomes (:func:`block`,
 :func:`var_attrs`, :func:`label_attrs`), shared by the in-memory dataset
-builder and the netCDF4 writer so that both lay out rows the same way.
+builder and the netCDF4 writer so that both lay out rows the same way. And
+the rules of what netCDF stores unchanged (:func:`check_name`,
+:func:`check_text`, :func:`check_attrs`), applied when a recorder is made.
 """
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
@@ -74,7 +77,18 @@ def make_schema(variables: Mapping[str, Variable], coords: Mapping[str, Sequence
         raise ValueError("declare at least one variable.")
     record = tuple(dict.fromkeys(var.dims[0] for var in variables.values()))
     all_dims = {dim for var in variables.values() for dim in var.dims}
+    for dim in sorted(all_dims):
+        check_name("dim", dim)
     for name, var in variables.items():
+        check_name("variable", name)
+        if var.coord and any(c.isspace() for c in name):
+            raise ValueError(
+                f"coordinate variable {name!r} has whitespace in its name: netCDF lists "
+                "coordinates in one space-separated attr, so it would read back as a data "
+                "variable; use '_' instead."
+            )
+        check_text(f"variables[{name!r}].long_name", var.long_name)
+        check_text(f"variables[{name!r}].units", var.units)
         if name in all_dims:
             raise ValueError(f"variable {name!r} has the name of a dim; rename it.")
         clash = sorted(set(var.dims[1:]) & set(record))
@@ -94,11 +108,17 @@ def make_schema(variables: Mapping[str, Variable], coords: Mapping[str, Sequence
 
 def _label_array(dim: str, values: Sequence[Any]) -> np.ndarray:
     """Return coordinate labels as an int, float or (object) str array."""
+    for label in values:
+        if isinstance(label, str):  # before numpy, which drops trailing NULs silently
+            check_text(f"coords[{dim!r}] label", label)
     array = np.asarray(values)
     if array.ndim != 1:
         raise ValueError(f"coords[{dim!r}] must be one-dimensional, got shape {array.shape}.")
     if array.dtype.kind in "US":
-        return array.astype(str)
+        array = array.astype(str)
+        for label in array:
+            check_text(f"coords[{dim!r}] label", str(label))
+        return array
     if array.dtype.kind not in "iuf":
         raise ValueError(f"coords[{dim!r}] must hold numbers or strings, got {array.dtype}.")
     return array
@@ -261,3 +281,114 @@ def var_attrs(var: Variable) -> dict[str, str]:
 def label_attrs(dim: str) -> dict[str, str]:
     """Return the attrs of the labels of a non-record dim."""
     return {"long_name": dim, "units": "1"}
+
+
+MAX_NAME_BYTES = 255
+"""The longest netCDF name read back: 256 UTF-8 bytes are written but cannot be read."""
+
+
+def check_name(what: str, name: object) -> None:
+    """Raise unless netCDF stores ``name`` and reads it back unchanged.
+
+    The rules were found by writing variable, dim and attr names with the
+    installed netCDF4 (4.10, HDF5 2.2) and reading them back: ``/`` makes a
+    group path (a variable ``"train/loss"`` is written but cannot be read
+    back), NUL cuts the name short, a name not in Unicode NFC is stored
+    normalised; an empty name, control characters, a first ASCII character
+    other than a letter, digit or ``_``, trailing whitespace and more than
+    255 UTF-8 bytes are refused by netCDF at the first flush.
+
+    Args:
+        what: What the name names (``"variable"``, ``"dim"``, ``"attr"``), for the message.
+        name: The name.
+
+    Raises:
+        TypeError: If ``name`` is not a string.
+        ValueError: Naming the cause and the fix.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"{what} name {name!r} is a {type(name).__name__}; names are strings.")
+    problem = _name_problem(name)
+    if problem:
+        raise ValueError(
+            f"{what} name {name!r} {problem}, which netCDF cannot store as a name; rename "
+            "it (letters, digits and '_' always work)."
+        )
+
+
+def _name_problem(name: str) -> str | None:
+    """What netCDF would refuse or alter in ``name``, or ``None``."""
+    if not name:
+        return "is empty"
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "is not valid Unicode (a lone surrogate)"
+    if "/" in name:
+        return "contains '/', which netCDF takes as a group path (it could not be read back)"
+    bad = [c for c in name if ord(c) < 0x20 or ord(c) == 0x7F]
+    if bad:
+        return f"contains the control character {bad[0]!r}"
+    if ord(name[0]) < 0x80 and not (name[0].isalnum() or name[0] == "_"):
+        return f"starts with {name[0]!r} (an ASCII first character must be a letter, digit or '_')"
+    if name[-1] == " ":
+        return "ends with a space"
+    normal = unicodedata.normalize("NFC", name)
+    if normal != name:
+        return f"is not in Unicode NFC form (netCDF would store it as {normal!r})"
+    if size > MAX_NAME_BYTES:
+        return f"is {size} bytes long in UTF-8 (at most {MAX_NAME_BYTES})"
+    return None
+
+
+def check_text(what: str, text: object) -> None:
+    """Raise unless ``text`` is a string netCDF stores unchanged (no NUL, valid Unicode).
+
+    Raises:
+        TypeError: If ``text`` is not a string.
+        ValueError: Naming ``what``, the cause and the fix.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"{what} is a {type(text).__name__}; it must be a str.")
+    if "\x00" in text:
+        raise ValueError(
+            f"{what} contains a NUL character ('\\x00'), which netCDF drops silently "
+            f"({text[:40]!r} would read back as {text.replace(chr(0), '')[:40]!r}); remove "
+            "it, or store json.dumps(...) of it, which escapes it."
+        )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{what} is not valid Unicode ({exc.reason} at position {exc.start}), so netCDF "
+            "cannot store it; fix the text (it often comes from bytes decoded with "
+            "errors='surrogateescape')."
+        ) from exc
+
+
+def check_attrs(attrs: Mapping[str, object], reserved: Collection[str]) -> None:
+    """Raise unless netCDF stores every attr unchanged and none takes a ``reserved`` name.
+
+    Values must be ``str`` (without NUL), ``int`` (within int64) or ``float``:
+    netCDF has no ``None``, ``bool``, ``dict`` or datetime attrs.
+
+    Raises:
+        TypeError: For a value of another type.
+        ValueError: For a name or value netCDF would refuse or alter, or a reserved name.
+    """
+    for key, value in attrs.items():
+        check_name("attr", key)
+        if key.startswith("_") or key in reserved:
+            owner = "the Recorder" if key in reserved else "netCDF (_FillValue, _NCProperties...)"
+            raise ValueError(f"attr name {key!r} is reserved for {owner}; rename it.")
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise TypeError(
+                f"attrs[{key!r}] is a {type(value).__name__}; netCDF attrs must be str, "
+                "int or float (store structured values as a JSON string)."
+            )
+        if isinstance(value, str):
+            check_text(f"attrs[{key!r}]", value)
+        elif isinstance(value, int) and not -(2**63) <= value < 2**63:
+            raise ValueError(
+                f"attrs[{key!r}] = {value} does not fit netCDF's int64; store it as a str."
+            )

@@ -86,7 +86,9 @@ def test_file_and_memory_round_trip_identically(tmp_path: Path) -> None:
 
 def test_empty_run_round_trips(tmp_path: Path) -> None:
     make(tmp_path / "empty.nc").close()
-    xr.testing.assert_identical(make(None).dataset(), open_run(tmp_path / "empty.nc"))
+    in_memory = make(None)
+    in_memory.close()
+    xr.testing.assert_identical(in_memory.dataset(), open_run(tmp_path / "empty.nc"))
 
 
 CHILD = """
@@ -193,8 +195,10 @@ def test_every_variable_has_long_name_and_units_and_attrs_are_provenance(tmp_pat
         assert isinstance(variable.attrs["long_name"], str), name
         assert isinstance(variable.attrs["units"], str), name
     assert ds["step"].attrs["long_name"] == "training step"
-    assert all(isinstance(v, str) for k, v in ds.attrs.items() if k != "git_dirty")
-    assert int(ds.attrs["git_dirty"]) in (-1, 0, 1)
+    assert all(
+        isinstance(v, str) for k, v in ds.attrs.items() if k not in ("git_dirty", "complete")
+    )
+    assert int(ds.attrs["git_dirty"]) in (-1, 0, 1) and ds.attrs["complete"] == 1
     assert ds.attrs["git_commit"] == make_attrs()["git_commit"]
     assert config_from_attrs(ds.attrs) == {"lr": 0.1, "out": str(tmp_path), "widths": [8, 8]}
 

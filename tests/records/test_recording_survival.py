@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 
 import gradlens.records.atomic
+import gradlens.records.files
 import gradlens.records.netcdf
 import gradlens.records.recorder
 from gradlens.errors import RecordWriteError
+from gradlens.records.atomic import scratch_path
 from gradlens.records.recorder import open_run
 from tests.records.test_recording import log_run, make
 
@@ -39,6 +41,7 @@ READER = """
 import json, os, sys, time
 import numpy as np
 import xarray as xr
+from gradlens.records.atomic import scratch_path
 from gradlens.records.recorder import open_run
 
 path = {path!r}
@@ -120,9 +123,9 @@ def full_disk_from_flush(monkeypatch: pytest.MonkeyPatch, flush: int, where: str
         gradlens.records.atomic.shutil.copyfile,
     )
 
-    def counted_append(*args: object) -> None:
+    def counted_append(*args: object, **kwargs: object) -> None:
         flushes[0] += 1
-        append(*args)
+        append(*args, **kwargs)
 
     def full(original: Callable[..., object], stage: str) -> Callable[..., object]:
         def write(*args: object) -> object:
@@ -153,6 +156,8 @@ def test_a_full_disk_names_the_file_keeps_the_flushed_steps_and_closes(
     with pytest.raises(ValueError, match="closed"):
         rec.log(30, loss=1.0, n_correct=1, epoch=0)
     rec.close()  # nothing is retried
+    rec.flush()  # nor written over the kept file
+    assert rec.dataset()["step"].values.tolist() == list(range(10))
 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.nc"]
     assert open_files_under(tmp_path) == []
@@ -240,7 +245,7 @@ def test_a_recorder_on_a_folder_or_in_an_unwritable_one_fails_at_once(
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
 
     with monkeypatch.context() as patch:  # root may write anywhere: inject the refusal
-        patch.setattr(gradlens.records.recorder.tempfile, "TemporaryFile", refuse)
+        patch.setattr(gradlens.records.files.tempfile, "TemporaryFile", refuse)
         with pytest.raises(
             PermissionError, match=r"cannot create files in .* \(Permission denied\); choose"
         ):
@@ -261,11 +266,12 @@ def test_a_netcdf_library_failure_is_a_record_write_error_without_errno(
     rec = make(path, flush_every=5)
     log_run(rec, range(5))
 
-    def hdf_error(*args: object) -> None:
+    def hdf_error(*args: object, **kwargs: object) -> None:
         raise RuntimeError("NetCDF: HDF error")
 
     monkeypatch.setattr(gradlens.records.recorder, "append_netcdf", hdf_error)
-    with pytest.raises(RecordWriteError, match=r"NetCDF: HDF error; .* MiB free") as e:
+    with pytest.raises(RecordWriteError, match=r"NetCDF: HDF error\). .* MiB free there") as e:
         log_run(rec, range(5, 10))
-    assert e.value.errno is None and e.value.filename == str(path) + ".writing"
+    assert e.value.errno is None
+    assert e.value.filename == str(scratch_path(path, ".writing"))
     assert open_run(path)["step"].values.tolist() == list(range(5))

@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from gradlens.records.recorder import Recorder, open_run
+from gradlens.records.atomic import atomic_write
+from gradlens.records.recorder import Recorder, is_complete, open_run
 from tests.records.test_recording import log_run, make
 
 TESTS = str(Path(__file__).parent)
@@ -104,11 +105,12 @@ def test_a_writer_killed_at_random_moments_leaves_a_readable_prefix(tmp_path: Pa
         expected = make(None)
         log_run(expected, range(len(steps)))
         np.testing.assert_array_equal(ds["loss"].values, expected.dataset()["loss"].values)
+        assert ds.attrs["complete"] == 0 and not is_complete(path)  # never taken as done
         sizes.append(len(steps))
-        # the next recorder of that path starts cleanly over the debris
+        # the next recorder of that path starts cleanly over the debris, and removes it
         with make(path, overwrite=True) as rec:
             log_run(rec, range(3))
-        assert open_run(path).sizes["step"] == 3
+        assert open_run(path).sizes["step"] == 3 and is_complete(path)
     print("steps published before each kill:", sizes)
     assert max(sizes) > 0  # the kills did land during the writing, not all before it
     versions = []
@@ -119,13 +121,105 @@ def test_a_writer_killed_at_random_moments_leaves_a_readable_prefix(tmp_path: Pa
     print("result versions when killed:", versions)
     assert max(versions) > 0
     kept = {f"run{k}.nc" for k in range(6)} | {f"result{k}.nc" for k in range(6)}
-    leftovers = {p.name for p in tmp_path.iterdir()} - kept
-    assert all(name.endswith((".writing", ".tmp")) for name in leftovers), leftovers
+    debris = {p.name for p in tmp_path.iterdir()} - kept
+    assert all(name.startswith(".result") and name.endswith(".tmp") for name in debris), debris
+    print("temporary copies left by the killed results writers:", len(debris))
+    for path in found["results"]:  # the next atomic write of each name removes its debris
+        atomic_write(path, lambda tmp: xr.Dataset(attrs={"version": -1}).to_netcdf(tmp))
+    assert {p.name for p in tmp_path.iterdir()} == kept
+
+
+INTERRUPTER = """
+import json, os, random, signal, sys, time
+sys.path.insert(0, {tests!r})
+from test_recording import log_run, make
+
+folder, interrupts = {folder!r}, {interrupts}
+rng = random.Random(1)
+report = []
+for k in range(interrupts):
+    path = os.path.join(folder, f"run{{k}}.nc")
+    delay = rng.uniform(0.0, 0.25)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGINT}})  # held until the child is ready
+    pid = os.fork()
+    if pid == 0:  # Ctrl-C lands anywhere: in log, in an append, a copy, a rename
+        code = 4
+        try:
+            try:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {{signal.SIGINT}})
+                with make(path, flush_every=2) as rec:
+                    step = 0
+                    while True:
+                        log_run(rec, range(step, step + 1))
+                        step += 1
+            except KeyboardInterrupt:
+                code = 3
+        finally:
+            os._exit(code)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {{signal.SIGINT}})
+    time.sleep(delay)
+    presses = 0
+    while presses < 5:  # Ctrl-C again while the writer goes on, as a user would
+        os.kill(pid, signal.SIGINT)
+        presses += 1
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.005)
+        if done:
+            code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1
+            break
+    else:  # hung: report it rather than hang the test
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        code = -2
+    report.append({{"path": path, "delay": delay, "code": code, "presses": presses}})
+print(json.dumps(report))
+"""
+
+
+def test_ctrl_c_at_random_moments_leaves_every_row_once(tmp_path: Path) -> None:
+    """The issue's case: 1 in 30 random SIGINTs wrote steps [0, 1, 2, 3, 2, 3] and NaN rows.
+
+    A SIGINT that lands in one of netCDF4-python's bare ``except:`` clauses
+    (its ``utils.py``) is swallowed there and the writer goes on; the test
+    then presses Ctrl-C again, as a user would.
+    """
+    code = INTERRUPTER.format(tests=TESTS, folder=str(tmp_path), interrupts=30)
+    child = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert child.returncode == 0, child.stderr
+    sizes = []
+    for run in json.loads(child.stdout):
+        assert run["code"] == 3, run  # the KeyboardInterrupt left the with block
+        path = Path(run["path"])
+        if not path.exists():  # interrupted before its recorder existed
+            sizes.append(0)
+            continue
+        ds = open_run(path)
+        n = ds.sizes["step"]
+        expected = make(None)
+        log_run(expected, range(n))
+        xr.testing.assert_identical(ds.drop_attrs(), expected.dataset().drop_attrs())
+        assert not is_complete(path), run  # the body raised: not a finished run
+        sizes.append(n)
+    print("steps recorded before each Ctrl-C:", sizes)
+    print("Ctrl-C presses needed:", [run["presses"] for run in json.loads(child.stdout)])
+    assert max(sizes) > 2  # the interrupts landed while writing, not all before it
+    assert {p.name for p in tmp_path.iterdir()} <= {f"run{k}.nc" for k in range(30)}
 
 
 FULL_DISK = """
 import errno, json, os, sys
 sys.path.insert(0, {tests!r})
+sys.path.insert(0, os.path.dirname(os.path.dirname({tests!r})))  # this checkout's gradlens
 import numpy as np
 from gradlens.errors import RecordWriteError
 from gradlens.records.recorder import Recorder, Variable, open_run
@@ -136,6 +230,13 @@ variables = {{
     "loss": Variable(("step",), "loss"),
     "row": Variable(("step", "unit"), "a wide row", dtype="float64"),
 }}
+if {append_only}:  # publish the first flush only, so that the append is what fills the disk
+    import gradlens.records.recorder as recorder
+    copy, copies = recorder.atomic_copy, []
+    def first_copy(*args, **kwargs):
+        if not copies:
+            copies.append(copy(*args, **kwargs))
+    recorder.atomic_copy = first_copy
 rec = Recorder(path, variables, flush_every=4)
 logged, error = 0, None
 try:
@@ -151,7 +252,9 @@ for fd in os.listdir("/proc/self/fd"):
     except OSError:  # the listing's own descriptor, closed by now
         pass
 ds = open_run(path) if os.path.exists(path) else None
+usage = os.statvfs(folder)
 print(json.dumps({{
+    "free": usage.f_bfree / usage.f_blocks,
     "logged": logged,
     "error": error,
     "files": sorted(os.listdir(folder)),
@@ -190,7 +293,9 @@ def run_on_small_tmpfs(folder: Path, code: str) -> subprocess.CompletedProcess[s
 def test_a_real_full_disk_keeps_the_flushed_steps_and_says_so(tmp_path: Path) -> None:
     folder = tmp_path / "small"
     folder.mkdir()
-    child = run_on_small_tmpfs(folder, FULL_DISK.format(tests=TESTS, folder=str(folder)))
+    child = run_on_small_tmpfs(
+        folder, FULL_DISK.format(tests=TESTS, folder=str(folder), append_only=False)
+    )
     if child.returncode != 0 and "mount" in child.stderr and "Traceback" not in child.stderr:
         pytest.skip(f"cannot mount a tmpfs here: {child.stderr.strip()}")
     assert child.returncode == 0, child.stderr
@@ -218,3 +323,27 @@ def test_a_recorder_that_was_never_flushed_leaves_nothing(tmp_path: Path) -> Non
     assert list(tmp_path.iterdir()) == []
     rec.close()
     assert open_run(tmp_path / "run.nc")["loss"].values.tolist() == [1.0]
+
+
+def test_a_real_full_disk_inside_the_append_closes_the_file_and_frees_its_space(
+    tmp_path: Path,
+) -> None:
+    """netCDF reports it as "NetCDF: HDF error" and, failing to close, kept the deleted
+    working file open, so its space stayed used until the process ended."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    code = FULL_DISK.format(tests=TESTS, folder=str(folder), append_only=True)
+    child = run_on_small_tmpfs(folder, code)
+    if child.returncode != 0 and "mount" in child.stderr and "Traceback" not in child.stderr:
+        pytest.skip(f"cannot mount a tmpfs here: {child.stderr.strip()}")
+    assert child.returncode == 0, child.stderr
+    result = json.loads(child.stdout.splitlines()[-1])
+    print({k: result[k] for k in ("logged", "error", "files", "free")})
+    error = result["error"]
+    assert error is not None, "256 KiB never filled up"
+    assert error["errno"] is None and "NetCDF: HDF error" in error["message"]
+    assert "MiB free there" in error["message"] and "likely full" in error["message"]
+    assert "still holds every row up to the previous flush and is kept" in error["message"]
+    assert result["files"] == ["run.nc"] and result["open"] == []
+    assert result["free"] > 0.5  # the working file's space is back
+    assert result["steps"] == [0, 1, 2, 3] and result["loss"] == [0.0, 1.0, 2.0, 3.0]
