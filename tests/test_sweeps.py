@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -181,6 +182,18 @@ def test_a_killed_part_leaves_a_stale_lock_and_an_incomplete_file_and_is_run_aga
     assert runs(tmp_path) == [0, 0] and all_done(tmp_path, 1)
 
 
+def test_a_part_whose_running_job_dies_undone_is_submitted_again_within_the_call(
+    tmp_path: Path, executor: object
+) -> None:
+    job = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)"])
+    here = {"host": socket.gethostname(), "boot": "", "pid": job.pid, "start": None}
+    write_lock(tmp_path / "seed0.nc", job=here)  # a job that will end without writing
+    done = run_sweep(sweep(tmp_path, seeds=1), executor, poll_s=0.05)
+    assert job.poll() is not None
+    assert done.running == (tmp_path / "seed0.nc",) and done.submitted == done.running
+    assert runs(tmp_path) == [0] and all_done(tmp_path, 1)
+
+
 def test_only_complete_files_of_this_code_version_are_done(tmp_path: Path) -> None:
     other = {**VERSION, "git_commit": "0" * 40}
     parts = sweep(tmp_path)
@@ -311,3 +324,11 @@ def test_two_parts_writing_one_path_are_refused(tmp_path: Path) -> None:
     part = sweep(tmp_path)[0]
     with pytest.raises(ValueError, match="give every part its own path"):
         pending_parts([part, part])
+
+
+def test_every_test_that_the_sweeps_docs_cite_exists() -> None:
+    section = (ROOT / "docs" / "scaling.md").read_text().split("## Sweeps on submitit", 1)[1]
+    cited = set(re.findall(r"`(?:[\w/.]+::)?(test_\w+)`", section))
+    files = [ROOT / "tests" / "test_sweeps.py", *(ROOT / "tests" / "mnist").glob("test_*.py")]
+    defined = {n for f in files for n in re.findall(r"^def (test_\w+)", f.read_text(), re.M)}
+    assert len(cited) >= 10 and cited <= defined, sorted(cited - defined)

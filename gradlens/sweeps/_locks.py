@@ -284,6 +284,7 @@ def claim(
         "job_start": None,
         "job": None if job is None else dict(job),
     }
+    lock.parent.mkdir(parents=True, exist_ok=True)  # where the part will be written
     for _ in range(100):
         if _create(lock, record):
             return token
