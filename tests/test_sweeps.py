@@ -146,7 +146,7 @@ from pathlib import Path
 from gradlens.sweeps import make_executor, run_sweep
 from tests.test_sweeps import sweep
 folder = Path(sys.argv[1])
-run_sweep(sweep(folder, sleep=2.0), make_executor(folder / "jobs", "local", timeout_min=5))
+run_sweep(sweep(folder, sleep=3.0), make_executor(folder / "jobs", "local", timeout_min=5))
 """
 
 
@@ -159,7 +159,7 @@ def test_a_restarted_driver_finds_the_jobs_of_a_killed_one_instead_of_submitting
     finally:
         driver.send_signal(signal.SIGKILL)
         driver.wait()
-    restarted = run_sweep(sweep(tmp_path, sleep=2.0), executor)
+    restarted = run_sweep(sweep(tmp_path, sleep=3.0), executor)
     assert restarted.submitted == () and set(restarted.running) == paths(tmp_path)
     assert sorted(runs(tmp_path)) == [0, 1, 2]
     assert all_done(tmp_path)

@@ -56,14 +56,8 @@ from gradlens.sweeps._files import (
     mark_complete,
     part_state,
 )
-from gradlens.sweeps._locks import (
-    Lock,
-    PartLockedError,
-    hold_parts,
-    lock_path,
-    read_lock,
-    wait_for_parts,
-)
+from gradlens.sweeps._holding import hold_parts, wait_for_parts
+from gradlens.sweeps._locks import Lock, PartLockedError, lock_path, read_lock
 from gradlens.sweeps._parts import Part, part_problems, pending_parts
 from gradlens.sweeps._run import Sweep, make_executor, run_part_job, run_sweep
 

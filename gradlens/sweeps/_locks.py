@@ -28,9 +28,8 @@ import json
 import os
 import socket
 import subprocess
-import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -40,13 +39,11 @@ __all__ = [
     "PartLockedError",
     "adopt",
     "claim",
-    "hold_parts",
     "lock_path",
     "note_job",
     "read_lock",
     "release",
     "this_process",
-    "wait_for_parts",
 ]
 
 State = Literal["running", "gone", "unknown"]
@@ -336,57 +333,3 @@ def release(path: Path, token: str) -> None:
     with _opened(lock, exclusive=True) as fd:
         if fd is not None and (_read(fd) or {}).get("token") == token:
             lock.unlink()
-
-
-@contextlib.contextmanager
-def hold_parts(
-    paths: Iterable[str | os.PathLike[str]], *, cluster: str = "inline"
-) -> Iterator[None]:
-    """Lock parts that this process runs itself, and unlock them afterwards.
-
-    So that no job of a sweep runs them at the same time; a killed process
-    leaves its locks stale (its pid is gone), and they are replaced.
-
-    Raises:
-        PartLockedError: If one of them is held by a job that runs or cannot be checked
-            (none is then locked).
-    """
-    held: list[tuple[Path, str]] = []
-    try:
-        for path in paths:
-            held.append((Path(path), claim(path, cluster=cluster, job=this_process())))
-        yield
-    finally:
-        for path, token in held:
-            release(path, token)
-
-
-def wait_for_parts(
-    paths: Iterable[str | os.PathLike[str]], *, poll_s: float = 0.1, max_poll_s: float = 10.0
-) -> dict[Path, Lock]:
-    """Wait until no part of ``paths`` is held by a running job.
-
-    Polls each lock (every ``poll_s`` seconds at first, backing off to
-    ``max_poll_s``; a SLURM lock costs one ``squeue`` call) until it is
-    released or stale.
-
-    Returns:
-        The locks that cannot be checked from here (a job on another host, no
-        ``squeue``), by part file: those were not waited for.
-    """
-    pending = [Path(p) for p in paths]
-    unknown: dict[Path, Lock] = {}
-    delay = poll_s
-    while pending:
-        still = []
-        for path in pending:
-            lock = read_lock(path)
-            if lock is not None and lock.state == "unknown":
-                unknown[path] = lock
-            elif lock is not None and lock.state == "running":
-                still.append(path)
-        pending = still
-        if pending:
-            time.sleep(delay)
-            delay = min(delay * 1.5, max_poll_s)
-    return unknown

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from gradlens.sweeps._files import code_version, part_state
+from gradlens.sweeps._holding import wait_for_parts
 from gradlens.sweeps._locks import (
     PartLockedError,
     adopt,
@@ -16,7 +17,6 @@ from gradlens.sweeps._locks import (
     note_job,
     read_lock,
     release,
-    wait_for_parts,
 )
 from gradlens.sweeps._parts import Part, part_problems, plan_parts
 
