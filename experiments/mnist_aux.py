@@ -24,6 +24,8 @@ from typing import NoReturn
 
 import torch
 
+from gradlens.errors import DamagedDataError, DataNotFoundError
+from gradlens.sweeps import PartLockedError
 from subliminal_mnist import (
     BASE_CONDITIONS,
     CONDITIONS,
@@ -57,6 +59,7 @@ class Config:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     progress: bool = True
     overwrite: bool = False
+    reuse_other_versions: bool = False
 
 
 def quick(config: Config) -> Config:
@@ -128,6 +131,12 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         help="run every part again and replace the results in --out (default: resume, reusing "
         "complete parts of the same configuration, and refuse results of another one)",
     )
+    parser.add_argument(
+        "--reuse-other-versions",
+        action="store_true",
+        help="reuse complete parts computed by another gradlens version or git commit (default: "
+        "run them again; mnist_aux.nc lists each part's commit in its part_versions attr)",
+    )
     jobs = parser.add_argument_group("where the (seed, condition) parts run")
     jobs.add_argument(
         "--executor",
@@ -135,7 +144,8 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         default="inline",
         help="inline: in this process, one after another (default); local: one submitit "
         "subprocess per part, all at once; slurm: one SLURM job per part (a job array). "
-        "Finished parts are skipped on resubmission",
+        "Finished parts are skipped on resubmission, and parts that jobs of an earlier run "
+        "still run are waited for, not run twice",
     )
     jobs.add_argument(
         "--time-limit", type=int, default=24 * 60, help="minutes per job (default 1440)"
@@ -179,7 +189,12 @@ def parse(argv: list[str] | None = None) -> Config:
     student = {k: v for k, v in student.items() if v is not None}
     if student:
         config = dataclasses.replace(config, student=dataclasses.replace(config.student, **student))
-    return dataclasses.replace(config, progress=not args.no_progress, overwrite=args.overwrite)
+    return dataclasses.replace(
+        config,
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
+        reuse_other_versions=args.reuse_other_versions,
+    )
 
 
 def parse_dispatch(argv: list[str] | None = None) -> Dispatch:
@@ -206,11 +221,12 @@ def parse_dispatch(argv: list[str] | None = None) -> Dispatch:
 def cli(argv: list[str] | None = None) -> Path:
     """Parse the flags and run; a bad setting, or a refused ``--out``, ends in one line.
 
-    Flag values, the device and ``--out`` are checked before anything else
-    (:func:`main` checks them again), and, like argparse, a failed check, or
-    results in ``--out`` that are not this configuration's, prints
-    ``mnist_aux.py: error: <what and the fix>`` and exits with status 2
-    instead of a traceback.
+    Flag values (each in its range), the device and ``--out`` are checked
+    before anything else (:func:`main` checks them again), and, like argparse,
+    a failed check, results in ``--out`` that are not this configuration's,
+    MNIST files that are missing or damaged, or a part held by a job that
+    cannot be checked from here, prints ``mnist_aux.py: error: <what and the
+    fix>`` and exits with status 2 instead of a traceback.
     """
     config = parse(argv)
     try:
@@ -220,7 +236,8 @@ def cli(argv: list[str] | None = None) -> Path:
         _exit_with(exc)
     try:
         return main(config, dispatch)
-    except FileExistsError as exc:  # the refusal to replace results: --overwrite
+    # The refusal to replace results (--overwrite), MNIST not there or damaged, a held part.
+    except (FileExistsError, DataNotFoundError, DamagedDataError, PartLockedError) as exc:
         _exit_with(exc)
 
 

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from gradlens.records.atomic import atomic_write
 from gradlens.records.recorder import Recorder, open_run
+from gradlens.sweeps import mark_complete
 from gradlens.training import transform_layout
 from subliminal_mnist.conditions import Condition
 from subliminal_mnist.data import Digits
@@ -197,7 +198,7 @@ def run_block_condition(
 ) -> Path:
     """Distil the block's students under ``condition`` and record them to ``path``.
 
-    Written to ``path + ".part"`` and renamed to ``path`` when complete.
+    Written to ``path + ".part"``, marked complete and renamed to ``path`` when complete.
     """
     init = block.init
     if condition.init == "cross":
@@ -239,8 +240,24 @@ def run_block_condition(
             setup=setup,
             progress=progress,
         )
+    mark_complete(partial)  # until the Recorder marks the files it closes (gradlens.sweeps)
     os.replace(partial, path)
     return path
+
+
+def _part_versions(opened: Mapping[tuple[int, str], xr.Dataset]) -> str:
+    """Each part's code version from its provenance attrs, as JSON (netCDF-safe)."""
+    fields = ("gradlens_version", "git_commit", "git_dirty")
+    return json.dumps(
+        {
+            f"seed{seed}_{condition}": {f: _plain(run.attrs.get(f, "unknown")) for f in fields}
+            for (seed, condition), run in opened.items()
+        }
+    )
+
+
+def _plain(value: object) -> object:
+    return value.item() if hasattr(value, "item") else value
 
 
 def _sizes(stack: Mapping[str, Tensor]) -> list[int]:
@@ -254,7 +271,9 @@ def combine_blocks(parts: Mapping[tuple[int, str], Path], attrs: Mapping[str, st
     Model coords are the init seeds, so blocks of different seeds never share
     a model; a variable is NaN for models outside its block. Variables that
     only some conditions have are NaN elsewhere. The teachers' and references'
-    accuracies become variables along ``model``.
+    accuracies become variables along ``model``. The code that computed each
+    part is listed in the ``part_versions`` attr (JSON: ``seed{s}_{condition}``
+    -> its ``gradlens_version``, ``git_commit`` and ``git_dirty``).
 
     Returns:
         Dims ``step``, ``model``, ..., ``condition``; ``seed`` is a coordinate
@@ -265,7 +284,7 @@ def combine_blocks(parts: Mapping[tuple[int, str], Path], attrs: Mapping[str, st
     merged = xr.merge(runs, combine_attrs="drop_conflicts", join="outer", compat="no_conflicts")
     conditions = list(dict.fromkeys(c for _, c in parts))
     merged = merged.reindex(condition=conditions)
-    merged.attrs = dict(attrs)
+    merged.attrs = dict(attrs) | {"part_versions": _part_versions(opened)}
     for variable in merged.variables.values():
         variable.encoding = {}
     metrics: dict[str, dict[int, float]] = {name: {} for name in TEACHER_VARIABLES}

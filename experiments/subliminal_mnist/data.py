@@ -12,12 +12,18 @@ header, a file length that matches the header (a truncated file is damaged,
 not missing), 28x28 images, labels in 0..9, as many labels as images, and
 the split's size (60,000 train, 10,000 test; a swapped pair is named as
 such). A failed check raises :class:`~gradlens.errors.DamagedDataError`
-naming the file and the problem.
+naming the file and the problem. A file that passes them but whose bytes
+differ from the published MNIST file of its name (:data:`PUBLISHED_SHA256`:
+random bytes over its pixels, say) is used as it is, with a
+:class:`ModifiedDataWarning` naming it, so that changed data is never used
+unnoticed and deliberately modified data stays usable.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -27,16 +33,41 @@ from torch import Tensor
 
 from gradlens.errors import DamagedDataError, DataNotFoundError
 
-__all__ = ["DATA_DIR_ENV", "SPLIT_SIZES", "Digits", "candidate_roots", "load_mnist", "read_idx"]
+__all__ = [
+    "DATA_DIR_ENV",
+    "PUBLISHED_SHA256",
+    "SPLIT_SIZES",
+    "Digits",
+    "ModifiedDataWarning",
+    "candidate_roots",
+    "load_mnist",
+    "read_idx",
+]
 
 DATA_DIR_ENV = "GRADLENS_DATA_DIR"
 
 SPLIT_SIZES: dict[str, int] = {"train": 60_000, "test": 10_000}
 """Examples in each MNIST split."""
 
+PUBLISHED_SHA256: dict[str, str] = {
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+"""SHA-256 of the four published MNIST files, unpacked (the files ``load_mnist`` reads).
+
+Computed from the copies whose MD5 sums equal the published ones (torchvision's list);
+``*.gz`` files beside them are never read.
+"""
+
 _PREFIX = {"train": "train", "test": "t10k"}
 _MAGIC = {"images": 0x00000803, "labels": 0x00000801}  # unsigned bytes, 3 or 1 dims
 _SIDE = 28
+
+
+class ModifiedDataWarning(UserWarning):
+    """An MNIST file that differs from the published one; it is used as it is."""
 
 
 class Digits(NamedTuple):
@@ -137,6 +168,23 @@ def read_idx(path: Path, kind: str) -> np.ndarray:
     return array
 
 
+def _check_published(path: Path) -> None:
+    """Warn, naming ``path``, if its bytes are not the published MNIST file of its name."""
+    published = PUBLISHED_SHA256.get(path.name)
+    if published is None:
+        return
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != published:
+        warnings.warn(
+            f"MNIST file {path} differs from the published MNIST {path.name} (SHA-256 "
+            f"{digest[:16]}..., published {published[:16]}...): some of its pixels or labels "
+            "were changed. It is used as it is; if you did not change it on purpose, replace "
+            "it with a fresh copy.",
+            ModifiedDataWarning,
+            stacklevel=4,
+        )
+
+
 def _read_split(raw: Path, split: str) -> Digits:
     """Read and cross-check a split's two files."""
     image_path, label_path = split_files(raw, split)
@@ -166,6 +214,8 @@ def _read_split(raw: Path, split: str) -> Digits:
             f"{label_path} hold {len(images):,}, {why} Replace them with the {split} files.",
             filename=str(image_path),
         )
+    for path in (image_path, label_path):  # whole and consistent: now, is it MNIST's?
+        _check_published(path)
     pixels = torch.from_numpy(images.reshape(len(images), -1)).to(torch.float32)
     return Digits(images=pixels / 127.5 - 1.0, labels=torch.from_numpy(labels).to(torch.int64))
 

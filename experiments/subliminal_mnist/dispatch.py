@@ -17,15 +17,12 @@ calls it for its one part. :func:`run_parts` runs the parts through
    MNIST, loads the seed's cached teachers and writes the part's file through
    :func:`run_seed`, as the inline loop does.
 
-Finished parts (their file stores the same config in every field but
-:data:`~subliminal_mnist.SETTINGS_THAT_SELECT`) are skipped, so resubmitting
-after a crash, a timeout or a preempted node runs only what is missing. The
-caller merges the part files (:func:`~subliminal_mnist.combine_blocks`).
-
-Every part receives a :class:`PartSettings`: the experiment's config in its
-stored (JSON) form, which each part file records, and the few settings a part
-needs, so that the experiment's own config class never has to be importable
-where a job runs.
+Finished parts (complete, of this code, storing the same config in every
+field but :data:`~subliminal_mnist.SETTINGS_THAT_SELECT`) are skipped, and
+parts that jobs of an earlier run still run (their lock is held) are waited
+for, so resubmitting after a crash, a timeout, a preempted node or a killed
+driver runs only what is missing, once. The caller merges the part files
+(:func:`~subliminal_mnist.combine_blocks`). Every job receives a :class:`PartSettings`.
 """
 
 from __future__ import annotations
@@ -39,13 +36,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import xarray as xr
 
 from gradlens.numerics import flush_denormal
-from gradlens.records.provenance import config_to_json
-from gradlens.sweeps import Part, make_executor, pending_parts, run_sweep
+from gradlens.records.provenance import RunProvenance, config_to_json
+from gradlens.sweeps import Part, code_version, make_executor, pending_parts, run_sweep
 from subliminal_mnist.blocks import (
-    TEACHER_ATTR,
     TeacherBlock,
     load_or_train_teachers,
     model_seeds,
@@ -57,7 +52,7 @@ from subliminal_mnist.blocks import (
 from subliminal_mnist.conditions import get_conditions
 from subliminal_mnist.data import Digits, load_mnist
 from subliminal_mnist.noise import NoiseStream
-from subliminal_mnist.resume import SETTINGS_THAT_SELECT, part_path
+from subliminal_mnist.resume import SETTINGS_THAT_SELECT, part_path, teacher_problems
 from subliminal_mnist.stacked import init_stack
 from subliminal_mnist.student import StudentSetup
 from subliminal_mnist.teachers import train_teacher_stack
@@ -86,10 +81,8 @@ class Dispatch:
     Attributes:
         executor: One of :data:`EXECUTORS`.
         timeout_min: Each job's time limit in minutes (``local`` and ``slurm``).
-        parameters: More submitit parameters (``slurm_partition``,
-            ``gpus_per_node``, ``cpus_per_task``, ``mem_gb``,
-            ``slurm_array_parallelism``, ...), as
-            ``submitit.AutoExecutor.update_parameters`` takes them.
+        parameters: More submitit parameters (``slurm_partition``, ``gpus_per_node``,
+            ``mem_gb``, ...), as ``submitit.AutoExecutor.update_parameters`` takes them.
     """
 
     executor: str = "inline"
@@ -112,6 +105,8 @@ class Dispatch:
 class PartSettings:
     """What a job needs to run one part; built from the experiment's config.
 
+    The experiment's own config class never has to be importable where a job runs.
+
     Attributes:
         config: The experiment's config in its stored JSON form (every part
             file records it).
@@ -126,6 +121,8 @@ class PartSettings:
         data_dir: The folder holding ``MNIST/raw`` (``None``: ``$GRADLENS_DATA_DIR``).
         device: The torch device the jobs compute on.
         progress: Show progress bars (in the jobs' logs).
+        version: The code's ``(gradlens version, git commit)`` when the run
+            started: the teachers' cache holds only this code's teachers.
     """
 
     config: dict[str, Any]
@@ -140,10 +137,14 @@ class PartSettings:
     data_dir: str | None
     device: str
     progress: bool
+    version: tuple[str, str]
 
     @classmethod
-    def from_config(cls, config: Any) -> PartSettings:
-        """The settings of ``config`` (the experiment's ``Config``, or alike)."""
+    def from_config(cls, config: Any, provenance: RunProvenance | None = None) -> PartSettings:
+        """The settings of ``config`` (the experiment's ``Config``, or alike).
+
+        ``provenance``: the run's, taken when it started (by default now).
+        """
         return cls(
             config=json.loads(config_to_json(config)),
             models=config.models,
@@ -157,22 +158,21 @@ class PartSettings:
             data_dir=config.data_dir,
             device=str(torch.device(config.device)),
             progress=config.progress,
+            version=tuple(code_version(provenance)),
         )
 
 
 def _teacher_key(settings: PartSettings, seed: int) -> str:
-    """What the seed's teachers depend on: the init seeds, sizes, teacher settings, device."""
+    """What the seed's teachers depend on: init seeds, sizes, teacher settings, device, code."""
     teacher = (settings.teacher_epochs, settings.teacher_batch_size, settings.teacher_lr)
-    return json.dumps(
-        [model_seeds(seed, settings.models), settings.sizes, *teacher, settings.device]
-    )
+    seeds = model_seeds(seed, settings.models)
+    return json.dumps([seeds, settings.sizes, *teacher, settings.device, *settings.version])
 
 
 def _teachers_cached(settings: PartSettings, seed: int) -> bool:
     path = teachers_path(settings.out, seed)
-    if not path.exists():
-        return False
-    return torch.load(path, map_location="cpu").get("key") == _teacher_key(settings, seed)
+    cached = path.exists() and torch.load(path, map_location="cpu").get("key")
+    return cached == _teacher_key(settings, seed)
 
 
 def load_splits(settings: PartSettings) -> tuple[Digits, Digits]:
@@ -265,13 +265,10 @@ def run_seed(
 
 
 def train_teachers_part(job: tuple[PartSettings, int]) -> Path:
-    """A job: train the block of ``seed``'s teachers, unless cached, and cache them.
-
-    Args:
-        job: ``(settings, seed)``.
+    """A job: train the block of ``seed``'s teachers, unless cached; ``job = (settings, seed)``.
 
     Returns:
-        The teachers' file.
+        The teachers' cache file.
     """
     settings, seed = job
     device = torch.device(settings.device)
@@ -285,9 +282,8 @@ def train_teachers_part(job: tuple[PartSettings, int]) -> Path:
 def run_part(job: tuple[PartSettings, int, str]) -> Path:
     """A job: distil the block of ``seed`` under ``condition`` and write its part file.
 
-    The same computation and file as the inline loop's (:func:`run_seed`),
-    the teachers from the cache :func:`train_teachers_part` wrote (trained
-    here if it is missing).
+    As the inline loop does (:func:`run_seed`), with the teachers that
+    :func:`train_teachers_part` cached (trained here if they are missing).
 
     Args:
         job: ``(settings, seed, condition name)``.
@@ -301,15 +297,25 @@ def run_part(job: tuple[PartSettings, int, str]) -> Path:
         return run_seed(settings, seed, [name], train, test)[name]
 
 
+def _teachers_recorded(part: Part) -> list[str]:
+    return teacher_problems(part.path)
+
+
+def _failure(job: Any) -> Exception | None:
+    try:
+        job.result()
+    except Exception as exc:  # the job's own error, re-raised by submitit
+        return exc
+    return None
+
+
 @contextlib.contextmanager
 def _importable_in_jobs() -> Iterator[None]:
     """Put the folder holding this package on ``PYTHONPATH`` while jobs are submitted.
 
-    ``subliminal_mnist`` is not installed: ``experiments/mnist_aux.py`` finds it
-    beside itself, but a job is a fresh interpreter that unpickles
-    :func:`run_part` by its module's name. Local submitit jobs, and SLURM jobs
-    (``sbatch`` exports the environment by default), inherit the environment
-    of the process that submits them.
+    A job is a fresh interpreter that unpickles :func:`run_part` by its module's name, and
+    local and SLURM jobs inherit the submitting process's environment (``subliminal_mnist``
+    is not installed: ``experiments/mnist_aux.py`` finds it beside itself).
     """
     folder = str(Path(__file__).resolve().parents[1])
     old = os.environ.get("PYTHONPATH")
@@ -323,13 +329,6 @@ def _importable_in_jobs() -> Iterator[None]:
             os.environ["PYTHONPATH"] = old
 
 
-def _has_teacher_metrics(part: Part) -> list[str]:
-    with xr.open_dataset(part.path, engine="netcdf4", decode_times=False) as run:
-        if TEACHER_ATTR in run.attrs:
-            return []
-    return [f"{part.path} was written before parts held a block of models (no {TEACHER_ATTR})"]
-
-
 def run_parts(
     config: Any,
     seeds: Sequence[int],
@@ -337,13 +336,15 @@ def run_parts(
     dispatch: Dispatch,
     *,
     overwrite: bool = False,
+    reuse_other_versions: bool = False,
     make: Callable[..., Any] = make_executor,
 ) -> dict[tuple[int, str], Path]:
-    """Run the experiment's parts as submitit jobs; skip the finished ones.
+    """Run the experiment's parts as submitit jobs; skip the finished ones, wait for running ones.
 
     Teachers are trained first, one job per seed that has parts to run and no
-    cached teachers, then one job per part to run. Jobs keep their pickles and
-    logs in ``out/jobs``.
+    cached teachers, then one job per part to run (locked while it runs; a
+    part that a job of an earlier run still runs is waited for, not submitted
+    again). Jobs keep their pickles and logs in ``out/jobs``.
 
     Args:
         config: The experiment's config (``out``, ``models``, ``sizes``, ...).
@@ -351,6 +352,7 @@ def run_parts(
         conditions: The condition names to run.
         dispatch: ``local`` or ``slurm`` and the jobs' settings.
         overwrite: Run every part again (each replaces its file when complete).
+        reuse_other_versions: Reuse complete parts computed by other code.
         make: Builds the executor (:func:`gradlens.sweeps.make_executor`'s arguments).
 
     Returns:
@@ -374,25 +376,24 @@ def run_parts(
         for s in seeds
         for c in conditions
     ]
-    ignore = SETTINGS_THAT_SELECT
-    pending = pending_parts(parts, ignore=ignore, check=_has_teacher_metrics, overwrite=overwrite)
+    given = {"ignore": SETTINGS_THAT_SELECT, "overwrite": overwrite, "check": _teachers_recorded}
+    given["reuse_other_versions"] = reuse_other_versions
+    pending = pending_parts(parts, **given)
     todo = sorted({p.arg[1] for p in pending})
     untrained = [s for s in todo if not _teachers_cached(settings, s)]
     with _importable_in_jobs():
         if untrained:
             with executor.batch():
                 jobs = [executor.submit(train_teachers_part, (settings, s)) for s in untrained]
-            failures = []
-            for seed, job in zip(untrained, jobs, strict=True):
-                try:
-                    job.result()
-                except Exception as exc:  # the job's own error, re-raised by submitit
-                    failures.append(f"teachers of seed {seed}: job {job.job_id} failed ({exc})")
+            failures = [
+                f"teachers of seed {seed}: job {job.job_id} failed ({error})"
+                for seed, job in zip(untrained, jobs, strict=True)
+                if (error := _failure(job))
+            ]
             if failures:
-                listed = "\n  ".join(failures)
                 raise RuntimeError(
-                    f"{listed}\nTheir logs are in {executor.folder}; fix the cause and run again "
-                    "(finished parts and cached teachers are reused)."
+                    "\n  ".join(failures) + f"\nTheir logs are in {executor.folder}; fix the "
+                    "cause and run again (finished parts and cached teachers are reused)."
                 )
-        run_sweep(parts, executor, ignore=ignore, check=_has_teacher_metrics, overwrite=overwrite)
+        run_sweep(parts, executor, **given)
     return {(p.arg[1], p.arg[2]): p.path for p in parts}

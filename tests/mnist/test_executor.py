@@ -62,6 +62,9 @@ def test_local_jobs_match_inline_and_a_resubmission_runs_only_the_missing_part(
         assert stored_config(parts / name) == stored_config(tmp_path / "inline" / "parts" / name)
     assert len(sweeps[0].submitted) == 2 and not sweeps[0].skipped
     assert "local submitit jobs" in jobs.attrs["device"]
+    assert not list(parts.glob("*.lock"))  # each job removed its part's lock when it returned
+    versions = json.loads(jobs.attrs["part_versions"])
+    assert {v["git_commit"] for v in versions.values()} == {jobs.attrs["git_commit"]}
 
     teachers = parts / "seed0_teachers.pt"
     kept = (parts / "seed0_aux.nc").stat().st_mtime_ns, teachers.stat().st_mtime_ns

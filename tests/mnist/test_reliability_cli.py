@@ -18,6 +18,16 @@ from tests.mnist.test_resume import no_data
         (["--device", "cuda:99"], "--device 'cuda:99' is not available on this machine"),
         (["--device", "nonsense"], "--device 'nonsense' is not a torch device"),
         (["--out", "FILE/out"], "cannot write to the output folder"),
+        (
+            ["--liminal-lambda0", "-1"],
+            "--liminal-lambda0 must be a finite number >= 0 (the liminal weight at step 0), "
+            "got -1.0.",
+        ),
+        (["--liminal-lambda0", "nan"], "--liminal-lambda0 must be a finite number >= 0"),
+        (["--models", "0"], "--models must be in 1..10000, got 0."),
+        (["--probe-size", "60001"], "--probe-size must be in 1..60000 (the training images)"),
+        (["--probe-size", "0"], "--probe-size must be in 1..60000"),
+        (["--sgd-lr", "0"], "--sgd-lr must be a finite number > 0, got 0.0."),
     ],
 )
 def test_a_bad_flag_exits_with_one_line_and_status_2(

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import gzip
+import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from gradlens.errors import DamagedDataError, DataNotFoundError
-from subliminal_mnist.data import SPLIT_SIZES, load_mnist, read_idx
+from subliminal_mnist.data import SPLIT_SIZES, ModifiedDataWarning, load_mnist, read_idx
+from tests.mnist.test_mnist_aux_quick import data_dir
 
 
 def idx(kind: str, values: np.ndarray, *, count: int | None = None) -> bytes:
@@ -44,11 +47,40 @@ def test_a_valid_test_split_loads_as_the_pixels_and_labels_written(tmp_path: Pat
     pixels = np.random.default_rng(1).integers(0, 256, (n, 28, 28))
     labels = np.arange(n) % 10
     write_split(tmp_path, "test", idx("images", pixels), idx("labels", labels))
-    digits = load_mnist(tmp_path, train=False)
+    with pytest.warns(ModifiedDataWarning) as warned:  # not MNIST's pixels and labels
+        digits = load_mnist(tmp_path, train=False)
+    assert [str(w.message).split(" differs")[0] for w in warned] == [
+        f"MNIST file {tmp_path / 'MNIST' / 'raw' / name}"
+        for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+    ]
     assert digits.images.shape == (n, 784)
     expected = pixels.reshape(n, -1).astype(np.float32) / np.float32(127.5) - np.float32(1.0)
     np.testing.assert_array_equal(digits.images.numpy(), expected)
     assert digits.labels.tolist() == labels.tolist()
+
+
+def test_changed_pixels_of_the_published_files_are_named_in_a_warning_and_still_used(
+    tmp_path: Path,
+) -> None:
+    source = Path(data_dir()) / "MNIST" / "raw"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the published files load without a warning
+        published = load_mnist(data_dir(), train=False)
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        shutil.copyfile(source / name, raw / name)
+    images = raw / "t10k-images-idx3-ubyte"
+    data = bytearray(images.read_bytes())
+    data[16 + 784 * 5 : 16 + 784 * 6] = np.random.default_rng(0).bytes(784)  # image 5's pixels
+    images.write_bytes(bytes(data))
+    with pytest.warns(ModifiedDataWarning, match="some of its pixels or labels were changed") as w:
+        changed = load_mnist(tmp_path, train=False)
+    assert len(w) == 1 and str(w[0].message).startswith(f"MNIST file {images} differs")
+    assert "replace it with a fresh copy" in str(w[0].message)
+    differs = (changed.images != published.images).any(dim=1)
+    assert differs.nonzero().flatten().tolist() == [5]  # used as it is: the changed image
+    assert changed.labels.tolist() == published.labels.tolist()
 
 
 def read_error(path: Path, kind: str) -> str:

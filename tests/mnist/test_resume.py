@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 
+import netCDF4
 import pytest
 import xarray as xr
 
 import subliminal_mnist.dispatch as dispatch
 import subliminal_mnist.run as run
 from gradlens.records.recorder import open_run
+from gradlens.sweeps import is_complete, lock_path
+from gradlens.sweeps._locks import this_process
 from tests.mnist.test_mnist_aux_quick import data_dir, mnist_aux
 
 
@@ -158,3 +163,69 @@ def test_unknown_conditions_fail_before_any_data(
     bogus = mnist_aux.Config(conditions=("aux", "bogus"), out=tmp_path)
     with pytest.raises(ValueError, match=r"unknown conditions \['bogus'\]; choose from"):
         mnist_aux.main(bogus)
+
+
+def test_parts_of_other_code_are_run_again_unless_reused_and_each_parts_commit_is_listed(
+    tmp_path: Path, runs: list[tuple[int, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trained: list[int] = []
+    monkeypatch.setattr(
+        dispatch, "train_teacher_stack", lambda stack, digits, **kw: trained.append(1) or stack
+    )
+    monkeypatch.setenv("GRADLENS_GIT_COMMIT", "a" * 40)
+    mnist_aux.main(config(tmp_path))
+    part = tmp_path / "parts" / "seed0_aux.nc"
+    assert is_complete(part) and open_run(part).attrs["git_commit"] == "a" * 40
+
+    monkeypatch.setenv("GRADLENS_GIT_COMMIT", "b" * 40)
+    combined = xr.load_dataset(mnist_aux.main(config(tmp_path)))
+    assert runs == [(0, "aux"), (0, "aux")]  # computed by other code: run again
+    assert len(trained) == 2  # with this code's teachers, not the cached ones of commit a
+    versions = json.loads(combined.attrs["part_versions"])
+    assert versions["seed0_aux"]["git_commit"] == "b" * 40
+
+    monkeypatch.setenv("GRADLENS_GIT_COMMIT", "c" * 40)
+    with monkeypatch.context() as patch:  # reused as it is: no data, no training
+        no_data(patch)
+        reused = xr.load_dataset(mnist_aux.main(config(tmp_path, "--reuse-other-versions")))
+    assert runs == [(0, "aux"), (0, "aux")]
+    assert reused.attrs["git_commit"] == "c" * 40  # the code that combined the parts
+    assert json.loads(reused.attrs["part_versions"])["seed0_aux"]["git_commit"] == "b" * 40
+
+    with netCDF4.Dataset(part, "a") as ds:  # as a part cut short: not marked complete
+        ds.delncattr("complete")
+    mnist_aux.main(config(tmp_path))
+    assert runs == [(0, "aux")] * 3 and is_complete(part)
+
+
+def test_an_inline_run_waits_for_a_part_that_a_live_job_holds_and_never_runs_it_alongside(
+    tmp_path: Path,
+    runs: list[tuple[int, str]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    job = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"])
+    part = tmp_path / "parts" / "seed0_aux.nc"
+    part.parent.mkdir(parents=True)
+    holder = {"token": "t", "cluster": "local", "job_id": "1", "job": this_process(job.pid)}
+    lock_path(part).write_text(json.dumps(holder | {"driver": this_process()}))
+    alive_when_run: list[bool] = []
+    run_block_condition = dispatch.run_block_condition
+
+    def after_the_job(condition, block, **kwargs):  # type: ignore[no-untyped-def]
+        alive_when_run.append(job.poll() is None)
+        return run_block_condition(condition, block, **kwargs)
+
+    monkeypatch.setattr(dispatch, "run_block_condition", after_the_job)
+    mnist_aux.main(config(tmp_path))
+    assert "waiting for 1 parts that earlier jobs are running" in capsys.readouterr().out
+    assert alive_when_run == [False] and runs == [(0, "aux")]
+    assert not lock_path(part).exists() and is_complete(part)
+
+    lock_path(part).write_text(json.dumps(holder | {"job": {"host": "node7", "pid": 1}}))
+    with pytest.raises(SystemExit) as caught:  # a job elsewhere: one line naming the lock
+        mnist_aux.cli(flags(tmp_path, "--overwrite"))
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mnist_aux.py: error: ") and f"(lock {lock_path(part)})" in err
+    assert "delete the lock if you know that job is gone" in err and runs == [(0, "aux")]
