@@ -23,7 +23,6 @@ from torch import Tensor
 
 from gradlens.records.atomic import atomic_write
 from gradlens.records.recorder import Recorder, open_run
-from gradlens.sweeps import mark_complete
 from gradlens.training import transform_layout
 from subliminal_mnist.conditions import Condition
 from subliminal_mnist.data import Digits
@@ -240,7 +239,6 @@ def run_block_condition(
             setup=setup,
             progress=progress,
         )
-    mark_complete(partial)  # until the Recorder marks the files it closes (gradlens.sweeps)
     os.replace(partial, path)
     return path
 

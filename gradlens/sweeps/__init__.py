@@ -7,8 +7,9 @@ JSON in the file's attrs, with the code version: ``gradlens_version`` and
 ``git_commit``). The contract, the same as the MNIST experiment's:
 
 - **complete**: a part marks its file complete when it is whole (global attr
-  ``complete = 1``, :func:`is_complete`; :func:`mark_complete` until the
-  Recorder marks its own file), and writes it to a temporary name renamed onto
+  ``complete = 1``, :func:`is_complete`: a :class:`~gradlens.Recorder` sets it
+  when it closes cleanly; :func:`mark_complete` for a file written without
+  one), and writes it to a temporary name renamed onto
   ``path``, or to ``path`` itself; a file not marked complete (cut short) is
   run again;
 - **done**: ``path`` is complete, stores the part's ``config`` in every field

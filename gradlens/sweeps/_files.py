@@ -17,6 +17,7 @@ from typing import Any, Literal, NamedTuple
 import netCDF4
 import xarray as xr
 
+from gradlens.records import is_complete as records_is_complete
 from gradlens.records.provenance import (
     RunProvenance,
     config_from_attrs,
@@ -39,25 +40,18 @@ COMPLETE_ATTR = "complete"
 """The global attr that marks a run file complete: the int 1 (missing or 0 otherwise)."""
 
 
-# The one place that decides whether a run file is complete. gradlens.records is gaining
-# ``is_complete(path) -> bool`` (a Recorder marks its file complete when it closes cleanly);
-# once it is on main, make this function return ``gradlens.records.is_complete(path)``, and
-# drop :func:`mark_complete` once every writer of part files closes through a Recorder that
-# marks its file.
+# The one place the sweeps decide whether a run file is complete: the Recorder's marker.
+# mark_complete is for part files written without a Recorder.
 def is_complete(path: str | Path) -> bool:
     """Whether the netCDF file ``path`` is marked complete (global attr ``complete`` = 1).
 
-    A file killed mid-write, or written before files were marked, is not complete; a file
-    that cannot be read is not either.
+    :func:`gradlens.records.is_complete`, the Recorder's own marker (set by a
+    clean ``close()``); here a file that cannot be read counts as not
+    complete (it is rerun) instead of raising.
     """
     try:
-        with netCDF4.Dataset(path, "r") as ds:
-            value = ds.__dict__.get(COMPLETE_ATTR, 0)
+        return records_is_complete(path)
     except OSError:
-        return False
-    try:
-        return int(value) == 1
-    except (TypeError, ValueError):
         return False
 
 
