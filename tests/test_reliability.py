@@ -445,3 +445,29 @@ def test_the_reduction_check_leaves_the_random_stream_alone() -> None:
     assert torch.equal(torch.get_rng_state(), state)
     model(train.inputs)  # and the forward does draw: the check above could fail
     assert not torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_reference_in_another_dtype_is_taken_in_the_parameters_dtype() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    ref = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    want, _ = per_example_dots(model, F.cross_entropy, x, y, reference=ref)
+    got, _ = per_example_dots(
+        model, F.cross_entropy, x, y, reference={n: r.double() for n, r in ref.items()}
+    )
+    for name in ref:
+        torch.testing.assert_close(got[name], want[name])
+
+
+def test_a_model_on_the_meta_device_is_named() -> None:
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 3))
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    with pytest.raises(UnsupportedModelError, match="meta device"):
+        per_example_grads(model, F.cross_entropy, x, y)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(UnsupportedModelError, match="to_empty"):
+        probed_step(
+            model, opt, Objective(F.cross_entropy, x, (y,)), Objective(F.cross_entropy, x, (y,))
+        )

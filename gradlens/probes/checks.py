@@ -25,6 +25,7 @@ __all__ = [
     "check_batch",
     "check_chunk_size",
     "check_mean_loss",
+    "check_not_meta",
     "check_vmap_compatible",
     "explain_vmap_failures",
     "split_params",
@@ -67,6 +68,19 @@ def _vmap_cause(model: nn.Module, where: str, said: str) -> str:
     )
 
 
+def check_not_meta(model: nn.Module) -> None:
+    """Raise if ``model`` has parameters or buffers on the meta device (shapes, no values)."""
+    meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if meta:
+        shown = meta if len(meta) <= 3 else [*meta[:3], f"... {len(meta) - 3} more"]
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has tensors on the meta device ({shown}): they have shapes "
+            "but no values, so nothing can be probed. Materialise the model first: "
+            "model.to_empty(device='cpu') and then load its weights (load_state_dict), or "
+            "build it outside torch.device('meta')."
+        )
+
+
 def split_params(
     model: nn.Module, params: Collection[str] | None = None
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -84,6 +98,7 @@ def split_params(
         UnsupportedModelError: If a name in ``params`` is not a parameter of the model.
     """
     named = dict(model.named_parameters())
+    check_not_meta(model)
     if params is None:
         chosen = [name for name, p in named.items() if p.requires_grad]
     else:

@@ -95,14 +95,22 @@ def _stack_references(
         )
     if reference is not None:
         check_compatible(selected, reference, what="model parameters and reference")
-        return {n: reference[n].unsqueeze(0) for n in selected}, None
+        return {n: _like(reference[n], p).unsqueeze(0) for n, p in selected.items()}, None
     assert references is not None
     if not references:
         raise ValueError("references= needs at least one named reference gradient.")
     for key, ref in references.items():
         check_compatible(selected, ref, what=f"model parameters and references[{key!r}]")
-    stacked = {n: torch.stack([ref[n] for ref in references.values()]) for n in selected}
+    stacked = {
+        n: torch.stack([_like(ref[n], p) for ref in references.values()])
+        for n, p in selected.items()
+    }
     return stacked, tuple(references)
+
+
+def _like(reference: Tensor, param: Tensor) -> Tensor:
+    """A reference in its parameter's dtype and device: dots in the parameters' precision."""
+    return reference.to(device=param.device, dtype=param.dtype)
 
 
 class Probe(NamedTuple):

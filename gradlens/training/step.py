@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from gradlens.errors import UnsupportedModelError
 from gradlens.probes.batch import forward as call_model
+from gradlens.probes.checks import check_not_meta
 from gradlens.probes.ghost import Method, probe_batch
 from gradlens.probes.outputs import OutputSelector, plain_forward, select_output
 from gradlens.probes.vmap import Randomness, check_vmap_compatible, loss_and_grad
@@ -49,6 +50,7 @@ __all__ = ["SingleMode", "probed_step"]
 
 def trained_params(model: nn.Module) -> dict[str, Tensor]:
     """The parameters of ``model`` that require grad, or a clear error if there are none."""
+    check_not_meta(model)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise UnsupportedModelError(
