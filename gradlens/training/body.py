@@ -33,7 +33,7 @@ from gradlens.alignment.measures import summarize
 from gradlens.errors import GradientMismatchError
 from gradlens.probes.plan import PlanEntry
 from gradlens.training.objective import Objective
-from gradlens.transforms.base import GradientTransform
+from gradlens.transforms.base import GradientTransform, needs_example_dots
 
 __all__ = ["ModeProbe", "StepMode", "StepResult", "accumulate", "micro_batches", "run_step"]
 
@@ -241,6 +241,13 @@ def run_step(
     Returns:
         The :class:`StepResult`.
     """
+    if after is not None and needs_example_dots(after):
+        raise TypeError(
+            "after= is a per-example transform (it needs example_dots), but after= transforms "
+            "the optimizer's update, which has no per-example parts: per-example transforms "
+            "describe gradients. Pass it as before= (on g, with the examples' dots), or use "
+            "its global form (remove_aligned, scale_aligned) as after=."
+        )
     params = mode.params
     old = {n: p.detach().clone() for n, p in params.items()}
     trait_loss, g_t = mode.gradient(trait)

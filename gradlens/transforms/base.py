@@ -46,6 +46,8 @@ __all__ = [
     "TransformUpdate",
     "check_state",
     "identity",
+    "mark_needs_example_dots",
+    "needs_example_dots",
 ]
 
 
@@ -125,6 +127,21 @@ def check_state(state: State, expected: type, *, factory: str) -> None:
             f"{type(state).__name__}. Pass the state returned by this transform's init or by "
             "its previous update."
         )
+
+
+def needs_example_dots(transform: GradientTransform) -> bool:
+    """Whether ``transform`` (or a member of it) needs ``example_dots``: a per-example transform.
+
+    Per-example transforms describe gradients, not updates, so a probed step
+    refuses one as ``after=`` before it takes any step.
+    """
+    return bool(getattr(transform.update, "__gradlens_needs_example_dots__", False))
+
+
+def mark_needs_example_dots(update: TransformUpdate, needed: bool = True) -> None:
+    """Mark ``update`` as needing ``example_dots`` (see :func:`needs_example_dots`)."""
+    if needed:
+        update.__gradlens_needs_example_dots__ = True  # type: ignore[attr-defined]
 
 
 def identity() -> GradientTransform:

@@ -28,7 +28,13 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
-from gradlens.transforms.base import GradientTransform, State, StateMismatchError
+from gradlens.transforms.base import (
+    GradientTransform,
+    State,
+    StateMismatchError,
+    mark_needs_example_dots,
+    needs_example_dots,
+)
 
 __all__ = ["chain", "named_chain"]
 
@@ -94,6 +100,7 @@ def chain(*transforms: GradientTransform) -> GradientTransform:
             new_state.append(new_inner)
         return new_grads, tuple(new_state)
 
+    mark_needs_example_dots(update, any(needs_example_dots(t) for t in transforms))
     return GradientTransform(init, update)
 
 
@@ -157,4 +164,5 @@ def named_chain(*members: tuple[str, GradientTransform]) -> GradientTransform:
         )
         return new_grads, dict(zip(names, states, strict=True))
 
+    mark_needs_example_dots(update, any(needs_example_dots(t) for _, t in members))
     return GradientTransform(init, update)

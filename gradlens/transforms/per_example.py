@@ -51,7 +51,13 @@ from gradlens.transforms._groups import (
     to_scope,
     zeros_for,
 )
-from gradlens.transforms.base import GradientTransform, Scope, State, check_state
+from gradlens.transforms.base import (
+    GradientTransform,
+    Scope,
+    State,
+    check_state,
+    mark_needs_example_dots,
+)
 
 __all__ = [
     "ScaleAlignedPerExampleState",
@@ -174,6 +180,7 @@ def scale_aligned_per_example(
         )
         return new_grads, new_state
 
+    mark_needs_example_dots(update)
     return GradientTransform(init, update)
 
 

@@ -50,7 +50,12 @@ from torch.utils import _pytree as pytree
 
 from gradlens.errors import GradientMismatchError
 from gradlens.transforms._random import mix_seed
-from gradlens.transforms.base import GradientTransform, State
+from gradlens.transforms.base import (
+    GradientTransform,
+    State,
+    mark_needs_example_dots,
+    needs_example_dots,
+)
 
 __all__ = ["is_per_model", "per_model"]
 
@@ -171,6 +176,7 @@ def per_model(
         return vmapped(dict(grads), state, p, dict(reference), batched)
 
     update.__gradlens_per_model__ = True  # type: ignore[attr-defined]
+    mark_needs_example_dots(update, needs_example_dots(transform))
     return GradientTransform(init, update)
 
 

@@ -187,3 +187,27 @@ def test_a_pure_bfloat16_model_with_a_mean_loss_is_not_refused() -> None:
         Objective(F.cross_entropy, px, (py,)),
     )
     assert torch.isfinite(out.records["cosine"])
+
+
+def test_a_per_example_transform_as_after_is_refused_before_any_step() -> None:
+    from gradlens.transforms import named_chain, remove_aligned, remove_aligned_per_example
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    for after in (
+        remove_aligned_per_example(),
+        named_chain(("global", remove_aligned()), ("each", remove_aligned_per_example())),
+    ):
+        with pytest.raises(TypeError, match="Pass it as before="):
+            probed_step(
+                model,
+                torch.optim.SGD(model.parameters(), lr=0.1),
+                Objective(F.cross_entropy, x, (y,)),
+                Objective(F.cross_entropy, x, (y,)),
+                after=after,
+                after_state=after.init(dict(model.named_parameters())),
+            )
+    for p, q in zip(model.parameters(), before, strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)  # exact: untouched, not recomputed
