@@ -196,6 +196,27 @@ def micro_vs_whole(rank: int) -> list[dict[str, Tensor]]:
     return found
 
 
+def refusals(rank: int) -> dict[str, str]:
+    """What every rank raises for an optimizer of another model and for a summed loss."""
+    x, y, x_t, y_t = batch(0, 8)
+    shard = slice(4 * rank, 4 * rank + 4)
+    trait = Objective(F.cross_entropy, x_t, (y_t,))
+    found = {}
+    cases = {
+        "foreign_optimizer": (torch.optim.SGD(make_model().parameters(), lr=0.1), F.mse_loss),
+        "summed": (None, lambda out, t: F.mse_loss(out, t, reduction="sum")),
+    }
+    for name, (opt, loss) in cases.items():
+        model = make_model()
+        opt = opt or torch.optim.SGD(model.parameters(), lr=0.1)
+        try:
+            distributed_probed_step(model, opt, Objective(loss, x[shard], (y[shard],)), trait)
+            found[name] = "no error"
+        except (ValueError, GradlensError) as exc:
+            found[name] = f"{type(exc).__name__}: {exc}"
+    return found
+
+
 def worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -206,6 +227,7 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
         found["refuse"] = refuse_on_one_rank(rank)
         found["diverge_buffer"] = diverge_buffer(rank)
         found["micro"] = micro_vs_whole(rank)
+        found["refusals"] = refusals(rank)
         torch.save(found, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -279,6 +301,14 @@ def test_a_refusal_on_one_rank_is_raised_on_every_rank(ranks: list[dict[str, Any
     assert ranks[1]["refuse"].startswith("ValueError: the batch loss"), ranks[1]["refuse"]
     assert "weighs the examples unequally" in ranks[1]["refuse"]
     assert ranks[0]["refuse"].startswith("GradlensError: ranks [1] refused"), ranks[0]["refuse"]
+
+
+def test_a_foreign_optimizer_and_a_summed_loss_are_refused_on_every_rank(
+    ranks: list[dict[str, Any]],
+) -> None:
+    for found in ranks:
+        assert "does not hold the model's parameters" in found["refusals"]["foreign_optimizer"]
+        assert "reduction='sum'" in found["refusals"]["summed"], found["refusals"]["summed"]
 
 
 def test_a_diverged_buffer_is_reported_on_every_rank(ranks: list[dict[str, Any]]) -> None:
