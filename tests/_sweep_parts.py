@@ -39,10 +39,11 @@ def write_part(arg: dict) -> None:
         raise ValueError(f"part {arg['seed']} was told to fail")
     with open(arg["log"], "a") as log:
         log.write(f"{arg['seed']}\n")
-    if arg.get("sleep"):
-        _dataset(arg, complete=0).to_netcdf(path, engine="netcdf4")
-        time.sleep(arg["sleep"])
     partial = path.with_name(path.name + ".part")
+    if arg.get("sleep"):  # published whole, as a Recorder's flushes are: a kill cannot cut it
+        _dataset(arg, complete=0).to_netcdf(partial, engine="netcdf4")
+        os.replace(partial, path)
+        time.sleep(arg["sleep"])
     _dataset(arg, complete=1).to_netcdf(partial, engine="netcdf4")
     os.replace(partial, path)
 
