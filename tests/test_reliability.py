@@ -261,7 +261,7 @@ CASES: dict[str, Case] = {
         lambda: step(train=objective(loss_fn=summed)),
         ValueError,
         (
-            "It is their sum: reduction='sum'?",
+            "It is their sum (reduction='sum')",
             "mean of the per-example gradients",
             "reduction='mean'",
         ),
@@ -269,7 +269,7 @@ CASES: dict[str, Case] = {
     "an unreduced training loss": Case(
         lambda: step(train=objective(loss_fn=no_reduction)),
         ValueError,
-        ("train.loss_fn returned (2,) for a batch of 2", "scalar"),
+        ("loss_fn returned a tensor of shape", "must return a scalar", "reduction='mean'"),
     ),
     "an optimizer of another model": Case(
         lambda: step(optimizer=torch.optim.SGD(mlp().parameters(), lr=0.1)),
@@ -432,19 +432,6 @@ def test_a_single_example_batch_needs_no_reduction_check() -> None:
     """With one example, sum and mean are the same loss: the step goes ahead."""
     result = step(train=objective(1, loss_fn=summed))
     assert np.isfinite(float(result.records["cosine"]))  # type: ignore[attr-defined]
-
-
-def test_the_reduction_check_leaves_the_random_stream_alone() -> None:
-    """Its forward draws dropout masks; the step's own masks must be those drawn without it."""
-    from gradlens.training.checks import check_mean_reduction
-
-    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3)).double()
-    train = objective()
-    state = torch.get_rng_state()
-    check_mean_reduction(model, train.loss_fn, train.inputs, train.targets)
-    assert torch.equal(torch.get_rng_state(), state)
-    model(train.inputs)  # and the forward does draw: the check above could fail
-    assert not torch.equal(torch.get_rng_state(), state)
 
 
 def test_a_reference_in_another_dtype_is_taken_in_the_parameters_dtype() -> None:

@@ -56,12 +56,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from gradlens.probes.batch import examples, forward
+from gradlens.probes.batch import examples
 from gradlens.probes.ghost import Method
-from gradlens.probes.outputs import OutputSelector, plain_forward, select_output
+from gradlens.probes.outputs import OutputSelector, plain_forward
 from gradlens.probes.vmap import Randomness, check_vmap_compatible
 from gradlens.training.body import ModeProbe, StepResult, micro_batches, run_step
-from gradlens.training.checks import check_mean_reduction, check_objective, check_optimizer
+from gradlens.training.checks import check_objective, check_optimizer
 from gradlens.training.collectives import (
     ProcessGroup,
     ReplicaDivergenceError,
@@ -274,14 +274,6 @@ def distributed_probed_step(
                 check_objective(which, objective, allow_empty=trait_batch == "sharded")
         check_optimizer(optimizer, mode.params)
         check_vmap_compatible(module, randomness)
-        with plain_forward(module):
-            for batch in batches:
-                check_mean_reduction(
-                    lambda x: select_output(forward(module, x), output),
-                    batch.loss_fn,
-                    batch.inputs,
-                    batch.targets,
-                )
 
     # Everything that can be refused is refused, on every rank, before any forward.
     raise_together(checks, group, next(iter(mode.params.values())).device)

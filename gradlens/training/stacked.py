@@ -51,11 +51,16 @@ from torch import Tensor
 from torch.func import functional_call, grad_and_value
 
 from gradlens.errors import UnsupportedModelError
-from gradlens.probes.checks import check_chunk_size, check_mean_loss, check_vmap_compatible
+from gradlens.probes.checks import (
+    check_chunk_size,
+    check_mean_loss,
+    check_vmap_compatible,
+    mean_loss_rtol,
+)
 from gradlens.probes.outputs import OutputSelector, select_output
 from gradlens.probes.plan import PlanEntry
 from gradlens.training.body import ModeProbe, StepResult, micro_batches, run_step
-from gradlens.training.checks import check_mean_reduction, check_optimizer
+from gradlens.training.checks import check_optimizer
 from gradlens.training.objective import Objective
 from gradlens.training.stack import Stack, mlp_layers, mlp_pass, stack_forward
 from gradlens.transforms.base import GradientTransform
@@ -75,9 +80,13 @@ def _model_losses(loss_fn: Callable[..., Tensor], outputs: Tensor, targets: tupl
     A loop, not ``vmap``: several of torch's losses (``kl_div``) have no
     batching rule, and vmap would loop over the models all the same.
     """
-    return torch.stack(
-        [loss_fn(outputs[m], *(t[m] for t in targets)) for m in range(outputs.shape[0])]
-    )
+    losses = [loss_fn(outputs[m], *(t[m] for t in targets)) for m in range(outputs.shape[0])]
+    if any(not isinstance(v, Tensor) or v.ndim != 0 for v in losses):
+        raise ValueError(
+            "loss_fn must return a scalar for one model's batch, the mean loss of its examples: "
+            "keep reduction='mean' (the default of torch's losses) or end it with .mean()."
+        )
+    return torch.stack(losses)
 
 
 def _example_losses(loss_fn: Callable[..., Tensor], outputs: Tensor, targets: tuple) -> Tensor:
@@ -101,7 +110,7 @@ def _check_model_means(loss: Tensor, each: Tensor) -> None:
     if each.shape[1] < 2:
         return
     mean = each.mean(-1)
-    rtol = max(1e-4, 8 * torch.finfo(each.dtype).eps)
+    rtol = mean_loss_rtol(each.dtype)
     off = (loss - mean).abs() > rtol * torch.maximum(loss.abs(), mean.abs()) + 1e-7
     bad = off.nonzero().flatten().tolist()
     if bad:
@@ -349,18 +358,6 @@ def stacked_probed_step(
     _check_transform("after", after)
     check_optimizer(optimizer, stack.params)
     check_vmap_compatible(stack.module, "error")
-    first = Stack(
-        stack.module,
-        {n: p[:1] for n, p in stack.params.items()},
-        {n: b[:1] for n, b in stack.buffers.items()},
-    )
-    for batch in batches:
-        check_mean_reduction(
-            lambda x: stack_forward(first, x[None], output=output)[0],
-            batch.loss_fn,
-            batch.inputs[0],
-            tuple(t[0] for t in batch.targets),
-        )
     return run_step(
         mode,
         optimizer,

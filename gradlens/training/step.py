@@ -41,7 +41,7 @@ from gradlens.probes.ghost import Method, probe_batch
 from gradlens.probes.outputs import OutputSelector, plain_forward, select_output
 from gradlens.probes.vmap import Randomness, check_vmap_compatible, loss_and_grad
 from gradlens.training.body import ModeProbe, StepResult, micro_batches, run_step
-from gradlens.training.checks import check_mean_reduction, check_objective, check_optimizer
+from gradlens.training.checks import check_objective, check_optimizer
 from gradlens.training.objective import Objective
 from gradlens.transforms.base import GradientTransform
 
@@ -212,7 +212,8 @@ def probed_step(
         NonFiniteGradientError: If ``g_t`` or ``g`` has NaN or infinite values.
         ValueError: If a batch is empty or its targets do not match its inputs,
             the optimizer does not hold the model's parameters, or
-            ``train.loss_fn`` is not mean-reduced (checked on two examples).
+            ``train.loss_fn`` is not the mean of the examples' losses (checked on
+            the whole batch, from the probe's own outputs, before the optimizer steps).
         UnsupportedModelError: If no parameter requires grad, or the model
             cannot be probed per example (train-mode BatchNorm, for one; the
             message names the argument to change); raised before any forward,
@@ -234,14 +235,9 @@ def probed_step(
             check_objective(which, objective)
     check_optimizer(optimizer, mode.params)
     check_vmap_compatible(model, randomness)
+    # Whether train.loss_fn is the mean of the examples' losses is checked on the whole
+    # batch by the probe, on its own outputs (no forward of its own), before any step.
     with plain_forward(model):
-        for batch in batches:
-            check_mean_reduction(
-                lambda x: select_output(call_model(model, x), output),
-                batch.loss_fn,
-                batch.inputs,
-                batch.targets,
-            )
         return run_step(
             mode,
             optimizer,
