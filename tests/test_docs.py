@@ -35,3 +35,17 @@ def test_the_models_page_runs() -> None:
     assert blocks
     for block in blocks:
         exec(compile(block, "docs/models.md", "exec"), {"__name__": "docs_models"})
+
+
+def test_the_recording_page_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the page writes its run files to the working directory
+    blocks = _python_blocks((DOCS / "recording.md").read_text())
+    assert len(blocks) >= 3
+    namespace: dict[str, object] = {"__name__": "docs_recording"}
+    for block in blocks:  # in order: later blocks use the names of earlier ones
+        exec(compile(block, "docs/recording.md", "exec"), namespace)
+    assert '"path": "ghost"' in open_plan(tmp_path / "planned.nc")
+
+
+def open_plan(path: Path) -> str:
+    return gradlens.open_run(path).attrs["plan"]

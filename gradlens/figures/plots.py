@@ -176,7 +176,8 @@ def plot_layer_heatmap(
     groups = groups_of(mean, row)
     label = label_of(da)
     colours = "colour: red > 0 > blue" if symmetric else "colour: low (dark) to high (light)"
-    fig = Figure(figsize=(7.5, 1.2 + 1.1 * len(groups)), layout="constrained")
+    layers = mean.sizes["layer"]
+    fig = Figure(figsize=(7.5, 1.2 + _panel_height(layers) * len(groups)), layout="constrained")
     axes = fig.subplots(len(groups), 1, sharex=True, squeeze=False)[:, 0]
     shared = _colour_scale(mean.values, symmetric)
     for ax, (name, values) in zip(axes, groups, strict=True):
@@ -184,8 +185,10 @@ def plot_layer_heatmap(
         ticks = np.arange(values.sizes["layer"])
         colour = shared if scale == "shared" else _colour_scale(values.values, symmetric)
         image = ax.pcolormesh(values.step, ticks, values, shading="nearest", **colour)
-        names = [str(v) for v in values.layer.values]
-        ax.set_yticks(ticks, [(layer_labels or {}).get(v, v) for v in names])
+        names = [(layer_labels or {}).get(str(v), str(v)) for v in values.layer.values]
+        shown = _tick_stride(len(names))
+        ax.set_yticks(ticks[::shown], names[::shown], fontsize=_tick_size(len(names)))
+        ax.invert_yaxis()  # the first layer (the input side) on top, as the model is read
         if name is not None:
             ax.set_title(f"{row} = {name}", fontsize="small", loc="left")
         if scale == "row":
@@ -195,8 +198,29 @@ def plot_layer_heatmap(
         fig.colorbar(image, ax=list(axes), label=label)
     over = f", mean over {averaged}s" if averaged else ""
     per = "one scale per panel" if scale == "row" else "one scale"
-    fig.suptitle(f"{label}{over}\nrows: layers; {colours}, {per}", fontsize="medium")
+    every = _tick_stride(layers)
+    rows = "rows: layers" + (f" ({layers}, 1 in {every} labelled)" if every > 1 else "")
+    fig.suptitle(f"{label}{over}\n{rows}; {colours}, {per}", fontsize="medium")
     return fig
+
+
+_MAX_LAYER_TICKS = 32
+"""At most this many layer names on a panel's axis; deeper models label every k-th layer."""
+
+
+def _panel_height(layers: int) -> float:
+    """Inches per heatmap panel: 1.1 for a few layers, growing to 6 for 88+ (rows stay visible)."""
+    return min(6.0, max(1.1, 0.07 * layers))
+
+
+def _tick_stride(layers: int) -> int:
+    """Label every k-th layer so that at most ``_MAX_LAYER_TICKS`` names share an axis."""
+    return max(1, -(-layers // _MAX_LAYER_TICKS))
+
+
+def _tick_size(layers: int) -> str:
+    """Font size of the layer names: smaller once a panel holds many rows."""
+    return "small" if layers <= 12 else "x-small"
 
 
 def _colour_scale(values: np.ndarray, symmetric: bool) -> dict[str, object]:

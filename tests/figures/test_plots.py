@@ -291,3 +291,25 @@ def test_per_example_values_on_their_own_step_dim_name_the_column() -> None:
     )
     with pytest.raises(ValueError, match="column='example_step'"):
         plot_histograms(ds, "example_cosine")
+
+
+def test_heatmap_stays_readable_at_96_layers() -> None:
+    rng = np.random.default_rng(2)
+    layers = [f"model.layers.{i // 8}.part{i % 8}" for i in range(96)]
+    ds = xr.Dataset(
+        {
+            "layer_cosine": (
+                ("step", "layer"),
+                rng.normal(size=(5, 96)),
+                {"long_name": "cos per layer", "units": "1"},
+            )
+        },
+        coords={"step": np.arange(5), "layer": layers},
+    )
+    few = plot_layer_heatmap(ds.isel(layer=slice(0, 3)))
+    fig = plot_layer_heatmap(ds)
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert len(labels) <= 32 and labels[0] == layers[0] and labels[1] == layers[3]
+    assert fig.get_figheight() > 3 * few.get_figheight()  # rows of visible height
+    assert "96, 1 in 3 labelled" in fig.get_suptitle()
+    assert fig.axes[0].yaxis_inverted()  # the first layer on top
