@@ -50,12 +50,15 @@ from torch import Tensor, nn
 
 from gradlens.alignment.gradops import check_compatible
 from gradlens.errors import UnsupportedModelError
+from gradlens.numerics import accumulation_dtype
 from gradlens.probes.batch import call, examples
 from gradlens.probes.capture import ghost_pass
 from gradlens.probes.checks import check_mean_loss
 from gradlens.probes.fallback import refuse_mixed_masks, vmap_dots
+from gradlens.probes.loop import loop_reason
 from gradlens.probes.outputs import OutputSelector, plain_forward, select_output
 from gradlens.probes.plan import PlanEntry, ghost_plan, plan_for
+from gradlens.probes.precision import batch_cosines, reduced_dtype, warn_within_noise
 from gradlens.probes.vmap import (
     LossFn,
     Randomness,
@@ -109,8 +112,11 @@ def _stack_references(
 
 
 def _like(reference: Tensor, param: Tensor) -> Tensor:
-    """A reference in its parameter's dtype and device: dots in the parameters' precision."""
-    return reference.to(device=param.device, dtype=param.dtype)
+    """A reference on its parameter's device, in the dtype its dots accumulate in.
+
+    float32 for a bfloat16 or float16 parameter, else the parameter's dtype.
+    """
+    return reference.to(device=param.device, dtype=accumulation_dtype(param.dtype))
 
 
 class Probe(NamedTuple):
@@ -212,6 +218,7 @@ def _probe(
     if rest and method == "auto":
         refuse_mixed_masks(plan, randomness, method)
     if rest:
+        plan = _loop_noted(model, plan, rest)
         more = vmap_dots(
             model, loss_fn, stacked, inputs, targets, rest, chunk_size, randomness, output
         )
@@ -220,14 +227,30 @@ def _probe(
         if method == "vmap":
             grad_sum = more[2]
     count = examples(inputs)
+    grad = {n: (grad_sum[n] / count).to(selected[n].dtype) for n in names} if with_grad else {}
+    if with_grad:
+        warn_within_noise(batch_cosines(grad, stacked), reduced_dtype(selected))
     return Probe(
         losses=losses,
-        grad={n: grad_sum[n] / count for n in names} if with_grad else {},
+        grad=grad,
         dots={n: dots[n] if ref_names else dots[n][:, 0] for n in names},
         sq_norms={n: sq_norms[n] for n in names},
         plan=plan,
         references=ref_names,
     )
+
+
+def _loop_noted(
+    model: nn.Module, plan: dict[str, PlanEntry], rest: list[str]
+) -> dict[str, PlanEntry]:
+    """The plan with each per-example-gradient entry saying so when a loop takes them."""
+    why = loop_reason(model)
+    if why is None:
+        return plan
+    noted = dict(plan)
+    for name in rest:
+        noted[name] = plan[name]._replace(reason=f"{plan[name].reason}; {why}")
+    return noted
 
 
 def _empty_probe(
