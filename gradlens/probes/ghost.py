@@ -228,8 +228,9 @@ def _probe(
             grad_sum = more[2]
     count = examples(inputs)
     grad = {n: (grad_sum[n] / count).to(selected[n].dtype) for n in names} if with_grad else {}
-    if with_grad:
-        warn_within_noise(batch_cosines(grad, stacked), reduced_dtype(selected))
+    low = reduced_dtype(selected) if with_grad else None
+    if low is not None:  # one host sync, only in reduced precision
+        warn_within_noise(batch_cosines(grad, stacked), low)
     return Probe(
         losses=losses,
         grad=grad,
@@ -321,7 +322,9 @@ def per_example_dots(
     Returns:
         ``(dots, sq_norms)``: for every selected name, shape ``(example,)``
         (``(0,)`` for a batch without examples); with ``references=`` the dots
-        have shape ``(example, reference)``.
+        have shape ``(example, reference)``. In the parameter's accumulation
+        dtype: float32 for bfloat16/float16 parameters and under autocast
+        (:mod:`gradlens.probes.precision`), float64 for float64.
 
     Raises:
         GradientMismatchError: If ``reference`` does not match the selected parameters.
@@ -367,7 +370,9 @@ def probe_batch(
     The training-loop companion of :func:`per_example_dots`: the backward pass
     that yields the ghost quantities also yields the batch gradient, so a
     probed training step needs no second backward. Arguments as in
-    :func:`per_example_dots`.
+    :func:`per_example_dots`. In reduced precision (autocast, bfloat16 or
+    float16 parameters), a batch cosine ``|cos(grad, reference)|`` below the
+    measured noise floor issues a :class:`~gradlens.errors.PrecisionWarning`.
 
     Returns:
         A :class:`Probe`.
