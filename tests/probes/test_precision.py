@@ -156,15 +156,21 @@ def test_autocast_warns_for_an_orthogonal_reference() -> None:
         probe_batch(model, loss_fn, x.float(), y, reference=perp)
 
 
-def test_probed_step_in_bf16_runs_the_check(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_probed_step_in_bf16_runs_the_check_and_records_float32_cosines(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setitem(NOISE_FLOOR, torch.bfloat16, 1.0)  # every |cos| < 1 is "within" it
     model, x, y = make("mlp")
     model.to(torch.bfloat16)
     low = x.to(torch.bfloat16)
     with pytest.warns(PrecisionWarning):
-        probed_step(
+        out = probed_step(
             model,
             torch.optim.SGD(model.parameters(), lr=0.1),
             Objective(F.cross_entropy, low, (y,)),
             Objective(F.cross_entropy, low.flip(0), (y.flip(0),)),
         )
+    for name in ("cosine", "layer_cosine", "example_cosine_mean", "update_cosine"):
+        assert out.records[name].dtype == torch.float32, name  # summed in float32
+    assert out.example_cosine.dtype == torch.float32
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())  # stepped in its dtype
