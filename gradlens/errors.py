@@ -8,6 +8,7 @@ __all__ = [
     "GradientMismatchError",
     "GradlensError",
     "NonFiniteGradientError",
+    "PrecisionWarning",
     "RecordWriteError",
     "UnsupportedModelError",
 ]
@@ -74,3 +75,14 @@ class RecordWriteError(GradlensError, OSError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class PrecisionWarning(UserWarning):
+    """A recorded alignment within the rounding noise of the reduced precision it ran in.
+
+    Issued (once per process and dtype, by the default warning filter) when a
+    probe runs under ``torch.autocast`` or on bfloat16/float16 parameters and
+    a batch cosine ``|cos(g, reference)|`` is below the measured noise floor of
+    cosines in that dtype (:data:`gradlens.probes.precision.NOISE_FLOOR`).
+    Silence it with ``warnings.filterwarnings("ignore", category=PrecisionWarning)``.
+    """

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["flush_denormal"]
+__all__ = ["accumulation_dtype", "flush_denormal"]
 
 
 @contextmanager
@@ -39,3 +39,16 @@ def flush_denormal(enabled: bool = True) -> Iterator[None]:
     finally:
         if supported:
             torch.set_flush_denormal(was_flushing)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype in which sums of ``dtype`` values are taken: float32, or ``dtype`` if wider.
+
+    Dots, norms and cosines of bfloat16 or float16 gradients are accumulated
+    (and returned) in float32; float64 stays float64.
+
+    Example:
+        >>> accumulation_dtype(torch.bfloat16), accumulation_dtype(torch.float64)
+        (torch.float32, torch.float64)
+    """
+    return torch.promote_types(dtype, torch.float32)

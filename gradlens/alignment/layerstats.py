@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from gradlens.alignment.gradops import check_compatible, group_by_layer, safe_divide
+from gradlens.numerics import accumulation_dtype
 
 __all__ = [
     "GLOBAL",
@@ -170,8 +171,8 @@ def layer_stats(
     """
     check_compatible(grads, reference, what="gradient and reference")
     groups, order, sizes = _layout(list(grads), scope)
-    g = [grads[n] for n in order]
-    r = [reference[n].to(grads[n].dtype) for n in order]
+    g = [grads[n].to(accumulation_dtype(grads[n].dtype)) for n in order]  # bf16: sums in f32
+    r = [reference[n].to(a.dtype) for n, a in zip(order, g, strict=True)]
     dots = torch.stack(
         [torch.vdot(a.reshape(-1), b.reshape(-1)) for a, b in zip(g, r, strict=True)]
     )

@@ -10,7 +10,11 @@
   and output gradients;
 - :mod:`gradlens.probes.forms`: the factored forms and their registry
   (:func:`~gradlens.probes.forms.register_form`);
-- :mod:`gradlens.probes.outputs`: which tensor of a model's output the loss sees.
+- :mod:`gradlens.probes.outputs`: which tensor of a model's output the loss sees;
+- :mod:`gradlens.probes.loop`: per-example gradients one example at a time, where
+  ``vmap`` cannot batch the forward (fused RNNs, packed sequences);
+- :mod:`gradlens.probes.precision`: float32 accumulation in reduced precision and the
+  cosines' noise floor (:class:`~gradlens.errors.PrecisionWarning`).
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from gradlens.probes.forms.registry import OpLog, Seen
 from gradlens.probes.forms.shared import Part, combine
 from gradlens.probes.outputs import OutputSelector, select_output
 from gradlens.probes.plan import PlanEntry, check_rows_alone
+from gradlens.probes.precision import upcast, upcast_call
 from gradlens.probes.vmap import LossFn, per_example_losses
 
 __all__ = ["ghost_pass"]
@@ -96,7 +97,10 @@ def ghost_pass(
         assert not isinstance(seen.call, str)
         b = torch.zeros_like(seen.output) if b is None else b.detach()
         once = {r: n for r, n in seen.roles.items() if not plan[n].shared}
-        with torch.no_grad():
+        acc = references[next(iter(seen.roles.values()))].dtype  # float32 for bfloat16
+        seen = seen._replace(call=upcast_call(seen.call, acc))  # sums in float32 or wider
+        b = upcast(b, acc)
+        with torch.no_grad(), torch.autocast(b.device.type, enabled=False):
             if once:
                 refs = {role: references[name] for role, name in once.items()}
                 for role, (d, sq) in seen.form.compute(seen.call, b, layout, refs).items():
@@ -109,7 +113,7 @@ def ghost_pass(
                         parts.setdefault(name, []).append(found_parts[role])
     for name, found_parts in parts.items():
         if len(found_parts) == len(plan[name].shared):  # else: vmap, in the caller
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(references[name].device.type, enabled=False):
                 dots[name], sq_norms[name] = combine(found_parts, references[name])
     return losses.detach(), grad_sum, dots, sq_norms
 

@@ -17,6 +17,7 @@ from gradlens.errors import UnsupportedModelError
 from gradlens.probes.batch import examples, take
 from gradlens.probes.outputs import OutputSelector
 from gradlens.probes.plan import PlanEntry
+from gradlens.probes.precision import upcast
 from gradlens.probes.vmap import LossFn, Randomness, per_example_grads
 
 __all__ = ["refuse_mixed_masks", "vmap_dots"]
@@ -36,7 +37,9 @@ def vmap_dots(
     """Inner products, squared norms and gradient sums from per-example gradients.
 
     Examples are processed ``chunk_size`` at a time and reduced at once, so at
-    most ``chunk_size x parameter`` gradient entries exist at any moment.
+    most ``chunk_size x parameter`` gradient entries exist at any moment. The
+    reductions run in the references' dtype (float32 for a bfloat16 model: the
+    per-example gradients are upcast first) with autocast off.
     ``reference`` holds stacked references, ``(reference, *param)``; the dots
     have shape ``(example, reference)``.
     """
@@ -55,12 +58,13 @@ def vmap_dots(
             randomness=randomness,
             output=output,
         )
-        for name, g in grads.items():
-            flat = g.flatten(start_dim=1)
-            refs = reference[name]
-            dots[name].append(flat @ refs.reshape(refs.shape[0], -1).T)
-            sq_norms[name].append(torch.linalg.vector_norm(flat, dim=1).square())
-            grad_sum[name] = g.sum(dim=0) + grad_sum.get(name, 0.0)
+        with torch.autocast(next(iter(grads.values())).device.type, enabled=False):
+            for name, g in grads.items():
+                refs = reference[name]  # in the accumulation dtype: float32 for bfloat16
+                flat = upcast(g, refs.dtype).flatten(start_dim=1)
+                dots[name].append(flat @ refs.reshape(refs.shape[0], -1).T)
+                sq_norms[name].append(torch.linalg.vector_norm(flat, dim=1).square())
+                grad_sum[name] = flat.sum(dim=0).view(g.shape[1:]) + grad_sum.get(name, 0.0)
     return (
         {n: torch.cat(v) for n, v in dots.items()},
         {n: torch.cat(v) for n, v in sq_norms.items()},

@@ -50,12 +50,15 @@ from torch import Tensor, nn
 
 from gradlens.alignment.gradops import check_compatible
 from gradlens.errors import UnsupportedModelError
+from gradlens.numerics import accumulation_dtype
 from gradlens.probes.batch import call, examples
 from gradlens.probes.capture import ghost_pass
 from gradlens.probes.checks import check_mean_loss
 from gradlens.probes.fallback import refuse_mixed_masks, vmap_dots
+from gradlens.probes.loop import loop_reason
 from gradlens.probes.outputs import OutputSelector, plain_forward, select_output
 from gradlens.probes.plan import PlanEntry, ghost_plan, plan_for
+from gradlens.probes.precision import batch_cosines, reduced_dtype, warn_within_noise
 from gradlens.probes.vmap import (
     LossFn,
     Randomness,
@@ -109,8 +112,11 @@ def _stack_references(
 
 
 def _like(reference: Tensor, param: Tensor) -> Tensor:
-    """A reference in its parameter's dtype and device: dots in the parameters' precision."""
-    return reference.to(device=param.device, dtype=param.dtype)
+    """A reference on its parameter's device, in the dtype its dots accumulate in.
+
+    float32 for a bfloat16 or float16 parameter, else the parameter's dtype.
+    """
+    return reference.to(device=param.device, dtype=accumulation_dtype(param.dtype))
 
 
 class Probe(NamedTuple):
@@ -212,6 +218,7 @@ def _probe(
     if rest and method == "auto":
         refuse_mixed_masks(plan, randomness, method)
     if rest:
+        plan = _loop_noted(model, plan, rest)
         more = vmap_dots(
             model, loss_fn, stacked, inputs, targets, rest, chunk_size, randomness, output
         )
@@ -220,14 +227,31 @@ def _probe(
         if method == "vmap":
             grad_sum = more[2]
     count = examples(inputs)
+    grad = {n: (grad_sum[n] / count).to(selected[n].dtype) for n in names} if with_grad else {}
+    low = reduced_dtype(selected) if with_grad else None
+    if low is not None:  # one host sync, only in reduced precision
+        warn_within_noise(batch_cosines(grad, stacked), low)
     return Probe(
         losses=losses,
-        grad={n: grad_sum[n] / count for n in names} if with_grad else {},
+        grad=grad,
         dots={n: dots[n] if ref_names else dots[n][:, 0] for n in names},
         sq_norms={n: sq_norms[n] for n in names},
         plan=plan,
         references=ref_names,
     )
+
+
+def _loop_noted(
+    model: nn.Module, plan: dict[str, PlanEntry], rest: list[str]
+) -> dict[str, PlanEntry]:
+    """The plan with each per-example-gradient entry saying so when a loop takes them."""
+    why = loop_reason(model)
+    if why is None:
+        return plan
+    noted = dict(plan)
+    for name in rest:
+        noted[name] = plan[name]._replace(reason=f"{plan[name].reason}; {why}")
+    return noted
 
 
 def _empty_probe(
@@ -298,7 +322,9 @@ def per_example_dots(
     Returns:
         ``(dots, sq_norms)``: for every selected name, shape ``(example,)``
         (``(0,)`` for a batch without examples); with ``references=`` the dots
-        have shape ``(example, reference)``.
+        have shape ``(example, reference)``. In the parameter's accumulation
+        dtype: float32 for bfloat16/float16 parameters and under autocast
+        (:mod:`gradlens.probes.precision`), float64 for float64.
 
     Raises:
         GradientMismatchError: If ``reference`` does not match the selected parameters.
@@ -344,7 +370,9 @@ def probe_batch(
     The training-loop companion of :func:`per_example_dots`: the backward pass
     that yields the ghost quantities also yields the batch gradient, so a
     probed training step needs no second backward. Arguments as in
-    :func:`per_example_dots`.
+    :func:`per_example_dots`. In reduced precision (autocast, bfloat16 or
+    float16 parameters), a batch cosine ``|cos(grad, reference)|`` below the
+    measured noise floor issues a :class:`~gradlens.errors.PrecisionWarning`.
 
     Returns:
         A :class:`Probe`.

@@ -33,6 +33,7 @@ from gradlens.probes.checks import (
     explain_vmap_failures,
     split_params,
 )
+from gradlens.probes.loop import check_loop_randomness, loop_grads, loop_reason
 from gradlens.probes.outputs import OutputSelector, plain_forward, select_output
 
 __all__ = [
@@ -79,6 +80,10 @@ def per_example_grads(
 
     Uses ``vmap(grad(loss))`` over ``functional_call``; the model's own
     parameters are read, never changed, and buffers pass through unchanged.
+    A model with a fused recurrent module (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``,
+    packed sequences or not), and a forward under ``torch.autocast`` that
+    ``vmap`` fails on, take ``grad(loss)`` one example at a time instead
+    (:mod:`gradlens.probes.loop`: exact, ``example`` passes of one example).
 
     Args:
         model: The model; BatchNorm must be in eval mode.
@@ -112,6 +117,37 @@ def per_example_grads(
         return {name: p.new_zeros((0, *p.shape)) for name, p in selected.items()}
     buffers = dict(model.named_buffers())
     loss = _one_example_loss(model, loss_fn, frozen, buffers, output)
+    if loop_reason(model) is not None:  # fused RNN kernels, packed sequences
+        check_loop_randomness(model, randomness)
+        with plain_forward(model):
+            return loop_grads(loss, selected, inputs, targets, examples(inputs), randomness)
+    try:
+        return _vmapped(loss, selected, inputs, targets, chunk_size, randomness, model)
+    except UnsupportedModelError as err:
+        if not _vmap_failed_under_autocast(err, selected):
+            raise
+    with plain_forward(model):  # vmap's batching rules meet autocast's mixed dtypes
+        return loop_grads(loss, selected, inputs, targets, examples(inputs), randomness)
+
+
+def _vmap_failed_under_autocast(err: UnsupportedModelError, params: dict[str, Tensor]) -> bool:
+    """Whether vmap failed, while one example ran, under autocast (not for random draws)."""
+    cause = err.__cause__
+    if not isinstance(cause, RuntimeError) or "random" in str(cause):
+        return False
+    return any(torch.is_autocast_enabled(k) for k in {p.device.type for p in params.values()})
+
+
+def _vmapped(
+    loss: Callable[..., Tensor],
+    selected: dict[str, Tensor],
+    inputs: Inputs,
+    targets: tuple[Tensor, ...],
+    chunk_size: int | None,
+    randomness: Randomness,
+    model: nn.Module,
+) -> dict[str, Tensor]:
+    """``vmap(grad(loss))`` chunk by chunk, vmap-only failures explained."""
     in_dims = (None, 0, *([0] * len(targets)))
     batched = vmap(grad(loss), in_dims=in_dims, randomness=randomness)
     count = examples(inputs)

@@ -1,4 +1,7 @@
-"""Failures that only vmap has name their real cause and the fix."""
+"""Failures that only vmap has name their real cause and the fix.
+
+Fused RNNs (once refused here) are exact by the loop path: tests/probes/test_rnn.py.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +14,6 @@ from gradlens import per_example_grads
 from gradlens.errors import UnsupportedModelError
 
 
-class Recurrent(nn.Module):
-    def __init__(self, cell: type[nn.RNNBase]) -> None:
-        super().__init__()
-        self.rnn = cell(3, 4, batch_first=True)
-        self.head = nn.Linear(4, 2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.rnn(x)[0][:, -1])
-
-
 class Branching(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -30,14 +23,6 @@ class Branching(nn.Module):
         if (x > 0).any():  # a branch on the data, as attention-mask code does
             return self.head(x)
         return self.head(-x)
-
-
-@pytest.mark.parametrize("cell", [nn.GRU, nn.LSTM])
-def test_a_fused_rnn_is_named_with_the_cell_level_fix(cell: type[nn.RNNBase]) -> None:
-    model = Recurrent(cell).double()
-    x, y = torch.randn(5, 6, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
-    with pytest.raises(UnsupportedModelError, match=rf"fused kernel of {cell.__name__}.*Cell"):
-        per_example_grads(model, F.cross_entropy, x, y)
 
 
 def test_a_branch_on_the_data_is_named() -> None:
