@@ -9,7 +9,7 @@ Files of the one-model-per-seed protocol (dim ``seed``) draw with
 ``replicate="seed"``.
 
 Conditions are told apart by colour: :data:`PALETTE` holds 20 distinct colours
-(matplotlib's ten ``tab`` colours, then ten dark or saturated ones), so a run of
+(matplotlib's ten ``tab`` colours, then ten others, the most distinct first), so a run of
 up to 20 conditions never repeats one. Accuracy intervals are clipped to [0, 1].
 """
 
@@ -41,15 +41,15 @@ PALETTE = (
     *(f"tab:{name}" for name in ("blue", "orange", "green", "red", "purple")),
     *(f"tab:{name}" for name in ("brown", "pink", "gray", "olive", "cyan")),
     "black",
-    "darkred",
-    "navy",
     "lime",
-    "darkgoldenrod",
-    "deeppink",
-    "darkturquoise",
-    "indigo",
-    "saddlebrown",
-    "yellow",
+    "magenta",
+    "navy",
+    "teal",
+    "maroon",
+    "gold",
+    "darkviolet",
+    "salmon",
+    "darkgreen",
 )
 
 
