@@ -159,6 +159,7 @@ def _clipped(ci: xr.Dataset, name: str = "test_accuracy") -> xr.Dataset:
     """An accuracy's interval clipped to [0, 1] (a t interval over few models can pass both)."""
     if name != "test_accuracy":
         return ci
+    ci = ci.astype("float64")  # float32 files: mean - (mean - 0) must not round below 0
     return ci.assign(lower=ci["lower"].clip(0.0, 1.0), upper=ci["upper"].clip(0.0, 1.0))
 
 
