@@ -7,13 +7,22 @@ dims ``step``, ``model``, ``layer``, ``example_step``, ``example_model``,
 per condition and averages over models (bands: 95% t intervals over models).
 Files of the one-model-per-seed protocol (dim ``seed``) draw with
 ``replicate="seed"``.
+
+Conditions are told apart by colour: :data:`PALETTE` holds 20 distinct colours
+(matplotlib's ten ``tab`` colours, then ten others, the most distinct first), so a run of
+up to 20 conditions never repeats one. Accuracy intervals are clipped to [0, 1].
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import matplotlib as mpl
 import xarray as xr
+from cycler import cycler
+from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 
 from gradlens.figures.plots import (
@@ -26,7 +35,52 @@ from gradlens.figures.plots import (
 )
 from gradlens.stats import mean_ci
 
-__all__ = ["draw_figures", "plot_final_vs_alignment", "save_figures"]
+__all__ = ["PALETTE", "draw_figures", "plot_final_vs_alignment", "save_figures"]
+
+PALETTE = (
+    *(f"tab:{name}" for name in ("blue", "orange", "green", "red", "purple")),
+    *(f"tab:{name}" for name in ("brown", "pink", "gray", "olive", "cyan")),
+    "black",
+    "lime",
+    "magenta",
+    "navy",
+    "teal",
+    "maroon",
+    "gold",
+    "darkviolet",
+    "salmon",
+    "darkgreen",
+)
+
+
+@contextmanager
+def _palette() -> Iterator[None]:
+    """Draw with :data:`PALETTE` as the colour cycle (``"C12"`` is its 13th colour)."""
+    with mpl.rc_context({"axes.prop_cycle": cycler(color=list(PALETTE))}):
+        yield
+
+
+def _on_steps(ds: xr.Dataset) -> xr.Dataset:
+    """A compact file's ``eval_step`` variables put back on ``step`` (NaN where not evaluated)."""
+    if "eval_step" not in ds.dims or "step" not in ds.dims:
+        return ds
+    moved = {
+        name: var.rename(eval_step="step").reindex(step=ds["step"])
+        for name, var in ds.data_vars.items()
+        if "eval_step" in var.dims
+    }
+    return ds.drop_vars(list(moved)).drop_dims("eval_step").assign(moved)
+
+
+def _fix_colours(fig: Figure) -> None:
+    """Resolve every line's ``"CN"`` colour now, so the figure keeps it outside the palette."""
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        handles = [] if legend is None else legend.legend_handles
+        for line in [*ax.get_lines(), *handles]:
+            if hasattr(line, "get_color"):
+                line.set_color(to_rgba(line.get_color()))
+
 
 STEP = "student step"
 LAYER_LABELS = {"0": "0: 784 -> 256", "2": "2: 256 -> 256", "4": "4: 256 -> 13 (output)"}
@@ -38,8 +92,10 @@ def plot_final_vs_alignment(
     """Final student accuracy against the run's mean of ``var``, per condition (95% CIs).
 
     ``var="cosine"`` is the raw gradient alignment (measured before any
-    intervention acts); ``var="update_cosine"`` is the alignment of the update
-    actually applied, where interventions show.
+    intervention acts); ``var="applied_cosine"`` the alignment of the gradient
+    handed to the optimizer, after the intervention; ``var="update_cosine"``
+    is the alignment of the update actually applied. The accuracy interval is
+    clipped to [0, 1].
 
     Raises:
         ValueError: ``var`` or ``test_accuracy`` is missing or lacks a
@@ -55,11 +111,13 @@ def plot_final_vs_alignment(
     for condition in ds.condition.values:
         x = mean_ci(values.sel(condition=condition).mean("step"), dim=replicate)
         y = mean_ci(accuracy.sel(condition=condition), dim=replicate)
+        mean_y = float(y["mean"])
+        low, high = max(float(y["lower"]), 0.0), min(float(y["upper"]), 1.0)  # an accuracy
         ax.errorbar(
             float(x["mean"]),
-            float(y["mean"]),
+            mean_y,
             xerr=float(x["half_width"]),
-            yerr=float(y["half_width"]),
+            yerr=[[mean_y - low], [high - mean_y]],
             fmt="o",
             capsize=3,
             label=str(condition),
@@ -76,10 +134,28 @@ def draw_figures(ds: xr.Dataset, replicate: str | None = None) -> dict[str, Figu
     """The standard figures of a run, keyed by their PNG file names.
 
     ``replicate``: the dim averaged over; default ``"model"`` when the run has
-    one, else ``"seed"``.
+    one, else ``"seed"``. ``accuracy_vs_alignment.png`` uses the alignment after
+    the intervention (``applied_cosine``) where the run records it;
+    ``example_histograms.png`` is drawn only from a file with per-example values
+    (not from a compact file, whose ``eval_step`` variables are drawn on ``step``).
     """
     if replicate is None:
         replicate = "model" if "model" in ds.dims else "seed"
+    ds = _on_steps(ds)
+    with _palette():
+        figures = _draw(ds, replicate)
+        for fig in figures.values():
+            _fix_colours(fig)
+    return figures
+
+
+def _draw(ds: xr.Dataset, replicate: str) -> dict[str, Figure]:
+    # the gradient after the intervention where the run records it, else the raw one
+    applied = "applied_cosine" if "applied_cosine" in ds else "cosine"
+    applied_label = {
+        "applied_cosine": "mean cos(g_t, gradient after the intervention) over the run",
+        "cosine": "mean cos(g_t, g_d) over the run (no intervention recorded)",
+    }[applied]
     over_steps = {"hue": "condition", "xlabel": STEP, "replicate": replicate}
     figures = {
         "alignment.png": plot_over_steps(
@@ -106,14 +182,6 @@ def draw_figures(ds: xr.Dataset, replicate: str | None = None) -> dict[str, Figu
             scale="row",
             layer_labels=LAYER_LABELS,
         ),
-        "example_histograms.png": plot_histograms(
-            ds,
-            "example_cosine",
-            column="example_step",
-            row="condition",
-            xlabel="cos(g_i, g_t)",
-            title="per-example alignment of distillation examples with g_t (counts, pooled)",
-        ),
         "predicted_vs_measured.png": plot_scatter(
             ds,
             "predicted_change",
@@ -125,10 +193,7 @@ def draw_figures(ds: xr.Dataset, replicate: str | None = None) -> dict[str, Figu
             title=f"trait-loss change per step, every {replicate} (one panel per condition)",
         ),
         "accuracy_vs_alignment.png": plot_final_vs_alignment(
-            ds,
-            "cosine",
-            xlabel="mean cos(g_t, g_d) over the run (before any intervention)",
-            replicate=replicate,
+            ds, applied, xlabel=applied_label, replicate=replicate
         ),
         "accuracy_vs_update_alignment.png": plot_final_vs_alignment(
             ds,
@@ -137,6 +202,15 @@ def draw_figures(ds: xr.Dataset, replicate: str | None = None) -> dict[str, Figu
             replicate=replicate,
         ),
     }
+    if "example_cosine" in ds:  # the full file; compact files keep no per-example values
+        figures["example_histograms.png"] = plot_histograms(
+            ds,
+            "example_cosine",
+            column="example_step",
+            row="condition",
+            xlabel="cos(g_i, g_t)",
+            title="per-example alignment of distillation examples with g_t (counts, pooled)",
+        )
     if "transform_cosine" in ds and "all" in ds["group"].values:
         # conditions with a global transform (layer-scoped ones record per layer only)
         cos = ds["transform_cosine"].sel(group="all")

@@ -155,11 +155,21 @@ def sweep_markdown(finals: xr.Dataset, *, dim: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _clipped(ci: xr.Dataset, name: str = "test_accuracy") -> xr.Dataset:
+    """An accuracy's interval clipped to [0, 1] (a t interval over few models can pass both)."""
+    if name != "test_accuracy":
+        return ci
+    ci = ci.astype("float64")  # float32 files: mean - (mean - 0) must not round below 0
+    return ci.assign(lower=ci["lower"].clip(0.0, 1.0), upper=ci["upper"].clip(0.0, 1.0))
+
+
 def plot_sweep(finals: xr.Dataset, *, dim: str, xlabel: str, log: bool = False) -> Figure:
     """Three panels over the swept setting, means and 95% t intervals over models.
 
     ``log`` draws the swept setting on a log scale (symmetric-log, linear up
     to the smallest positive value, where it includes 0).
+
+    Accuracy intervals are clipped to [0, 1].
 
     Left: test accuracy of the baseline and the compared condition. Middle:
     their run-mean cos(g_t, g_d). Right: the compared condition's test
@@ -171,17 +181,17 @@ def plot_sweep(finals: xr.Dataset, *, dim: str, xlabel: str, log: bool = False) 
     acc_ax, cos_ax, trade_ax = fig.subplots(1, 3)
     for condition, colour in ((baseline, "tab:blue"), (compared, "tab:red")):
         for ax, name, scale in ((acc_ax, "test_accuracy", 100.0), (cos_ax, "cosine", 1.0)):
-            ci = mean_ci(finals[name].sel(condition=condition), dim="model")
+            ci = _clipped(mean_ci(finals[name].sel(condition=condition), dim="model"), name)
             ax.errorbar(
                 x,
                 scale * ci["mean"].values,
-                yerr=scale * ci["half_width"].values,
+                yerr=scale * np.stack([ci["mean"] - ci["lower"], ci["upper"] - ci["mean"]]),
                 marker="o",
                 capsize=3,
                 color=colour,
                 label=f"`{condition}`",
             )
-    acc = mean_ci(finals["test_accuracy"].sel(condition=compared), dim="model")
+    acc = _clipped(mean_ci(finals["test_accuracy"].sel(condition=compared), dim="model"))
     loss = mean_ci(finals["distill_loss"].sel(condition=compared), dim="model")
     # One colour per value, named in the legend: text labels overlap where points cluster.
     shades = matplotlib.colormaps["viridis"](np.linspace(0.0, 0.9, len(x)))
@@ -190,7 +200,13 @@ def plot_sweep(finals: xr.Dataset, *, dim: str, xlabel: str, log: bool = False) 
             loss["mean"].values[k],
             100 * acc["mean"].values[k],
             xerr=loss["half_width"].values[k],
-            yerr=100 * acc["half_width"].values[k],
+            yerr=100
+            * np.array(
+                [
+                    [acc["mean"].values[k] - acc["lower"].values[k]],
+                    [acc["upper"].values[k] - acc["mean"].values[k]],
+                ]
+            ),
             marker="o",
             linestyle="none",
             capsize=3,

@@ -14,10 +14,10 @@ NAMES = [
     "distill_loss.png",
     "update_alignment.png",
     "layer_alignment.png",
-    "example_histograms.png",
     "predicted_vs_measured.png",
     "accuracy_vs_alignment.png",
     "accuracy_vs_update_alignment.png",
+    "example_histograms.png",
 ]
 
 
@@ -68,3 +68,38 @@ def test_a_run_without_conditions_is_told_what_the_figures_need() -> None:
     ds = combined_run().isel(condition=0, drop=True)
     with pytest.raises(ValueError, match="needs a 'condition' dim"):
         draw_figures(ds)
+
+
+def test_thirteen_conditions_get_thirteen_colours_and_keep_them_after_drawing() -> None:
+    """The 13 conditions of the 10-model run are each drawn in their own colour, resolved
+    when drawn (not at save time under whatever colour cycle is then current)."""
+    ds = combined_run()
+    names = [f"c{i}" for i in range(13)]
+    ds = xr.concat([ds.isel(condition=0, drop=True)] * 13, dim="condition")
+    ds = ds.assign_coords(condition=names)
+    accuracy = draw_figures(ds)["accuracy.png"]
+    colours = [tuple(line.get_color()) for line in accuracy.axes[0].get_lines()]
+    assert len(colours) == 13 and len(set(colours)) == 13
+    legend = [tuple(h.get_color()) for h in accuracy.axes[0].get_legend().legend_handles]
+    assert legend == colours
+
+
+def test_accuracy_intervals_are_clipped_to_0_1_and_compact_files_skip_histograms() -> None:
+    ds = combined_run().drop_vars("example_cosine")
+    ds["test_accuracy"] = ds["test_accuracy"].where(ds["test_accuracy"].isnull(), 0.01)
+    ds["test_accuracy"][-1, 0, 0] = 0.99  # a wide interval around a mean near 0.34
+    figures = draw_figures(ds)
+    assert "example_histograms.png" not in figures
+    ax = figures["accuracy_vs_alignment.png"].axes[0]
+    segments = [seg for coll in ax.collections for seg in coll.get_segments()]
+    ys = [y for seg in segments for _, y in seg]
+    assert ys and min(ys) >= 0.0 and max(ys) <= 1.0
+
+
+def test_accuracy_against_alignment_uses_the_gradient_after_the_intervention() -> None:
+    ds = combined_run()
+    ds["applied_cosine"] = ds["cosine"] * 0 + 5.0  # far from the raw cosines in [-1, 1]
+    ax = draw_figures(ds)["accuracy_vs_alignment.png"].axes[0]
+    xs = [float(line.get_xdata()[0]) for line in ax.get_lines() if len(line.get_xdata()) == 1]
+    assert xs and all(abs(x - 5.0) < 1e-9 for x in xs)
+    assert "after the intervention" in ax.get_xlabel()

@@ -123,3 +123,15 @@ def test_the_cli_records_its_own_command_and_what_the_shared_run_stands_in_for(
     assert "- `aux` where a run lacks it: `run base`" in summary
     assert "- `lambda0=0: run lam0`" in summary
     assert summary == sweep_markdown(xr.load_dataset(out / SWEEP_FILE), dim="lambda0")
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=[p.parent.name for p in SWEEPS])
+def test_the_sweep_figure_clips_accuracy_intervals_to_0_100(path: Path) -> None:
+    """The committed probe-size sweep has a 3-model row whose t interval passes 0 and 100%;
+    the accuracy panels draw it within [0, 100]."""
+    finals = xr.load_dataset(path)
+    (dim,) = (d for d in finals.dims if d not in ("condition", "model"))
+    fig = plot_sweep(finals, dim=dim, xlabel=dim)
+    for ax in (fig.axes[0], fig.axes[2]):  # accuracy over the setting; accuracy vs loss
+        ys = [y for c in ax.collections for seg in c.get_segments() for _, y in seg]
+        assert ys and min(ys) >= -1e-9 and max(ys) <= 100.0 + 1e-9
