@@ -10,7 +10,9 @@
   and output gradients;
 - :mod:`gradlens.probes.forms`: the factored forms and their registry
   (:func:`~gradlens.probes.forms.register_form`);
-- :mod:`gradlens.probes.outputs`: which tensor of a model's output the loss sees.
+- :mod:`gradlens.probes.outputs`: which tensor of a model's output the loss sees;
+- :mod:`gradlens.probes.tokens`: :func:`token_dots`, each token's loss term
+  against a reference gradient (token-level alignment).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from gradlens.probes.forms import register_form
 from gradlens.probes.ghost import Method, Probe, per_example_dots, probe_batch
 from gradlens.probes.outputs import OutputSelector
 from gradlens.probes.plan import PlanEntry, ghost_plan
+from gradlens.probes.tokens import token_dots
 from gradlens.probes.vmap import (
     LossFn,
     Randomness,
@@ -43,4 +46,5 @@ __all__ = [
     "per_example_losses",
     "probe_batch",
     "register_form",
+    "token_dots",
 ]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["kl_divergence", "token_mean", "token_weights"]
+__all__ = ["kl_divergence", "token_losses", "token_mean", "token_weights"]
 
 
 def kl_divergence(logits: Tensor, target_logits: Tensor) -> Tensor:
@@ -70,14 +70,44 @@ def token_mean(
         >>> token_weights(labels, shift=False)  # 3 and 1 valid tokens, 2 on average
         tensor([1.5000, 0.5000], dtype=torch.float64)
     """
+    return token_losses(logits, labels, weights, shift=shift).sum(dim=1).mean()
+
+
+def token_losses(
+    logits: Tensor, labels: Tensor, weights: Tensor | None = None, *, shift: bool = True
+) -> Tensor:
+    """The per-token terms of :func:`token_mean`: ``w_i * l_{i,t} / n_i`` at each valid token.
+
+    ``token_mean(logits, labels, weights)`` is ``token_losses(...).sum(1).mean()``,
+    so an example's loss is the sum of its row: the per-token loss that
+    :func:`~gradlens.probes.token_dots` differentiates.
+
+    Args:
+        logits: ``(example, token, vocab)``.
+        labels: ``(example, token)``, -100 where ignored.
+        weights: ``(example,)``, or ``None`` for ones (:func:`token_weights`).
+        shift: As in :func:`token_mean`; each term then sits at the position of
+            the token it predicts (position 0, predicted by nothing, holds 0),
+            so the row lines up with the input ids.
+
+    Returns:
+        ``(example, token)``, 0 where the label is ignored.
+
+    Example:
+        >>> import torch
+        >>> labels = torch.tensor([[5, 1, 2, -100]])
+        >>> token_losses(torch.zeros(1, 4, 6), labels).squeeze(0)  # log(6) / 2 at 1 and 2
+        tensor([0.0000, 0.8959, 0.8959, 0.0000])
+    """
     if shift:
         logits, labels = logits[:, :-1], labels[:, 1:]
     each = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
     mask = labels != -100
-    means = (each * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)
+    scale = 1 / mask.sum(dim=1, keepdim=True).clamp_min(1).to(each.dtype)
     if weights is not None:
-        means = means * weights.to(means.dtype)
-    return means.mean()
+        scale = scale * weights.to(each.dtype)[:, None]
+    terms = each * mask * scale
+    return F.pad(terms, (1, 0)) if shift else terms
 
 
 def token_weights(labels: Tensor, *, shift: bool = True) -> Tensor:
