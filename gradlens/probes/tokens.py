@@ -56,7 +56,7 @@ from gradlens.probes.checks import (
 )
 from gradlens.probes.outputs import OutputSelector, plain_forward, select_output
 
-__all__ = ["token_dots"]
+__all__ = ["token_dots", "token_dots_and_losses"]
 
 
 def token_dots(
@@ -70,6 +70,8 @@ def token_dots(
     output: OutputSelector | None = None,
 ) -> Tensor:
     """Each token's loss-term gradient dotted with a reference: ``<grad l_{i,t}, reference>``.
+
+    :func:`token_dots_and_losses` also returns the terms ``l_{i,t}`` themselves.
 
     Example ``i`` is run alone, as a batch of one (as every per-example probe
     does), so a model that pads, masks or mixes nothing across examples gives
@@ -98,6 +100,34 @@ def token_dots(
         GradientMismatchError: If ``reference`` does not match the selected parameters.
         ValueError: If ``token_loss_fn`` does not return ``(example, token)``.
     """
+    return token_dots_and_losses(
+        model,
+        token_loss_fn,
+        inputs,
+        *targets,
+        reference=reference,
+        params=params,
+        chunk_size=chunk_size,
+        output=output,
+    )[0]
+
+
+def token_dots_and_losses(
+    model: nn.Module,
+    token_loss_fn: LossFn,
+    inputs: Inputs,
+    *targets: Tensor,
+    reference: Mapping[str, Tensor],
+    params: Collection[str] | None = None,
+    chunk_size: int | None = None,
+    output: OutputSelector | None = None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`token_dots` and the per-token losses it differentiated, from the same pass.
+
+    Returns:
+        ``(dots, losses)``, each ``(example, token)``: ``losses`` are the terms
+        ``l_{i,t}`` of each example alone (a row sums to the example's loss).
+    """
     check_chunk_size(chunk_size)
     check_batch(inputs, targets)
     check_vmap_compatible(model, "error")
@@ -117,13 +147,15 @@ def token_dots(
             )
         return row[0]
 
-    def one(x: Inputs, *t: Tensor) -> Tensor:
-        return jvp(lambda p: terms(p, x, *t), (selected,), (tangent,))[1]
+    def one(x: Inputs, *t: Tensor) -> tuple[Tensor, Tensor]:
+        value, dot = jvp(lambda p: terms(p, x, *t), (selected,), (tangent,))
+        return dot, value
 
     if examples(inputs) == 0:
-        return torch.zeros(0, 0, dtype=next(iter(selected.values())).dtype)
+        empty = torch.zeros(0, 0, dtype=next(iter(selected.values())).dtype)
+        return empty, empty
 
-    def plain() -> Tensor:
+    def plain() -> tuple[Tensor, Tensor]:
         return one(take(inputs, 0), *(t[0] for t in targets))
 
     with (
