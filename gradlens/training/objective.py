@@ -25,7 +25,7 @@ from typing import Literal, TypeAlias
 
 from torch import Tensor
 
-from gradlens.probes.batch import Inputs
+from gradlens.probes.batch import Inputs, examples, take
 from gradlens.probes.vmap import LossFn
 from gradlens.training.losses import token_mean, token_weights
 
@@ -137,6 +137,29 @@ class Objective:
             return found
         weights = token_weights(batch[labels], shift=shift)
         return cls(found.loss_fn, found.inputs, (*found.targets, weights))
+
+    def split(self, size: int) -> list[Objective]:
+        """Micro-batches of at most ``size`` examples, for gradient accumulation.
+
+        Every input and target is sliced along ``example``, so targets computed
+        from the whole batch (the weights of ``from_tokens(..., weighting="batch")``)
+        stay those of the whole batch: ``probed_step(model, opt, train.split(k), ...)``
+        steps as ``probed_step(model, opt, train, ...)`` does.
+
+        Raises:
+            ValueError: If ``size`` is not positive.
+        """
+        if size < 1:
+            raise ValueError(f"size must be a positive number of examples, not {size}.")
+        return [
+            Objective(
+                self.loss_fn,
+                take(self.inputs, slice(start, start + size)),
+                tuple(t[start : start + size] for t in self.targets),
+                self.parts,
+            )
+            for start in range(0, examples(self.inputs), size)
+        ]
 
 
 def weighted_sum(main: LossFn, extra: LossFn, weight: float, split: int) -> LossFn:

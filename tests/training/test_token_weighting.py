@@ -151,3 +151,23 @@ def test_token_weights_average_one_and_count_valid_tokens() -> None:
 def test_an_unknown_weighting_is_refused() -> None:
     with pytest.raises(ValueError, match=r"'example'.*'batch'"):
         Objective.from_tokens(collated([3, 2]), weighting="tokens")  # type: ignore[arg-type]
+
+
+def test_micro_batches_split_from_the_whole_batch_step_as_the_whole_batch() -> None:
+    """Weights come from the whole batch, so accumulating its splits is its batch token mean."""
+    batch = collated(LENGTHS)
+    whole, parts = gpt2(), gpt2()
+    train = Objective.from_tokens(batch, weighting="batch")
+    trait = Objective.from_tokens(collated([5, 7]))
+    micro = train.split(4)
+    assert [m.targets[1].shape[0] for m in micro] == [4, 2]
+    for model, objective in ((whole, train), (parts, micro)):
+        probed_step(
+            model, torch.optim.SGD(model.parameters(), lr=0.5), objective, trait, output="logits"
+        )
+    for p, q in zip(parts.parameters(), whole.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+    for p, q in zip(whole.parameters(), _hf_step(batch, 0.5), strict=True):
+        torch.testing.assert_close(p.detach(), q, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="positive"):
+        train.split(0)
