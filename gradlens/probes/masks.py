@@ -37,6 +37,7 @@ import torch
 __all__ = ["vmap_safe_masks"]
 
 _PREDICATE = "is_tracing"
+_ORIGINAL = "_gradlens_original"
 
 
 def _in_transform() -> bool:
@@ -48,7 +49,17 @@ def _safe(original: Callable[..., bool]) -> Callable[..., bool]:
     def is_tracing(*args: Any, **kwargs: Any) -> bool:
         return _in_transform() or original(*args, **kwargs)
 
+    setattr(is_tracing, _ORIGINAL, original)
     return is_tracing
+
+
+def _unwrapped(predicate: object) -> object:
+    """The library's predicate behind one of ours (a scan may run while one is installed)."""
+    return getattr(predicate, _ORIGINAL, predicate)
+
+
+_FOUND: dict[int, list[ModuleType]] = {}
+"""The holders found, keyed by the number of loaded modules (a scan costs milliseconds)."""
 
 
 def _holders() -> list[ModuleType]:
@@ -57,13 +68,17 @@ def _holders() -> list[ModuleType]:
     original = getattr(utils, _PREDICATE, None)
     if original is None:
         return []
-    return [
-        module
-        for name, module in list(sys.modules.items())
-        if name.startswith("transformers.")
-        and module is not utils
-        and getattr(module, _PREDICATE, None) is original
-    ]
+    count = len(sys.modules)
+    if count not in _FOUND:
+        _FOUND.clear()
+        _FOUND[count] = [
+            module
+            for name, module in list(sys.modules.items())
+            if name.startswith("transformers.")
+            and module is not utils
+            and _unwrapped(getattr(module, _PREDICATE, None)) is original
+        ]
+    return [m for m in _FOUND[count] if getattr(m, _PREDICATE, None) is original]
 
 
 @contextmanager

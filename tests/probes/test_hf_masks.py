@@ -8,6 +8,9 @@ Under ``vmap`` the library's mask code would ask whether any token is masked
 
 from __future__ import annotations
 
+import sys
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -112,3 +115,22 @@ def test_the_library_predicate_is_restored_after_the_block_even_on_error() -> No
     with vmap_safe_masks():
         assert not masking_utils.is_tracing(x)  # outside a transform: the library's answer
         assert torch.func.vmap(lambda t: torch.tensor(masking_utils.is_tracing(t)))(x).all()
+
+
+def test_a_module_loaded_inside_a_block_hides_no_mask_code_from_later_blocks() -> None:
+    """The scan of loaded modules is cached; one made while patched still lists the mask code."""
+    masking_utils = transformers.masking_utils
+    original = masking_utils.is_tracing
+    fake = types.ModuleType("transformers._gradlens_test_loaded_late")
+    fake.is_tracing = original  # type: ignore[attr-defined]
+    try:
+        with vmap_safe_masks():
+            sys.modules[fake.__name__] = fake  # loaded while the mask code holds ours
+            with vmap_safe_masks():  # a new scan, inside
+                assert fake.is_tracing is not original  # type: ignore[attr-defined]
+        assert masking_utils.is_tracing is original and fake.is_tracing is original  # type: ignore[attr-defined]
+        with vmap_safe_masks():
+            assert masking_utils.is_tracing is not original
+            assert fake.is_tracing is not original  # type: ignore[attr-defined]
+    finally:
+        del sys.modules[fake.__name__]
