@@ -133,7 +133,7 @@ def token_dots_and_losses(
     check_vmap_compatible(model, "error")
     selected, frozen = split_params(model, params)
     check_compatible(selected, dict(reference), what="parameters and reference")
-    tangent = {n: reference[n].detach().to(p.dtype) for n, p in selected.items()}
+    tangent = {n: reference[n].detach().to(p.device, p.dtype) for n, p in selected.items()}
     buffers = dict(model.named_buffers())
 
     def terms(p: dict[str, Tensor], x: Inputs, *t: Tensor) -> Tensor:
