@@ -17,8 +17,9 @@ mask is built from the 2-D mask of each example by index arithmetic, as when
 tracing, and the per-example values are those of the model run on each example
 alone. Outside a transform the predicate is the library's own; it is restored
 when the block ends, even on error. The other callers of the predicate
-(transformers 5.25) only skip a log message or a warning about pad tokens
-without a mask while tracing, so they change no value.
+(transformers 5.25) skip a log message or a warning about pad tokens without
+a mask, or keep a flash-attention sequence length as a tensor, while tracing:
+none changes a value.
 
 Example:
     >>> import torch
