@@ -10,8 +10,9 @@ is how much learning token ``t`` of example ``i`` moves the parameters along
 the reference ``r`` (the trait gradient ``g_t``): its sum over tokens is the
 example's dot ``<grad l_i, r>``, exactly the per-example dot the probes give.
 All ``d_{i,t}`` come from one forward-mode derivative of the per-token losses
-along ``r`` (``torch.func.jvp``), example by example under ``vmap``: about the
-cost of two or three forwards, whatever the number of tokens. Per-token
+along ``r`` (``torch.func.jvp``), example by example under ``vmap``: a small
+constant multiple of a forward's cost, whatever the number of tokens (a loop
+takes a backward per token). Per-token
 gradient norms would need every token's gradient (a backward per token) and
 are not computed, so there is no per-token cosine; divide by the example's
 norm (``probe_batch(...).sq_norms``) for a per-token share of its cosine.
