@@ -15,6 +15,8 @@
   ``vmap`` cannot batch the forward (fused RNNs, packed sequences);
 - :mod:`gradlens.probes.precision`: float32 accumulation in reduced precision and the
   cosines' noise floor (:class:`~gradlens.errors.PrecisionWarning`).
+- :mod:`gradlens.probes.tokens`: :func:`token_dots`, each token's loss term
+  against a reference gradient (token-level alignment).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from gradlens.probes.forms import register_form
 from gradlens.probes.ghost import Method, Probe, per_example_dots, probe_batch
 from gradlens.probes.outputs import OutputSelector
 from gradlens.probes.plan import PlanEntry, ghost_plan
+from gradlens.probes.tokens import token_dots
 from gradlens.probes.vmap import (
     LossFn,
     Randomness,
@@ -47,4 +50,5 @@ __all__ = [
     "per_example_losses",
     "probe_batch",
     "register_form",
+    "token_dots",
 ]

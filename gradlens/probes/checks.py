@@ -57,10 +57,11 @@ def _vmap_cause(model: nn.Module, where: str, said: str) -> str:
     if ".item()" in said or "data-dependent control flow" in said:
         return (
             "it branches on a tensor's value (an `if` on a tensor, .item(), or a shape read "
-            "from the data: Hugging Face's attention-mask code checks whether any token is "
-            "masked), which vmap cannot batch. Give the branch-free form (pass the mask "
-            "already expanded, or none when nothing is masked), or use method='auto' so that "
-            "only the parameters without a factored form need vmap."
+            "from the data, such as checking whether any token is masked; Hugging Face's own "
+            "mask code is made branch-free while gradlens probes), which vmap cannot batch. "
+            "Give the branch-free form (compute both sides and pick with torch.where, pass a "
+            "mask already expanded), or use method='auto' so that only the parameters without "
+            "a factored form need vmap."
         )
     return (
         "it probably writes per-example values in place into a tensor shared by the batch. "
@@ -283,12 +284,24 @@ def check_mean_loss(batch_loss: Tensor, losses: Tensor) -> None:
         losses: ``loss_fn`` on each example alone, ``(example,)``.
 
     Raises:
-        ValueError: Naming both values and the likely cause.
+        ValueError: Naming both values and the likely cause; also when the batch
+            loss is finite but an example's own loss is not (an example without
+            a valid token under a token mean).
     """
     if losses.numel() < 2:
         return
     found = torch.stack([batch_loss.detach().reshape(()).double(), losses.detach().double().mean()])
     value, mean = found.tolist()
+    if math.isfinite(value) and not math.isfinite(mean):
+        bad = (~losses.detach().isfinite()).nonzero().flatten().tolist()
+        raise ValueError(
+            f"the batch loss is {value:.6g} but examples {bad[:10]} have a non-finite loss "
+            "alone: gradlens steps along (and probes) the mean of the examples' own gradients, "
+            "which then is not the gradient of the batch loss. Most often an example without "
+            "a valid token (all labels -100) under a mean over tokens, 0 / 0 alone: use "
+            "training.losses.token_mean (0 for such an example; Objective.from_tokens, with "
+            "weighting='batch' for the batch token mean), or drop such examples."
+        )
     if not (math.isfinite(value) and math.isfinite(mean)):
         return  # the non-finite gradient it gives is reported by check_finite
     rtol = mean_loss_rtol(losses.dtype)
@@ -306,7 +319,9 @@ def check_mean_loss(batch_loss: Tensor, losses: Tensor) -> None:
             "batch (F.cross_entropy(..., ignore_index=-100) on (example * token, vocab), as "
             "Hugging Face models compute their loss), which weighs each example by its number "
             "of valid tokens, or class weights. Average each example's token losses first: "
-            "loss = ((token_loss * mask).sum(1) / mask.sum(1)).mean()."
+            "loss = ((token_loss * mask).sum(1) / mask.sum(1)).mean() (per-example token "
+            "means), or keep the batch token mean with each example's weight as a target: "
+            "Objective.from_tokens(batch, weighting='batch') (training.losses.token_weights)."
         )
     raise ValueError(
         f"the batch loss is {value:.6g} but the mean of the {count} examples' own losses is "

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from gradlens.errors import UnsupportedModelError
+from gradlens.probes.masks import vmap_safe_masks
 
 __all__ = ["OutputSelector", "no_kv_cache", "plain_forward", "select_output", "selector_key"]
 
@@ -155,7 +156,10 @@ def plain_forward(model: nn.Module) -> Iterator[None]:
     ``TorchFunctionMode``, hooks and ``vmap``, which a compiled graph hides, so
     they are exact on a compiled model instead of silently wrong, and they
     leave no compiled state behind. The parameters are the compiled model's own.
-    Also :func:`no_kv_cache`.
+    Also :func:`no_kv_cache`, and Hugging Face attention masks built without
+    value-dependent shortcuts inside ``torch.func`` transforms
+    (:func:`~gradlens.probes.masks.vmap_safe_masks`), so a 2-D ``attention_mask``
+    is exact under ``vmap``.
     """
-    with torch.compiler.set_stance("force_eager"), no_kv_cache(model):
+    with torch.compiler.set_stance("force_eager"), no_kv_cache(model), vmap_safe_masks():
         yield

@@ -218,6 +218,7 @@ def run_step(
     heldout: Objective | None = None,
     reference: Objective | None = None,
     momentum: bool = False,
+    tokens: Callable[[Grads, Tensor], Tensor] | None = None,
 ) -> StepResult:
     """Take one probed optimizer step in ``mode``, its checks done by the caller.
 
@@ -237,6 +238,8 @@ def run_step(
         reference: An objective whose gradient the transforms act along instead
             of ``g_t`` (a control); the records still measure against ``g_t``.
         momentum: Record the cosine of ``g_t`` with the optimizer's first moment.
+        tokens: Record ``token_dot``, ``tokens(g_t, train_loss)`` before the
+            optimizer steps (:func:`~gradlens.training.tokens.token_probe`).
 
     Returns:
         The :class:`StepResult`.
@@ -263,6 +266,7 @@ def run_step(
     probe = accumulate([mode.probe(batch, references) for batch in micro_batches(train)])
     g = probe.grad
     check_finite(g, step=step, what="training gradient")
+    token_dot = None if tokens is None else tokens(g_t, probe.loss)  # before the step
 
     applied = g
     if before is not None:
@@ -321,6 +325,8 @@ def run_step(
         records["measured_change"] = trait_after - trait_loss
     if probe.parts:
         records["train_loss_part"] = torch.stack(list(probe.parts.values()), dim=-1)
+    if token_dot is not None:
+        records["token_dot"] = token_dot
     if momentum:
         moment = _first_moment(optimizer, params)
         records["momentum_cosine"] = (

@@ -20,13 +20,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Literal, TypeAlias
 
 from torch import Tensor
 
-from gradlens.probes.batch import Inputs
+from gradlens.probes.batch import Inputs, examples, take
 from gradlens.probes.vmap import LossFn
+from gradlens.training.losses import token_mean, token_weights
 
-__all__ = ["Objective", "weighted_sum"]
+__all__ = ["Objective", "Weighting", "weighted_sum"]
+
+Weighting: TypeAlias = Literal["example", "batch"]
+"""How a token loss weighs the examples: each the same, or by its number of valid tokens."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,73 @@ class Objective:
             )
         inputs = {k: v for k, v in batch.items() if k not in targets}
         return cls(loss_fn, inputs, tuple(batch[k] for k in targets), dict(parts or {}))
+
+    @classmethod
+    def from_tokens(
+        cls,
+        batch: Mapping[str, Tensor],
+        *,
+        weighting: Weighting = "example",
+        shift: bool = True,
+        labels: str = "labels",
+    ) -> Objective:
+        """A language-model objective from a collated batch dict: token cross-entropy.
+
+        The loss is :func:`~gradlens.training.losses.token_mean`; ``weighting``
+        says how it weighs the examples, and so what the probed step follows:
+
+        - ``"example"``: per-example token means, ``mean_i l_i`` (``l_i`` the
+          mean over example ``i``'s valid tokens); every example weighs the same.
+        - ``"batch"``: the batch token mean, ``sum_{i,t} l_{i,t} / sum_i n_i``,
+          the loss Hugging Face models compute with ``labels=``; example ``i``
+          weighs ``w_i = n_i / mean_j n_j`` (:func:`~gradlens.training.losses.token_weights`,
+          added as a second target), and its per-example loss and gradient are
+          ``w_i l_i`` and ``w_i grad l_i``, whose mean over the batch is the
+          loss and its gradient.
+
+        Args:
+            batch: Name -> ``(example, ...)``; ``labels`` at -100 where ignored.
+            weighting: ``"example"`` or ``"batch"``.
+            shift: Labels are the input ids, predicted one position on (a causal LM).
+            labels: The key of the labels.
+
+        Raises:
+            KeyError: If the batch has no ``labels`` key.
+            ValueError: For another ``weighting``.
+        """
+        if weighting not in ("example", "batch"):
+            raise ValueError(
+                f"weighting must be 'example' (per-example token means) or 'batch' (the batch "
+                f"token mean, each example weighted by its valid tokens), not {weighting!r}."
+            )
+        found = cls.from_batch(partial(token_mean, shift=shift), batch, targets=(labels,))
+        if weighting == "example":
+            return found
+        weights = token_weights(batch[labels], shift=shift)
+        return cls(found.loss_fn, found.inputs, (*found.targets, weights))
+
+    def split(self, size: int) -> list[Objective]:
+        """Micro-batches of at most ``size`` examples, for gradient accumulation.
+
+        Every input and target is sliced along ``example``, so targets computed
+        from the whole batch (the weights of ``from_tokens(..., weighting="batch")``)
+        stay those of the whole batch: ``probed_step(model, opt, train.split(k), ...)``
+        steps as ``probed_step(model, opt, train, ...)`` does.
+
+        Raises:
+            ValueError: If ``size`` is not positive.
+        """
+        if size < 1:
+            raise ValueError(f"size must be a positive number of examples, not {size}.")
+        return [
+            Objective(
+                self.loss_fn,
+                take(self.inputs, slice(start, start + size)),
+                tuple(t[start : start + size] for t in self.targets),
+                self.parts,
+            )
+            for start in range(0, examples(self.inputs), size)
+        ]
 
 
 def weighted_sum(main: LossFn, extra: LossFn, weight: float, split: int) -> LossFn:

@@ -93,8 +93,14 @@ OPTIONAL_RECORDS: dict[str, Variable] = {
     "heldout_update_cosine": Variable(
         _S, "cos(g_h, applied update); < 0 teaches the held-out trait"
     ),
+    "token_dot": Variable(
+        ("step", "example", "token"),
+        "<grad l_it, g_t>: each training token's loss term against the trait gradient",
+        "nat^2",
+    ),
 }
-"""The records a step gives when asked (``train.parts``, ``momentum=``, ``heldout=``)."""
+"""The records a step gives when asked (``train.parts``, ``momentum=``, ``heldout=``,
+``token_loss=``)."""
 
 EXAMPLE_COSINE = Variable(("example_step", "example"), "cos(g_i, g_t) of each training example")
 """The per-example cosines, stored on their own record dim (every few steps)."""

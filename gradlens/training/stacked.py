@@ -111,7 +111,8 @@ def _check_model_means(loss: Tensor, each: Tensor) -> None:
         return
     mean = each.mean(-1)
     rtol = mean_loss_rtol(each.dtype)
-    off = (loss - mean).abs() > rtol * torch.maximum(loss.abs(), mean.abs()) + 1e-7
+    # not (close): a NaN mean beside a finite loss is off too (check_mean_loss names it)
+    off = ~((loss - mean).abs() <= rtol * torch.maximum(loss.abs(), mean.abs()) + 1e-7)
     bad = off.nonzero().flatten().tolist()
     if bad:
         check_mean_loss(loss[bad[0]], each[bad[0]])

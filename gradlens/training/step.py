@@ -36,13 +36,14 @@ from torch import Tensor, nn
 
 from gradlens.errors import UnsupportedModelError
 from gradlens.probes.batch import forward as call_model
-from gradlens.probes.checks import check_not_meta
+from gradlens.probes.checks import LossFn, check_not_meta
 from gradlens.probes.ghost import Method, probe_batch
 from gradlens.probes.outputs import OutputSelector, plain_forward, select_output
 from gradlens.probes.vmap import Randomness, check_vmap_compatible, loss_and_grad
 from gradlens.training.body import ModeProbe, StepResult, micro_batches, run_step
 from gradlens.training.checks import check_objective, check_optimizer
 from gradlens.training.objective import Objective
+from gradlens.training.tokens import token_probe
 from gradlens.transforms.base import GradientTransform
 
 __all__ = ["SingleMode", "probed_step"]
@@ -155,6 +156,7 @@ def probed_step(
     heldout: Objective | None = None,
     reference: Objective | None = None,
     momentum: bool = False,
+    token_loss: LossFn | None = None,
 ) -> StepResult:
     """Take one optimizer step on ``train`` while probing its alignment with ``trait``.
 
@@ -204,6 +206,11 @@ def probed_step(
             of ``g_t`` (a control, e.g. shuffled trait labels); one more backward.
         momentum: Record ``momentum_cosine``, cos(g_t, the optimizer's first
             moment after the step); NaN for an optimizer without one.
+        token_loss: Record ``token_dot`` ``(example, token)``, each training
+            token's loss term against ``g_t`` (:func:`~gradlens.probes.token_dots`,
+            one forward-mode pass per micro-batch): ``token_loss(outputs, *targets)
+            -> (example, token)`` splits ``train.loss_fn`` into per-token terms
+            (``training.losses.token_losses`` for ``token_mean``), checked to sum to it.
 
     Returns:
         A :class:`~gradlens.training.StepResult`.
@@ -252,4 +259,7 @@ def probed_step(
             heldout=heldout,
             reference=reference,
             momentum=momentum,
+            tokens=None
+            if token_loss is None
+            else token_probe(model, token_loss, batches, chunk_size=chunk_size, output=output),
         )

@@ -4,57 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
-from torch import nn
 
 from gradlens import Objective, per_example_dots, probed_step
-from gradlens.errors import UnsupportedModelError
 from gradlens.training.losses import token_mean
+from tests.hf import collated, gpt2, llama, loop_grads, reference_for
 
 # vmap has no batching rule for the CPU flash-attention kernel the default "sdpa" attention
 # calls; it falls back to a loop and says so.
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
-
-VOCAB = 30
-
-
-def gpt2() -> nn.Module:
-    config = transformers.GPT2Config(
-        n_layer=2,
-        n_embd=16,
-        n_head=2,
-        vocab_size=VOCAB,
-        n_positions=12,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(config).double().eval()
-
-
-def llama() -> nn.Module:
-    config = transformers.LlamaConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=16,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).double().eval()
-
-
-def collated(lengths: list[int]) -> dict[str, torch.Tensor]:
-    """What a causal-LM data collator returns with right padding: ids, mask, labels at -100."""
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, VOCAB, (len(lengths), max(lengths)), generator=gen)
-    mask = torch.zeros_like(ids)
-    for i, n in enumerate(lengths):
-        mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
-
 
 LENGTHS = [8, 5, 8, 3]
 
@@ -104,15 +61,17 @@ def test_a_probed_step_on_a_batch_dict_is_the_plain_backward_step() -> None:
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
 
 
-def test_a_2d_attention_mask_on_the_vmap_path_is_refused_with_its_cause() -> None:
-    model = gpt2()  # wpe takes the vmap path, where Hugging Face's mask code branches
-    batch = collated(LENGTHS)
-    train = Objective.from_batch(token_mean, batch)
-    ref = {n: torch.randn_like(p) for n, p in model.named_parameters()}
-    with pytest.raises(UnsupportedModelError, match="branches on a tensor's value"):
-        per_example_dots(
-            model, token_mean, train.inputs, *train.targets, reference=ref, output="logits"
-        )
+def test_a_2d_attention_mask_on_the_vmap_path_gives_the_loops_dots() -> None:
+    model = gpt2()  # wpe takes the vmap path, where Hugging Face's mask code would branch
+    train = Objective.from_batch(token_mean, collated(LENGTHS))
+    ref = reference_for(model)
+    dots, _ = per_example_dots(
+        model, token_mean, train.inputs, *train.targets, reference=ref, output="logits"
+    )
+    grads = loop_grads(model, token_mean, train.inputs, *train.targets)
+    for name, g in grads.items():
+        want = g.flatten(1) @ ref[name].flatten()
+        torch.testing.assert_close(dots[name], want, rtol=1e-8, atol=1e-10)
 
 
 def test_from_batch_names_a_missing_target() -> None:
