@@ -18,10 +18,11 @@ quarter of the training batch (:data:`TRAIT_FRACTION`):
 
 The size is chosen by the environment variable ``GRADLENS_BENCH_SIZE``
 (:data:`SIZE_ENV`): ``"gpu"`` (the headline: a Llama of about 134M parameters at
-sequence 1024), ``"cpu"`` (scaled down so a CPU finishes) or ``"tiny"`` (for
-dry runs); by default ``"gpu"`` when the benchmark's device is CUDA, else
-``"cpu"``. Every process of one run sees the same value (the forkserver
-inherits the environment of the run).
+sequence 1024), ``"gpu_long"`` (the same Llama at sequence 4096, GhostSuite's
+setting; the other models as ``"gpu"``), ``"cpu"`` (scaled down so a CPU
+finishes) or ``"tiny"`` (for dry runs); by default ``"gpu"`` when the
+benchmark's device is CUDA, else ``"cpu"``. Every process of one run sees
+the same value (the forkserver inherits the environment of the run).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from gradlens_bench.nets import CLASSES
 
 __all__ = [
     "REALISTIC",
+    "SIZES",
     "SIZE_ENV",
     "TRAIT_FRACTION",
     "LmSize",
@@ -59,7 +61,8 @@ SIZE_ENV = "GRADLENS_BENCH_SIZE"
 TRAIT_FRACTION = 4
 """The trait (probe) batch of a realistic model is ``max(1, B // TRAIT_FRACTION)`` examples."""
 
-Size = Literal["gpu", "cpu", "tiny"]
+Size = Literal["gpu", "gpu_long", "cpu", "tiny"]
+SIZES: tuple[Size, ...] = ("gpu", "gpu_long", "cpu", "tiny")
 
 REALISTIC = ("llama", "llama_lora", "bert_padded", "vit", "mobilenet")
 """The realistic models; not in a default run, ``--models realistic`` names them."""
@@ -71,8 +74,8 @@ def size() -> Size:
     if found is None:
         device = os.environ.get("GRADLENS_BENCH_DEVICE", "cpu")
         return "gpu" if device.startswith("cuda") else "cpu"
-    if found not in ("gpu", "cpu", "tiny"):
-        raise ValueError(f"{SIZE_ENV}={found!r}; use gpu, cpu or tiny")
+    if found not in SIZES:
+        raise ValueError(f"{SIZE_ENV}={found!r}; use one of {SIZES}")
     return found  # type: ignore[return-value]
 
 
@@ -91,6 +94,7 @@ class LmSize:
 _LLAMA: dict[str, LmSize] = {
     # About 134M parameters (untied embeddings), the scale of GhostSuite's Llama-3 130M.
     "gpu": LmSize(hidden=768, layers=12, heads=12, ffn=2048, vocab=32000, tokens=1024),
+    "gpu_long": LmSize(hidden=768, layers=12, heads=12, ffn=2048, vocab=32000, tokens=4096),
     "cpu": LmSize(hidden=128, layers=2, heads=4, ffn=344, vocab=1024, tokens=128),
     "tiny": LmSize(hidden=32, layers=1, heads=2, ffn=64, vocab=64, tokens=16),
 }
@@ -110,12 +114,17 @@ _MOBILENET_SIDE: dict[str, int] = {"gpu": 224, "cpu": 32, "tiny": 32}
 
 def lm_size(model: str) -> LmSize:
     """The shape of ``"llama"`` or ``"bert"`` at this run's size."""
-    return (_LLAMA if model == "llama" else _BERT)[size()]
+    table = _LLAMA if model == "llama" else _BERT
+    return table.get(size(), table["gpu"])
 
 
 def vision_side(model: str) -> int:
     """The image side of ``"vit"`` or ``"mobilenet"`` at this run's size."""
-    return _VIT[size()][0] if model == "vit" else _MOBILENET_SIDE[size()]
+    return _vit()[0] if model == "vit" else _MOBILENET_SIDE.get(size(), 224)
+
+
+def _vit() -> tuple[int, int, int, int, int, int]:
+    return _VIT.get(size(), _VIT["gpu"])
 
 
 def llama() -> nn.Module:
@@ -204,7 +213,7 @@ def vit() -> nn.Module:
     """A torchvision ``VisionTransformer`` (no dropout), 13 classes; ViT-S/16 at the GPU size."""
     from torchvision.models.vision_transformer import VisionTransformer
 
-    side, patch, layers, heads, width, mlp = _VIT[size()]
+    side, patch, layers, heads, width, mlp = _vit()
     return VisionTransformer(
         image_size=side,
         patch_size=patch,

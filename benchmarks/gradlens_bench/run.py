@@ -39,7 +39,7 @@ from gradlens_bench.agreement import verify
 from gradlens_bench.measure import Case, Protocol, configure, run_isolated
 from gradlens_bench.methods import METHODS, quiet_hooks
 from gradlens_bench.models import DDP, DEFAULT_MODELS, MODELS, REALISTIC, ZOO, make_workload
-from gradlens_bench.realistic import SIZE_ENV
+from gradlens_bench.realistic import SIZE_ENV, SIZES
 from gradlens_bench.realistic import size as realistic_size
 from gradlens_bench.render import render
 from gradlens_bench.results import ROOT, build_dataset, device_slug, load_average, provenance
@@ -74,7 +74,7 @@ class BenchConfig:
         budget_s: Seconds the whole run may take: once spent, every case not yet
             started is recorded as skipped, with the reason; ``None``: no limit.
         size: Size of the realistic models (:mod:`gradlens_bench.realistic`):
-            ``"gpu"``, ``"cpu"`` or ``"tiny"``; ``None``: from the device.
+            one of :data:`gradlens_bench.realistic.SIZES`; ``None``: from the device.
     """
 
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
@@ -283,7 +283,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--size",
-        choices=["gpu", "cpu", "tiny"],
+        choices=SIZES,
         default=None,
         help="size of the realistic models (default: gpu on CUDA, else cpu)",
     )
