@@ -51,13 +51,15 @@ if __package__ in (None, ""):  # run as a file: see "Running a file" in docs/ben
         str(_HERE.parents[1] / "experiments"),
     ] + [p for p in sys.path if Path(p).resolve() != _HERE]
 
-__all__ = ["Part", "SuiteConfig", "env_check", "main", "parse_args", "plan"]
+__all__ = ["Part", "SuiteConfig", "env_check", "main", "parse_args", "part_budget", "plan"]
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN = ROOT / "benchmarks" / "gradlens_bench" / "run.py"
 MNIST = ROOT / "experiments" / "mnist_aux.py"
 STEP_METHODS = "step_unprobed,step_plain_trait,step_probed"
 ZOO_METHODS = "plain,dots_auto,dots_ghost,step_unprobed,step_plain_trait,step_probed"
+MIN_PART_S = 5.0
+"""A part with fewer seconds than this is skipped, not started."""
 GRACE_S = 30.0
 """Seconds a part may run past its budget (a case in flight, the writing) before it is stopped."""
 
@@ -86,7 +88,7 @@ class SuiteConfig:
 
     device: str = "cuda"
     tiny: bool = False
-    budget_s: float = 450.0
+    budget_s: float = 420.0
     out: Path | None = None
     data_dir: str | None = None
     parts: tuple[str, ...] = field(default_factory=tuple)
@@ -156,7 +158,7 @@ def plan(c: SuiteConfig, out: Path) -> list[Part]:
     )
     tiny = c.tiny
     parts = [
-        Part("env", env, 0.02, results=False),
+        Part("env", env, 0.06, results=False),
         Part(
             "realistic_lm",
             _harness("realistic_lm", "llama,llama_lora", "8", STEP_METHODS, "gpu", c, out),
@@ -192,7 +194,7 @@ def plan(c: SuiteConfig, out: Path) -> list[Part]:
                 c,
                 out,
             ),
-            0.18,
+            0.14,
         ),
     ]
     return [p for p in parts if not c.parts or p.name in c.parts]
@@ -264,6 +266,23 @@ def _run_part(part: Part, budget: float, out: Path) -> dict[str, object]:
     return record
 
 
+def part_budget(left: float, share: float, later: float, total: float) -> float:
+    """Seconds for a part: what the later parts' planned shares leave of ``left``.
+
+    A part gets its share plus whatever earlier parts left unused; once behind the
+    plan, its proportional part of what is left. Always :data:`GRACE_S` short of
+    ``left``, so that a part stopped at its grace still ends inside the suite's budget.
+
+    Args:
+        left: Seconds left of the suite's budget.
+        share: The part's planned fraction of the budget.
+        later: The later parts' planned fraction.
+        total: The suite's budget in seconds.
+    """
+    budget = max(left - later * total, share / (share + later) * left)
+    return min(budget, left - GRACE_S)
+
+
 def main(c: SuiteConfig) -> Path:
     """Run the parts within ``c.budget_s``; write suite.json, suite.md and suite.png.
 
@@ -280,12 +299,9 @@ def main(c: SuiteConfig) -> Path:
     records: list[dict[str, object]] = []
     for i, part in enumerate(parts):
         left = deadline - time.monotonic()
-        later = sum(p.share for p in parts[i + 1 :])
-        # What the later parts' planned shares leave (an earlier part's unused time comes
-        # here), or, once behind the plan, this part's proportional share of what is left.
-        budget = max(left - later / planned * c.budget_s, part.share / (part.share + later) * left)
-        budget = min(budget, left - GRACE_S)
-        if budget < 5:
+        later = sum(p.share for p in parts[i + 1 :]) / planned
+        budget = part_budget(left, part.share / planned, later, c.budget_s)
+        if budget < MIN_PART_S:
             records.append({"part": part.name, "status": "skipped", "note": "no time left"})
             print(f"== {part.name}: skipped, no time left", flush=True)
             continue
@@ -321,7 +337,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[SuiteConfig, bool]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="small sizes and few calls (a dry run)")
-    p.add_argument("--budget", type=float, default=None, help="seconds in all (450; tiny 1500)")
+    p.add_argument("--budget", type=float, default=None, help="seconds in all (420; tiny 1500)")
     p.add_argument("--out", type=Path, default=None, help="default docs/results/gpu/<device>/")
     p.add_argument("--data-dir", default=None, help="folder holding MNIST/raw")
     p.add_argument("--parts", default="", help="comma-separated part names (default all)")
