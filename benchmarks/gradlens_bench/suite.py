@@ -344,9 +344,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[SuiteConfig, bool]:
     p.add_argument("--archive", type=Path, default=None, help="also write a .tar.gz of the folder")
     p.add_argument("--dry-run", action="store_true", help="print the parts and budgets only")
     p.add_argument("--env-check", action="store_true", help="print versions and the device only")
+    p.add_argument(
+        "--report", type=Path, default=None, help="only redraw suite.md/png of a suite folder"
+    )
     a = p.parse_args(argv)
     if a.env_check:
         env_check(a.device)
+        raise SystemExit(0)
+    if a.report is not None:
+        from gradlens_bench.suite_report import report
+
+        print(report(a.report, json.loads((a.report / "suite.json").read_text())["parts"]))
         raise SystemExit(0)
     config = SuiteConfig(
         device=a.device,

@@ -65,9 +65,11 @@ def _zoo_table(ds: xr.Dataset) -> list[str]:
     return lines
 
 
-def _mnist(record: Mapping[str, object] | None) -> list[str]:
+def _mnist(record: Mapping[str, object] | None, parts: Path) -> list[str]:
+    """The MNIST part's line: its wall time, and how many (seed, condition) parts it finished."""
     if record is None:
         return []
+    done = len(list(parts.glob("*.nc"))) if parts.is_dir() else 0
     wall = record.get("wall_s")
     verdict = ""
     if record["status"] == "ok" and isinstance(wall, float | int):
@@ -77,7 +79,8 @@ def _mnist(record: Mapping[str, object] | None) -> list[str]:
         "### MNIST: many models, every condition, probed every step",
         "",
         f"`{record.get('command', '')}`: {record['status']}, "
-        f"{wall if wall is not None else '-'} s wall clock{verdict}. The time is the whole "
+        f"{wall if wall is not None else '-'} s wall clock{verdict}, {done} (seed, condition) "
+        "parts finished. The time is the whole "
         "command: data loading, the teachers, every condition's students, evaluation and "
         "writing.",
         "",
@@ -134,7 +137,8 @@ def report(out: Path, records: Sequence[Mapping[str, object]]) -> str:
             lines += [f"Part `{part}`:", "", realistic_markdown(ds)]
         else:
             lines += [f"### Tiny models (part `{part}`)", "", *_zoo_table(ds), ""]
-    lines += _mnist(next((r for r in records if r["part"] == "mnist"), None))
+    mnist = next((r for r in records if r["part"] == "mnist"), None)
+    lines += _mnist(mnist, out / "mnist" / "run" / "parts")
     text = "\n".join(lines) + "\n"
     (out / "suite.md").write_text(text)
     if found:
