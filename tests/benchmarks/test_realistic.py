@@ -31,6 +31,7 @@ def tiny(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # sdpa under vmap
 @pytest.mark.parametrize("model", REALISTIC)
 def test_realistic_models_pass_the_agreement_check(tiny: None, model: str) -> None:
+    pytest.importorskip("peft" if model == "llama_lora" else "transformers")
     w = make_workload(model, 4, torch.device("cpu"), family="step")
     assert len(w.probe) == 1  # a quarter of the training batch
     for method in STEPS:
@@ -50,6 +51,7 @@ def test_the_size_follows_the_variable_then_the_device(monkeypatch: pytest.Monke
 
 
 def test_the_lora_model_trains_only_its_adapters(tiny: None) -> None:
+    pytest.importorskip("peft")
     model = MODELS["llama_lora"].build()
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trained and all("lora_" in n for n in trained)
