@@ -98,7 +98,8 @@ def _figure(found: Mapping[str, xr.Dataset], path: Path, title: str) -> None:
                 if math.isnan(base):
                     continue
                 modelled = base - (K - 1) / K * (trait - 1) if not math.isnan(trait) else math.nan
-                tag = f"{model} B={batch}" + (" (4096 tok)" if part == "realistic_long" else "")
+                long = ds.attrs.get("realistic_size") == "gpu_long"
+                tag = f"{model} B={batch}" + (" (4096 tokens)" if long else "")
                 rows.append((tag, trait, base, modelled))
     fig = Figure(figsize=(10, 0.45 * max(len(rows), 2) + 1.5), layout="constrained")
     ax = fig.subplots()

@@ -30,6 +30,9 @@ GHOSTSUITE = (
 )
 
 
+_STEPS = ("step_unprobed", "step_plain_trait", "step_probed")
+
+
 def _get(ds: xr.Dataset, var: str, model: str, batch: int, method: str) -> float:
     if method not in ds["method"].values:
         return math.nan
@@ -42,10 +45,7 @@ def _x(value: float) -> str:
 
 
 def _row(ds: xr.Dataset, model: str, batch: int, clock: str) -> str:
-    base, trait, probed = (
-        _get(ds, clock, model, batch, m)
-        for m in ("step_unprobed", "step_plain_trait", "step_probed")
-    )
+    base, trait, probed = (_get(ds, clock, model, batch, m) for m in _STEPS)
     modelled = probed - (K - 1) / K * (trait - base)
     memory = _get(ds, "peak_memory", model, batch, "step_probed") / _get(
         ds, "peak_memory", model, batch, "step_unprobed"
@@ -65,7 +65,8 @@ def realistic_markdown(ds: xr.Dataset) -> str:
     if not models or "step_unprobed" not in ds["method"].values:
         return ""
     cuda = str(ds.attrs.get("device", "")).startswith("cuda")
-    cpu_times = ds["cpu_time_median"].sel({"method": "step_unprobed"}).values
+    steps = [m for m in _STEPS if m in ds["method"].values]
+    cpu_times = ds["cpu_time_median"].sel({"model": models, "method": steps}).values
     clock = "cpu_time_median" if not cuda and bool(np.isfinite(cpu_times).all()) else "time_median"
     clock_name = "process CPU time" if clock == "cpu_time_median" else "wall clock"
     size = ds.attrs.get("realistic_size", "?")
@@ -73,7 +74,7 @@ def realistic_markdown(ds: xr.Dataset) -> str:
         f"### Realistic models ({ds.attrs.get('device_name', '?')}, size {size!r})",
         "",
         f"Ratios to the unprobed step of the same run ({clock_name}"
-        f"{'' if cuda else '; CPU times, not GPU numbers'}). Trait batch: a quarter "
+        f"{'' if cuda else '; measured on a CPU, not GPU numbers'}). Trait batch: a quarter "
         f"of the training batch. Trait every {K} steps: modelled (see the docs), not measured.",
         "",
         "| model | B | unprobed step | its peak memory | + trait gradient | probed step | "
