@@ -90,7 +90,7 @@ def _mnist(record: Mapping[str, object] | None, parts: Path) -> list[str]:
 def _figure(found: Mapping[str, xr.Dataset], path: Path, title: str) -> None:
     """Bars: each realistic and tiny model's step ratios (probed, + trait, modelled every K)."""
     rows: list[tuple[str, float, float, float]] = []
-    for part, ds in found.items():
+    for ds in found.values():
         for model in ds["model"].values:
             for batch in ds["batch"].values:
                 base = _ratio(ds, str(model), int(batch), "step_probed")
