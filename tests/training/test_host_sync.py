@@ -200,6 +200,12 @@ def test_every_finiteness_check_of_a_step_shares_one_read(kind: str) -> None:
     assert finite == [1], reads.describe()
 
 
+def test_the_stacked_mean_loss_check_reads_once_per_step() -> None:
+    reads = _steady_reads("stacked")
+    means = [n for (_, _, fn), n in reads.sites.items() if fn == "_check_model_means"]
+    assert means == [1], reads.describe()
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="today a steady-state step reads the host in: "
