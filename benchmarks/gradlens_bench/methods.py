@@ -126,8 +126,10 @@ def _backpack(w: ProbeWorkload) -> Iterator[Run]:
     yield run
 
 
-def _step(probe: bool, measure_change: bool = True, remove: bool = False) -> Prepare:
-    """(g) One student step, unprobed or through ``probed_step``; subnormals flushed."""
+def _step(
+    probe: bool, measure_change: bool = True, remove: bool = False, trait: bool = False
+) -> Prepare:
+    """(g) One step: unprobed, unprobed plus the trait gradient, or probed; subnormals flushed."""
 
     @contextmanager
     def prepare(workload: Workload) -> Iterator[Run]:
@@ -137,6 +139,8 @@ def _step(probe: bool, measure_change: bool = True, remove: bool = False) -> Pre
         with flush_denormal():
             if probe:
                 yield lambda: step.probed(w, tx, state, measure_change)
+            elif trait:
+                yield lambda: step.unprobed_with_trait(w)
             else:
                 yield lambda: step.unprobed(w)
 
@@ -263,6 +267,14 @@ METHODS: dict[str, Method] = {
             materialises=True,
         ),
         Method("step_unprobed", "unprobed step (g)", "step", "step_unprobed", _step(False), _STEP),
+        Method(
+            "step_plain_trait",
+            "unprobed step + trait gradient (g)",
+            "step",
+            "step_unprobed",
+            _step(False, trait=True),
+            _STEP,
+        ),
         Method("step_probed", "probed step (g)", "step", "step_unprobed", _step(True), _STEP),
         Method(
             "step_probed_no_change",

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradlens.probes import mean_grad
+from gradlens_bench import realistic
 from gradlens_bench.nets import (
     CLASSES,
     GPT2_TOKENS,
@@ -40,6 +41,7 @@ from gradlens_bench.nets import (
     small_cnn,
     tokens_mlp,
 )
+from gradlens_bench.realistic import TRAIT_FRACTION
 from gradlens_bench.step import (
     SIZES,
     StepWorkload,
@@ -53,6 +55,7 @@ __all__ = [
     "DDP",
     "DEFAULT_MODELS",
     "MODELS",
+    "REALISTIC",
     "ZOO",
     "Family",
     "ModelSpec",
@@ -81,6 +84,11 @@ class ModelSpec:
         loss_fn: The batch loss.
         output: The attribute holding the logits (gradlens's output selector),
             for models that do not return a tensor.
+        drawer: Draws ``n`` examples and their targets itself, for models whose
+            inputs are not described by ``example_shape`` and ``vocab`` (the
+            realistic models, sized at run time: :mod:`gradlens_bench.realistic`).
+        trait_batch: Examples of the trait batch of the step workload; ``0``
+            means a quarter of the training batch (at least one).
     """
 
     name: str
@@ -91,9 +99,13 @@ class ModelSpec:
     vocab: int = 0
     loss_fn: Callable[..., Tensor] = F.cross_entropy
     output: str | None = None
+    drawer: Callable[[int, torch.Generator], tuple[Tensor, Tensor]] | None = None
+    trait_batch: int = 64
 
     def draw(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """``n`` examples and their targets (class labels, or next tokens for token models)."""
+        if self.drawer is not None:
+            return self.drawer(n, generator)
         if self.vocab:
             x = torch.randint(0, self.vocab, (n, *self.example_shape), generator=generator)
             return x, torch.randint(0, self.vocab, x.shape, generator=generator)
@@ -171,6 +183,56 @@ MODELS: dict[str, ModelSpec] = {
             (TinyConfig.length,),
             families=("ddp",),
         ),
+        ModelSpec(
+            "llama",
+            "HF LlamaForCausalLM from a config (about 134M parameters and 1024 tokens on a GPU), "
+            "full fine-tuning, LM loss",
+            realistic.llama,
+            (),
+            families=("step",),
+            loss_fn=lm_loss,
+            output="logits",
+            drawer=realistic.draw_tokens,
+            trait_batch=0,
+        ),
+        ModelSpec(
+            "llama_lora",
+            "the same Llama with peft LoRA (r=16 on q, k, v, o; base frozen), LM loss",
+            realistic.llama_lora,
+            (),
+            families=("step",),
+            loss_fn=lm_loss,
+            output="logits",
+            drawer=realistic.draw_tokens,
+            trait_batch=0,
+        ),
+        ModelSpec(
+            "bert_padded",
+            "HF BertForSequenceClassification on padded ids (lengths T/4..T, mask from pad id)",
+            realistic.bert_padded,
+            (),
+            families=("step",),
+            drawer=realistic.draw_padded,
+            trait_batch=0,
+        ),
+        ModelSpec(
+            "vit",
+            "torchvision VisionTransformer (ViT-S/16 at 224 on a GPU)",
+            realistic.vit,
+            (),
+            families=("step",),
+            drawer=realistic.draw_images("vit"),
+            trait_batch=0,
+        ),
+        ModelSpec(
+            "mobilenet",
+            "torchvision mobilenet_v3_small (BatchNorm eval; 224x224 on a GPU)",
+            realistic.mobilenet,
+            (),
+            families=("step",),
+            drawer=realistic.draw_images("mobilenet"),
+            trait_batch=0,
+        ),
     )
 }
 
@@ -180,7 +242,10 @@ ZOO = ("gpt2_tiny", "small_cnn", "encoder", "resnet")
 DDP = ("ddp_mlp", "ddp_transformer")
 """The DDP entry (:mod:`gradlens_bench.world`); not in a default run: ``--models ddp``."""
 
-DEFAULT_MODELS = tuple(m for m in MODELS if m not in ZOO + DDP)
+REALISTIC = realistic.REALISTIC
+"""The realistic models of issue 21 (:mod:`gradlens_bench.realistic`): ``--models realistic``."""
+
+DEFAULT_MODELS = tuple(m for m in MODELS if m not in ZOO + DDP + REALISTIC)
 """What a run without ``--models`` measures."""
 
 
@@ -247,7 +312,7 @@ def make_workload(
         return x.to(device), y.to(device)
 
     if family == "step":
-        train, trait = draw(batch), draw(64)
+        train, trait = draw(batch), draw(spec.trait_batch or max(1, batch // TRAIT_FRACTION))
         return make_zoo_step(model, spec.loss_fn, train, trait, spec.output)
     ref_x, ref_y = draw(64)
     reference = mean_grad(model, spec.loss_fn, ref_x, ref_y, output=spec.output)

@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from gradlens_bench.models import ZOO
 from gradlens_bench.overhead import overhead_markdown
 from gradlens_bench.results import add_ratios
+from gradlens_bench.summary import realistic_markdown
 
 __all__ = ["markdown", "plot", "render", "targets_markdown"]
 
@@ -310,7 +311,8 @@ def render(results: Path) -> str:
         return table
     with xr.open_dataset(results) as stored:
         ds = add_ratios(stored.load())
-    table = markdown(ds) + "\n" + targets_markdown(ds) + zoo_targets_markdown(ds)
+    table = realistic_markdown(ds) + markdown(ds) + "\n" + targets_markdown(ds)
+    table += zoo_targets_markdown(ds)
     (results.parent / "table.md").write_text(table)
     plot(ds, results.parent / "probes.png")
     return table

@@ -187,7 +187,7 @@ def build_dataset(
     )
     ds["n_params"] = (
         "model",
-        [sum(p.numel() for p in MODELS[m].build().parameters()) for m in models],
+        [sum(p.numel() for p in MODELS[m].build().parameters() if p.requires_grad) for m in models],
         {"long_name": "trainable parameters", "units": "1"},
     )
     return add_ratios(ds)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,12 +38,16 @@ from tqdm import tqdm
 from gradlens_bench.agreement import verify
 from gradlens_bench.measure import Case, Protocol, configure, run_isolated
 from gradlens_bench.methods import METHODS, quiet_hooks
-from gradlens_bench.models import DDP, DEFAULT_MODELS, MODELS, ZOO, make_workload
+from gradlens_bench.models import DDP, DEFAULT_MODELS, MODELS, REALISTIC, ZOO, make_workload
+from gradlens_bench.realistic import SIZE_ENV, SIZES
+from gradlens_bench.realistic import size as realistic_size
 from gradlens_bench.render import render
 from gradlens_bench.results import ROOT, build_dataset, device_slug, load_average, provenance
 from gradlens_bench.world import measure_world
 
 __all__ = ["BenchConfig", "main", "parse_args"]
+
+_SPENT = "the run's time budget (--budget) was spent before this case started"
 
 MATERIALISED_FACTOR = 2.5
 """Peak memory of a materialising method, in units of its ``example x parameter`` result."""
@@ -66,6 +71,10 @@ class BenchConfig:
             this; ``None`` means half the RAM (CPU) or 80% of the GPU memory.
         timeout_s: Longest a single case, or a DDP model's methods at one batch size, may take.
         world_size: Processes (ranks) of the DDP methods.
+        budget_s: Seconds the whole run may take: once spent, every case not yet
+            started is recorded as skipped, with the reason; ``None``: no limit.
+        size: Size of the realistic models (:mod:`gradlens_bench.realistic`):
+            one of :data:`gradlens_bench.realistic.SIZES`; ``None``: from the device.
     """
 
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
@@ -78,6 +87,8 @@ class BenchConfig:
     memory_limit_gb: float | None = None
     timeout_s: float = 600.0
     world_size: int = 2
+    budget_s: float | None = None
+    size: str | None = None
 
 
 def _memory_limit(config: BenchConfig, device: torch.device) -> float:
@@ -116,11 +127,26 @@ def _world(
 
 
 def _measure_model(
-    model: str, methods: list[str], config: BenchConfig, protocol: Protocol, bar: tqdm
+    model: str,
+    methods: list[str],
+    config: BenchConfig,
+    protocol: Protocol,
+    bar: tqdm,
+    deadline: float,
 ) -> tuple[list[dict[str, object]], dict[tuple[str, str], dict[str, object]]]:
-    """Check, then measure every case of one model: its records and agreement checks."""
+    """Check, then measure every case of one model: its records and agreement checks.
+
+    Cases not started by ``deadline`` (``time.monotonic()``) are recorded as skipped.
+    """
     device = torch.device(protocol.device)
     spec = MODELS[model]
+    if time.monotonic() > deadline:
+        bar.update(len(config.batch_sizes) * len(methods))
+        return [
+            {"model": model, "batch": b, "method": m, "status": "skipped", "note": _SPENT}
+            for b in config.batch_sizes
+            for m in methods
+        ], {}
     mine = [m for m in methods if METHODS[m].family in spec.families]
     if "ddp" in spec.families and device.type != "cpu":
         note = "the DDP entry runs on CPU (gloo) only"
@@ -156,11 +182,14 @@ def _measure_model(
                 record |= {"status": checks[method].status, "note": checks[method].note}
             elif reason := _skip_reason(method, batch, params, limit):
                 record |= {"status": "skipped", "note": reason}
+            elif time.monotonic() > deadline:
+                record |= {"status": "skipped", "note": _SPENT}
             elif method in world:
                 record = world[method]
             else:
                 load = load_average()
-                record = run_isolated(Case(model, batch, method), protocol, config.timeout_s)
+                left = min(config.timeout_s, max(deadline - time.monotonic(), 1.0))
+                record = run_isolated(Case(model, batch, method), protocol, left)
                 record["load_average"] = load
             records.append(record)
             bar.update()
@@ -173,7 +202,10 @@ def main(config: BenchConfig) -> xr.Dataset:
     Returns:
         The results dataset (see :func:`gradlens_bench.results.build_dataset`).
     """
+    deadline = time.monotonic() + (config.budget_s if config.budget_s is not None else 1e12)
     device = torch.device(config.device)
+    if config.size is not None:  # before the forkserver starts: every case inherits it
+        os.environ[SIZE_ENV] = config.size
     protocol = Protocol(**{**asdict(config.protocol), "device": str(device)})
     threads = torch.get_num_threads()
     configure(device, protocol.threads)
@@ -186,7 +218,7 @@ def main(config: BenchConfig) -> xr.Dataset:
     total = len(config.models) * len(config.batch_sizes) * len(methods)
     with tqdm(total=total, desc="cases", unit="case") as bar:
         for model in config.models:
-            found, checks = _measure_model(model, methods, config, protocol, bar)
+            found, checks = _measure_model(model, methods, config, protocol, bar, deadline)
             records += found
             agreements |= checks
     torch.set_num_threads(threads)
@@ -198,7 +230,10 @@ def main(config: BenchConfig) -> xr.Dataset:
             (str(r["rss_measure"]) for r in records if "rss_measure" in r), ""
         ),
         "memory_limit_bytes": int(limit),
+        "budget_s": config.budget_s if config.budget_s is not None else float("nan"),
     }
+    if set(config.models) & set(REALISTIC):
+        attrs |= {"realistic_size": realistic_size()}
     if set(config.models) & set(DDP):
         attrs |= {"ddp_world_size": config.world_size, "ddp_steps": protocol.steps}
         attrs |= {"ddp_blocks": protocol.blocks, "ddp_threads": protocol.threads or 1}
@@ -236,10 +271,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="intra-op threads")
     p.add_argument(
         "--models",
-        type=_csv(str, list(MODELS), {"zoo": ZOO, "ddp": DDP, "all": tuple(MODELS)}),
+        type=_csv(
+            str,
+            list(MODELS),
+            {"zoo": ZOO, "ddp": DDP, "realistic": REALISTIC, "all": tuple(MODELS)},
+        ),
         default=DEFAULT_MODELS,
-        help=f"comma-separated, or 'zoo' ({','.join(ZOO)}), 'ddp' ({','.join(DDP)}) or 'all'; "
-        "default all but the zoo and the DDP models",
+        help=f"comma-separated, or 'zoo' ({','.join(ZOO)}), 'ddp' ({','.join(DDP)}), "
+        f"'realistic' ({','.join(REALISTIC)}) or 'all'; "
+        "default all but the zoo, the DDP and the realistic models",
+    )
+    p.add_argument(
+        "--size",
+        choices=SIZES,
+        default=None,
+        help="size of the realistic models (default: gpu on CUDA, else cpu)",
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds the whole run may take; cases not started by then are recorded as skipped",
     )
     p.add_argument("--batch-sizes", type=_csv(int), default=None)
     p.add_argument("--methods", type=_csv(str, list(METHODS)), default=tuple(METHODS))
@@ -253,6 +305,8 @@ def _parser() -> argparse.ArgumentParser:
         help="only redraw: a results.nc, or the overhead.json of the first DDP benchmark",
     )
     p.add_argument("--min-time", type=float, default=None, help="seconds of timed calls per case")
+    p.add_argument("--max-time", type=float, default=None, help="most seconds of timed calls")
+    p.add_argument("--verify-batch", type=int, default=None, help="examples of the agreement check")
     p.add_argument("--memory-limit-gb", type=float, default=None)
     p.add_argument("--timeout", type=float, default=BenchConfig.timeout_s, help="seconds per case")
     p.add_argument("--world-size", type=int, default=BenchConfig.world_size, help="DDP ranks")
@@ -269,6 +323,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, Path | None]
     changes = {
         "threads": args.threads,
         "min_time_s": args.min_time,
+        "max_time_s": args.max_time,
         "steps": args.ddp_steps,
         "blocks": args.ddp_blocks,
     }
@@ -282,10 +337,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, Path | None]
         batch_sizes=args.batch_sizes or ((16,) if args.smoke else BenchConfig.batch_sizes),
         methods=args.methods,
         protocol=protocol,
-        verify_batch=4 if args.smoke else BenchConfig.verify_batch,
+        verify_batch=args.verify_batch or (4 if args.smoke else BenchConfig.verify_batch),
         memory_limit_gb=args.memory_limit_gb,
         timeout_s=args.timeout,
         world_size=args.world_size,
+        budget_s=args.budget,
+        size=args.size,
     )
     return config, args.render
 

@@ -60,6 +60,7 @@ __all__ = [
     "pick",
     "probed",
     "trait",
+    "unprobed_with_trait",
 ]
 
 SIZES = (784, 256, 256, 13)
@@ -242,6 +243,19 @@ def unprobed(w: StepWorkload) -> None:
     w.optimizer.zero_grad(set_to_none=True)
 
 
+def unprobed_with_trait(w: StepWorkload) -> None:
+    """The plain step plus the trait gradient at the current parameters, as a user would add it.
+
+    The floor of what a probed step must do: one forward and backward of the
+    trait loss on the probe batch (into fresh tensors, not ``.grad``), then
+    :func:`unprobed`. Nothing else (no dots, no cosine, no records).
+    """
+    params = [p for p in w.student.parameters() if p.requires_grad]
+    g_t = torch.autograd.grad(w.trait_loss(w.forward(w.probe), w.labels), params)
+    unprobed(w)
+    del g_t
+
+
 def reference_update(w: StepWorkload, project: bool) -> dict[str, Tensor]:
     """The update one step should apply, from a copy of ``w``, computed by plain autograd.
 
@@ -249,8 +263,8 @@ def reference_update(w: StepWorkload, project: bool) -> dict[str, Tensor]:
     trait gradient (over all parameters at once), as ``remove_aligned()`` does.
     """
     w = copy.deepcopy(w)
-    params = dict(w.student.named_parameters())
-    before = {n: p.detach().clone() for n, p in params.items()}
+    before = {n: p.detach().clone() for n, p in w.student.named_parameters()}
+    params = {n: p for n, p in w.student.named_parameters() if p.requires_grad}  # not LoRA's base
     g_d = torch.autograd.grad(w.train_loss(w.forward(w.noise), w.targets()), list(params.values()))
     if project:
         g_t = torch.autograd.grad(w.trait_loss(w.forward(w.probe), w.labels), list(params.values()))
@@ -262,4 +276,4 @@ def reference_update(w: StepWorkload, project: bool) -> dict[str, Tensor]:
     for p, g in zip(params.values(), g_d, strict=True):
         p.grad = g
     w.optimizer.step()
-    return {n: p.detach() - before[n] for n, p in params.items()}
+    return {n: p.detach() - before[n] for n, p in w.student.named_parameters()}

@@ -21,6 +21,7 @@ the order, the transforms and every record are here, once.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol, TypeVar
 
@@ -35,7 +36,15 @@ from gradlens.probes.plan import PlanEntry
 from gradlens.training.objective import Objective
 from gradlens.transforms.base import GradientTransform, needs_example_dots
 
-__all__ = ["ModeProbe", "StepMode", "StepResult", "accumulate", "micro_batches", "run_step"]
+__all__ = [
+    "ModeProbe",
+    "StepMode",
+    "StepResult",
+    "accumulate",
+    "check_all_finite",
+    "micro_batches",
+    "run_step",
+]
 
 T = TypeVar("T")
 Grads = Mapping[str, Tensor]
@@ -203,6 +212,29 @@ def accumulate(probes: list[ModeProbe]) -> ModeProbe:
     )
 
 
+def check_all_finite(checked: Sequence[tuple[str, Grads]], *, step: int | None) -> None:
+    """:func:`~gradlens.alignment.gradops.check_finite` of several gradients, one host read.
+
+    All are read at once, before the optimizer steps; if any value is not
+    finite, each gradient is checked in the order given, so the error is the
+    one checking them one by one would raise: the first non-finite gradient,
+    named, with its parameters and ``step``.
+
+    Args:
+        checked: ``(what, gradient)`` pairs, in the order a failure is reported;
+            ``what`` names the gradient in the message.
+        step: The training step, for the message.
+    """
+    filled = [v for _, grad in checked for v in grad.values() if v.numel() > 0]
+    if not filled:
+        return
+    norms = torch._foreach_norm(filled, ord=math.inf)
+    if bool(torch.stack([n.float() for n in norms]).isfinite().all()):
+        return
+    for what, grad in checked:  # raises for the first non-finite one
+        check_finite(grad, step=step, what=what)
+
+
 def run_step(
     mode: StepMode,
     optimizer: torch.optim.Optimizer,
@@ -254,18 +286,19 @@ def run_step(
     params = mode.params
     old = {n: p.detach().clone() for n, p in params.items()}
     trait_loss, g_t = mode.gradient(trait)
-    check_finite(g_t, step=step, what="trait gradient")
+    checked = [("trait gradient", g_t)]
     along = g_t
     if reference is not None:
         _, along = mode.gradient(reference)
-        check_finite(along, step=step, what="transforms' reference gradient")
+        checked.append(("transforms' reference gradient", along))
     if heldout is not None:
         heldout_loss, g_h = mode.gradient(heldout)
-        check_finite(g_h, step=step, what="held-out trait gradient")
+        checked.append(("held-out trait gradient", g_h))
     references = [g_t] if along is g_t else [g_t, along]
     probe = accumulate([mode.probe(batch, references) for batch in micro_batches(train)])
     g = probe.grad
-    check_finite(g, step=step, what="training gradient")
+    checked.append(("training gradient", g))
+    check_all_finite(checked, step=step)
     token_dot = None if tokens is None else tokens(g_t, probe.loss)  # before the step
 
     applied = g

@@ -113,9 +113,10 @@ def _check_model_means(loss: Tensor, each: Tensor) -> None:
     rtol = mean_loss_rtol(each.dtype)
     # not (close): a NaN mean beside a finite loss is off too (check_mean_loss names it)
     off = ~((loss - mean).abs() <= rtol * torch.maximum(loss.abs(), mean.abs()) + 1e-7)
-    bad = off.nonzero().flatten().tolist()
-    if bad:
-        check_mean_loss(loss[bad[0]], each[bad[0]])
+    if not bool(off.any()):  # the one read of a passing step
+        return
+    first = int(off.nonzero()[0, 0])
+    check_mean_loss(loss[first], each[first])
 
 
 class StackedMode:
