@@ -21,9 +21,9 @@ Example:
     >>> from transformers import Trainer, TrainingArguments
     >>> from gradlens import Objective
     >>> from gradlens.integrations import TrainerProbe
-    >>> probe = TrainerProbe(Objective(F.cross_entropy, torch.randn(8, 4), (torch.zeros(8).long(),)),
-    ...                      output="logits")
-    >>> callback = GradlensCallback(probe)
+    >>> trait = Objective(F.cross_entropy, torch.randn(8, 4), (torch.zeros(8).long(),))
+    >>> callback = GradlensCallback(TrainerProbe(trait, output="logits"))
+    >>> # Trainer(model=..., args=..., train_dataset=...), then callback.add_to(trainer)
 """
 
 from __future__ import annotations
@@ -98,7 +98,8 @@ class GradlensCallback(TrainerCallback):
     ) -> None:
         """Measure ``.grad`` and apply the transform to it."""
         assert model is not None
-        self.probe.pre_step(model, state.global_step)
+        clip = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None
+        self.probe.pre_step(model, state.global_step, max_norm=clip)
 
     def on_optimizer_step(
         self,

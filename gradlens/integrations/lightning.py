@@ -21,8 +21,10 @@ Example:
     >>> import torch, torch.nn.functional as F
     >>> from gradlens import Objective
     >>> from gradlens.integrations import TrainerProbe
-    >>> probe = TrainerProbe(Objective(F.cross_entropy, torch.randn(8, 4), (torch.zeros(8).long(),)))
-    >>> callback = GradlensCallback(probe, examples=lambda b: Objective(F.cross_entropy, *b[:1], b[1:]))
+    >>> trait = Objective(F.cross_entropy, torch.randn(8, 4), (torch.zeros(8).long(),))
+    >>> per_batch = lambda batch: Objective(F.cross_entropy, batch[0], (batch[1],))
+    >>> callback = GradlensCallback(TrainerProbe(trait), examples=per_batch)
+    >>> # Trainer(callbacks=[callback]).fit(module, loader)
 """
 
 from __future__ import annotations

@@ -64,9 +64,10 @@ LOGGED = ("cosine", "applied_cosine", "update_cosine", "projection", "trait_loss
 """The scalar records handed to the trainer's own logging by default (mean since the last log)."""
 
 _CONSISTENT = {torch.float64: 1e-9, torch.float32: 1e-4}
-"""How close to 1 cos(the examples' mean gradient, ``.grad``) must be, by dtype: the two
-are the same sum of the same terms in another order, so they agree to a few ``eps``
-times the number of parameters; a different loss gives a cosine far from 1."""
+"""How close cos(the examples' mean gradient, ``.grad``) must be to 1, and their norms to
+each other (relative), by dtype: the two are the same sum of the same terms in another
+order, so they agree to a few ``eps`` times the number of terms; another loss, or the
+same loss scaled, is far off."""
 
 
 class _Examples:
@@ -244,12 +245,15 @@ class TrainerProbe:
 
     # -- around the optimizer step ---------------------------------------------------
 
-    def pre_step(self, model: nn.Module, step: int) -> None:
+    def pre_step(self, model: nn.Module, step: int, *, max_norm: float | None = None) -> None:
         """Measure the accumulated ``.grad`` against ``g_t``; apply ``before`` to it in place.
 
         Args:
             model: The model whose parameters the optimizer is about to step.
             step: The optimizer step (the record's ``step`` coordinate).
+            max_norm: The norm ``.grad`` was clipped to before this call
+                (``torch.nn.utils.clip_grad_norm_``), if it was; the per-example
+                check then expects the clipped norm.
 
         Raises:
             UnsupportedModelError: If a trained parameter has no ``.grad``.
@@ -284,7 +288,7 @@ class TrainerProbe:
             "layer_train_norm": train.sq_norm.sqrt(),
             "applied_cosine": cosine,
         }
-        example_dots, example_cosine = self._example_records(g, trait_norm, records, step)
+        example_dots, example_cosine = self._example_records(g, trait_norm, records, step, max_norm)
         self._old = {n: p.detach().clone() for n, p in params.items()}
         if self.before is not None:
             if needs_example_dots(self.before) and example_dots is None:
@@ -352,7 +356,12 @@ class TrainerProbe:
     # -- private -----------------------------------------------------------------
 
     def _example_records(
-        self, g: Mapping[str, Tensor], trait_norm: Tensor, records: dict[str, Tensor], step: int
+        self,
+        g: Mapping[str, Tensor],
+        trait_norm: Tensor,
+        records: dict[str, Tensor],
+        step: int,
+        max_norm: float | None,
     ) -> tuple[dict[str, Tensor] | None, Tensor]:
         """Add the per-example records; ``(example_dots for a transform, example_cosine)``."""
         seen, self._examples = self._examples, _Examples()
@@ -361,12 +370,20 @@ class TrainerProbe:
         count = sum(len(x) for x in seen.losses)
         mean = {n: sum(s[n] for s in seen.grads) / count for n in g}
         consistent = _cosine(mean, g)
+        norm = _norm(mean)
+        if max_norm is not None:  # clip_grad_norm_'s own formula, eps included
+            norm = norm * (max_norm / (norm + 1e-6)).clamp(max=1.0)
         dtype = next(iter(g.values())).dtype
         tol = _CONSISTENT.get(dtype)
-        if tol is None or not consistent >= 1 - tol:
+        if (
+            tol is None
+            or not consistent >= 1 - tol
+            or not abs(float(_norm(g)) - float(norm)) <= tol * float(norm)
+        ):
             raise GradientMismatchError(
                 f"step {step}: the per-example pass does not describe the trainer's gradient "
                 f"(cos(mean of the examples' gradients, .grad) = {float(consistent):.6g}, "
+                f"norms {float(norm):.6g} and {float(_norm(g)):.6g}, clipped to {max_norm}, "
                 f"dtype {dtype}): give the loss_fn the trainer minimises, mean-reduced over "
                 "examples, micro-batches of equal size (or a loss normalised over the whole "
                 "accumulated batch), and train in float32 or float64 (no mixed precision)."
@@ -386,6 +403,10 @@ class TrainerProbe:
 def _cosine(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
     s = layer_stats(a, reference=b, scope="global")
     return safe_divide(s.dot.sum(), (s.sq_norm.sum() * s.ref_sq_norm.sum()).sqrt())
+
+
+def _norm(grads: Mapping[str, Tensor]) -> Tensor:
+    return torch.stack([g.square().sum() for g in grads.values()]).sum().sqrt()
 
 
 def _to(objective: Objective, device: torch.device) -> Objective:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -125,3 +126,32 @@ def assert_file_matches(run: xr.Dataset, want: Sequence[Row], *, examples: bool)
 def assert_same_params(a: nn.Module, b: nn.Module) -> None:
     for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-14, msg=name)
+
+
+def assert_measures(
+    records: Row, model: nn.Module, params: dict[str, Tensor], grad: dict[str, Tensor]
+) -> None:
+    """``cosine`` and ``layer_cosine`` are those of ``grad`` with ``g_t`` at ``params``.
+
+    The oracle: one ``torch.autograd.grad`` of the trait loss on a copy of ``model`` holding
+    ``params``, in their dtype (float32: rtol 1e-5 for sums of a hundred terms), and numpy
+    dots over the flattened parameters, the layers written out from the names.
+    """
+    copy_ = copy.deepcopy(model)
+    copy_.load_state_dict(params, strict=False)
+    live = dict(copy_.named_parameters())
+    t = trait(next(iter(params.values())).dtype)
+    loss = F.cross_entropy(copy_(t.inputs)["logits"], *t.targets)
+    g_t = dict(zip(live, torch.autograd.grad(loss, list(live.values())), strict=True))
+
+    def cos(names: list[str]) -> float:
+        a = np.concatenate([grad[n].double().numpy().ravel() for n in names])
+        b = np.concatenate([g_t[n].double().numpy().ravel() for n in names])
+        return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+    layers: dict[str, list[str]] = {}
+    for name in live:
+        layers.setdefault(name.rsplit(".", 1)[0], []).append(name)
+    np.testing.assert_allclose(float(records["cosine"]), cos(list(live)), rtol=1e-5)
+    want = [cos(names) for names in layers.values()]
+    np.testing.assert_allclose(records["layer_cosine"].double().numpy(), want, rtol=1e-5)

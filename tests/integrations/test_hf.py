@@ -6,6 +6,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -64,7 +65,7 @@ def recording(base: type[Trainer]) -> type[Trainer]:
         """Keeps the micro-batches the trainer draws, in order, for the replay."""
 
         def training_step(self, model: Any, inputs: Any, *args: Any) -> Tensor:
-            self.batches.append((inputs["x"].clone(), inputs["labels"].clone()))
+            self.batches.append({k: v.clone() for k, v in inputs.items()})
             return super().training_step(model, inputs, *args)
 
     return Recording
@@ -113,11 +114,14 @@ def train(tmp_path: Path, optim: str, *, examples: bool, before: Any = None) -> 
             gradlens=callback, train_loss=F.cross_entropy,
         )  # fmt: skip
     else:
-        trainer = recording(Trainer)(model=model, args=args, train_dataset=dataset, callbacks=[seen])
+        trainer = recording(Trainer)(
+            model=model, args=args, train_dataset=dataset, callbacks=[seen]
+        )
         callback.add_to(trainer)
     trainer.batches = []
     trainer.train()
-    steps = [trainer.batches[i : i + ACCUMULATE] for i in range(0, len(trainer.batches), ACCUMULATE)]
+    b = [(d["x"], d["labels"]) for d in trainer.batches]
+    steps = [b[i : i + ACCUMULATE] for i in range(0, len(b), ACCUMULATE)]
     assert len(steps) == STEPS and all(len(s) == ACCUMULATE for s in steps)
     want = replay(start, steps, OPTIMIZERS[optim], before=before)
     return {"seen": seen, "want": want, "model": model, "start": start, "path": tmp_path / "run.nc"}
@@ -139,7 +143,9 @@ def test_the_callback_equals_probed_step_with_accumulation(tmp_path: Path, optim
     assert len(logs) == STEPS
     for log, want in zip(logs, out["want"], strict=True):
         assert log["gradlens/cosine"] == pytest.approx(float(want["cosine"]), rel=1e-10)
-        assert log["gradlens/update_cosine"] == pytest.approx(float(want["update_cosine"]), rel=1e-10)
+        assert log["gradlens/update_cosine"] == pytest.approx(
+            float(want["update_cosine"]), rel=1e-10
+        )
 
 
 def test_the_probed_trainer_adds_per_example_values(tmp_path: Path) -> None:
@@ -150,3 +156,18 @@ def test_the_probed_trainer_adds_per_example_values(tmp_path: Path) -> None:
     assert_same_params(out["model"], out["start"])
     with open_run(out["path"]) as run:
         assert_file_matches(run, out["want"], examples=True)
+
+
+def test_the_per_example_check_holds_under_the_trainers_clipping(tmp_path: Path) -> None:
+    probe = TrainerProbe(trait(), output="logits")
+    args = arguments(tmp_path, "sgd")
+    args.max_grad_norm = 0.01
+    trainer = ProbedTrainer(
+        model=net(), args=args, train_dataset=Pairs(*data()),
+        gradlens=GradlensCallback(probe), train_loss=F.cross_entropy,
+    )  # fmt: skip
+    trainer.train()
+    run = probe.recorder.dataset()
+    # every step clipped (its norm is about 1 before): the norm clip_grad_norm_ leaves (eps 1e-6)
+    np.testing.assert_allclose(run["train_norm"].values, 0.01, rtol=1e-4)
+    assert np.isfinite(run["example_cosine_mean"].values).all()

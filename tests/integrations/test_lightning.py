@@ -34,7 +34,9 @@ MICRO, ACCUMULATE, STEPS = 4, 2, 3
 
 # Lightning 2.6 on torch 2.14 (its own code, not ours), and its hint about dataloader workers.
 pytestmark = [
-    pytest.mark.filterwarnings("ignore:`isinstance.treespec, LeafSpec.` is deprecated:FutureWarning"),
+    pytest.mark.filterwarnings(
+        "ignore:`isinstance.treespec, LeafSpec.` is deprecated:FutureWarning"
+    ),
     pytest.mark.filterwarnings("ignore:The 'train_dataloader' does not have many workers"),
 ]
 
