@@ -28,14 +28,14 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from gradlens.integrations.probe import TrainerProbe
-from gradlens.probes.vmap import LossFn, Randomness
+from gradlens.probes.vmap import Randomness
 from gradlens.training.objective import Objective
 
 __all__ = ["GradlensCallback", "ProbedTrainer", "ProbedTrainerMixin"]
@@ -146,10 +146,11 @@ class ProbedTrainerMixin:
     Args:
         *args: The trainer's arguments.
         gradlens: The callback (added ahead of the reporting callbacks).
-        train_loss: ``train_loss(outputs, *targets)``, the loss the trainer
-            minimises on a micro-batch, mean-reduced over examples (e.g.
-            ``lambda logits, labels: F.cross_entropy(logits, labels)``).
-        targets: The batch keys that are targets, not model inputs.
+        examples: ``examples(batch) -> Objective``: the micro-batch (a dict, on the
+            model's device) as the model inputs, targets and the loss the trainer
+            minimises, mean-reduced over examples (see :meth:`Objective.from_batch
+            <gradlens.Objective.from_batch>`; leave out an all-ones ``attention_mask``,
+            whose checks vmap cannot batch).
         randomness: As in :func:`~gradlens.probe_batch` (for dropout).
         **kwargs: The trainer's keyword arguments.
     """
@@ -158,15 +159,13 @@ class ProbedTrainerMixin:
         self,
         *args: Any,
         gradlens: GradlensCallback,
-        train_loss: LossFn,
-        targets: tuple[str, ...] = ("labels",),
+        examples: Callable[[Mapping[str, Any]], Objective],
         randomness: Randomness = "error",
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.gradlens = gradlens
-        self.gradlens_loss = train_loss
-        self.gradlens_targets = targets
+        self.gradlens_examples = examples
         self.gradlens_randomness: Randomness = randomness
         gradlens.add_to(self)  # type: ignore[arg-type]
 
@@ -179,8 +178,7 @@ class ProbedTrainerMixin:
         """The per-example pass on the micro-batch, then the trainer's own step."""
         trainer: Any = self
         _check_precision(trainer.args, examples=True)
-        batch = trainer._prepare_inputs(dict(inputs))
-        objective = Objective.from_batch(self.gradlens_loss, batch, targets=self.gradlens_targets)
+        objective = self.gradlens_examples(trainer._prepare_inputs(dict(inputs)))
         trainer.model.train()
         self.gradlens.probe.example_pass(
             trainer.model,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,11 +55,19 @@ def row(result: StepResult, layout: TransformLayout | None) -> Row:
     return {**step_values(result, layout), "example_cosine": result.example_cosine}
 
 
+def classify(batch: Batch) -> Objective:
+    x, y = batch
+    return Objective(F.cross_entropy, x, (y,))
+
+
 def replay(
     model: nn.Module,
-    steps: Sequence[Sequence[Batch]],
+    steps: Sequence[Sequence[Any]],
     optimizer: Callable[[nn.Module], torch.optim.Optimizer],
     before: GradientTransform | None = None,
+    *,
+    objective: Callable[[Any], Objective] = classify,
+    trait_objective: Objective | None = None,
 ) -> list[Row]:
     """probed_step on each step's micro-batches (gradient accumulation): each step's row."""
     opt = optimizer(model)
@@ -67,9 +76,10 @@ def replay(
     layout = transform_layout(params, before=before)
     rows = []
     for batches in steps:
-        train = [Objective(F.cross_entropy, x, (y,)) for x, y in batches]
+        train = [objective(b) for b in batches]
+        t = trait() if trait_objective is None else trait_objective
         result = probed_step(
-            model, opt, train, trait(), before=before, before_state=state, output="logits"
+            model, opt, train, t, before=before, before_state=state, output="logits"
         )
         state = result.before_state
         rows.append(row(result, layout))
@@ -89,11 +99,18 @@ def _values(rows: Sequence[Row], name: str) -> np.ndarray:
     return np.stack([r[name].detach().double().numpy() for r in rows])
 
 
-def assert_rows_match(got: Sequence[Row], want: Sequence[Row], *, examples: bool) -> list[str]:
+def assert_rows_match(
+    got: Sequence[Row],
+    want: Sequence[Row],
+    *,
+    examples: bool,
+    rtol: float = 1e-10,
+    atol: float = 1e-12,
+) -> list[str]:
     """Every record equals the replay's; without the per-example pass those are absent.
 
     float64 records: rtol 1e-10 (the same sums in another order), atol 1e-12 for dots that
-    cancel; the transform fields are float32 on both sides (step_values), so rtol 1e-6.
+    cancel; the transform fields are float32 on both sides (step_values): rtol 1e-6.
     """
     assert len(got) == len(want) > 0
     checked = []
@@ -103,7 +120,7 @@ def assert_rows_match(got: Sequence[Row], want: Sequence[Row], *, examples: bool
             assert absent, f"{name} without the per-example pass"
             continue
         a, b = _values(got, name), _values(want, name)
-        tol = (1e-6, 1e-7) if name.startswith("transform_") else (1e-10, 1e-12)
+        tol = (1e-6, 1e-7) if name.startswith("transform_") else (rtol, atol)
         np.testing.assert_allclose(a, b, rtol=tol[0], atol=tol[1], err_msg=name)
         checked.append(name)
     return checked

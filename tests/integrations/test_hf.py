@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from gradlens import open_run
+from gradlens import Objective, open_run
 from gradlens.integrations import TrainerProbe
 from gradlens.transforms import named_chain, remove_aligned, scale_aligned_per_example
 from tests.integrations.replay import (
@@ -33,6 +33,11 @@ from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E4
 from gradlens.integrations.hf import GradlensCallback, ProbedTrainer  # noqa: E402
 
 MICRO, ACCUMULATE, STEPS = 4, 2, 3
+
+
+def pair(batch: dict[str, Tensor]) -> Objective:
+    """The micro-batch as the trainer's loss sees it: cross-entropy of the logits."""
+    return Objective(F.cross_entropy, batch["x"], (batch["labels"],))
 
 
 class Pairs(Dataset):
@@ -111,7 +116,7 @@ def train(tmp_path: Path, optim: str, *, examples: bool, before: Any = None) -> 
     if examples:
         trainer = recording(ProbedTrainer)(
             model=model, args=args, train_dataset=dataset, callbacks=[seen],
-            gradlens=callback, train_loss=F.cross_entropy,
+            gradlens=callback, examples=pair,
         )  # fmt: skip
     else:
         trainer = recording(Trainer)(
@@ -164,7 +169,7 @@ def test_the_per_example_check_holds_under_the_trainers_clipping(tmp_path: Path)
     args.max_grad_norm = 0.01
     trainer = ProbedTrainer(
         model=net(), args=args, train_dataset=Pairs(*data()),
-        gradlens=GradlensCallback(probe), train_loss=F.cross_entropy,
+        gradlens=GradlensCallback(probe), examples=pair,
     )  # fmt: skip
     trainer.train()
     run = probe.recorder.dataset()

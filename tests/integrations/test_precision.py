@@ -20,7 +20,7 @@ pl = pytest.importorskip("lightning.pytorch")
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
 from gradlens.integrations import hf, lightning  # noqa: E402
-from tests.integrations.test_hf import Pairs, arguments  # noqa: E402
+from tests.integrations.test_hf import Pairs, arguments, pair  # noqa: E402
 from tests.integrations.test_lightning import Module  # noqa: E402
 
 pytestmark = [
@@ -94,7 +94,7 @@ def test_hf_fp16_and_per_example_bf16_are_refused(tmp_path: Path) -> None:
         trainer.train()
     trainer = hf.ProbedTrainer(
         model=net(torch.float32), args=arguments(tmp_path, "sgd", bf16=True),
-        train_dataset=dataset, gradlens=hf.GradlensCallback(probe), train_loss=F.cross_entropy,
+        train_dataset=dataset, gradlens=hf.GradlensCallback(probe), examples=pair,
     )  # fmt: skip
     with pytest.raises(ValueError, match=r"per-example pass of ProbedTrainer.*float32 or float64"):
         trainer.train()

@@ -56,7 +56,9 @@ def test_post_step_without_pre_step_is_refused() -> None:
     [((4, 4), 2.0), ((2, 6), 0.5)],
     ids=["a scaled loss", "mean of unequal micro-batch means"],
 )
-def test_examples_that_do_not_make_up_grad_are_refused(sizes: tuple[int, int], scale: float) -> None:
+def test_examples_that_do_not_make_up_grad_are_refused(
+    sizes: tuple[int, int], scale: float
+) -> None:
     model, probe = started()
     x, y = data(sum(sizes))
     start = 0
