@@ -18,7 +18,7 @@ from torch import Tensor
 from gradlens import Objective
 from gradlens.integrations import TrainerProbe
 from gradlens.transforms import named_chain, remove_aligned
-from tests.integrations.replay import assert_rows_match, assert_same_params, replay, row
+from tests.integrations.replay import assert_rows_match, replay, row
 
 pytest.importorskip("trl")  # the dev extra installs it; see pyproject
 from datasets import Dataset
@@ -117,7 +117,8 @@ def test_sft_trainer_equals_probed_step(tmp_path: Path, examples: bool) -> None:
         output_dir=str(tmp_path), per_device_train_batch_size=MICRO,
         gradient_accumulation_steps=ACCUMULATE, max_steps=STEPS, learning_rate=0.1, optim="sgd",
         lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, report_to="none",
-        use_cpu=True, bf16=False, gradient_checkpointing=False, logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0,
+        use_cpu=True, logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0,
+        bf16=False, gradient_checkpointing=False,  # SFTConfig's defaults are True for both
     )  # fmt: skip
     data = Dataset.from_dict({"input_ids": ids(MICRO * ACCUMULATE * STEPS, seed=4).tolist()})
     common = {"model": net, "args": args, "train_dataset": data, "callbacks": [seen]}
