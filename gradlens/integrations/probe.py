@@ -149,6 +149,7 @@ class TrainerProbe:
         self._pending: dict[str, Tensor] | None = None
         self._step = 0
         self._example_cosine = torch.empty(0)
+        self._examples_size: int | None = None
         self._old: dict[str, Tensor] = {}
         self._sums: dict[str, Tensor] = {}
         self._count = 0
@@ -339,13 +340,27 @@ class TrainerProbe:
         if self.recorder is not None:
             self.recorder.log(self._step, **step_values(result, self.layout))
             if self._example_cosine.numel():
-                self.recorder.log(self._step, example_cosine=self._example_cosine)
+                self.recorder.log(self._step, example_cosine=self._padded(self._example_cosine))
         for name in self.logged:
             if name in records:
                 value = records[name].detach()
                 self._sums[name] = self._sums.get(name, torch.zeros_like(value)) + value
         self._count += 1
         return records
+
+    def _padded(self, values: Tensor) -> Tensor:
+        """The per-example cosines to the run's ``example`` size: NaN after a short last step."""
+        if self._examples_size is None:
+            self._examples_size = len(values)
+        size = self._examples_size
+        if len(values) > size:
+            raise ValueError(
+                f"step {self._step} has {len(values)} examples but the run's first step had "
+                f"{size}: the example dim of example_cosine is fixed by the first step. Make "
+                "the first step a full one (shorter steps are padded with NaN), or drop "
+                "short batches (dataloader_drop_last=True, DataLoader(drop_last=True))."
+            )
+        return torch.cat([values, values.new_full((size - len(values),), float("nan"))])
 
     def scalars(self, prefix: str = "gradlens/") -> dict[str, float]:
         """The logged records' means since the last call (one host sync), then reset."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -87,3 +88,27 @@ def test_a_clipped_grad_is_described_by_its_examples() -> None:
         backward(model, x, y)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
         probe.pre_step(model, 1)
+
+
+def step(model: nn.Module, probe: TrainerProbe, x: Tensor, y: Tensor, number: int) -> None:
+    model.zero_grad()
+    probe.example_pass(model, F.cross_entropy, x, y)
+    backward(model, x, y)
+    probe.pre_step(model, number)
+    probe.post_step(model)
+
+
+def test_a_short_step_is_padded_with_nan_and_a_longer_one_refused() -> None:
+    model, probe = started()
+    x, y = data(14)
+    step(model, probe, x[:6], y[:6], 0)
+    step(model, probe, x[6:10], y[6:10], 1)  # the epoch's last, shorter step
+    assert probe.result is not None
+    short = probe.result.example_cosine
+    run = probe.recorder.dataset()  # type: ignore[union-attr]
+    cosines = run["example_cosine"].values
+    assert cosines.shape == (2, 6)
+    np.testing.assert_allclose(cosines[1, :4], short.numpy(), rtol=1e-6)  # stored as float32
+    assert np.isnan(cosines[1, 4:]).all() and not np.isnan(cosines[0]).any()
+    with pytest.raises(ValueError, match=r"first step had 6.*drop_last"):
+        step(model, probe, x[:8], y[:8], 2)
