@@ -176,3 +176,19 @@ def test_the_per_example_check_holds_under_the_trainers_clipping(tmp_path: Path)
     # every step clipped (its norm is about 1 before): the norm clip_grad_norm_ leaves (eps 1e-6)
     np.testing.assert_allclose(run["train_norm"].values, 0.01, rtol=1e-4)
     assert np.isfinite(run["example_cosine_mean"].values).all()
+
+
+def test_add_to_puts_the_callback_ahead_of_the_reporters(tmp_path: Path) -> None:
+    """report_to's callbacks come right after the trainer's defaults, ahead of callbacks=[...];
+    a stand-in reporter there (tensorboard and wandb are not installed here) sees the values."""
+    probe = TrainerProbe(trait(), output="logits")
+    seen = Seen(probe)
+    trainer = Trainer(model=net(), args=arguments(tmp_path, "sgd"), train_dataset=Pairs(*data()))
+    defaults = len(trainer.callback_handler.callbacks)
+    trainer.callback_handler.callbacks.insert(defaults, seen)  # where report_to's would be
+    GradlensCallback(probe).add_to(trainer)
+    trainer.train()
+    logs = [log for log in seen.logs if "loss" in log]
+    assert len(logs) == STEPS
+    for log, records in zip(logs, seen.rows, strict=True):
+        assert log["gradlens/cosine"] == pytest.approx(float(records["cosine"]), rel=1e-12)
