@@ -42,7 +42,14 @@ __all__ = ["GradlensCallback", "ProbedTrainer", "ProbedTrainerMixin"]
 
 
 def _check_precision(args: TrainingArguments, *, examples: bool) -> None:
-    """Refuse what the probe cannot measure exactly under the trainer's precision."""
+    """Refuse what the probe cannot measure exactly under the trainer's precision or layout."""
+    if examples and args.world_size > 1:
+        raise ValueError(
+            f"the per-example pass of ProbedTrainer sees this process's micro-batches only, "
+            f"but .grad is all-reduced over {args.world_size} processes, so its examples "
+            "would not make up that gradient: use GradlensCallback alone under data "
+            "parallelism (global and per-layer values), or gradlens.distributed_probed_step."
+        )
     if args.fp16:
         raise ValueError(
             "TrainingArguments(fp16=True) trains with a GradScaler: at the pre-optimizer step "

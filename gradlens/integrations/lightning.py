@@ -74,6 +74,13 @@ class GradlensCallback(pl.Callback):
                 "skips the steps whose gradient is not finite, so gradlens cannot measure "
                 "every step reliably. Use precision='bf16-mixed' (no scaler) or full precision."
             )
+        if self.examples is not None and trainer.world_size > 1:
+            raise ValueError(
+                f"the per-example pass (examples=) sees this process's micro-batches only, but "
+                f".grad is all-reduced over {trainer.world_size} processes, so its examples "
+                "would not make up that gradient: leave examples= out under data parallelism "
+                "(global and per-layer values), or use gradlens.distributed_probed_step."
+            )
         if self.examples is not None and trainer.precision not in ("32-true", "64-true"):
             raise ValueError(
                 f"the per-example pass (examples=) runs in the parameters' precision, not "
