@@ -36,11 +36,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradlens.alignment.gradops import check_finite, safe_divide
+from gradlens.alignment.gradops import check_finite, cosine, safe_divide
 from gradlens.alignment.layerstats import groups_for, layer_stats
-from gradlens.alignment.measures import summarize
-from gradlens.errors import GradientMismatchError, UnsupportedModelError
-from gradlens.probes.batch import Inputs, examples
+from gradlens.errors import UnsupportedModelError
+from gradlens.integrations.examples import ExampleValues
+from gradlens.probes.batch import Inputs
 from gradlens.probes.batch import forward as call_model
 from gradlens.probes.ghost import probe_batch
 from gradlens.probes.outputs import OutputSelector, plain_forward, select_output
@@ -62,25 +62,6 @@ __all__ = ["LOGGED", "TrainerProbe"]
 
 LOGGED = ("cosine", "applied_cosine", "update_cosine", "projection", "trait_loss")
 """The scalar records handed to the trainer's own logging by default (mean since the last log)."""
-
-_CONSISTENT = {torch.float64: 1e-4, torch.float32: 1e-4}
-"""How close cos(the examples' mean gradient, ``.grad``) must be to 1, and their norms to
-each other (relative), by the parameters' dtype. The two are the same sum in another order,
-but the trainer's loss may run in float32 for float64 parameters (Hugging Face's losses call
-``logits.float()``), so float32's ``eps`` sets the bound for both; a wrong loss (another
-normalisation, micro-batch means averaged over micro-batches of unequal size) is off by far
-more (a norm 6/5 too large for a language-model loss over the unshifted token count)."""
-
-
-class _Examples:
-    """The per-example values of the micro-batches seen since the last optimizer step."""
-
-    def __init__(self) -> None:
-        self.losses: list[Tensor] = []
-        self.grads: list[dict[str, Tensor]] = []
-        self.dots: list[Tensor] = []
-        self.sq_norms: list[Tensor] = []
-        self.example_dots: list[dict[str, Tensor]] = []
 
 
 class TrainerProbe:
@@ -145,7 +126,7 @@ class TrainerProbe:
         self.layout: TransformLayout | None = None
         self._params: dict[str, Tensor] = {}
         self._g_t: tuple[Tensor, dict[str, Tensor]] | None = None
-        self._examples = _Examples()
+        self._examples = ExampleValues()
         self._pending: dict[str, Tensor] | None = None
         self._step = 0
         self._example_cosine = torch.empty(0)
@@ -239,12 +220,7 @@ class TrainerProbe:
             model, loss_fn, inputs, *targets, reference=g_t,
             params=list(self._params), randomness=randomness, output=self.output,
         )  # fmt: skip
-        seen = self._examples
-        seen.losses.append(found.losses.detach())
-        seen.grads.append({n: g.detach() * examples(inputs) for n, g in found.grad.items()})
-        seen.example_dots.append(found.dots)
-        seen.dots.append(torch.stack(list(found.dots.values())).sum(0))
-        seen.sq_norms.append(torch.stack(list(found.sq_norms.values())).sum(0))
+        self._examples.add(found)
 
     # -- around the optimizer step ---------------------------------------------------
 
@@ -279,19 +255,24 @@ class TrainerProbe:
         train = layer_stats(g, reference=g_t)
         trait_norm = train.ref_sq_norm.sum().sqrt()
         g_dot_t = train.dot.sum()
-        cosine = safe_divide(g_dot_t, (train.sq_norm.sum() * train.ref_sq_norm.sum()).sqrt())
+        train_cosine = safe_divide(g_dot_t, (train.sq_norm.sum() * train.ref_sq_norm.sum()).sqrt())
         records = {
             "trait_loss": trait_loss,
-            "cosine": cosine,
+            "cosine": train_cosine,
             "trait_norm": trait_norm,
             "train_norm": train.sq_norm.sum().sqrt(),
             "projection": safe_divide(g_dot_t, trait_norm.square()),
             "layer_cosine": safe_divide(train.dot, (train.sq_norm * train.ref_sq_norm).sqrt()),
             "layer_trait_norm": train.ref_sq_norm.sqrt(),
             "layer_train_norm": train.sq_norm.sqrt(),
-            "applied_cosine": cosine,
+            "applied_cosine": train_cosine,
         }
-        example_dots, example_cosine = self._example_records(g, trait_norm, records, step, max_norm)
+        seen, self._examples = self._examples, ExampleValues()
+        example_dots, example_cosine = None, torch.empty(0)
+        if seen:
+            seen.check(g, step, max_norm)
+            more, example_dots, example_cosine = seen.records(trait_norm)
+            records |= more
         self._old = {n: p.detach().clone() for n, p in params.items()}
         if self.before is not None:
             if needs_example_dots(self.before) and example_dots is None:
@@ -306,7 +287,7 @@ class TrainerProbe:
             with torch.no_grad():
                 for name, p in params.items():
                     p.grad.copy_(applied[name])  # type: ignore[union-attr]
-            records["applied_cosine"] = _cosine(applied, g_t)
+            records["applied_cosine"] = cosine(applied, g_t)
         self._pending = records
         self._step = step
         self._example_cosine = example_cosine
@@ -369,61 +350,6 @@ class TrainerProbe:
         out = {f"{prefix}{n}": float(v) / self._count for n, v in self._sums.items()}
         self._sums, self._count = {}, 0
         return out
-
-    # -- private -----------------------------------------------------------------
-
-    def _example_records(
-        self,
-        g: Mapping[str, Tensor],
-        trait_norm: Tensor,
-        records: dict[str, Tensor],
-        step: int,
-        max_norm: float | None,
-    ) -> tuple[dict[str, Tensor] | None, Tensor]:
-        """Add the per-example records; ``(example_dots for a transform, example_cosine)``."""
-        seen, self._examples = self._examples, _Examples()
-        if not seen.losses:
-            return None, torch.empty(0)
-        count = sum(len(x) for x in seen.losses)
-        mean = {n: sum(s[n] for s in seen.grads) / count for n in g}
-        consistent = _cosine(mean, g)
-        norm = _norm(mean)
-        if max_norm is not None:  # clip_grad_norm_'s own formula, eps included
-            norm = norm * (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        dtype = next(iter(g.values())).dtype
-        tol = _CONSISTENT.get(dtype)
-        if (
-            tol is None
-            or not consistent >= 1 - tol
-            or not abs(float(_norm(g)) - float(norm)) <= tol * float(norm)
-        ):
-            raise GradientMismatchError(
-                f"step {step}: the per-example pass does not describe the trainer's gradient "
-                f"(cos(mean of the examples' gradients, .grad) = {float(consistent):.6g}, "
-                f"norms {float(norm):.6g} and {float(_norm(g)):.6g}, clipped to {max_norm}, "
-                f"dtype {dtype}): give the loss_fn the trainer minimises, mean-reduced over "
-                "examples, micro-batches of equal size (or a loss normalised over the whole "
-                "accumulated batch), and train in float32 or float64 (no mixed precision)."
-            )
-        losses = torch.cat(seen.losses)
-        dots = torch.cat(seen.dots)
-        example_cosine = safe_divide(dots, torch.cat(seen.sq_norms).sqrt() * trait_norm)
-        summary = summarize(example_cosine)
-        records["train_loss"] = losses.mean()
-        records["example_cosine_mean"] = summary["mean"]
-        records["example_cosine_quantile"] = summary["quantile"]
-        records["example_cosine_frac_positive"] = summary["frac_positive"]
-        example_dots = {n: torch.cat([d[n] for d in seen.example_dots]) for n in g}
-        return example_dots, example_cosine
-
-
-def _cosine(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
-    s = layer_stats(a, reference=b, scope="global")
-    return safe_divide(s.dot.sum(), (s.sq_norm.sum() * s.ref_sq_norm.sum()).sqrt())
-
-
-def _norm(grads: Mapping[str, Tensor]) -> Tensor:
-    return torch.stack([g.square().sum() for g in grads.values()]).sum().sqrt()
 
 
 def _to(objective: Objective, device: torch.device) -> Objective:
