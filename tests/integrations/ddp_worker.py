@@ -18,8 +18,8 @@ def main(out: Path) -> None:
     from gradlens.integrations import TrainerProbe
     from gradlens.integrations.hf import GradlensCallback
     from tests.integrations.replay import data, net, trait
+    from tests.integrations.test_ddp import BEFORE, STEPS, N
     from tests.integrations.test_hf import Pairs, Seen, arguments, recording
-    from tests.integrations.test_ddp import BEFORE, N, STEPS
 
     model = net()
     probe = TrainerProbe(trait(), before=BEFORE(), output="logits", path=out / "run.nc")
