@@ -1,18 +1,21 @@
-"""One rank of the data-parallel transformers test (run by torchrun from test_ddp.py).
+"""One rank of the data-parallel tests (run by torchrun from test_ddp.py).
 
-Each rank trains the same model on its shard with the gradlens callback and saves the
-micro-batches it drew, the records it measured and its parameters after training.
+Each rank trains the same model on its shard with the gradlens callback of one framework
+(``hf`` or ``lightning``) and saves the micro-batches it drew, the records it measured and
+its parameters after training.
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
 
-def main(out: Path) -> None:
+def hf(out: Path) -> dict[str, Any]:
     from transformers import Trainer
 
     from gradlens.integrations import TrainerProbe
@@ -22,7 +25,7 @@ def main(out: Path) -> None:
     from tests.integrations.test_hf import Pairs, Seen, arguments, recording
 
     model = net()
-    probe = TrainerProbe(trait(), before=BEFORE(), output="logits", path=out / "run.nc")
+    probe = TrainerProbe(trait(), before=BEFORE(), output="logits", path=out / "hf.nc")
     seen = Seen(probe)
     args = arguments(out / "trainer", "sgd")
     args.max_steps = STEPS
@@ -32,15 +35,50 @@ def main(out: Path) -> None:
     GradlensCallback(probe).add_to(trainer)
     trainer.batches = []
     trainer.train()
-    rank = trainer.args.process_index
-    saved = {
+    return {
+        "rank": trainer.args.process_index,
         "world": trainer.args.world_size,
         "batches": [(b["x"], b["labels"]) for b in trainer.batches],
         "rows": seen.rows,
-        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "params": dict(model.named_parameters()),
     }
-    torch.save(saved, out / f"rank{rank}.pt")
+
+
+def lightning(out: Path) -> dict[str, Any]:
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from gradlens.integrations import TrainerProbe
+    from gradlens.integrations.lightning import GradlensCallback
+    from tests.integrations.replay import data, trait
+    from tests.integrations.test_ddp import BEFORE, STEPS, N
+    from tests.integrations.test_lightning import Module, Seen
+
+    module = Module("sgd")
+    probe = TrainerProbe(trait(), before=BEFORE(), output="logits", path=out / "lightning.nc")
+    seen = Seen(probe)
+    trainer = pl.Trainer(
+        max_steps=STEPS, accumulate_grad_batches=2, accelerator="cpu", devices=2,
+        strategy="ddp", precision="64-true", callbacks=[GradlensCallback(probe), seen],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, DataLoader(TensorDataset(*data(N)), batch_size=4, shuffle=False))
+    return {
+        "rank": trainer.global_rank,
+        "world": trainer.world_size,
+        "batches": module.batches,
+        "rows": seen.rows,
+        "params": {n.removeprefix("net."): p for n, p in module.named_parameters()},
+    }
+
+
+def main(framework: str, out: Path) -> None:
+    warnings.simplefilter("ignore")  # the frameworks' own hints; the test checks the values
+    saved = {"hf": hf, "lightning": lightning}[framework](out)
+    saved["params"] = {n: p.detach().clone() for n, p in saved["params"].items()}
+    torch.save(saved, out / f"{framework}{saved['rank']}.pt")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(sys.argv[1], Path(sys.argv[2]))

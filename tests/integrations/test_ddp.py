@@ -1,6 +1,6 @@
-"""The transformers callback under data parallelism (2 CPU processes, gloo, by torchrun):
-the measured .grad is the all-reduced one, so every rank's records equal probed_step on
-all ranks' micro-batches of each step, in float64, and only rank 0 writes the run file."""
+"""The callbacks under data parallelism (2 CPU processes, gloo, by torchrun): the measured
+.grad is the all-reduced one, so every rank's records equal probed_step on all ranks'
+micro-batches of each step, in float64, and only rank 0 writes the run file."""
 
 from __future__ import annotations
 
@@ -17,8 +17,6 @@ from gradlens import open_run
 from gradlens.transforms import named_chain, remove_aligned
 from tests.integrations.replay import assert_file_matches, assert_rows_match, net, replay
 
-pytest.importorskip("transformers")  # the dev extra installs it; see pyproject
-
 ROOT = Path(__file__).resolve().parents[2]
 N, STEPS, ACCUMULATE = 32, 3, 2  # 16 examples a rank: 4 micro-batches of 4, 2 steps an epoch
 
@@ -33,16 +31,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_ranks_measure_the_all_reduced_gradient(tmp_path: Path) -> None:
+@pytest.mark.parametrize("framework", ["hf", "lightning"])
+def test_two_ranks_measure_the_all_reduced_gradient(tmp_path: Path, framework: str) -> None:
+    pytest.importorskip("transformers" if framework == "hf" else "lightning")  # dev extra
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
         f"--master_port={free_port()}", str(ROOT / "tests/integrations/ddp_worker.py"),
-        str(tmp_path),
+        framework, str(tmp_path),
     ]  # fmt: skip
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ranks = [torch.load(tmp_path / f"{framework}{r}.pt", weights_only=False) for r in range(2)]
     assert [r["world"] for r in ranks] == [2, 2]
     assert not torch.equal(ranks[0]["batches"][0][0], ranks[1]["batches"][0][0])  # two shards
     # each step: rank 0's micro-batches, then rank 1's (equal sizes: the order of the mean
@@ -58,6 +58,6 @@ def test_two_ranks_measure_the_all_reduced_gradient(tmp_path: Path) -> None:
         assert {"cosine", "layer_cosine", "update_cosine", "transform_coef"} <= set(checked)
         for name, p in start.named_parameters():
             torch.testing.assert_close(r["params"][name], p.detach(), rtol=1e-12, atol=1e-14)
-    with open_run(tmp_path / "run.nc") as run:
+    with open_run(tmp_path / f"{framework}.nc") as run:
         assert_file_matches(run, want, examples=False)
-    assert sorted(p.name for p in tmp_path.glob("*.nc")) == ["run.nc"]
+    assert [p.name for p in tmp_path.glob("*.nc")] == [f"{framework}.nc"]
