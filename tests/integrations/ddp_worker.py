@@ -19,10 +19,10 @@ def hf(out: Path) -> dict[str, Any]:
     from transformers import Trainer
 
     from gradlens.integrations import TrainerProbe
-    from gradlens.integrations.hf import GradlensCallback
+    from gradlens.integrations.hf import GradlensCallback, ProbedTrainer
     from tests.integrations.replay import data, net, trait
     from tests.integrations.test_ddp import BEFORE, STEPS, N
-    from tests.integrations.test_hf import Pairs, Seen, arguments, recording
+    from tests.integrations.test_hf import Pairs, Seen, arguments, pair, recording
 
     model = net()
     probe = TrainerProbe(trait(), before=BEFORE(), output="logits", path=out / "hf.nc")
@@ -35,7 +35,16 @@ def hf(out: Path) -> dict[str, Any]:
     GradlensCallback(probe).add_to(trainer)
     trainer.batches = []
     trainer.train()
+    refused = ""
+    try:  # the per-example pass sees one rank's examples of the all-reduced gradient
+        ProbedTrainer(
+            model=net(), args=args, train_dataset=Pairs(*data(N)),
+            gradlens=GradlensCallback(TrainerProbe(trait(), output="logits")), examples=pair,
+        ).train()  # fmt: skip
+    except ValueError as err:
+        refused = str(err)
     return {
+        "refused": refused,
         "rank": trainer.args.process_index,
         "world": trainer.args.world_size,
         "batches": [(b["x"], b["labels"]) for b in trainer.batches],
@@ -46,8 +55,10 @@ def hf(out: Path) -> dict[str, Any]:
 
 def lightning(out: Path) -> dict[str, Any]:
     import lightning.pytorch as pl
+    import torch.nn.functional as F
     from torch.utils.data import DataLoader, TensorDataset
 
+    from gradlens import Objective
     from gradlens.integrations import TrainerProbe
     from gradlens.integrations.lightning import GradlensCallback
     from tests.integrations.replay import data, trait
@@ -63,8 +74,24 @@ def lightning(out: Path) -> dict[str, Any]:
         logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False,
     )  # fmt: skip
-    trainer.fit(module, DataLoader(TensorDataset(*data(N)), batch_size=4, shuffle=False))
+    loader = DataLoader(TensorDataset(*data(N)), batch_size=4, shuffle=False)
+    trainer.fit(module, loader)
+    refused = ""
+    examples = GradlensCallback(
+        TrainerProbe(trait(), output="logits"),
+        examples=lambda b: Objective(F.cross_entropy, b[0], (b[1],)),
+    )
+    again = pl.Trainer(
+        max_steps=1, accelerator="cpu", devices=2, strategy="ddp", precision="64-true",
+        callbacks=[examples], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    try:  # the per-example pass sees one rank's examples of the all-reduced gradient
+        again.fit(Module("sgd"), loader)
+    except ValueError as err:
+        refused = str(err)
     return {
+        "refused": refused,
         "rank": trainer.global_rank,
         "world": trainer.world_size,
         "batches": module.batches,

@@ -61,3 +61,5 @@ def test_two_ranks_measure_the_all_reduced_gradient(tmp_path: Path, framework: s
     with open_run(tmp_path / f"{framework}.nc") as run:
         assert_file_matches(run, want, examples=False)
     assert [p.name for p in tmp_path.glob("*.nc")] == [f"{framework}.nc"]
+    for r in ranks:  # the per-example pass is refused on every rank, naming the cause
+        assert "all-reduced over 2 processes" in r["refused"], r["refused"]
