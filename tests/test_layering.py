@@ -73,6 +73,7 @@ LEVELS: dict[str, int] = {
     "figures": 2,
     "sweeps": 2,
     "training": 3,
+    "integrations": 4,
 }
 """The stages, in the order a probed step's data flows: a stage imports only lower levels."""
 

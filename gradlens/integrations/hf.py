@@ -1,0 +1,201 @@
+"""gradlens in ``transformers.Trainer`` and the trainers built on it (TRL's ``SFTTrainer``).
+
+:class:`GradlensCallback` is a ``TrainerCallback``. At ``on_pre_optimizer_step``
+(after every micro-batch's backward, the all-reduce of data parallelism and
+gradient clipping, so ``.grad`` is the gradient the optimizer applies) it takes
+the trait gradient ``g_t`` without touching ``.grad``, records the alignment of
+``.grad`` with it, globally and per layer, and applies the ``before`` transform
+to ``.grad`` in place; at ``on_optimizer_step`` it records the update's
+alignment and logs the row to the run file (:class:`~gradlens.integrations.TrainerProbe`).
+At ``on_log`` it adds the means of the logged records since the last log to the
+trainer's logs (``gradlens/cosine``, ...), so ``report_to`` sends them to
+TensorBoard or W&B: :meth:`GradlensCallback.add_to` puts the callback before the
+trainer's reporting callbacks, which it must be for them to see these values.
+
+:class:`ProbedTrainerMixin` (and :class:`ProbedTrainer`) add the per-example
+values: one more forward and backward of each micro-batch
+(:func:`~gradlens.probe_batch`), in float32 or float64.
+
+Example:
+    >>> import torch, torch.nn.functional as F
+    >>> from transformers import Trainer, TrainingArguments
+    >>> from gradlens import Objective
+    >>> from gradlens.integrations import TrainerProbe
+    >>> trait = Objective(F.cross_entropy, torch.randn(8, 4), (torch.zeros(8).long(),))
+    >>> callback = GradlensCallback(TrainerProbe(trait, output="logits"))
+    >>> # Trainer(model=..., args=..., train_dataset=...), then callback.add_to(trainer)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from torch import Tensor, nn
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from gradlens.integrations.probe import TrainerProbe
+from gradlens.probes.vmap import Randomness
+from gradlens.training.objective import Objective
+
+__all__ = ["GradlensCallback", "ProbedTrainer", "ProbedTrainerMixin"]
+
+
+def _check_precision(args: TrainingArguments, *, examples: bool) -> None:
+    """Refuse what the probe cannot measure exactly under the trainer's precision or layout."""
+    if examples and args.world_size > 1:
+        raise ValueError(
+            f"the per-example pass of ProbedTrainer sees this process's micro-batches only, "
+            f"but .grad is all-reduced over {args.world_size} processes, so its examples "
+            "would not make up that gradient: use GradlensCallback alone under data "
+            "parallelism (global and per-layer values), or gradlens.distributed_probed_step."
+        )
+    if args.fp16:
+        raise ValueError(
+            "TrainingArguments(fp16=True) trains with a GradScaler: at the pre-optimizer step "
+            ".grad is still scaled unless max_grad_norm > 0 unscaled it, and it is not finite "
+            "on the steps the scaler skips, so gradlens cannot measure it reliably. Use "
+            "bf16=True (no scaler) or full precision."
+        )
+    if examples and (args.bf16 or args.fp16):
+        raise ValueError(
+            "the per-example pass of ProbedTrainer runs in the parameters' precision, not the "
+            "trainer's bf16 autocast, so its examples would not make up the gradient the "
+            "trainer applies: train in float32 or float64, or use GradlensCallback alone "
+            "(global and per-layer values work under bf16)."
+        )
+
+
+class GradlensCallback(TrainerCallback):
+    """Probe every optimizer step of a ``transformers.Trainer``; see the module docstring.
+
+    Args:
+        probe: What to measure and record, and the transform to apply.
+        prefix: Prefix of the scalars added to the trainer's logs.
+    """
+
+    def __init__(self, probe: TrainerProbe, *, prefix: str = "gradlens/") -> None:
+        self.probe = probe
+        self.prefix = prefix
+
+    def add_to(self, trainer: Trainer) -> None:
+        """Add the callback ahead of ``trainer``'s reporting callbacks (they log what it adds)."""
+        trainer.callback_handler.callbacks.insert(0, self)
+
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Check the precision and open the run file (on the main process)."""
+        _check_precision(args, examples=False)
+        assert model is not None
+        self.probe.start(model, record=state.is_world_process_zero)
+
+    def on_pre_optimizer_step(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Measure ``.grad`` and apply the transform to it."""
+        assert model is not None
+        clip = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None
+        self.probe.pre_step(model, state.global_step, max_norm=clip)
+
+    def on_optimizer_step(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Measure the update and record the step."""
+        assert model is not None
+        self.probe.post_step(model)
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Add the records' means since the last log to the trainer's logs."""
+        if logs is not None and "loss" in logs:  # a training log, not an evaluation's
+            logs.update(self.probe.scalars(self.prefix))
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Close the run file, marked complete."""
+        self.probe.finish()
+
+
+class ProbedTrainerMixin:
+    """A ``Trainer`` mixin that adds the per-example values of each micro-batch.
+
+    Put it first: ``class MySFT(ProbedTrainerMixin, SFTTrainer)``. Before the
+    trainer's own forward and backward of a micro-batch it runs
+    :meth:`TrainerProbe.example_pass`: one more forward and backward
+    (:func:`~gradlens.probe_batch`, factored where a form applies), so a
+    step costs about twice the trainer's, plus the trait gradient. At the
+    optimizer step the examples' mean gradient must match ``.grad`` (else a
+    :class:`~gradlens.errors.GradientMismatchError` names the cause).
+
+    Args:
+        *args: The trainer's arguments.
+        gradlens: The callback (added ahead of the reporting callbacks).
+        examples: ``examples(batch) -> Objective``: the micro-batch (a dict, on the
+            model's device) as the model inputs, targets and the loss the trainer
+            minimises, mean-reduced over examples (see :meth:`Objective.from_batch
+            <gradlens.Objective.from_batch>`; leave out an all-ones ``attention_mask``,
+            whose checks vmap cannot batch).
+        randomness: As in :func:`~gradlens.probe_batch` (for dropout).
+        **kwargs: The trainer's keyword arguments.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        gradlens: GradlensCallback,
+        examples: Callable[[Mapping[str, Any]], Objective],
+        randomness: Randomness = "error",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.gradlens = gradlens
+        self.gradlens_examples = examples
+        self.gradlens_randomness: Randomness = randomness
+        gradlens.add_to(self)  # type: ignore[arg-type]
+
+    def training_step(
+        self,
+        model: nn.Module,
+        inputs: Mapping[str, Tensor | Any],
+        num_items_in_batch: Tensor | int | None = None,
+    ) -> Tensor:
+        """The per-example pass on the micro-batch, then the trainer's own step."""
+        trainer: Any = self
+        _check_precision(trainer.args, examples=True)
+        objective = self.gradlens_examples(trainer._prepare_inputs(dict(inputs)))
+        trainer.model.train()
+        self.gradlens.probe.example_pass(
+            trainer.model,
+            objective.loss_fn,
+            objective.inputs,
+            *objective.targets,
+            randomness=self.gradlens_randomness,
+        )
+        return super().training_step(model, inputs, num_items_in_batch)  # type: ignore[misc]
+
+
+class ProbedTrainer(ProbedTrainerMixin, Trainer):
+    """``transformers.Trainer`` with the per-example pass (:class:`ProbedTrainerMixin`)."""

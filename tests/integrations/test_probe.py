@@ -1,0 +1,114 @@
+"""TrainerProbe's refusals, in a plain loop (no trainer needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gradlens.errors import GradientMismatchError, UnsupportedModelError
+from gradlens.integrations import TrainerProbe
+from gradlens.transforms import remove_aligned_per_example
+from tests.integrations.replay import data, net, trait
+
+
+def logits_loss(out: dict[str, Tensor], y: Tensor) -> Tensor:
+    return F.cross_entropy(out["logits"], y)
+
+
+def backward(model: nn.Module, x: Tensor, y: Tensor, scale: float = 1.0) -> None:
+    (scale * F.cross_entropy(model(x)["logits"], y)).backward()
+
+
+def started(**kwargs: object) -> tuple[nn.Module, TrainerProbe]:
+    model = net()
+    probe = TrainerProbe(trait(), output="logits", **kwargs)  # type: ignore[arg-type]
+    probe.start(model)
+    return model, probe
+
+
+def test_a_trained_parameter_without_grad_is_named() -> None:
+    model, probe = started()
+    x, y = data(8)
+    backward(model, x, y)
+    model.body[2].bias.grad = None
+    with pytest.raises(UnsupportedModelError, match=r"body\.2\.bias.*Freeze them"):
+        probe.pre_step(model, 0)
+
+
+def test_a_per_example_transform_needs_the_per_example_pass() -> None:
+    model, probe = started(before=remove_aligned_per_example())
+    x, y = data(8)
+    backward(model, x, y)
+    with pytest.raises(TypeError, match="per-example transform"):
+        probe.pre_step(model, 0)
+
+
+def test_post_step_without_pre_step_is_refused() -> None:
+    model, probe = started()
+    with pytest.raises(RuntimeError, match="post_step without pre_step"):
+        probe.post_step(model)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "scale"),
+    [((4, 4), 2.0), ((2, 6), 0.5)],
+    ids=["a scaled loss", "mean of unequal micro-batch means"],
+)
+def test_examples_that_do_not_make_up_grad_are_refused(
+    sizes: tuple[int, int], scale: float
+) -> None:
+    model, probe = started()
+    x, y = data(sum(sizes))
+    start = 0
+    for size in sizes:  # each micro-batch's mean loss times `scale`: not the examples' mean
+        xb, yb = x[start : start + size], y[start : start + size]
+        probe.example_pass(model, F.cross_entropy, xb, yb)
+        backward(model, xb, yb, scale)
+        start += size
+    with pytest.raises(GradientMismatchError, match="does not describe the trainer's gradient"):
+        probe.pre_step(model, 0)
+
+
+def test_a_clipped_grad_is_described_by_its_examples() -> None:
+    model, probe = started()
+    x, y = data(8)
+    probe.example_pass(model, F.cross_entropy, x, y)
+    backward(model, x, y)
+    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01))
+    assert norm > 0.01  # it did clip
+    probe.pre_step(model, 0, max_norm=0.01)
+    records = probe.post_step(model)
+    assert float(records["train_norm"]) == pytest.approx(0.01, rel=1e-4)  # eps 1e-6 of clipping
+    with pytest.raises(GradientMismatchError):  # the same step, not told it was clipped
+        probe.example_pass(model, F.cross_entropy, x, y)
+        model.zero_grad()
+        backward(model, x, y)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
+        probe.pre_step(model, 1)
+
+
+def step(model: nn.Module, probe: TrainerProbe, x: Tensor, y: Tensor, number: int) -> None:
+    model.zero_grad()
+    probe.example_pass(model, F.cross_entropy, x, y)
+    backward(model, x, y)
+    probe.pre_step(model, number)
+    probe.post_step(model)
+
+
+def test_a_short_step_is_padded_with_nan_and_a_longer_one_refused() -> None:
+    model, probe = started()
+    x, y = data(14)
+    step(model, probe, x[:6], y[:6], 0)
+    step(model, probe, x[6:10], y[6:10], 1)  # the epoch's last, shorter step
+    assert probe.result is not None
+    short = probe.result.example_cosine
+    run = probe.recorder.dataset()  # type: ignore[union-attr]
+    cosines = run["example_cosine"].values
+    assert cosines.shape == (2, 6)
+    np.testing.assert_allclose(cosines[1, :4], short.numpy(), rtol=1e-6)  # stored as float32
+    assert np.isnan(cosines[1, 4:]).all() and not np.isnan(cosines[0]).any()
+    with pytest.raises(ValueError, match=r"first step had 6.*drop_last"):
+        step(model, probe, x[:8], y[:8], 2)
