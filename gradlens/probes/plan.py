@@ -56,7 +56,15 @@ from torch import Tensor, nn
 from gradlens.errors import UnsupportedModelError
 from gradlens.probes.batch import call, examples, signature, take
 from gradlens.probes.forms.base import Layout
-from gradlens.probes.forms.registry import OpLog, Seen, establish_layout, registry_version
+from gradlens.probes.forms.broadcast import BROADCAST
+from gradlens.probes.forms.flows import decide_flows
+from gradlens.probes.forms.registry import (
+    OpLog,
+    Seen,
+    establish_layout,
+    registry_version,
+    tensors_in,
+)
 from gradlens.probes.outputs import OutputSelector, plain_forward, select_output, selector_key
 from gradlens.probes.vmap import Randomness, check_vmap_compatible, split_params
 
@@ -94,7 +102,10 @@ class PlanEntry(NamedTuple):
             the forward, so the ghost pass hands the forward a copy of it.
         shared: For a parameter read by several calls, ``(form, layout)`` of
             each call in the order of the forward (the fields above describe
-            the first); empty when read once.
+            the first); empty when read once. On the broadcast path
+            (``form == "broadcast"``), ``(operation, layout)`` of each consumer.
+        flow: On the broadcast path, the operations reading the parameter or
+            tensors computed from it, in order; else empty.
     """
 
     path: Literal["ghost", "vmap"]
@@ -105,6 +116,7 @@ class PlanEntry(NamedTuple):
     token_major: bool = False
     copy_output: bool = False
     shared: tuple[tuple[str, Layout], ...] = ()
+    flow: tuple[str, ...] = ()
 
     @property
     def layout(self) -> Layout:
@@ -119,6 +131,7 @@ class _Trace:
 
     log: OpLog
     outputs: list[Tensor] = field(default_factory=list)
+    returned: set[str] = field(default_factory=set)  # roots of flows the forward returns
 
     def calls_of(self, name: str) -> list[Seen]:
         """The registered calls that read ``name``."""
@@ -136,11 +149,14 @@ def _trace(
     buffers = {n: b.clone() for n, b in model.named_buffers()}  # a forward may update them
     # With grad, as in the ghost pass: a module may branch on grad mode (fast paths).
     params = {n: p.detach().requires_grad_() for n, p in selected.items()}
-    log = OpLog({id(t): n for n, t in params.items()})
+    ids = {id(t): n for n, t in params.items()}
+    log = OpLog(ids, flows=ids)
     with torch.enable_grad(), log:
         out = call(model, (params, frozen, buffers), inputs)
     outputs = [select_output(out, output).detach()]
-    return _Trace(log, outputs)
+    returned = {r for t in tensors_in(out) for r in ([ids[id(t)]] if id(t) in ids else [])}
+    returned |= {r for t in tensors_in(out) for r in log.derived.get(id(t), [])}
+    return _Trace(log, outputs, returned)
 
 
 def _check_not_mixing(
@@ -291,6 +307,33 @@ def _decide(
     )
 
 
+def _decide_flow(
+    name: str, first: _Trace, second: _Trace, index: Tensor, batch: int, check_values: bool
+) -> PlanEntry | None:
+    """The broadcast entry of a parameter no registered form covers, or ``None``."""
+    found = decide_flows(
+        [f for f in first.log.flows if f.root == name],
+        [f for f in second.log.flows if f.root == name],
+        name in first.returned or name in second.returned,
+        index,
+        batch,
+        check_values,
+    )
+    if isinstance(found, str):
+        return None
+    layout = found.consumers[0][1]
+    return PlanEntry(
+        "ghost",
+        found.reason,
+        layout.axis,
+        BROADCAST,
+        layout.rows,
+        layout.token_major,
+        shared=found.consumers,
+        flow=found.ops,
+    )
+
+
 def _role_of(name: str, seen: Seen) -> str | None:
     """The slot of ``seen``'s call that holds ``name``."""
     return next((r for r, n in seen.roles.items() if n == name), None)
@@ -385,6 +428,9 @@ def plan_for(
             check_rows_alone(model, selected, frozen, inputs, first.outputs[0], output, every)
     check = randomness == "error"
     plan = {n: _decide(n, first, second, index, batch, check) for n in selected}
+    for name, entry in plan.items():
+        if entry.path == "vmap" and entry.reason != "not used in the forward":
+            plan[name] = _decide_flow(name, first, second, index, batch, check) or entry
     del first, second  # the traces hold activations; the plan holds only names and ints
     plans[key] = plan
     if len(plans) > CACHE_SIZE:
