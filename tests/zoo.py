@@ -351,7 +351,7 @@ class Broadcasts(nn.Module):
 
     def __init__(self, d: int = 4, tokens: int = 8) -> None:
         super().__init__()
-        self.embed = nn.Linear(d, d)
+        self.inp = nn.Linear(d, d)
         self.pos = nn.Parameter(torch.randn(tokens, d))
         self.channel_bias = nn.Parameter(torch.randn(d))
         self.rms_weight = nn.Parameter(torch.randn(d))
@@ -361,7 +361,7 @@ class Broadcasts(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         t = x.shape[1]
-        h = torch.tanh(self.embed(x)) + self.pos[:t]  # (example, token, d)
+        h = torch.tanh(self.inp(x)) + self.pos[:t]  # (example, token, d)
         h = (h.transpose(1, 2) - self.channel_bias.view(1, -1, 1)).transpose(1, 2)
         h32 = h.to(torch.float32)  # as LlamaRMSNorm: statistics in float32, cast back
         h32 = h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + 1e-6)
