@@ -57,7 +57,7 @@ from gradlens.errors import UnsupportedModelError
 from gradlens.probes.batch import call, examples, signature, take
 from gradlens.probes.forms.base import Layout
 from gradlens.probes.forms.broadcast import BROADCAST
-from gradlens.probes.forms.flows import decide_flows
+from gradlens.probes.forms.flows import decide_flows, misrouted
 from gradlens.probes.forms.registry import (
     OpLog,
     Seen,
@@ -132,6 +132,7 @@ class _Trace:
     log: OpLog
     outputs: list[Tensor] = field(default_factory=list)
     returned: set[str] = field(default_factory=set)  # roots of flows the forward returns
+    raw: Tensor | None = None  # the output the loss sees, with its graph
 
     def calls_of(self, name: str) -> list[Seen]:
         """The registered calls that read ``name``."""
@@ -153,10 +154,11 @@ def _trace(
     log = OpLog(ids, flows=ids)
     with torch.enable_grad(), log:
         out = call(model, (params, frozen, buffers), inputs)
-    outputs = [select_output(out, output).detach()]
+    raw = select_output(out, output)
+    outputs = [raw.detach()]
     returned = {r for t in tensors_in(out) for r in ([ids[id(t)]] if id(t) in ids else [])}
     returned |= {r for t in tensors_in(out) for r in log.derived.get(id(t), [])}
-    return _Trace(log, outputs, returned)
+    return _Trace(log, outputs, returned, raw)
 
 
 def _check_not_mixing(
@@ -334,6 +336,33 @@ def _decide_flow(
     )
 
 
+def _check_flow_routes(plan: dict[str, PlanEntry], first: _Trace) -> None:
+    """Send to ``vmap`` each broadcast parameter whose consumers reach other examples."""
+    ends = {
+        name: [
+            (f.consumer.output, layout)
+            for f, (_, layout) in zip(
+                [f for f in first.log.flows if f.root == name and f.consumer is not None],
+                entry.shared,
+                strict=True,
+            )
+            if f.consumer is not None
+        ]
+        for name, entry in plan.items()
+        if entry.path == "ghost" and entry.flow
+    }
+    if not ends or first.raw is None:
+        return
+    with torch.enable_grad():
+        wrong = misrouted(first.raw, ends)
+    for name in wrong:
+        plan[name] = PlanEntry(
+            "vmap",
+            "broadcast over the examples, but the output of one of its consumers reaches "
+            "another example's output (its rows are not each one example's)",
+        )
+
+
 def _role_of(name: str, seen: Seen) -> str | None:
     """The slot of ``seen``'s call that holds ``name``."""
     return next((r for r, n in seen.roles.items() if n == name), None)
@@ -431,6 +460,7 @@ def plan_for(
     for name, entry in plan.items():
         if entry.path == "vmap" and entry.reason != "not used in the forward":
             plan[name] = _decide_flow(name, first, second, index, batch, check) or entry
+    _check_flow_routes(plan, first)
     del first, second  # the traces hold activations; the plan holds only names and ints
     plans[key] = plan
     if len(plans) > CACHE_SIZE:

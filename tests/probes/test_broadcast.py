@@ -45,8 +45,10 @@ class Uses(nn.Module):
             h = h + F.dropout(self.p, 0.5, training=True)
         elif self.use == "alpha":
             h = torch.add(h, self.p, alpha=0.5)
-        elif self.use == "expand":
+        elif self.use == "expand":  # rows reaching their own example: the broadcast form
             h = h + self.p.expand(h.shape[0], -1)
+        elif self.use == "expand_flipped":  # row k reaches example n - 1 - k
+            h = torch.cat([h[:, :2], h[:, 2:] + self.p.expand(h.shape[0], -1)[:, 2:].flip(0)], 1)
         elif self.use == "switches":  # add when planned, mul after: the cached plan is stale
             h = h * self.p if self.switched else h + self.p
         elif self.use == "returned":  # a loss could read the second: refused, whatever it is
@@ -75,7 +77,7 @@ def assert_exact(model: nn.Module, x: Tensor, y: Tensor, **kwargs: object) -> No
         ("matmul", "read by diag, which has no factored form"),
         ("written_in_place", "read by add, which has no factored form"),
         ("alpha", "read by add, which has no factored form"),
-        ("expand", "read by expand, which has no factored form"),
+        ("expand_flipped", "reaches another example's output"),
     ],
 )
 def test_a_use_the_form_cannot_prove_stays_on_vmap_and_exact(use: str, reason: str) -> None:
@@ -86,6 +88,14 @@ def test_a_use_the_form_cannot_prove_stays_on_vmap_and_exact(use: str, reason: s
     assert plan["p"].path == "vmap" and reason in plan["p"].reason, plan["p"]
     assert plan["q"].path == "ghost" and plan["q"].form == "broadcast", plan["q"]
     assert_exact(model, x, y)
+
+
+def test_an_expanded_parameter_is_exact() -> None:
+    torch.manual_seed(0)
+    model = Uses("expand").double()
+    x, y = data()
+    assert ghost_plan(model, x)["p"].path == "ghost"
+    assert_exact(model, x, y, method="ghost")
 
 
 def test_a_parameter_the_forward_returns_stays_on_vmap() -> None:

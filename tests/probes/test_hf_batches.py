@@ -105,14 +105,25 @@ def test_a_probed_step_on_a_batch_dict_is_the_plain_backward_step() -> None:
 
 
 def test_a_2d_attention_mask_on_the_vmap_path_is_refused_with_its_cause() -> None:
-    model = gpt2()  # wpe takes the vmap path, where Hugging Face's mask code branches
+    model = gpt2()  # on the vmap path Hugging Face's mask code branches on a value
     batch = collated(LENGTHS)
     train = Objective.from_batch(token_mean, batch)
     ref = {n: torch.randn_like(p) for n, p in model.named_parameters()}
     with pytest.raises(UnsupportedModelError, match="branches on a tensor's value"):
         per_example_dots(
-            model, token_mean, train.inputs, *train.targets, reference=ref, output="logits"
+            model,
+            token_mean,
+            train.inputs,
+            *train.targets,
+            reference=ref,
+            output="logits",
+            method="vmap",
         )
+    # auto takes no vmap path (wpe has the broadcast form since issue 21): no refusal
+    dots, _ = per_example_dots(
+        model, token_mean, train.inputs, *train.targets, reference=ref, output="logits"
+    )
+    assert all(d.shape == (len(LENGTHS),) and bool(d.isfinite().all()) for d in dots.values())
 
 
 def test_from_batch_names_a_missing_target() -> None:

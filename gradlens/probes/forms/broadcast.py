@@ -2,7 +2,8 @@
 
 Some parameters meet the examples only in an elementwise ``add``, ``sub`` or
 ``mul`` that broadcasts them over the examples: a class or position table
-added to the tokens (``x + pos_embedding``), a bias in any layout
+added to the tokens (``x + pos_embedding``), a class token expanded to the batch
+(``class_token.expand(example, -1, -1)``), a bias in any layout
 (``x + b.view(1, -1, 1, 1)``), a Hugging Face ``LlamaRMSNorm`` or T5 norm
 weight (``weight * hidden``), GPT-2's ``wpe`` (``F.embedding`` of position ids
 shared by every example, then added to the token embeddings). Each is a
@@ -24,7 +25,14 @@ vector-Jacobian product of ``f`` with these, summed over the consumers
   both traced forwards, so ``f`` does not see the examples;
 - no tensor computed from ``p`` is returned by the forward (its gradient would
   come from the loss, not through a consumer), and no consumer's ``x`` or
-  output is written in place later.
+  output is written in place later;
+- each consumer's output row of example ``k`` reaches only example ``k``'s
+  output: checked for the first and the last example of the first trace, by
+  the gradient of that example's output (with random weights) with respect to
+  every consumer's output, zero in every other example's rows. The values of
+  ``x`` and the check that the forward does not mix examples prove this for a
+  ``x`` that holds the examples' data; the gradients prove it for an ``x``
+  whose rows are all equal (an expanded class token, ``zeros(example, d) + p``).
 
 :class:`~gradlens.probes.forms.registry.OpLog` records the flows
 (:class:`Flow`); :func:`flow_results` gives the dots and norms in the ghost pass.
@@ -118,6 +126,10 @@ def consumer_of(
         out: What it returned.
         tracked: ``tracked(t)``: whether ``t`` is a flow's parameter or computed from one.
     """
+    if func is torch.Tensor.expand and isinstance(out, Tensor) and tracked(args[0]):
+        if tuple(out.shape) == tuple(args[0].shape):
+            return None
+        return Consumer("add", 1.0, args[0], out, out, out._version, out._version)
     kind = _KINDS.get(func)
     if kind is None or len(args) < 1 or not isinstance(out, Tensor):
         return None

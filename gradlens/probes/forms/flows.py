@@ -13,11 +13,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from gradlens.probes.forms.base import Layout
+from gradlens.probes.forms.base import Layout, to_examples
 from gradlens.probes.forms.broadcast import Flow, broadcast_shape
 from gradlens.probes.forms.registry import establish_layout
 
-__all__ = ["FlowPlan", "decide_flows"]
+__all__ = ["FlowPlan", "decide_flows", "misrouted"]
 
 
 class FlowPlan(NamedTuple):
@@ -118,3 +118,40 @@ def _same_outputs(first: list[Tensor], second: list[Tensor]) -> bool:
         if float((a.detach() - b.detach()).abs().max()) > tol:
             return False
     return True
+
+
+def misrouted(output: Tensor, ends: dict[str, list[tuple[Tensor, Layout]]]) -> set[str]:
+    """The parameters whose consumer outputs reach another example's output.
+
+    For the first and the last example ``k``: the gradient of ``(output[k] * w).sum()``
+    (``w`` random, fixed) with respect to each consumer output must be zero in
+    the rows of every example but ``k``.
+
+    Args:
+        output: The tensor the loss sees, ``(example, ...)``, with its graph.
+        ends: Name -> each consumer's output and its layout, from the same forward.
+
+    Returns:
+        The names with a consumer whose rows reach another example.
+    """
+    batch = output.shape[0]
+    names = [n for n, found in ends.items() for _ in found]
+    tensors = [(t, layout) for found in ends.values() for t, layout in found]
+    if batch < 2 or not tensors or not output.requires_grad:
+        return set() if batch < 2 or not tensors else set(ends)
+    wrong: set[str] = set()
+    gen = torch.Generator().manual_seed(0)
+    for k in sorted({0, batch - 1}):
+        w = torch.randn(output[k].shape, generator=gen, dtype=torch.float64)
+        weighted = (output[k] * w.to(output.device, output.dtype)).sum()
+        grads = torch.autograd.grad(
+            weighted, [t for t, _ in tensors], retain_graph=True, allow_unused=True
+        )
+        for name, (t, layout), g in zip(names, tensors, grads, strict=True):
+            if g is None:
+                continue
+            rows = to_examples(g, layout, t.shape[layout.axis] // layout.rows)
+            rows = torch.cat([rows[:k], rows[k + 1 :]])
+            if rows.numel() and bool(rows.ne(0).any()):
+                wrong.add(name)
+    return wrong
