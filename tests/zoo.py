@@ -396,6 +396,24 @@ class Llama(nn.Module):
         return self.llama(input_ids=ids, use_cache=False).logits[:, -1, :CLASSES]
 
 
+class CrossAttention(nn.Module):
+    """``nn.MultiheadAttention`` with queries, keys and values from three inputs (its
+    ``in_proj_weight`` and ``in_proj_bias`` chunked in three, each read by ``F.linear``)."""
+
+    def __init__(self, d: int = 4) -> None:
+        super().__init__()
+        self.keys = nn.Linear(d, d)
+        self.values = nn.Linear(d, d)
+        self.cross_kv = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.head = nn.Linear(d, CLASSES)
+        nn.init.normal_(self.cross_kv.in_proj_bias)  # torch starts it at zero
+
+    def forward(self, x: Tensor) -> Tensor:
+        k, v = torch.tanh(self.keys(x)), torch.sin(self.values(x))
+        h, _ = self.cross_kv(x, k, v, need_weights=False)
+        return self.head(h.mean(dim=1))
+
+
 def vit() -> nn.Module:
     """A tiny torchvision ``VisionTransformer`` (``pos_embedding`` added, ``class_token``
     expanded to the batch and concatenated)."""
@@ -446,6 +464,7 @@ FORMS_ZOO = (
     "broadcasts",
     "llama",
     "vit",
+    "cross_attention",
 )
 """Zoo entries for the factored forms (``make_forms``)."""
 
@@ -474,6 +493,7 @@ def make_forms(
         "broadcasts": Broadcasts,
         "llama": Llama,
         "vit": vit,
+        "cross_attention": CrossAttention,
     }[kind]().double()
     labels = torch.randint(0, CLASSES, (batch,), generator=gen)
     if kind in ("embeddings", "max_norm_embedding", "gpt2", "shared_uses", "llama"):

@@ -33,7 +33,7 @@ VMAP: dict[str, set[str]] = {
     "embeddings": set(),
     "max_norm_embedding": set(),
     "norms": set(),
-    "attention": {"cross_attn.in_proj_weight"},  # split into q and kv weights first
+    "attention": set(),  # cross-attention: in_proj_weight split into q and kv weights first
     "sequence_first": set(),
     "encoder_batch_first": set(),
     "lora": {"functional.lora_a", "functional.lora_b"},  # x @ A.T @ B.T
@@ -42,10 +42,14 @@ VMAP: dict[str, set[str]] = {
     "resnet": set(),
     "broadcasts": set(),
     "llama": set(),  # LlamaRMSNorm weights: weight * hidden, the broadcast form
+    "cross_attention": set(),
     "vit": set(),  # class_token expanded to the batch; pos_embedding added
 }
 WHY = {
-    "cross_attn.in_proj_weight": "read by split, which has no factored form",
+    "cross_attn.in_proj_weight": r"broadcast over the examples: split, applied by linear on "
+    r"example axis 1; linear on example axis 1",
+    "cross_kv.in_proj_weight": r"chunk, applied by linear on example axis 1; linear .*; linear",
+    "cross_kv.in_proj_bias": r"chunk, applied by linear on example axis 1; linear .*; linear",
     "functional.lora_a": "read by Tensor.T, which has no factored form",
     "gpt.transformer.wte.weight": r"read by 2 calls, contributions added.*F.embedding.*F.linear",
     "gpt.transformer.wpe.weight": r"broadcast over the examples: embedding -> to, applied by add",
@@ -69,6 +73,7 @@ SEQUENCES = (
     "gpt2",
     "broadcasts",
     "llama",
+    "cross_attention",
 )
 CASES = [(kind, None) for kind in FORMS_ZOO] + [(kind, 6) for kind in SEQUENCES]
 HEAVY = ("gpt2", "resnet")
@@ -191,7 +196,7 @@ def test_share_of_parameters_on_the_ghost_path() -> None:
     assert {k for k, share in shares.items() if share == 1.0} == {
         k for k in FORMS_ZOO if not VMAP[k]
     }
-    assert shares["attention"] < 1  # cross_attn.in_proj_weight (split) goes to vmap
+    assert shares["lora"] < 1  # x @ A.T @ B.T goes to vmap
 
 
 def test_an_in_place_op_after_a_layer_does_not_change_its_output_gradient() -> None:

@@ -44,6 +44,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from gradlens.probes.forms.base import Layout, argument, from_materialised, to_examples
@@ -71,10 +72,11 @@ _KINDS: dict[Any, tuple[str, float, float]] = {
 
 
 class Consumer(NamedTuple):
-    """One elementwise call applying a flow's tensor ``d`` to a tensor ``x`` of the examples.
+    """One call applying a flow's tensor ``d`` to a tensor ``x`` of the examples.
 
     Attributes:
-        kind: ``"add"`` (``o = x + sign d``) or ``"mul"`` (``o = d x``).
+        kind: ``"add"`` (``o = x + sign d``), ``"mul"`` (``o = d x``) or
+            ``"linear"`` (``o = F.linear(x, d)``).
         sign: The coefficient of ``d`` in ``o`` for ``"add"``.
         operand: ``d``.
         other: ``x``, shape equal to the output's.
@@ -126,6 +128,8 @@ def consumer_of(
         out: What it returned.
         tracked: ``tracked(t)``: whether ``t`` is a flow's parameter or computed from one.
     """
+    if func is F.linear and isinstance(out, Tensor):
+        return _linear_consumer(args, kwargs, out, tracked)
     if func is torch.Tensor.expand and isinstance(out, Tensor) and tracked(args[0]):
         if tuple(out.shape) == tuple(args[0].shape):
             return None
@@ -147,6 +151,23 @@ def consumer_of(
     return Consumer(kind[0], sign, operand, other, out, other._version, out._version)
 
 
+def _linear_consumer(
+    args: tuple, kwargs: dict[str, Any], out: Tensor, tracked: Any
+) -> Consumer | None:
+    """``F.linear(x, w, c)`` with ``w`` or ``c`` (not both) computed from the parameter."""
+    x = argument(args, kwargs, 0, "input", None)
+    w = argument(args, kwargs, 1, "weight", None)
+    c = argument(args, kwargs, 2, "bias", None)
+    if not isinstance(x, Tensor) or tracked(x) or x.ndim < 2:
+        return None
+    by_c = isinstance(c, Tensor) and tracked(c)
+    if isinstance(w, Tensor) and tracked(w) and not by_c:
+        return Consumer("linear", 1.0, w, x, out, x._version, out._version)
+    if by_c and not tracked(w):  # the bias is added to the output
+        return Consumer("add", 1.0, c, out, out, out._version, out._version)
+    return None
+
+
 def operand_grads(consumer: Consumer, grad_output: Tensor, layout: Layout) -> Tensor:
     """Each example's gradient of the consumer's ``d``.
 
@@ -160,6 +181,11 @@ def operand_grads(consumer: Consumer, grad_output: Tensor, layout: Layout) -> Te
     """
     d = consumer.operand
     batch = grad_output.shape[layout.axis] // layout.rows
+    if consumer.kind == "linear":  # sum_t b_t a_t^T, (example, d_out, d_in)
+        a = to_examples(consumer.other.detach(), layout, batch)
+        b = to_examples(grad_output, layout, batch)
+        a, b = a.reshape(batch, -1, a.shape[-1]), b.reshape(batch, -1, b.shape[-1])
+        return torch.einsum("eto,eti->eoi", b, a.to(b.dtype)).to(d.dtype)
     if consumer.kind == "mul":
         c = grad_output * consumer.other.detach()
     else:

@@ -91,6 +91,10 @@ def _consumer_layout(
     layout = establish_layout(ca.other, cb.other, index, batch, check_values=check_values)
     if isinstance(layout, str):
         return layout
+    if ca.kind == "linear":
+        if layout.axis > ca.other.ndim - 2:
+            return f"the examples of the input of its {a.op} are on its feature axis"
+        return layout
     shape = broadcast_shape(ca.operand, ca.other.ndim)
     if ca.operand.ndim > ca.other.ndim or shape[layout.axis] != 1:
         return (
