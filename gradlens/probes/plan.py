@@ -55,8 +55,9 @@ from torch import Tensor, nn
 
 from gradlens.errors import UnsupportedModelError
 from gradlens.probes.batch import call, examples, signature, take
-from gradlens.probes.forms.base import Layout
+from gradlens.probes.forms.base import Call, Layout
 from gradlens.probes.forms.broadcast import BROADCAST
+from gradlens.probes.forms.cost import Cost, call_flops, entry_cost, totals
 from gradlens.probes.forms.flows import decide_flows, misrouted
 from gradlens.probes.forms.registry import (
     OpLog,
@@ -72,6 +73,7 @@ __all__ = [
     "CACHE_SIZE",
     "ROWS_AT_PLAN",
     "PlanEntry",
+    "cheapest",
     "check_rows_alone",
     "ghost_plan",
     "plan_for",
@@ -106,6 +108,7 @@ class PlanEntry(NamedTuple):
             (``form == "broadcast"``), ``(operation, layout)`` of each consumer.
         flow: On the broadcast path, the operations reading the parameter or
             tensors computed from it, in order; else empty.
+        cost: The modelled cost of its paths (:mod:`gradlens.probes.forms.cost`).
     """
 
     path: Literal["ghost", "vmap"]
@@ -117,6 +120,7 @@ class PlanEntry(NamedTuple):
     copy_output: bool = False
     shared: tuple[tuple[str, Layout], ...] = ()
     flow: tuple[str, ...] = ()
+    cost: Cost | None = None
 
     @property
     def layout(self) -> Layout:
@@ -363,6 +367,63 @@ def _check_flow_routes(plan: dict[str, PlanEntry], first: _Trace) -> None:
         )
 
 
+def _with_costs(
+    plan: dict[str, PlanEntry], first: _Trace, selected: dict[str, Tensor], batch: int
+) -> dict[str, PlanEntry]:
+    """Each entry with its modelled :class:`~gradlens.probes.forms.cost.Cost`."""
+    forward = dict.fromkeys(plan, 0.0)
+    for seen in first.log.seen:
+        weight = seen.call.params.get("weight") if isinstance(seen.call, Call) else None
+        for name in set(seen.read):
+            forward[name] += call_flops(seen.output, weight)
+    for f in first.log.flows:
+        if f.consumer is not None and plan[f.root].flow:
+            weight = f.consumer.operand if f.consumer.kind == "linear" else None
+            forward[f.root] += call_flops(f.consumer.output, weight)
+    return {
+        name: entry._replace(
+            cost=entry_cost(
+                forward[name],
+                selected[name].numel(),
+                batch,
+                entry.form if entry.path == "ghost" else None,
+            )
+        )
+        for name, entry in plan.items()
+    }
+
+
+def cheapest(plan: dict[str, PlanEntry]) -> dict[str, PlanEntry]:
+    """The plan ``method="auto"`` follows: this one, or ``vmap`` for all where that is cheaper.
+
+    With no parameter on ``vmap``, the plan as it is; otherwise the modelled
+    costs (:mod:`gradlens.probes.forms.cost`) of this plan and of ``vmap`` for
+    every parameter are compared, and where the second is lower every entry
+    goes to ``vmap`` with both totals in its reason.
+
+    Args:
+        plan: As from :func:`plan_for`.
+
+    Returns:
+        A fresh dict.
+    """
+    costs = [(e.cost, e.path == "vmap") for e in plan.values()]
+    if not any(v for _, v in costs) or any(c is None for c, _ in costs):
+        return dict(plan)
+    auto, all_vmap = totals((c, v) for c, v in costs if c is not None)
+    if all_vmap >= auto:
+        return dict(plan)
+    left = sum(v for _, v in costs)
+    why = (
+        f"by cost: vmap for every parameter, {all_vmap:.3g} multiply-adds modelled, is below "
+        f"{auto:.3g} for the ghost pass plus a vmap pass for the {left} parameter(s) without "
+        "a factored form"
+    )
+    return {
+        n: e if e.path == "vmap" else PlanEntry("vmap", why, cost=e.cost) for n, e in plan.items()
+    }
+
+
 def _role_of(name: str, seen: Seen) -> str | None:
     """The slot of ``seen``'s call that holds ``name``."""
     return next((r for r, n in seen.roles.items() if n == name), None)
@@ -461,6 +522,7 @@ def plan_for(
         if entry.path == "vmap" and entry.reason != "not used in the forward":
             plan[name] = _decide_flow(name, first, second, index, batch, check) or entry
     _check_flow_routes(plan, first)
+    plan = _with_costs(plan, first, selected, batch)
     del first, second  # the traces hold activations; the plan holds only names and ints
     plans[key] = plan
     if len(plans) > CACHE_SIZE:
@@ -478,11 +540,16 @@ def ghost_plan(
 ) -> dict[str, PlanEntry]:
     """Which path ``method="auto"`` takes for each parameter on these inputs, and why.
 
-    The same plan that :func:`~gradlens.per_example_dots` and
+    The plan that :func:`~gradlens.per_example_dots` and
     :func:`~gradlens.probe_batch` follow (and return as ``Probe.plan``): the
     forward is traced at two batch sizes to establish the example axis of
     each captured layer input and every use of each parameter (see
-    :mod:`gradlens.probes.plan`). Cached per model and input signature.
+    :mod:`gradlens.probes.plan`). Cached per model and input signature. Each
+    entry carries its modelled ``cost``; where some parameter has no factored
+    form and the model says ``vmap`` for every parameter is cheaper than the
+    ghost pass plus a ``vmap`` pass for the rest, ``auto`` takes ``vmap`` for
+    all and its ``Probe.plan`` says so (``cheapest(ghost_plan(...))`` here;
+    :mod:`gradlens.probes.forms.cost`).
 
     Args:
         model: The model.

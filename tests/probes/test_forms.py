@@ -124,8 +124,12 @@ def test_plan_sends_to_vmap_exactly_what_has_no_form(kind: str, tokens: int | No
     model, x, _ = case(kind, tokens)
     plan = ghost_plan(model, x)
     assert list(plan) == [n for n, _ in model.named_parameters()]
-    assert {n for n, e in plan.items() if e.path == "vmap"} == VMAP[kind]
+    moved = {n for n, e in plan.items() if e.reason.startswith("by cost")}  # all or none
+    assert not moved or moved == set(plan) - VMAP[kind], moved
+    assert {n for n, e in plan.items() if e.path == "vmap"} - moved == VMAP[kind]
     for name, entry in plan.items():
+        if name in moved:
+            continue
         if entry.path == "ghost":
             assert entry.form is not None and entry.example_axis is not None, entry
             assert entry.form in entry.reason
