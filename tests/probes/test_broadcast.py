@@ -51,6 +51,11 @@ class Uses(nn.Module):
             h = torch.cat([h[:, :2], h[:, 2:] + self.p.expand(h.shape[0], -1)[:, 2:].flip(0)], 1)
         elif self.use == "switches":  # add when planned, mul after: the cached plan is stale
             h = h * self.p if self.switched else h + self.p
+        elif self.use == "long_chain":  # more operations than the trace follows
+            d = self.p
+            for _ in range(70):
+                d = d.view(-1)
+            h = h + d
         elif self.use == "returned":  # a loss could read the second: refused, whatever it is
             return {"logits": self.head(torch.tanh(h + self.p)), "scale": self.p * 2}
         return self.head(torch.tanh(h))
@@ -78,6 +83,7 @@ def assert_exact(model: nn.Module, x: Tensor, y: Tensor, **kwargs: object) -> No
         ("written_in_place", "read by add, which has no factored form"),
         ("alpha", "read by add, which has no factored form"),
         ("expand_flipped", "reaches another example's output"),
+        ("long_chain", "read by view, which has no factored form"),
     ],
 )
 def test_a_use_the_form_cannot_prove_stays_on_vmap_and_exact(use: str, reason: str) -> None:

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from gradlens.probes.forms.base import Layout, to_examples
 from gradlens.probes.forms.broadcast import Flow, broadcast_shape
-from gradlens.probes.forms.registry import establish_layout
+from gradlens.probes.forms.registry import MAX_FLOW, OVERFLOW, establish_layout
 
 __all__ = ["FlowPlan", "decide_flows", "misrouted"]
 
@@ -54,6 +54,8 @@ def decide_flows(
     """
     if returned:
         return "the forward returns it, or a tensor computed from it"
+    if any(f.op == OVERFLOW for f in first):
+        return f"more than {MAX_FLOW} operations read it or tensors computed from it"
     ops = tuple(f.op for f in first)
     if ops != tuple(f.op for f in second):
         return "the operations reading it differ between two traced forwards"

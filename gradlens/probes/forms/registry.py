@@ -45,6 +45,8 @@ from gradlens.probes.forms.norm import NORMS
 
 __all__ = [
     "FORMS",
+    "MAX_FLOW",
+    "OVERFLOW",
     "OpLog",
     "Seen",
     "establish_layout",
@@ -55,6 +57,12 @@ __all__ = [
 
 FORMS: tuple[Form, ...] = (LINEAR, ADDMM, *CONV, EMBEDDING, *NORMS)
 """Every layer kind with a factored form."""
+
+MAX_FLOW = 64
+"""Operations followed per parameter; past them the broadcast form is not tried."""
+
+OVERFLOW = "(more operations than MAX_FLOW)"
+"""The operation name of the flow that marks a parameter followed no further."""
 
 _BY_FUNC = {func: form for form in FORMS for func in form.funcs}
 _VERSION = [0]  # bumped by register_form: cached plans made before it are not reused
@@ -180,6 +188,7 @@ class OpLog(TorchFunctionMode):
         self.flow_names = flows or {}
         self.derived: dict[int, list[str]] = {}
         self.flows: list[Flow] = []
+        self.flow_counts: dict[str, int] = {}
         self._kept: list[Tensor] = []  # derived tensors stay alive: their ids stay theirs
 
     def __torch_function__(
@@ -230,6 +239,13 @@ class OpLog(TorchFunctionMode):
         roots = sorted({r for t in _tensors((args, kwargs)) for r in self._roots(t)})
         outputs = list(_tensors(out))
         for root in roots:
+            count = self.flow_counts.get(root, 0)
+            if count >= MAX_FLOW:
+                continue  # an OVERFLOW flow was recorded: the plan refuses the broadcast form
+            self.flow_counts[root] = count + 1
+            if count + 1 == MAX_FLOW:
+                self.flows.append(Flow(root, OVERFLOW, [], None))
+                continue
             consumer = consumer_of(func, args, kwargs, out, lambda t, r=root: r in self._roots(t))
             self.flows.append(Flow(root, _op_name(func), outputs, consumer))
             if consumer is not None:
