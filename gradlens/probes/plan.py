@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from gradlens.errors import UnsupportedModelError
 from gradlens.probes.batch import call, examples, signature, take
 from gradlens.probes.forms.base import Call, Layout
-from gradlens.probes.forms.broadcast import BROADCAST
+from gradlens.probes.forms.broadcast import BROADCAST, Flow
 from gradlens.probes.forms.cost import Cost, call_flops, entry_cost, totals
 from gradlens.probes.forms.flows import decide_flows, misrouted
 from gradlens.probes.forms.registry import (
@@ -314,19 +314,17 @@ def _decide(
 
 
 def _decide_flow(
-    name: str, first: _Trace, second: _Trace, index: Tensor, batch: int, check_values: bool
-) -> PlanEntry | None:
-    """The broadcast entry of a parameter no registered form covers, or ``None``."""
-    found = decide_flows(
-        [f for f in first.log.flows if f.root == name],
-        [f for f in second.log.flows if f.root == name],
-        name in first.returned or name in second.returned,
-        index,
-        batch,
-        check_values,
-    )
+    name: str,
+    flows: tuple[list[Flow], list[Flow]],
+    returned: bool,
+    index: Tensor,
+    batch: int,
+    check_values: bool,
+) -> PlanEntry | str:
+    """The broadcast entry of a parameter no registered form covers, or why it has none."""
+    found = decide_flows(*flows, returned, index, batch, check_values)
     if isinstance(found, str):
-        return None
+        return found
     layout = found.consumers[0][1]
     return PlanEntry(
         "ghost",
@@ -338,6 +336,14 @@ def _decide_flow(
         shared=found.consumers,
         flow=found.ops,
     )
+
+
+def _by_root(log: OpLog) -> dict[str, list[Flow]]:
+    """The flows of each parameter, in the order of the forward."""
+    found: dict[str, list[Flow]] = {}
+    for f in log.flows:
+        found.setdefault(f.root, []).append(f)
+    return found
 
 
 def _check_flow_routes(plan: dict[str, PlanEntry], first: _Trace) -> None:
@@ -518,9 +524,16 @@ def plan_for(
             check_rows_alone(model, selected, frozen, inputs, first.outputs[0], output, every)
     check = randomness == "error"
     plan = {n: _decide(n, first, second, index, batch, check) for n in selected}
+    flows = (_by_root(first.log), _by_root(second.log))
     for name, entry in plan.items():
         if entry.path == "vmap" and entry.reason != "not used in the forward":
-            plan[name] = _decide_flow(name, first, second, index, batch, check) or entry
+            pair = (flows[0].get(name, []), flows[1].get(name, []))
+            returned = name in first.returned or name in second.returned
+            found = _decide_flow(name, pair, returned, index, batch, check)
+            if isinstance(found, str):  # say why when it is not the reader the entry names
+                same = bool(pair[0]) and found.startswith(f"read by {pair[0][0].op},")
+                found = entry if same else entry._replace(reason=f"{entry.reason}; {found}")
+            plan[name] = found
     _check_flow_routes(plan, first)
     plan = _with_costs(plan, first, selected, batch)
     del first, second  # the traces hold activations; the plan holds only names and ints

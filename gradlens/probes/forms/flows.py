@@ -52,8 +52,6 @@ def decide_flows(
         batch: Examples in the first trace.
         check_values: Whether the forward draws no random numbers.
     """
-    if returned:
-        return "the forward returns it, or a tensor computed from it"
     if any(f.op == OVERFLOW for f in first):
         return f"more than {MAX_FLOW} operations read it or tensors computed from it"
     ops = tuple(f.op for f in first)
@@ -74,6 +72,8 @@ def decide_flows(
                 )
         else:
             return f"read by {a.op}, applied to the examples in one traced forward only"
+    if returned:
+        return "the forward returns it, or a tensor computed from it"
     if not consumers:
         return "no operation applies it to the examples"
     steps = " -> ".join(dict.fromkeys(f.op for f in first if f.consumer is None)) or "itself"
