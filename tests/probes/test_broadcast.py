@@ -51,6 +51,8 @@ class Uses(nn.Module):
             h = torch.cat([h[:, :2], h[:, 2:] + self.p.expand(h.shape[0], -1)[:, 2:].flip(0)], 1)
         elif self.use == "switches":  # add when planned, mul after: the cached plan is stale
             h = h * self.p if self.switched else h + self.p
+        elif self.use == "detached":  # no gradient: zero per-example gradients, on vmap
+            h = h + self.p.detach()
         elif self.use == "long_chain":  # more operations than the trace follows
             d = self.p
             for _ in range(70):
@@ -94,6 +96,19 @@ def test_a_use_the_form_cannot_prove_stays_on_vmap_and_exact(use: str, reason: s
     assert plan["p"].path == "vmap" and reason in plan["p"].reason, plan["p"]
     assert plan["q"].path == "ghost" and plan["q"].form == "broadcast", plan["q"]
     assert_exact(model, x, y)
+
+
+def test_a_detached_parameter_stays_on_vmap_with_zero_gradients() -> None:
+    torch.manual_seed(0)
+    model = Uses("detached").double()
+    x, y = data()
+    entry = ghost_plan(model, x)["p"]
+    assert entry.path == "vmap" and "read by detach" in entry.reason, entry
+    dots, sq_norms = per_example_dots(
+        model, loss_fn, x, y, reference=two_references(model)["trait"]
+    )
+    assert float(dots["p"].abs().max()) < 1e-12 and float(sq_norms["p"].max()) < 1e-24
+    assert float(sq_norms["q"].min()) > 0
 
 
 def test_an_expanded_parameter_is_exact() -> None:

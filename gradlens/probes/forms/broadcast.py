@@ -131,7 +131,7 @@ def consumer_of(
     if func is F.linear and isinstance(out, Tensor):
         return _linear_consumer(args, kwargs, out, tracked)
     if func is torch.Tensor.expand and isinstance(out, Tensor) and tracked(args[0]):
-        if tuple(out.shape) == tuple(args[0].shape):
+        if tuple(out.shape) == tuple(args[0].shape) or not args[0].requires_grad:
             return None
         return Consumer("add", 1.0, args[0], out, out, out._version, out._version)
     kind = _KINDS.get(func)
@@ -147,6 +147,8 @@ def consumer_of(
     operand, other = (a, b) if first else (b, a)
     if tuple(out.shape) != tuple(other.shape) or out is other or out is operand:
         return None  # d is not broadcast into x, or the call is in place
+    if not operand.requires_grad:
+        return None  # detached: no gradient reaches the parameter through this call
     sign = kind[1] if first else kind[2]
     return Consumer(kind[0], sign, operand, other, out, other._version, out._version)
 
@@ -160,8 +162,8 @@ def _linear_consumer(
     c = argument(args, kwargs, 2, "bias", None)
     if not isinstance(x, Tensor) or tracked(x) or x.ndim < 2:
         return None
-    by_c = isinstance(c, Tensor) and tracked(c)
-    if isinstance(w, Tensor) and tracked(w) and not by_c:
+    by_c = isinstance(c, Tensor) and tracked(c) and c.requires_grad
+    if isinstance(w, Tensor) and tracked(w) and w.requires_grad and not by_c:
         return Consumer("linear", 1.0, w, x, out, x._version, out._version)
     if by_c and not tracked(w):  # the bias is added to the output
         return Consumer("add", 1.0, c, out, out, out._version, out._version)
