@@ -23,7 +23,14 @@ registered call.
   layer never sees the examples; anything else is ambiguous. Either way the
   parameter goes to ``vmap``: the plan never guesses.
 - A parameter read by more than one operation, or by one without a factored
-  form, goes to ``vmap``, and its entry names the operations.
+  form, is tried on the broadcast form (:mod:`gradlens.probes.forms.broadcast`:
+  the trace follows it through operations that do not see the examples to the
+  ``add``/``mul``/``expand``/``F.linear`` calls that apply it to them, decided
+  by :mod:`gradlens.probes.forms.flows`); failing that it goes to ``vmap``, and
+  its entry names the operations.
+- Each entry carries its modelled cost (:mod:`gradlens.probes.entry`,
+  :mod:`gradlens.probes.forms.cost`); :func:`cheapest` is the plan ``auto``
+  follows, ``vmap`` for all where that is modelled cheaper.
 - The second trace's outputs must equal the matching rows of the first, and
   each example's output alone (:func:`check_rows_alone`) its row of the first;
   if not, the forward mixes examples and :class:`UnsupportedModelError` is
@@ -48,17 +55,14 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from gradlens.errors import UnsupportedModelError
 from gradlens.probes.batch import call, examples, signature, take
-from gradlens.probes.forms.base import Call, Layout
-from gradlens.probes.forms.broadcast import BROADCAST, Flow
-from gradlens.probes.forms.cost import Cost, call_flops, entry_cost, totals
-from gradlens.probes.forms.flows import decide_flows, misrouted
+from gradlens.probes.entry import PlanEntry, cheapest, with_costs
+from gradlens.probes.forms.flows import by_root, check_routes, flow_entry
 from gradlens.probes.forms.registry import (
     OpLog,
     Seen,
@@ -85,48 +89,6 @@ CACHE_SIZE = 8
 _CACHE: weakref.WeakKeyDictionary[nn.Module, OrderedDict[Hashable, dict[str, PlanEntry]]] = (
     weakref.WeakKeyDictionary()
 )
-
-
-class PlanEntry(NamedTuple):
-    """The path one parameter takes in ``per_example_dots`` and ``probe_batch``.
-
-    Attributes:
-        path: ``"ghost"`` (factored form) or ``"vmap"`` (per-example gradients).
-        reason: Why, in words.
-        example_axis: On the ghost path, the axis of the layer's input that
-            holds the examples (0 for ``(example, ..., d_in)``); else ``None``.
-        form: On the ghost path, the operation whose factored form is used
-            (``"F.linear"``, ``"F.conv2d"``, ``"F.embedding"``, ...); else ``None``.
-        rows: Rows of the example axis per example (``token`` when
-            ``(example, token)`` is flattened into one axis, else 1).
-        token_major: With ``rows > 1``, whether that axis is token-major.
-        copy_output: Whether the layer's output is written in place later in
-            the forward, so the ghost pass hands the forward a copy of it.
-        shared: For a parameter read by several calls, ``(form, layout)`` of
-            each call in the order of the forward (the fields above describe
-            the first); empty when read once. On the broadcast path
-            (``form == "broadcast"``), ``(operation, layout)`` of each consumer.
-        flow: On the broadcast path, the operations reading the parameter or
-            tensors computed from it, in order; else empty.
-        cost: The modelled cost of its paths (:mod:`gradlens.probes.forms.cost`).
-    """
-
-    path: Literal["ghost", "vmap"]
-    reason: str
-    example_axis: int | None = None
-    form: str | None = None
-    rows: int = 1
-    token_major: bool = False
-    copy_output: bool = False
-    shared: tuple[tuple[str, Layout], ...] = ()
-    flow: tuple[str, ...] = ()
-    cost: Cost | None = None
-
-    @property
-    def layout(self) -> Layout:
-        """The :class:`~gradlens.probes.forms.base.Layout` of a ghost entry."""
-        assert self.example_axis is not None
-        return Layout(self.example_axis, self.rows, self.token_major)
 
 
 @dataclass
@@ -313,123 +275,6 @@ def _decide(
     )
 
 
-def _decide_flow(
-    name: str,
-    flows: tuple[list[Flow], list[Flow]],
-    returned: bool,
-    index: Tensor,
-    batch: int,
-    check_values: bool,
-) -> PlanEntry | str:
-    """The broadcast entry of a parameter no registered form covers, or why it has none."""
-    found = decide_flows(*flows, returned, index, batch, check_values)
-    if isinstance(found, str):
-        return found
-    layout = found.consumers[0][1]
-    return PlanEntry(
-        "ghost",
-        found.reason,
-        layout.axis,
-        BROADCAST,
-        layout.rows,
-        layout.token_major,
-        shared=found.consumers,
-        flow=found.ops,
-    )
-
-
-def _by_root(log: OpLog) -> dict[str, list[Flow]]:
-    """The flows of each parameter, in the order of the forward."""
-    found: dict[str, list[Flow]] = {}
-    for f in log.flows:
-        found.setdefault(f.root, []).append(f)
-    return found
-
-
-def _check_flow_routes(plan: dict[str, PlanEntry], first: _Trace) -> None:
-    """Send to ``vmap`` each broadcast parameter whose consumers reach other examples."""
-    ends = {
-        name: [
-            (f.consumer.output, layout)
-            for f, (_, layout) in zip(
-                [f for f in first.log.flows if f.root == name and f.consumer is not None],
-                entry.shared,
-                strict=True,
-            )
-            if f.consumer is not None
-        ]
-        for name, entry in plan.items()
-        if entry.path == "ghost" and entry.flow
-    }
-    if not ends or first.raw is None:
-        return
-    with torch.enable_grad():
-        wrong = misrouted(first.raw, ends)
-    for name in wrong:
-        plan[name] = PlanEntry(
-            "vmap",
-            "broadcast over the examples, but the output of one of its consumers reaches "
-            "another example's output (its rows are not each one example's)",
-        )
-
-
-def _with_costs(
-    plan: dict[str, PlanEntry], first: _Trace, selected: dict[str, Tensor], batch: int
-) -> dict[str, PlanEntry]:
-    """Each entry with its modelled :class:`~gradlens.probes.forms.cost.Cost`."""
-    forward = dict.fromkeys(plan, 0.0)
-    for seen in first.log.seen:
-        weight = seen.call.params.get("weight") if isinstance(seen.call, Call) else None
-        for name in set(seen.read):
-            forward[name] += call_flops(seen.output, weight)
-    for f in first.log.flows:
-        if f.consumer is not None and plan[f.root].flow:
-            weight = f.consumer.operand if f.consumer.kind == "linear" else None
-            forward[f.root] += call_flops(f.consumer.output, weight)
-    return {
-        name: entry._replace(
-            cost=entry_cost(
-                forward[name],
-                selected[name].numel(),
-                batch,
-                entry.form if entry.path == "ghost" else None,
-            )
-        )
-        for name, entry in plan.items()
-    }
-
-
-def cheapest(plan: dict[str, PlanEntry]) -> dict[str, PlanEntry]:
-    """The plan ``method="auto"`` follows: this one, or ``vmap`` for all where that is cheaper.
-
-    With no parameter on ``vmap``, the plan as it is; otherwise the modelled
-    costs (:mod:`gradlens.probes.forms.cost`) of this plan and of ``vmap`` for
-    every parameter are compared, and where the second is lower every entry
-    goes to ``vmap`` with both totals in its reason.
-
-    Args:
-        plan: As from :func:`plan_for`.
-
-    Returns:
-        A fresh dict.
-    """
-    costs = [(e.cost, e.path == "vmap") for e in plan.values()]
-    if not any(v for _, v in costs) or any(c is None for c, _ in costs):
-        return dict(plan)
-    auto, all_vmap = totals((c, v) for c, v in costs if c is not None)
-    if all_vmap >= auto:
-        return dict(plan)
-    left = sum(v for _, v in costs)
-    why = (
-        f"by cost: vmap for every parameter, {all_vmap:.3g} multiply-adds modelled, is below "
-        f"{auto:.3g} for the ghost pass plus a vmap pass for the {left} parameter(s) without "
-        "a factored form"
-    )
-    return {
-        n: e if e.path == "vmap" else PlanEntry("vmap", why, cost=e.cost) for n, e in plan.items()
-    }
-
-
 def _role_of(name: str, seen: Seen) -> str | None:
     """The slot of ``seen``'s call that holds ``name``."""
     return next((r for r, n in seen.roles.items() if n == name), None)
@@ -524,18 +369,18 @@ def plan_for(
             check_rows_alone(model, selected, frozen, inputs, first.outputs[0], output, every)
     check = randomness == "error"
     plan = {n: _decide(n, first, second, index, batch, check) for n in selected}
-    flows = (_by_root(first.log), _by_root(second.log))
+    flows = (by_root(first.log), by_root(second.log))
     for name, entry in plan.items():
         if entry.path == "vmap" and entry.reason != "not used in the forward":
             pair = (flows[0].get(name, []), flows[1].get(name, []))
             returned = name in first.returned or name in second.returned
-            found = _decide_flow(name, pair, returned, index, batch, check)
+            found = flow_entry(pair, returned, index, batch, check)
             if isinstance(found, str):  # say why when it is not the reader the entry names
                 same = bool(pair[0]) and found.startswith(f"read by {pair[0][0].op},")
                 found = entry if same else entry._replace(reason=f"{entry.reason}; {found}")
             plan[name] = found
-    _check_flow_routes(plan, first)
-    plan = _with_costs(plan, first, selected, batch)
+    check_routes(plan, flows[0], first.raw)
+    plan = with_costs(plan, first.log, selected, batch)
     del first, second  # the traces hold activations; the plan holds only names and ints
     plans[key] = plan
     if len(plans) > CACHE_SIZE:

@@ -13,11 +13,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from gradlens.probes.entry import PlanEntry
 from gradlens.probes.forms.base import Layout, to_examples
-from gradlens.probes.forms.broadcast import Flow, broadcast_shape
-from gradlens.probes.forms.registry import MAX_FLOW, OVERFLOW, establish_layout
+from gradlens.probes.forms.broadcast import BROADCAST, Flow, broadcast_shape
+from gradlens.probes.forms.registry import MAX_FLOW, OVERFLOW, OpLog, establish_layout
 
-__all__ = ["FlowPlan", "decide_flows", "misrouted"]
+__all__ = ["FlowPlan", "by_root", "check_routes", "decide_flows", "flow_entry", "misrouted"]
 
 
 class FlowPlan(NamedTuple):
@@ -161,3 +162,78 @@ def misrouted(output: Tensor, ends: dict[str, list[tuple[Tensor, Layout]]]) -> s
             if rows.numel() and bool(rows.ne(0).any()):
                 wrong.add(name)
     return wrong
+
+
+def flow_entry(
+    flows: tuple[list[Flow], list[Flow]],
+    returned: bool,
+    index: Tensor,
+    batch: int,
+    check_values: bool,
+) -> PlanEntry | str:
+    """The broadcast entry of a parameter no registered form covers, or why it has none.
+
+    Args:
+        flows: Its flows in the two traces.
+        returned: As for :func:`decide_flows`, and the rest.
+        index: As for :func:`decide_flows`.
+        batch: As for :func:`decide_flows`.
+        check_values: As for :func:`decide_flows`.
+    """
+    found = decide_flows(*flows, returned, index, batch, check_values)
+    if isinstance(found, str):
+        return found
+    layout = found.consumers[0][1]
+    return PlanEntry(
+        "ghost",
+        found.reason,
+        layout.axis,
+        BROADCAST,
+        layout.rows,
+        layout.token_major,
+        shared=found.consumers,
+        flow=found.ops,
+    )
+
+
+def by_root(log: OpLog) -> dict[str, list[Flow]]:
+    """The flows of each parameter, in the order of the forward."""
+    found: dict[str, list[Flow]] = {}
+    for f in log.flows:
+        found.setdefault(f.root, []).append(f)
+    return found
+
+
+def check_routes(
+    plan: dict[str, PlanEntry], flows: dict[str, list[Flow]], raw: Tensor | None
+) -> None:
+    """Send to ``vmap`` each broadcast parameter whose consumers reach other examples.
+
+    Args:
+        plan: The entries, changed in place.
+        flows: Each parameter's flows in the trace of the batch (:func:`by_root`).
+        raw: That trace's output the loss sees, with its graph.
+    """
+    ends = {
+        name: [
+            (f.consumer.output, layout)
+            for f, (_, layout) in zip(
+                [f for f in flows.get(name, []) if f.consumer is not None],
+                entry.shared,
+                strict=True,
+            )
+            if f.consumer is not None
+        ]
+        for name, entry in plan.items()
+        if entry.path == "ghost" and entry.flow
+    }
+    if not ends or raw is None:
+        return
+    with torch.enable_grad():
+        wrong = misrouted(raw, ends)
+    for name in wrong:
+        plan[name] = PlanEntry(
+            "vmap",
+            "broadcast over the examples, but the output of one of its consumers reaches "
+            "another example's output (its rows are not each one example's)",
+        )
