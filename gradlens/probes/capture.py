@@ -84,8 +84,11 @@ def ghost_pass(
     wrt += list(params.values()) if with_grad else []
     if not wrt:
         return losses.detach(), {}, {}, {}
-    with torch.enable_grad():  # the flows' graphs are kept for their vector-Jacobian products
-        found = torch.autograd.grad(losses.sum(), wrt, allow_unused=True, retain_graph=bool(ends))
+    # The graph is kept where a flow's vector-Jacobian product runs through it (wpe's
+    # embedding, in_proj's split): the forward's saved tensors then live to the end.
+    keep = any(c.operand is not params[n] for n, found in consumers.items() for c, _ in found)
+    with torch.enable_grad():
+        found = torch.autograd.grad(losses.sum(), wrt, allow_unused=True, retain_graph=keep)
     output_grads, found = found[: len(eligible)], found[len(eligible) :]
     end_grads, param_grads = found[: len(ends)], found[len(ends) :]
     grad_sum = (
