@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from gradlens.probes.batch import call, examples
 from gradlens.probes.checks import check_mean_loss
 from gradlens.probes.forms.base import Layout
-from gradlens.probes.forms.broadcast import Consumer, flow_results
-from gradlens.probes.forms.registry import OpLog, Seen
+from gradlens.probes.forms.broadcast import Consumer, flow_results, replay
+from gradlens.probes.forms.registry import OpLog, Seen, tensors_in
 from gradlens.probes.forms.shared import Part, combine
 from gradlens.probes.outputs import OutputSelector, select_output
 from gradlens.probes.plan import PlanEntry, check_rows_alone
@@ -84,9 +84,15 @@ def ghost_pass(
     wrt += list(params.values()) if with_grad else []
     if not wrt:
         return losses.detach(), {}, {}, {}
-    # The graph is kept where a flow's vector-Jacobian product runs through it (wpe's
-    # embedding, in_proj's split): the forward's saved tensors then live to the end.
-    keep = any(c.operand is not params[n] for n, found in consumers.items() for c, _ in found)
+    # A flow's vector-Jacobian product runs through its example-free operations (wpe's
+    # embedding, in_proj's split): they run again from the parameter, with a graph of their
+    # own; where they cannot, the forward's graph is kept (its saved tensors live to the end).
+    replayed = {
+        name: replay(params[name], [f for f in log.flows if f.root == name], tensors_in)
+        for name, found in consumers.items()
+        if any(c.operand is not params[name] for c, _ in found)
+    }
+    keep = any(r is None for r in replayed.values())
     with torch.enable_grad():
         found = torch.autograd.grad(losses.sum(), wrt, allow_unused=True, retain_graph=keep)
     output_grads, found = found[: len(eligible)], found[len(eligible) :]
@@ -128,7 +134,9 @@ def ghost_pass(
             for (c, layout), g in zip(found, grads, strict=False)
         ]
         with torch.no_grad():
-            dots[name], sq_norms[name] = flow_results(params[name], with_grads, references[name])
+            dots[name], sq_norms[name] = flow_results(
+                params[name], with_grads, references[name], replayed.get(name)
+            )
     return losses.detach(), grad_sum, dots, sq_norms
 
 

@@ -51,6 +51,12 @@ class Uses(nn.Module):
             h = torch.cat([h[:, :2], h[:, 2:] + self.p.expand(h.shape[0], -1)[:, 2:].flip(0)], 1)
         elif self.use == "switches":  # add when planned, mul after: the cached plan is stale
             h = h * self.p if self.switched else h + self.p
+        elif self.use == "in_place_flow":  # not run again: the forward's graph is kept
+            d = self.p.clone()
+            d.mul_(2.0)
+            h = h + d.view(1, -1)
+        elif self.use == "viewed":  # run again from p: view, to
+            h = h + self.p.view(1, -1).to(h.dtype)
         elif self.use == "detached":  # no gradient: zero per-example gradients, on vmap
             h = h + self.p.detach()
         elif self.use == "long_chain":  # more operations than the trace follows
@@ -109,6 +115,21 @@ def test_a_detached_parameter_stays_on_vmap_with_zero_gradients() -> None:
     )
     assert float(dots["p"].abs().max()) < 1e-12 and float(sq_norms["p"].max()) < 1e-24
     assert float(sq_norms["q"].min()) > 0
+
+
+@pytest.mark.parametrize("use", ["in_place_flow", "viewed"])
+def test_a_flow_run_again_or_kept_is_exact(use: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gradlens.probes import capture
+
+    found: list[object] = []
+    real = capture.replay
+    monkeypatch.setattr(capture, "replay", lambda *a: found.append(real(*a)) or found[-1])
+    torch.manual_seed(0)
+    model = Uses(use).double()
+    x, y = data()
+    assert ghost_plan(model, x)["p"].path == "ghost"
+    assert_exact(model, x, y, method="ghost")
+    assert found and all((r is None) == (use == "in_place_flow") for r in found)
 
 
 def test_an_expanded_parameter_is_exact() -> None:

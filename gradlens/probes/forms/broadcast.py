@@ -49,7 +49,15 @@ from torch import Tensor
 
 from gradlens.probes.forms.base import Layout, argument, from_materialised, to_examples
 
-__all__ = ["BROADCAST", "Consumer", "Flow", "consumer_of", "flow_results", "operand_grads"]
+__all__ = [
+    "BROADCAST",
+    "Consumer",
+    "Flow",
+    "consumer_of",
+    "flow_results",
+    "operand_grads",
+    "replay",
+]
 
 BROADCAST = "broadcast"
 """The ``form`` of a plan entry on this path."""
@@ -108,12 +116,16 @@ class Flow(NamedTuple):
         op: The operation's name.
         outputs: Its tensor outputs.
         consumer: Set when it applies the flow to the examples elementwise.
+        call: ``(function, args, kwargs)``, to run it again (:func:`replay`).
+        versions: ``_version`` of each tensor among the arguments when called.
     """
 
     root: str
     op: str
     outputs: list[Tensor]
     consumer: Consumer | None
+    call: tuple[Any, tuple, dict[str, Any]] | None = None
+    versions: tuple[int, ...] = ()
 
 
 def consumer_of(
@@ -206,23 +218,80 @@ def broadcast_shape(d: Tensor, ndim: int) -> list[int]:
     return [1] * (ndim - d.ndim) + list(d.shape)
 
 
+def replay(param: Tensor, flows: Sequence[Flow], tensors: Any) -> dict[int, Tensor] | None:
+    """Run a parameter's example-free operations again, from ``param``, with a graph of their own.
+
+    So the ghost pass need not keep the forward's graph for the vector-Jacobian
+    products of :func:`flow_results`: the same operations on the same values
+    give the same function of ``param``.
+
+    Args:
+        param: The parameter (a leaf that requires grad).
+        flows: Its flows in the ghost pass, in order.
+        tensors: ``tensors(obj)``: the tensors in nested arguments.
+
+    Returns:
+        ``id(tensor of the forward) -> the same tensor computed again``, or
+        ``None`` where an operation cannot be run again exactly (in place, or an
+        argument written in place since).
+    """
+    done: dict[int, Tensor] = {id(param): param}
+    for flow in flows:
+        if flow.consumer is not None:
+            continue
+        if flow.call is None or _in_place(flow.op):
+            return None
+        func, args, kwargs = flow.call
+        if tuple(t._version for t in tensors((args, kwargs))) != flow.versions:
+            return None
+        args, kwargs = _swap((args, kwargs), done)
+        with torch.enable_grad():
+            out = func(*args, **kwargs)
+        found = list(tensors(out))
+        if len(found) != len(flow.outputs):
+            return None
+        done.update((id(old), new) for old, new in zip(flow.outputs, found, strict=True))
+    return done
+
+
+def _in_place(op: str) -> bool:
+    """Whether an operation's name says it writes its input (``mul_``, ``__iadd__``)."""
+    return (op.endswith("_") and not op.endswith("__")) or op.startswith("__i")
+
+
+def _swap(obj: Any, done: dict[int, Tensor]) -> Any:
+    """``obj`` with each tensor of ``done`` replaced by its value run again (nested)."""
+    if isinstance(obj, Tensor):
+        return done.get(id(obj), obj)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_swap(item, done) for item in obj)
+    if isinstance(obj, dict):
+        return {k: _swap(v, done) for k, v in obj.items()}
+    return obj
+
+
 def flow_results(
     param: Tensor,
     consumers: Sequence[tuple[Consumer, Tensor, Layout]],
     references: Tensor,
+    replayed: dict[int, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Dots and squared norms of a parameter on the broadcast path.
 
     Args:
-        param: The parameter, the leaf the forward read (its graph to each ``d`` kept).
+        param: The parameter, the leaf the forward read.
         consumers: Each consumer, the output gradient of its ``o``, and ``x``'s layout.
         references: Shape ``(reference, *param)``.
+        replayed: From :func:`replay`; without it the forward's graph from
+            ``param`` to each ``d`` must still be there.
 
     Returns:
         ``(dots (example, reference), sq_norms (example,))``.
     """
     cotangents = [operand_grads(c, b, layout) for c, b, layout in consumers]
     operands = [c.operand for c, _, _ in consumers]
+    if replayed is not None:
+        operands = [replayed.get(id(d), d) for d in operands]
     batch = cotangents[0].shape[0]
     step = max(1, _CHUNK_ELEMENTS // max(param.numel(), 1))
     dots, sq_norms = [], []

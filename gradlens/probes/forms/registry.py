@@ -247,7 +247,9 @@ class OpLog(TorchFunctionMode):
                 self.flows.append(Flow(root, OVERFLOW, [], None))
                 continue
             consumer = consumer_of(func, args, kwargs, out, lambda t, r=root: r in self._roots(t))
-            self.flows.append(Flow(root, _op_name(func), outputs, consumer))
+            versions = tuple(t._version for t in _tensors((args, kwargs)))
+            call = (func, args, kwargs)
+            self.flows.append(Flow(root, _op_name(func), outputs, consumer, call, versions))
             if consumer is not None:
                 continue
             for t in outputs:
