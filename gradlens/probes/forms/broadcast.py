@@ -16,7 +16,8 @@ Example ``i``'s gradient of ``d`` from one consumer is its output gradient
 the axes ``d`` is broadcast along; example ``i``'s gradient of ``p`` is the
 vector-Jacobian product of ``f`` with these, summed over the consumers
 (``torch.autograd.grad(..., is_grads_batched=True)``; the identity when
-``d`` is ``p``). It is exact under what the plan establishes
+``d`` is ``p``), through the operations of ``f`` run again from ``p``
+(:func:`replay`), so the ghost pass need not keep the forward's graph. It is exact under what the plan establishes
 (:mod:`gradlens.probes.plan`):
 
 - every operation that reads ``p``, or a tensor computed from it, is either a
