@@ -17,8 +17,8 @@ the axes ``d`` is broadcast along; example ``i``'s gradient of ``p`` is the
 vector-Jacobian product of ``f`` with these, summed over the consumers
 (``torch.autograd.grad(..., is_grads_batched=True)``; the identity when
 ``d`` is ``p``), through the operations of ``f`` run again from ``p``
-(:func:`replay`), so the ghost pass need not keep the forward's graph. It is exact under what the plan establishes
-(:mod:`gradlens.probes.plan`):
+(:func:`replay`), so the ghost pass need not keep the forward's graph. It is
+exact under what the plan establishes (:mod:`gradlens.probes.plan`):
 
 - every operation that reads ``p``, or a tensor computed from it, is either a
   consumer, whose ``x`` has an established example layout and ``d`` is
