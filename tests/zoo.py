@@ -343,6 +343,98 @@ class SharedUses(nn.Module):
         return self.head(logits.mean(dim=1))
 
 
+class Broadcasts(nn.Module):
+    """Parameters broadcast over the examples (issue 21): a position table added, a bias viewed
+    into a channels-first layout and subtracted, an HF-style RMSNorm weight (``weight * h``),
+    a scale used twice (``h * s`` and ``s * h``) and a sequence-first table added (its example
+    axis 1): each is exact through the broadcast form."""
+
+    def __init__(self, d: int = 4, tokens: int = 8) -> None:
+        super().__init__()
+        self.inp = nn.Linear(d, d)
+        self.pos = nn.Parameter(torch.randn(tokens, d))
+        self.channel_bias = nn.Parameter(torch.randn(d))
+        self.rms_weight = nn.Parameter(torch.randn(d))
+        self.scale = nn.Parameter(torch.randn(d))
+        self.seq_pos = nn.Parameter(torch.randn(tokens, 1, d))
+        self.head = nn.Linear(d, CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = x.shape[1]
+        h = torch.tanh(self.inp(x)) + self.pos[:t]  # (example, token, d)
+        h = (h.transpose(1, 2) - self.channel_bias.view(1, -1, 1)).transpose(1, 2)
+        h32 = h.to(torch.float32)  # as LlamaRMSNorm: statistics in float32, cast back
+        h32 = h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + 1e-6)
+        h = self.rms_weight * h32.to(h.dtype)
+        h = torch.tanh(h * self.scale) + self.scale * h
+        h = h.transpose(0, 1) + self.seq_pos[:t]  # (token, example, d)
+        return self.head(torch.tanh(h).mean(dim=0))
+
+
+class Llama(nn.Module):
+    """A tiny random HF ``LlamaForCausalLM`` (RMSNorm weights read by ``mul``), last logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import transformers
+
+        cfg = transformers.LlamaConfig(
+            vocab_size=40,
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=16,
+        )
+        self.llama = transformers.LlamaForCausalLM(cfg).eval()
+        for module in self.llama.modules():  # random norm weights: any value must be exact
+            if type(module).__name__ == "LlamaRMSNorm":
+                nn.init.normal_(module.weight, 1.0, 0.3)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.llama(input_ids=ids, use_cache=False).logits[:, -1, :CLASSES]
+
+
+class CrossAttention(nn.Module):
+    """``nn.MultiheadAttention`` with queries, keys and values from three inputs (its
+    ``in_proj_weight`` and ``in_proj_bias`` chunked in three, each read by ``F.linear``)."""
+
+    def __init__(self, d: int = 4) -> None:
+        super().__init__()
+        self.keys = nn.Linear(d, d)
+        self.values = nn.Linear(d, d)
+        self.cross_kv = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.head = nn.Linear(d, CLASSES)
+        nn.init.normal_(self.cross_kv.in_proj_bias)  # torch starts it at zero
+
+    def forward(self, x: Tensor) -> Tensor:
+        k, v = torch.tanh(self.keys(x)), torch.sin(self.values(x))
+        h, _ = self.cross_kv(x, k, v, need_weights=False)
+        return self.head(h.mean(dim=1))
+
+
+def vit() -> nn.Module:
+    """A tiny torchvision ``VisionTransformer`` (``pos_embedding`` added, ``class_token``
+    expanded to the batch and concatenated)."""
+    import torchvision
+
+    model = torchvision.models.VisionTransformer(
+        image_size=8,
+        patch_size=4,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=8,
+        mlp_dim=8,
+        num_classes=CLASSES,
+    )
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # torchvision starts both at zero; any value must be exact
+        model.class_token.normal_(generator=gen)
+        model.heads.head.weight.normal_(generator=gen)
+    return model.eval()
+
+
 def resnet() -> nn.Module:
     """torchvision ``resnet18`` in eval mode (BatchNorm with running statistics)."""
     import torchvision
@@ -369,6 +461,10 @@ FORMS_ZOO = (
     "shared_uses",
     "gpt2",
     "resnet",
+    "broadcasts",
+    "llama",
+    "vit",
+    "cross_attention",
 )
 """Zoo entries for the factored forms (``make_forms``)."""
 
@@ -394,10 +490,14 @@ def make_forms(
         "gpt2": Gpt2Logits,
         "shared_uses": SharedUses,
         "resnet": resnet,
+        "broadcasts": Broadcasts,
+        "llama": Llama,
+        "vit": vit,
+        "cross_attention": CrossAttention,
     }[kind]().double()
     labels = torch.randint(0, CLASSES, (batch,), generator=gen)
-    if kind in ("embeddings", "max_norm_embedding", "gpt2", "shared_uses"):
-        vocab = {"gpt2": 50, "shared_uses": 6}.get(kind, 5)
+    if kind in ("embeddings", "max_norm_embedding", "gpt2", "shared_uses", "llama"):
+        vocab = {"gpt2": 50, "shared_uses": 6, "llama": 40}.get(kind, 5)
         inputs = torch.randint(0, vocab, (batch, tokens), generator=gen)
         if kind == "embeddings":
             inputs[:, :2] = torch.tensor([0, 4])  # both padding rows, and repeats, in each example
@@ -408,6 +508,8 @@ def make_forms(
         inputs = torch.randn(batch, channels, 9, generator=gen, dtype=torch.float64)
     elif kind == "resnet":
         inputs = torch.randn(batch, 3, 16, 16, generator=gen, dtype=torch.float64)
+    elif kind == "vit":
+        inputs = torch.randn(batch, 3, 8, 8, generator=gen, dtype=torch.float64)
     else:
         inputs = torch.randn(batch, tokens, 4, generator=gen, dtype=torch.float64)
     return model, inputs, labels

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from gradlens.probes.batch import call, examples
 from gradlens.probes.checks import check_mean_loss
 from gradlens.probes.forms.base import Layout
-from gradlens.probes.forms.registry import OpLog, Seen
+from gradlens.probes.forms.broadcast import Consumer, flow_results, replay
+from gradlens.probes.forms.registry import OpLog, Seen, tensors_in
 from gradlens.probes.forms.shared import Part, combine
 from gradlens.probes.outputs import OutputSelector, select_output
 from gradlens.probes.plan import PlanEntry, check_rows_alone
@@ -64,8 +65,10 @@ def ghost_pass(
     batch = examples(inputs)
     params = {n: p.requires_grad_() for n, p in selected.items()}
     buffers = dict(model.named_buffers())
-    ghost = {id(params[n]): n for n, e in plan.items() if e.path == "ghost"}
-    log = OpLog(ghost, copy_outputs={n for n, e in plan.items() if e.copy_output})
+    ghost = {id(params[n]): n for n, e in plan.items() if e.path == "ghost" and not e.flow}
+    flows = {id(params[n]): n for n, e in plan.items() if e.path == "ghost" and e.flow}
+    copies = {n for n, e in plan.items() if e.copy_output}
+    log = OpLog(ghost, copy_outputs=copies, flows=flows)
     with torch.enable_grad(), log:
         outputs = call(model, (params, frozen, buffers), inputs)
         losses = per_example_losses(loss_fn, outputs, *targets, output=output)
@@ -76,12 +79,25 @@ def ghost_pass(
         detached = {n: p.detach() for n, p in params.items()}
         check_rows_alone(model, detached, frozen, inputs, select_output(outputs, output), output)
     eligible = _as_planned(log, plan, batch)
-    wrt = [seen.output for seen, _ in eligible] + (list(params.values()) if with_grad else [])
+    consumers = flow_consumers(log, plan, batch)
+    ends = [c.output for found in consumers.values() for c, _ in found]
+    wrt = [seen.output for seen, _ in eligible] + ends
+    wrt += list(params.values()) if with_grad else []
     if not wrt:
         return losses.detach(), {}, {}, {}
+    # A flow's vector-Jacobian product runs through its example-free operations (wpe's
+    # embedding, in_proj's split): they run again from the parameter, with a graph of their
+    # own; where they cannot, the forward's graph is kept (its saved tensors live to the end).
+    replayed = {
+        name: replay(params[name], [f for f in log.flows if f.root == name], tensors_in)
+        for name, found in consumers.items()
+        if any(c.operand is not params[name] for c, _ in found)
+    }
+    keep = any(r is None for r in replayed.values())
     with torch.enable_grad():
-        found = torch.autograd.grad(losses.sum(), wrt, allow_unused=True)
-    output_grads, param_grads = found[: len(eligible)], found[len(eligible) :]
+        found = torch.autograd.grad(losses.sum(), wrt, allow_unused=True, retain_graph=keep)
+    output_grads, found = found[: len(eligible)], found[len(eligible) :]
+    end_grads, param_grads = found[: len(ends)], found[len(ends) :]
     grad_sum = (
         {
             n: torch.zeros_like(p) if g is None else g
@@ -115,7 +131,48 @@ def ghost_pass(
         if len(found_parts) == len(plan[name].shared):  # else: vmap, in the caller
             with torch.no_grad(), torch.autocast(references[name].device.type, enabled=False):
                 dots[name], sq_norms[name] = combine(found_parts, references[name])
+    grads = iter(end_grads)
+    for name, found in consumers.items():
+        with_grads = [
+            (c, torch.zeros_like(c.output) if g is None else g.detach(), layout)
+            for (c, layout), g in zip(found, grads, strict=False)
+        ]
+        with torch.no_grad():
+            dots[name], sq_norms[name] = flow_results(
+                params[name], with_grads, references[name], replayed.get(name)
+            )
     return losses.detach(), grad_sum, dots, sq_norms
+
+
+def flow_consumers(
+    log: OpLog, plan: Mapping[str, PlanEntry], batch: int
+) -> dict[str, list[tuple[Consumer, Layout]]]:
+    """The consumers of each broadcast parameter, where its flows are those planned.
+
+    A parameter whose operations differ from its plan's (another count or
+    order, a consumer on another layout or written in place) is left out, and
+    so gets no ghost value.
+    """
+    found: dict[str, list[tuple[Consumer, Layout]]] = {}
+    for name, entry in plan.items():
+        if entry.path != "ghost" or not entry.flow:
+            continue
+        flows = [f for f in log.flows if f.root == name]
+        if tuple(f.op for f in flows) != entry.flow:
+            continue
+        consumers = [f.consumer for f in flows if f.consumer is not None]
+        if len(consumers) != len(entry.shared):
+            continue
+        pairs = [(c, layout) for c, (_, layout) in zip(consumers, entry.shared, strict=True)]
+        if all(
+            not c.modified()
+            and c.output.requires_grad
+            and c.other.ndim > layout.axis
+            and c.other.shape[layout.axis] == layout.rows * batch
+            for c, layout in pairs
+        ):
+            found[name] = pairs
+    return found
 
 
 def _as_planned(log: OpLog, plan: Mapping[str, PlanEntry], batch: int) -> list[tuple[Seen, Layout]]:
@@ -154,7 +211,7 @@ def _as_planned(log: OpLog, plan: Mapping[str, PlanEntry], batch: int) -> list[t
         x = seen.call.input
         if x.ndim > layout.axis and x.shape[layout.axis] == layout.rows * batch:
             found.append((seen, layout))
-    counts = {n: max(len(e.shared), 1) for n, e in plan.items() if e.path == "ghost"}
+    counts = {n: max(len(e.shared), 1) for n, e in plan.items() if e.path == "ghost" and not e.flow}
     return [
         (seen, layout)
         for seen, layout in found

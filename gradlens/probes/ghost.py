@@ -57,7 +57,7 @@ from gradlens.probes.checks import check_mean_loss
 from gradlens.probes.fallback import refuse_mixed_masks, vmap_dots
 from gradlens.probes.loop import loop_reason
 from gradlens.probes.outputs import OutputSelector, plain_forward, select_output
-from gradlens.probes.plan import PlanEntry, ghost_plan, plan_for
+from gradlens.probes.plan import PlanEntry, cheapest, ghost_plan, plan_for
 from gradlens.probes.precision import batch_cosines, reduced_dtype, warn_within_noise
 from gradlens.probes.vmap import (
     LossFn,
@@ -174,6 +174,10 @@ def _probe(
     plan = plan_for(model, inputs, selected, frozen, randomness, output)  # + the mixing check
     if method == "vmap":
         plan = {n: PlanEntry("vmap", "method='vmap'") for n in names}
+    elif method == "auto":  # vmap for all where the cost model says it is cheaper
+        plan = cheapest(plan)
+        if all(e.path == "vmap" for e in plan.values()):
+            method = "vmap"
     refused = [f"{n!r} ({e.reason})" for n, e in plan.items() if e.path != "ghost"]
     if method == "ghost" and refused:
         raise UnsupportedModelError(

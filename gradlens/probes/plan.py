@@ -23,7 +23,14 @@ registered call.
   layer never sees the examples; anything else is ambiguous. Either way the
   parameter goes to ``vmap``: the plan never guesses.
 - A parameter read by more than one operation, or by one without a factored
-  form, goes to ``vmap``, and its entry names the operations.
+  form, is tried on the broadcast form (:mod:`gradlens.probes.forms.broadcast`:
+  the trace follows it through operations that do not see the examples to the
+  ``add``/``mul``/``expand``/``F.linear`` calls that apply it to them, decided
+  by :mod:`gradlens.probes.forms.flows`); failing that it goes to ``vmap``, and
+  its entry names the operations.
+- Each entry carries its modelled cost (:mod:`gradlens.probes.entry`,
+  :mod:`gradlens.probes.forms.cost`); :func:`cheapest` is the plan ``auto``
+  follows, ``vmap`` for all where that is modelled cheaper.
 - The second trace's outputs must equal the matching rows of the first, and
   each example's output alone (:func:`check_rows_alone`) its row of the first;
   if not, the forward mixes examples and :class:`UnsupportedModelError` is
@@ -48,15 +55,21 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from gradlens.errors import UnsupportedModelError
 from gradlens.probes.batch import call, examples, signature, take
-from gradlens.probes.forms.base import Layout
-from gradlens.probes.forms.registry import OpLog, Seen, establish_layout, registry_version
+from gradlens.probes.entry import PlanEntry, cheapest, with_costs
+from gradlens.probes.forms.flows import by_root, check_routes, flow_entry
+from gradlens.probes.forms.registry import (
+    OpLog,
+    Seen,
+    establish_layout,
+    registry_version,
+    tensors_in,
+)
 from gradlens.probes.outputs import OutputSelector, plain_forward, select_output, selector_key
 from gradlens.probes.vmap import Randomness, check_vmap_compatible, split_params
 
@@ -64,6 +77,7 @@ __all__ = [
     "CACHE_SIZE",
     "ROWS_AT_PLAN",
     "PlanEntry",
+    "cheapest",
     "check_rows_alone",
     "ghost_plan",
     "plan_for",
@@ -77,48 +91,14 @@ _CACHE: weakref.WeakKeyDictionary[nn.Module, OrderedDict[Hashable, dict[str, Pla
 )
 
 
-class PlanEntry(NamedTuple):
-    """The path one parameter takes in ``per_example_dots`` and ``probe_batch``.
-
-    Attributes:
-        path: ``"ghost"`` (factored form) or ``"vmap"`` (per-example gradients).
-        reason: Why, in words.
-        example_axis: On the ghost path, the axis of the layer's input that
-            holds the examples (0 for ``(example, ..., d_in)``); else ``None``.
-        form: On the ghost path, the operation whose factored form is used
-            (``"F.linear"``, ``"F.conv2d"``, ``"F.embedding"``, ...); else ``None``.
-        rows: Rows of the example axis per example (``token`` when
-            ``(example, token)`` is flattened into one axis, else 1).
-        token_major: With ``rows > 1``, whether that axis is token-major.
-        copy_output: Whether the layer's output is written in place later in
-            the forward, so the ghost pass hands the forward a copy of it.
-        shared: For a parameter read by several calls, ``(form, layout)`` of
-            each call in the order of the forward (the fields above describe
-            the first); empty when read once.
-    """
-
-    path: Literal["ghost", "vmap"]
-    reason: str
-    example_axis: int | None = None
-    form: str | None = None
-    rows: int = 1
-    token_major: bool = False
-    copy_output: bool = False
-    shared: tuple[tuple[str, Layout], ...] = ()
-
-    @property
-    def layout(self) -> Layout:
-        """The :class:`~gradlens.probes.forms.base.Layout` of a ghost entry."""
-        assert self.example_axis is not None
-        return Layout(self.example_axis, self.rows, self.token_major)
-
-
 @dataclass
 class _Trace:
     """What one traced forward showed."""
 
     log: OpLog
     outputs: list[Tensor] = field(default_factory=list)
+    returned: set[str] = field(default_factory=set)  # roots of flows the forward returns
+    raw: Tensor | None = None  # the output the loss sees, with its graph
 
     def calls_of(self, name: str) -> list[Seen]:
         """The registered calls that read ``name``."""
@@ -136,11 +116,15 @@ def _trace(
     buffers = {n: b.clone() for n, b in model.named_buffers()}  # a forward may update them
     # With grad, as in the ghost pass: a module may branch on grad mode (fast paths).
     params = {n: p.detach().requires_grad_() for n, p in selected.items()}
-    log = OpLog({id(t): n for n, t in params.items()})
+    ids = {id(t): n for n, t in params.items()}
+    log = OpLog(ids, flows=ids)
     with torch.enable_grad(), log:
         out = call(model, (params, frozen, buffers), inputs)
-    outputs = [select_output(out, output).detach()]
-    return _Trace(log, outputs)
+    raw = select_output(out, output)
+    outputs = [raw.detach()]
+    returned = {r for t in tensors_in(out) for r in ([ids[id(t)]] if id(t) in ids else [])}
+    returned |= {r for t in tensors_in(out) for r in log.derived.get(id(t), [])}
+    return _Trace(log, outputs, returned, raw)
 
 
 def _check_not_mixing(
@@ -385,6 +369,18 @@ def plan_for(
             check_rows_alone(model, selected, frozen, inputs, first.outputs[0], output, every)
     check = randomness == "error"
     plan = {n: _decide(n, first, second, index, batch, check) for n in selected}
+    flows = (by_root(first.log), by_root(second.log))
+    for name, entry in plan.items():
+        if entry.path == "vmap" and entry.reason != "not used in the forward":
+            pair = (flows[0].get(name, []), flows[1].get(name, []))
+            returned = name in first.returned or name in second.returned
+            found = flow_entry(pair, returned, index, batch, check)
+            if isinstance(found, str):  # say why when it is not the reader the entry names
+                same = bool(pair[0]) and found.startswith(f"read by {pair[0][0].op},")
+                found = entry if same else entry._replace(reason=f"{entry.reason}; {found}")
+            plan[name] = found
+    check_routes(plan, flows[0], first.raw)
+    plan = with_costs(plan, first.log, selected, batch)
     del first, second  # the traces hold activations; the plan holds only names and ints
     plans[key] = plan
     if len(plans) > CACHE_SIZE:
@@ -402,11 +398,16 @@ def ghost_plan(
 ) -> dict[str, PlanEntry]:
     """Which path ``method="auto"`` takes for each parameter on these inputs, and why.
 
-    The same plan that :func:`~gradlens.per_example_dots` and
+    The plan that :func:`~gradlens.per_example_dots` and
     :func:`~gradlens.probe_batch` follow (and return as ``Probe.plan``): the
     forward is traced at two batch sizes to establish the example axis of
     each captured layer input and every use of each parameter (see
-    :mod:`gradlens.probes.plan`). Cached per model and input signature.
+    :mod:`gradlens.probes.plan`). Cached per model and input signature. Each
+    entry carries its modelled ``cost``; where some parameter has no factored
+    form and the model says ``vmap`` for every parameter is cheaper than the
+    ghost pass plus a ``vmap`` pass for the rest, ``auto`` takes ``vmap`` for
+    all and its ``Probe.plan`` says so (``cheapest(ghost_plan(...))`` here;
+    :mod:`gradlens.probes.forms.cost`).
 
     Args:
         model: The model.

@@ -62,11 +62,17 @@ def test_a_probed_step_on_a_batch_dict_is_the_plain_backward_step() -> None:
 
 
 def test_a_2d_attention_mask_on_the_vmap_path_gives_the_loops_dots() -> None:
-    model = gpt2()  # wpe takes the vmap path, where Hugging Face's mask code would branch
+    model = gpt2()  # every parameter on vmap, where Hugging Face's mask code would branch
     train = Objective.from_batch(token_mean, collated(LENGTHS))
     ref = reference_for(model)
     dots, _ = per_example_dots(
-        model, token_mean, train.inputs, *train.targets, reference=ref, output="logits"
+        model,
+        token_mean,
+        train.inputs,
+        *train.targets,
+        reference=ref,
+        output="logits",
+        method="vmap",
     )
     grads = loop_grads(model, token_mean, train.inputs, *train.targets)
     for name, g in grads.items():

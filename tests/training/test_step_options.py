@@ -103,7 +103,8 @@ def test_a_model_returning_a_dict_needs_output_and_says_so() -> None:
 
 
 class Scaled(nn.Module):
-    """A parameter used functionally (``x * scale``): it has no factored form."""
+    """A parameter used functionally (``x @ diag(scale)``): it has no factored form (``x * scale``
+    has one since issue 21, the broadcast form)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -111,7 +112,7 @@ class Scaled(nn.Module):
         self.lin = nn.Linear(5, 3)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.lin(x * self.scale)
+        return self.lin(x @ torch.diag(self.scale))
 
 
 def test_ghost_refusal_names_method() -> None:

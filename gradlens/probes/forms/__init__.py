@@ -7,7 +7,12 @@ input and output gradient (:mod:`gradlens.probes.forms.base`). The forms here:
 convolutions (:mod:`~gradlens.probes.forms.conv`), ``F.embedding``
 (:mod:`~gradlens.probes.forms.embedding`) and the normalisations
 (:mod:`~gradlens.probes.forms.norm`); a parameter read by several calls
-combines them (:mod:`~gradlens.probes.forms.shared`). :func:`register_form`
+combines them (:mod:`~gradlens.probes.forms.shared`). A parameter broadcast
+over the examples (added, multiplied, expanded, or read by ``F.linear`` after
+operations that do not see the examples) takes the broadcast form
+(:mod:`~gradlens.probes.forms.broadcast`, planned by
+:mod:`~gradlens.probes.forms.flows`); :mod:`~gradlens.probes.forms.cost` models
+what each path costs. :func:`register_form`
 adds a form for another function (docs/contributing.md).
 """
 

@@ -37,15 +37,32 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from gradlens.probes.forms.base import Call, Form, Layout, to_examples
+from gradlens.probes.forms.broadcast import Flow, consumer_of
 from gradlens.probes.forms.conv import CONV
 from gradlens.probes.forms.embedding import EMBEDDING
 from gradlens.probes.forms.linear import ADDMM, LINEAR
 from gradlens.probes.forms.norm import NORMS
 
-__all__ = ["FORMS", "OpLog", "Seen", "establish_layout", "register_form", "registry_version"]
+__all__ = [
+    "FORMS",
+    "MAX_FLOW",
+    "OVERFLOW",
+    "OpLog",
+    "Seen",
+    "establish_layout",
+    "register_form",
+    "registry_version",
+    "tensors_in",
+]
 
 FORMS: tuple[Form, ...] = (LINEAR, ADDMM, *CONV, EMBEDDING, *NORMS)
 """Every layer kind with a factored form."""
+
+MAX_FLOW = 64
+"""Operations followed per parameter; past them the broadcast form is not tried."""
+
+OVERFLOW = "(more operations than MAX_FLOW)"
+"""The operation name of the flow that marks a parameter followed no further."""
 
 _BY_FUNC = {func: form for form in FORMS for func in form.funcs}
 _VERSION = [0]  # bumped by register_form: cached plans made before it are not reused
@@ -142,19 +159,37 @@ class Seen(NamedTuple):
 class OpLog(TorchFunctionMode):
     """Count the operations reading each named tensor; note calls of registered forms.
 
+    With ``flows``, it also follows those parameters through every operation
+    that reads them or a tensor computed from them (``derived``), up to the
+    elementwise calls that apply them to other tensors
+    (:mod:`gradlens.probes.forms.broadcast`), and records each as a
+    :class:`~gradlens.probes.forms.broadcast.Flow`.
+
     Args:
         names: ``id(tensor) -> name`` for the parameters to watch.
         copy_outputs: Parameter names whose calls hand the forward a copy of
             their output, not the output itself.
+        flows: ``id(tensor) -> name`` for the parameters to follow.
     """
 
-    def __init__(self, names: dict[int, str], *, copy_outputs: Collection[str] = ()) -> None:
+    def __init__(
+        self,
+        names: dict[int, str],
+        *,
+        copy_outputs: Collection[str] = (),
+        flows: dict[int, str] | None = None,
+    ) -> None:
         super().__init__()
         self.names = names
         self.copy_outputs = copy_outputs
         self.uses: dict[str, int] = {}
         self.readers: dict[str, list[str]] = {}
         self.seen: list[Seen] = []
+        self.flow_names = flows or {}
+        self.derived: dict[int, list[str]] = {}
+        self.flows: list[Flow] = []
+        self.flow_counts: dict[str, int] = {}
+        self._kept: list[Tensor] = []  # derived tensors stay alive: their ids stay theirs
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
@@ -167,6 +202,8 @@ class OpLog(TorchFunctionMode):
         out = func(*args, **kwargs)
         if not any(True for _ in _tensors(out)):
             return out  # a metadata query (shape, dim, requires_grad) is no use
+        if self.flow_names:
+            self._follow(func, args, kwargs, out)
         read = [self.names[id(t)] for t in _tensors((args, kwargs)) if id(t) in self.names]
         for name in read:
             self.uses[name] = self.uses.get(name, 0) + 1
@@ -186,6 +223,45 @@ class OpLog(TorchFunctionMode):
             version = call.input._version
         self.seen.append(Seen(form, call, roles, read, out, version, out._version))
         return out.clone() if any(n in self.copy_outputs for n in read) else out
+
+    def _roots(self, t: Tensor) -> list[str]:
+        """The followed parameters ``t`` is, or was computed from."""
+        name = self.flow_names.get(id(t))
+        return [name] if name is not None else self.derived.get(id(t), [])
+
+    def _follow(self, func: Any, args: tuple, kwargs: dict[str, Any], out: Any) -> None:
+        """Record a flow of each followed parameter this call reads; mark what it computes.
+
+        A call that applies the flow of one parameter to the examples (a consumer
+        of it) ends that flow; its output is computed from the other parameters
+        its arguments were computed from.
+        """
+        roots = sorted({r for t in _tensors((args, kwargs)) for r in self._roots(t)})
+        outputs = list(_tensors(out))
+        for root in roots:
+            count = self.flow_counts.get(root, 0)
+            if count >= MAX_FLOW:
+                continue  # an OVERFLOW flow was recorded: the plan refuses the broadcast form
+            self.flow_counts[root] = count + 1
+            if count + 1 == MAX_FLOW:
+                self.flows.append(Flow(root, OVERFLOW, [], None))
+                continue
+            consumer = consumer_of(func, args, kwargs, out, lambda t, r=root: r in self._roots(t))
+            versions = tuple(t._version for t in _tensors((args, kwargs)))
+            call = (func, args, kwargs)
+            self.flows.append(Flow(root, _op_name(func), outputs, consumer, call, versions))
+            if consumer is not None:
+                continue
+            for t in outputs:
+                known = self.derived.setdefault(id(t), [])
+                if root not in known:
+                    known.append(root)
+                    self._kept.append(t)
+
+
+def tensors_in(obj: Any) -> Iterator[Tensor]:
+    """The tensors in ``obj`` and in its lists, tuples and dicts."""
+    return _tensors(obj)
 
 
 def _tensors(obj: Any) -> Iterator[Tensor]:
