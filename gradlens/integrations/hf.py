@@ -118,7 +118,7 @@ class GradlensCallback(TrainerCallback):
     ) -> None:
         """Measure the update and record the step."""
         assert model is not None
-        self.probe.post_step(model)
+        self.probe.post_step(model, kwargs.get("optimizer"))
 
     def on_log(
         self,
