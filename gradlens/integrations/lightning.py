@@ -6,7 +6,8 @@ unscale, *before* Lightning clips the gradient) :class:`GradlensCallback`
 takes the trait gradient ``g_t`` without touching ``.grad``, records the
 alignment of ``.grad`` with it, globally and per layer, and applies the
 ``before`` transform to ``.grad`` in place (Lightning then clips the result);
-at the next ``on_train_batch_end`` it records the update's alignment, logs the
+at the next ``on_train_batch_end`` it applies the ``after`` transform to the
+update, records the update's alignment, logs the
 row to the run file (:class:`~gradlens.integrations.TrainerProbe`) and logs
 the scalars with ``pl_module.log_dict`` (so every Lightning logger shows them;
 tensors, no host sync for the logging).

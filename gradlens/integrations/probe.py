@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from gradlens.alignment.layerstats import groups_for
 from gradlens.errors import UnsupportedModelError
 from gradlens.integrations.examples import ExampleValues
+from gradlens.integrations.mode import TrainerMode, to_device
 from gradlens.probes.batch import Inputs
 from gradlens.probes.outputs import OutputSelector, plain_forward
 from gradlens.probes.vmap import LossFn, Randomness, check_vmap_compatible
@@ -52,6 +53,7 @@ from gradlens.training.checks import check_after, check_objective
 from gradlens.training.mode import ModeProbe
 from gradlens.training.objective import Objective
 from gradlens.training.records import (
+    OPTIONAL_RECORDS,
     TransformLayout,
     step_coords,
     step_values,
@@ -65,28 +67,6 @@ __all__ = ["LOGGED", "TrainerProbe"]
 
 LOGGED = ("cosine", "applied_cosine", "update_cosine", "projection", "trait_loss")
 """The scalar records handed to the trainer's logging by default (mean since the last log)."""
-
-
-class _TrainerMode(SingleMode):
-    """The model a trainer trains, one process: the trait gradient kept for the whole step.
-
-    ``g_t`` is taken once per optimizer step (at the first example pass, or at
-    :meth:`TrainerProbe.pre_step`) and used by every micro-batch's pass and the step body.
-    """
-
-    def __init__(self, model: nn.Module, trait: Objective, output: OutputSelector | None) -> None:
-        super().__init__(model, output=output)
-        self.trait = trait
-        self.g_t: tuple[Tensor, dict[str, Tensor]] | None = None
-
-    def gradient(self, objective: Objective) -> tuple[Tensor, dict[str, Tensor]]:
-        """The objective's loss and gradient; the trait's once per step."""
-        if objective is not self.trait:
-            return super().gradient(objective)
-        if self.g_t is None:
-            loss, g_t = super().gradient(objective)
-            self.g_t = (loss.detach(), {n: g.detach() for n, g in g_t.items()})
-        return self.g_t
 
 
 class TrainerProbe:
@@ -170,7 +150,7 @@ class TrainerProbe:
         self.recorder: Recorder | None = None
         self.result: StepResult | None = None
         self.layout: TransformLayout | None = None
-        self._mode: _TrainerMode | None = None
+        self._mode: TrainerMode | None = None
         self._examples = ExampleValues()
         self._pending: Pending | None = None
         self._step = 0
@@ -200,9 +180,9 @@ class TrainerProbe:
                 "measures the gradient of the trained ones."
             )
         device = next(iter(params.values())).device
-        self.trait = _to(self.trait, device)
-        self.heldout = None if self.heldout is None else _to(self.heldout, device)
-        self._mode = _TrainerMode(model, self.trait, self.output)
+        self.trait = to_device(self.trait, device)
+        self.heldout = None if self.heldout is None else to_device(self.heldout, device)
+        self._mode = TrainerMode(model, self.trait, self.output)
         detached = {n: p.detach() for n, p in params.items()}
         if self.before is not None and self.before_state is None:
             self.before_state = self.before.init(detached)
@@ -212,19 +192,28 @@ class TrainerProbe:
         if self.recorder is None and record:
             self.recorder = Recorder(
                 self.path,
-                step_variables(self.layout),
+                step_variables(self.layout, optional=self._optional()),
                 coords=step_coords(list(groups_for(list(params), "layer")), self.layout),
                 config=self.config,
                 flush_every=self.flush_every,
                 overwrite=self.overwrite,
             )
 
+    def _optional(self) -> list[str]:
+        """The optional records this probe takes (:data:`~gradlens.training.OPTIONAL_RECORDS`)."""
+        return [
+            name
+            for name in OPTIONAL_RECORDS
+            if (name == "momentum_cosine" and self.momentum)
+            or (name.startswith("heldout_") and self.heldout is not None)
+        ]
+
     def finish(self, *, complete: bool = True) -> None:
         """Close the run file (``complete=False`` for a run that stopped early)."""
         if self.recorder is not None and self.path is not None:
             self.recorder.close(complete=complete)
 
-    def _on(self, model: nn.Module) -> _TrainerMode:
+    def _on(self, model: nn.Module) -> TrainerMode:
         """The step body's mode, on ``model`` (the one the trainer hands the hook)."""
         if self._mode is None:
             raise RuntimeError("TrainerProbe.start(model) was not called: call it before training.")
@@ -394,15 +383,3 @@ class TrainerProbe:
         out = {f"{prefix}{n}": float(v) / self._count for n, v in self._sums.items()}
         self._sums, self._count = {}, 0
         return out
-
-
-def _to(objective: Objective, device: torch.device) -> Objective:
-    """The objective with its tensors on ``device``."""
-    inputs = objective.inputs
-    moved = (
-        {k: v.to(device) for k, v in inputs.items()}
-        if isinstance(inputs, Mapping)
-        else inputs.to(device)
-    )
-    targets = tuple(t.to(device) for t in objective.targets)
-    return Objective(objective.loss_fn, moved, targets, objective.parts)

@@ -50,6 +50,13 @@ def trait(dtype: torch.dtype = torch.float64) -> Objective:
     return Objective(F.cross_entropy, x, (torch.randint(0, 3, (10,), generator=gen),))
 
 
+def heldout(dtype: torch.dtype = torch.float64) -> Objective:
+    """Other labelled trait examples: the held-out trait batch."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(10, 5, generator=gen, dtype=dtype)
+    return Objective(F.cross_entropy, x, (torch.randint(0, 3, (10,), generator=gen),))
+
+
 def row(result: StepResult, layout: TransformLayout | None) -> Row:
     """A step's records as a run file holds them, in the records' own dtype."""
     return {**step_values(result, layout), "example_cosine": result.example_cosine}
@@ -68,20 +75,28 @@ def replay(
     *,
     objective: Callable[[Any], Objective] = classify,
     trait_objective: Objective | None = None,
+    after: GradientTransform | None = None,
+    **options: Any,
 ) -> list[Row]:
-    """probed_step on each step's micro-batches (gradient accumulation): each step's row."""
+    """probed_step on each step's micro-batches (gradient accumulation): each step's row.
+
+    ``options`` go to probed_step (``heldout=``, ``momentum=``).
+    """
     opt = optimizer(model)
     params = dict(model.named_parameters())
-    state = None if before is None else before.init({n: p.detach() for n, p in params.items()})
-    layout = transform_layout(params, before=before)
+    detached = {n: p.detach() for n, p in params.items()}
+    state = None if before is None else before.init(detached)
+    after_state = None if after is None else after.init(detached)
+    layout = transform_layout(params, before=before, after=after)
     rows = []
     for batches in steps:
         train = [objective(b) for b in batches]
         t = trait() if trait_objective is None else trait_objective
         result = probed_step(
-            model, opt, train, t, before=before, before_state=state, output="logits"
-        )
-        state = result.before_state
+            model, opt, train, t, before=before, before_state=state, output="logits",
+            after=after, after_state=after_state, **options,
+        )  # fmt: skip
+        state, after_state = result.before_state, result.after_state
         rows.append(row(result, layout))
     return rows
 

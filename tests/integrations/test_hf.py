@@ -21,6 +21,7 @@ from tests.integrations.replay import (
     assert_rows_match,
     assert_same_params,
     data,
+    heldout,
     net,
     replay,
     row,
@@ -105,10 +106,15 @@ OPTIMIZERS = {
 }
 
 
-def train(tmp_path: Path, optim: str, *, examples: bool, before: Any = None) -> dict[str, Any]:
+def train(
+    tmp_path: Path, optim: str, *, examples: bool, before: Any = None, **options: Any
+) -> dict[str, Any]:
+    """Train, and replay on the same batches; ``options`` go to both (after=, heldout=, ...)."""
     model = net()
     start = copy.deepcopy(model)
-    probe = TrainerProbe(trait(), before=before, output="logits", path=tmp_path / "run.nc")
+    probe = TrainerProbe(
+        trait(), before=before, output="logits", path=tmp_path / "run.nc", **options
+    )
     callback = GradlensCallback(probe)
     seen = Seen(probe)
     args = arguments(tmp_path, optim)
@@ -128,7 +134,7 @@ def train(tmp_path: Path, optim: str, *, examples: bool, before: Any = None) -> 
     b = [(d["x"], d["labels"]) for d in trainer.batches]
     steps = [b[i : i + ACCUMULATE] for i in range(0, len(b), ACCUMULATE)]
     assert len(steps) == STEPS and all(len(s) == ACCUMULATE for s in steps)
-    want = replay(start, steps, OPTIMIZERS[optim], before=before)
+    want = replay(start, steps, OPTIMIZERS[optim], before=before, **options)
     return {"seen": seen, "want": want, "model": model, "start": start, "path": tmp_path / "run.nc"}
 
 
@@ -159,6 +165,22 @@ def test_the_probed_trainer_adds_per_example_values(tmp_path: Path) -> None:
     checked = assert_rows_match(out["seen"].rows, out["want"], examples=True)
     assert {"train_loss", "example_cosine", "example_cosine_quantile"} <= set(checked)
     assert_same_params(out["model"], out["start"])
+    with open_run(out["path"]) as run:
+        assert_file_matches(run, out["want"], examples=True)
+
+
+def test_the_after_transform_heldout_and_momentum_equal_probed_steps(tmp_path: Path) -> None:
+    after = named_chain(("remove", remove_aligned()))
+    out = train(
+        tmp_path, "adamw_torch", examples=True, after=after, heldout=heldout(), momentum=True
+    )
+    checked = assert_rows_match(out["seen"].rows, out["want"], examples=True)
+    optional = {"momentum_cosine", "heldout_trait_loss", "heldout_cosine", "heldout_update_cosine"}
+    assert optional | {"transform_coef", "update_cosine"} <= set(checked)
+    for r in out["seen"].rows:  # AdamW has a first moment; the update is off g_t
+        assert torch.isfinite(r["momentum_cosine"])
+        assert abs(float(r["update_cosine"])) < 1e-10
+    assert_same_params(out["model"], out["start"])  # the parameters are old + after(update)
     with open_run(out["path"]) as run:
         assert_file_matches(run, out["want"], examples=True)
 

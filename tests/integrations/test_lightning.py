@@ -21,6 +21,7 @@ from tests.integrations.replay import (
     assert_rows_match,
     assert_same_params,
     data,
+    heldout,
     replay,
     row,
     trait,
@@ -81,11 +82,20 @@ class Seen(pl.Callback):
 
 
 def fit(
-    tmp_path: Path, optim: str, *, examples: bool, before: Any = None, precision: str = "64-true"
+    tmp_path: Path,
+    optim: str,
+    *,
+    examples: bool,
+    before: Any = None,
+    precision: str = "64-true",
+    **options: Any,
 ) -> dict[str, Any]:
+    """Fit, and replay on the same batches; ``options`` go to both (after=, heldout=, ...)."""
     module = Module(optim)
     start = copy.deepcopy(module)
-    probe = TrainerProbe(trait(), before=before, output="logits", path=tmp_path / "run.nc")
+    probe = TrainerProbe(
+        trait(), before=before, output="logits", path=tmp_path / "run.nc", **options
+    )
     seen = Seen(probe)
     objective = (lambda b: Objective(F.cross_entropy, b[0], (b[1],))) if examples else None
     trainer = pl.Trainer(
@@ -105,7 +115,7 @@ def fit(
     b = module.batches
     steps = [b[i : i + ACCUMULATE] for i in range(0, len(b), ACCUMULATE)]
     assert len(steps) == STEPS and all(len(s) == ACCUMULATE for s in steps)
-    want = replay(start, steps, lambda m: OPTIMIZERS[optim](m), before=before)
+    want = replay(start, steps, lambda m: OPTIMIZERS[optim](m), before=before, **options)
     return {"seen": seen, "want": want, "module": module, "start": start, "path": probe.path}
 
 
@@ -130,5 +140,19 @@ def test_examples_add_the_per_example_values(tmp_path: Path) -> None:
     checked = assert_rows_match(out["seen"].rows, out["want"], examples=True)
     assert {"train_loss", "example_cosine", "example_cosine_quantile"} <= set(checked)
     assert_same_params(out["module"], out["start"])
+    with open_run(out["path"]) as run:
+        assert_file_matches(run, out["want"], examples=True)
+
+
+def test_the_after_transform_heldout_and_momentum_equal_probed_steps(tmp_path: Path) -> None:
+    after = named_chain(("remove", remove_aligned()))
+    out = fit(tmp_path, "adam", examples=True, after=after, heldout=heldout(), momentum=True)
+    checked = assert_rows_match(out["seen"].rows, out["want"], examples=True)
+    optional = {"momentum_cosine", "heldout_trait_loss", "heldout_cosine", "heldout_update_cosine"}
+    assert optional | {"transform_coef", "update_cosine"} <= set(checked)
+    for r in out["seen"].rows:  # Adam has a first moment; the update is off g_t
+        assert torch.isfinite(r["momentum_cosine"])
+        assert abs(float(r["update_cosine"])) < 1e-10
+    assert_same_params(out["module"], out["start"])  # the parameters are old + after(update)
     with open_run(out["path"]) as run:
         assert_file_matches(run, out["want"], examples=True)
