@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from gradlens import Objective, StepResult, probed_step
 from gradlens.training import TransformLayout, step_values, transform_layout
-from gradlens.transforms import GradientTransform
+from gradlens.transforms import GradientTransform, named_chain, remove_aligned
 
 Batch = tuple[Tensor, Tensor]
 Row = dict[str, Tensor]
@@ -187,3 +187,22 @@ def assert_measures(
     np.testing.assert_allclose(float(records["cosine"]), cos(list(live)), rtol=1e-5)
     want = [cos(names) for names in layers.values()]
     np.testing.assert_allclose(records["layer_cosine"].double().numpy(), want, rtol=1e-5)
+
+
+def options() -> dict[str, Any]:
+    """The step's options beyond ``before=``, for the trainer's probe and the replay alike."""
+    return {
+        "after": named_chain(("remove", remove_aligned())),
+        "heldout": heldout(),
+        "momentum": True,
+    }
+
+
+def assert_options_match(got: Sequence[Row], want: Sequence[Row]) -> None:
+    """With :func:`options`: every record equals the replay's, the optional ones included."""
+    checked = assert_rows_match(got, want, examples=True)
+    optional = {"momentum_cosine", "heldout_trait_loss", "heldout_cosine", "heldout_update_cosine"}
+    assert optional | {"transform_coef", "update_cosine"} <= set(checked)
+    for r in got:  # the optimizer has a first moment; the update is off g_t (after=remove)
+        assert torch.isfinite(r["momentum_cosine"])
+        assert abs(float(r["update_cosine"])) < 1e-10
