@@ -211,7 +211,7 @@ def before_optimizer(
     if reference is not None:
         _, along = mode.gradient(reference)
         checked.append(("transforms' reference gradient", along))
-    g_h = None
+    g_h, heldout_loss = None, None
     if heldout is not None:
         heldout_loss, g_h = mode.gradient(heldout)
         checked.append(("held-out trait gradient", g_h))
@@ -267,9 +267,9 @@ def before_optimizer(
         records["train_loss_part"] = torch.stack(list(probe.parts.values()), dim=-1)
     if token_dot is not None:
         records["token_dot"] = token_dot
-    if heldout is not None:
+    if g_h is not None and heldout_loss is not None:
         records["heldout_trait_loss"] = heldout_loss
-        records["heldout_cosine"] = _pair(mode, g, g_h).cosine  # type: ignore[arg-type]
+        records["heldout_cosine"] = _pair(mode, g, g_h).cosine
     return Pending(
         old, g_t, along, g_h, applied, before_state, trait_loss, records, example_cosine, probe.plan
     )

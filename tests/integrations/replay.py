@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 import xarray as xr
 from torch import Tensor, nn
 
-from gradlens import Objective, StepResult, probed_step
+from gradlens import Objective, StepResult, open_run, probed_step
 from gradlens.training import TransformLayout, step_values, transform_layout
 from gradlens.transforms import GradientTransform, named_chain, remove_aligned
 
@@ -198,11 +199,18 @@ def options() -> dict[str, Any]:
     }
 
 
-def assert_options_match(got: Sequence[Row], want: Sequence[Row]) -> None:
-    """With :func:`options`: every record equals the replay's, the optional ones included."""
+def assert_options_match(
+    got: Sequence[Row], want: Sequence[Row], trained: nn.Module, start: nn.Module, path: Path
+) -> None:
+    """With :func:`options` and per-example values: every record equals the replay's, the
+    optional ones included, in memory and in the run file at ``path``, and the parameters
+    are the replay's (``old + after(update)``)."""
     checked = assert_rows_match(got, want, examples=True)
     optional = {"momentum_cosine", "heldout_trait_loss", "heldout_cosine", "heldout_update_cosine"}
     assert optional | {"transform_coef", "update_cosine"} <= set(checked)
     for r in got:  # the optimizer has a first moment; the update is off g_t (after=remove)
         assert torch.isfinite(r["momentum_cosine"])
         assert abs(float(r["update_cosine"])) < 1e-10
+    assert_same_params(trained, start)
+    with open_run(path) as run:
+        assert_file_matches(run, want, examples=True)
