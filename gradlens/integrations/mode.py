@@ -24,7 +24,8 @@ class TrainerMode(SingleMode):
     """The model a trainer trains, one process: the trait gradient kept for the whole step.
 
     ``g_t`` is taken once per optimizer step (at the first example pass, or at
-    :meth:`~gradlens.integrations.TrainerProbe.pre_step`) and used by every micro-batch's pass and the step body.
+    :meth:`~gradlens.integrations.TrainerProbe.pre_step`) and used by every
+    micro-batch's pass and by the step body.
     """
 
     def __init__(self, model: nn.Module, trait: Objective, output: OutputSelector | None) -> None:
