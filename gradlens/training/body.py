@@ -11,19 +11,16 @@ optimizer step:
    finiteness checks; ``before`` transforms ``g`` (reference ``g_t``, extra
    ``example_dots``); the records of ``g``. It returns a :class:`Pending`;
 2. the optimizer steps on the gradient ``Pending.applied``;
-3. :func:`after_optimizer`: ``after`` transforms the optimizer's update with
-   reference ``-g_t`` (the direction in which a step lowers the trait loss);
-   the records of the update, the trait loss after the step and the
-   :class:`StepResult`.
+3. :func:`after_optimizer`: ``after`` transforms the optimizer's update with reference
+   ``-g_t`` (the direction in which a step lowers the trait loss); the update's
+   records, the trait loss after the step, the :class:`StepResult`.
 
-:func:`run_step` is the three in a row, for the modes that own the optimizer
-step; :class:`~gradlens.integrations.TrainerProbe` calls the two halves around
-another trainer's. A *mode* (:class:`~gradlens.training.mode.StepMode`)
-supplies only what differs: where the gradients come from (one model; a stack
-of models with a leading ``model`` dim; a shard of a data-parallel batch, with
-its collectives) and how a statistic of one model is taken over its models
-(``StepMode.over_models``). The checks, the order, the transforms and every
-record are here, once.
+:func:`run_step` is the three in a row; :class:`~gradlens.integrations.TrainerProbe`
+calls the halves around another trainer's step. A *mode*
+(:class:`~gradlens.training.mode.StepMode`) supplies only where the gradients come
+from (one model, a stack of models, a data-parallel shard) and how a statistic of one
+model is taken over its models; the checks, the order, the transforms and every record
+are here, once.
 """
 
 from __future__ import annotations
@@ -290,9 +287,8 @@ def after_optimizer(
     Args:
         mode: Where the gradients come from (as for :func:`before_optimizer`).
         pending: What :func:`before_optimizer` returned.
-        after: Transform of the optimizer's update (the parameters become
-            ``old + after(update)``); see
-            :func:`~gradlens.training.checks.check_after`.
+        after: Transform of the optimizer's update: the parameters become
+            ``old + after(update)`` (a global transform, :func:`.check_after`).
         after_state: Its state.
         trait: The trait objective, to record ``measured_change``; ``None`` skips it.
         step: The step number, for error messages.
