@@ -2,6 +2,8 @@
 
 - :mod:`gradlens.integrations.probe`: :class:`TrainerProbe`, the probed step around
   another trainer's optimizer step (framework-neutral);
+- :mod:`gradlens.integrations.mode`: the step body's mode in a trainer's process
+  (``g_t`` taken once per optimizer step);
 - :mod:`gradlens.integrations.examples`: the per-example values of a step's micro-batches
   and the check that they make up the trainer's ``.grad``;
 - :mod:`gradlens.integrations.hf`: a ``transformers.TrainerCallback`` and a ``Trainer``

@@ -5,8 +5,9 @@
 gradient clipping, so ``.grad`` is the gradient the optimizer applies) it takes
 the trait gradient ``g_t`` without touching ``.grad``, records the alignment of
 ``.grad`` with it, globally and per layer, and applies the ``before`` transform
-to ``.grad`` in place; at ``on_optimizer_step`` it records the update's
-alignment and logs the row to the run file (:class:`~gradlens.integrations.TrainerProbe`).
+to ``.grad`` in place; at ``on_optimizer_step`` it applies the ``after``
+transform to the update, records the update's alignment and logs the row to the
+run file (:class:`~gradlens.integrations.TrainerProbe`).
 At ``on_log`` it adds the means of the logged records since the last log to the
 trainer's logs (``gradlens/cosine``, ...), so ``report_to`` sends them to
 TensorBoard or W&B: :meth:`GradlensCallback.add_to` puts the callback before the
@@ -118,7 +119,7 @@ class GradlensCallback(TrainerCallback):
     ) -> None:
         """Measure the update and record the step."""
         assert model is not None
-        self.probe.post_step(model)
+        self.probe.post_step(model, kwargs.get("optimizer"))
 
     def on_log(
         self,

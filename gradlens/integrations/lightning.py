@@ -6,7 +6,8 @@ unscale, *before* Lightning clips the gradient) :class:`GradlensCallback`
 takes the trait gradient ``g_t`` without touching ``.grad``, records the
 alignment of ``.grad`` with it, globally and per layer, and applies the
 ``before`` transform to ``.grad`` in place (Lightning then clips the result);
-at the next ``on_train_batch_end`` it records the update's alignment, logs the
+at the next ``on_train_batch_end`` it applies the ``after`` transform to the
+update, records the update's alignment, logs the
 row to the run file (:class:`~gradlens.integrations.TrainerProbe`) and logs
 the scalars with ``pl_module.log_dict`` (so every Lightning logger shows them;
 tensors, no host sync for the logging).
@@ -65,6 +66,7 @@ class GradlensCallback(pl.Callback):
         self.examples = examples
         self.randomness: Randomness = randomness
         self.prefix = prefix
+        self._optimizer: Optimizer | None = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Check the precision and open the run file (on global rank 0)."""
@@ -109,6 +111,7 @@ class GradlensCallback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
         """Measure ``.grad`` and apply the transform to it."""
+        self._optimizer = optimizer
         self.probe.pre_step(pl_module, trainer.global_step)
 
     def on_train_batch_end(
@@ -122,7 +125,7 @@ class GradlensCallback(pl.Callback):
         """After an optimizer step: measure the update, record and log the step."""
         if not self.probe.stepping:
             return
-        records = self.probe.post_step(pl_module)
+        records = self.probe.post_step(pl_module, self._optimizer)
         logged = {f"{self.prefix}{n}": records[n] for n in self.probe.logged if n in records}
         pl_module.log_dict(logged, on_step=True, on_epoch=False)
 

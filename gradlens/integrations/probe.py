@@ -3,16 +3,20 @@
 A trainer (``transformers.Trainer``, TRL's trainers, Lightning) owns the loop:
 it runs the forward and backward of each micro-batch, accumulates ``.grad``
 (and all-reduces it under data parallelism), may clip it, and steps the
-optimizer. :class:`TrainerProbe` measures that step from two hook points:
+optimizer. :class:`TrainerProbe` runs the two halves of the step body
+(:mod:`gradlens.training.body`) around that step, from two hook points:
 
 1. :meth:`TrainerProbe.pre_step`, after accumulation and before the optimizer:
-   the trait gradient ``g_t`` on the trait batch (``torch.autograd.grad``, so
-   ``.grad`` is not touched), the alignment of the accumulated ``.grad`` with
-   it, globally and per layer, and the ``before`` transform applied to
-   ``.grad`` in place (reference ``g_t``);
-2. :meth:`TrainerProbe.post_step`, after the optimizer: the update's
-   alignment, the first-order predicted and the measured trait-loss change;
-   the row is logged to a :class:`~gradlens.Recorder` declared with
+   :func:`~gradlens.training.body.before_optimizer` with the accumulated
+   ``.grad`` as ``g``: the trait gradient ``g_t`` on the trait batch
+   (``torch.autograd.grad``, so ``.grad`` is not touched), the alignment of
+   ``.grad`` with it, globally and per layer, the held-out records, and the
+   ``before`` transform applied to ``.grad`` in place (reference ``g_t``);
+2. :meth:`TrainerProbe.post_step`, after the optimizer:
+   :func:`~gradlens.training.body.after_optimizer`: the ``after`` transform of
+   the update (the parameters are set to ``old + after(update)``), the
+   update's alignment, the first-order predicted and the measured trait-loss
+   change; the row is logged to a :class:`~gradlens.Recorder` declared with
    :func:`~gradlens.training.step_variables`, so the file has the layout of a
    :func:`~gradlens.training.probed_step` run.
 
@@ -20,11 +24,11 @@ Per-example values need the training batch: :meth:`TrainerProbe.example_pass`
 runs :func:`~gradlens.probe_batch` on one micro-batch (one more forward and
 backward), and :meth:`pre_step` checks that the examples it saw make up the
 gradient the trainer accumulated. Without it the per-example records
-(``train_loss``, ``example_cosine_*``) are NaN.
+(``train_loss``, ``example_cosine_*``) are left out (NaN in the run file).
 
-Each record has the definition of :data:`~gradlens.training.STEP_RECORDS`;
-``tests/integrations`` checks every one against :func:`~gradlens.training.probed_step`
-on the same batches in float64.
+The records are the step body's own, so they are those of
+:func:`~gradlens.training.probed_step`; ``tests/integrations`` checks every
+one against it on the same batches in float64.
 """
 
 from __future__ import annotations
@@ -36,36 +40,37 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradlens.alignment.gradops import check_finite, cosine, safe_divide
-from gradlens.alignment.layerstats import groups_for, layer_stats
+from gradlens.alignment.layerstats import groups_for
 from gradlens.errors import UnsupportedModelError
 from gradlens.integrations.examples import ExampleValues
+from gradlens.integrations.mode import TrainerMode, to_device
 from gradlens.probes.batch import Inputs
-from gradlens.probes.batch import forward as call_model
-from gradlens.probes.ghost import probe_batch
-from gradlens.probes.outputs import OutputSelector, plain_forward, select_output
-from gradlens.probes.vmap import LossFn, Randomness, check_vmap_compatible, loss_and_grad
+from gradlens.probes.outputs import OutputSelector, plain_forward
+from gradlens.probes.vmap import LossFn, Randomness, check_vmap_compatible
 from gradlens.records.recorder import Recorder
-from gradlens.training.body import StepResult
-from gradlens.training.checks import check_objective
+from gradlens.training.body import Pending, StepResult, after_optimizer, before_optimizer
+from gradlens.training.checks import check_after, check_objective
+from gradlens.training.mode import ModeProbe
 from gradlens.training.objective import Objective
 from gradlens.training.records import (
+    OPTIONAL_RECORDS,
     TransformLayout,
     step_coords,
     step_values,
     step_variables,
     transform_layout,
 )
+from gradlens.training.step import SingleMode
 from gradlens.transforms.base import GradientTransform, needs_example_dots
 
 __all__ = ["LOGGED", "TrainerProbe"]
 
 LOGGED = ("cosine", "applied_cosine", "update_cosine", "projection", "trait_loss")
-"""The scalar records handed to the trainer's own logging by default (mean since the last log)."""
+"""The scalar records handed to the trainer's logging by default (mean since the last log)."""
 
 
 class TrainerProbe:
-    """The measurements, transform and records of a probed step inside another trainer.
+    """The measurements, transforms and records of a probed step inside another trainer.
 
     Framework-neutral: the callbacks of :mod:`gradlens.integrations.hf` and
     :mod:`gradlens.integrations.lightning` call :meth:`start` once,
@@ -78,6 +83,10 @@ class TrainerProbe:
         before: A transform applied to ``.grad`` before the optimizer, with
             reference ``g_t`` (a per-example one needs :meth:`example_pass`).
         before_state: Its state; default ``before.init(params)`` at :meth:`start`.
+        after: A transform applied to the optimizer's update, with reference
+            ``-g_t``, as in :func:`~gradlens.probed_step` (a global one: the
+            update has no per-example parts).
+        after_state: Its state; default ``after.init(params)`` at :meth:`start`.
         output: Which tensor of the model's output the losses see (``"logits"``
             for a Hugging Face model), as in :func:`~gradlens.probed_step`.
         path: The netCDF run file; ``None`` keeps the rows in memory
@@ -87,13 +96,19 @@ class TrainerProbe:
         flush_every: Rows between writes of the run file.
         measure_change: Also evaluate the trait loss after each step (one
             forward without grad): ``measured_change``.
+        heldout: A held-out trait objective (moved as ``trait``): records
+            ``heldout_trait_loss``, ``heldout_cosine`` and ``heldout_update_cosine``
+            (one more backward per step).
+        momentum: Record ``momentum_cosine`` (the optimizer is then passed to
+            :meth:`post_step`).
         logged: The scalar records handed to the trainer's logging.
 
     Attributes:
         recorder: The run's :class:`~gradlens.Recorder` (after :meth:`start`).
         result: The last step's :class:`~gradlens.training.StepResult`, its
             records in the parameters' dtype.
-        before_state: The transform's current state.
+        before_state: The ``before`` transform's current state.
+        after_state: The ``after`` transform's current state.
     """
 
     def __init__(
@@ -102,36 +117,44 @@ class TrainerProbe:
         *,
         before: GradientTransform | None = None,
         before_state: Any = None,
+        after: GradientTransform | None = None,
+        after_state: Any = None,
         output: OutputSelector | None = None,
         path: str | os.PathLike[str] | None = None,
         overwrite: bool = False,
         config: object | None = None,
         flush_every: int = 50,
         measure_change: bool = True,
+        heldout: Objective | None = None,
+        momentum: bool = False,
         logged: tuple[str, ...] = LOGGED,
     ) -> None:
         check_objective("trait", trait)
+        if heldout is not None:
+            check_objective("heldout", heldout)
+        check_after(after)
         self.trait = trait
+        self.heldout = heldout
         self.before = before
         self.before_state = before_state
+        self.after = after
+        self.after_state = after_state
         self.output = output
         self.path = path
         self.overwrite = overwrite
         self.config = config
         self.flush_every = flush_every
         self.measure_change = measure_change
+        self.momentum = momentum
         self.logged = logged
         self.recorder: Recorder | None = None
         self.result: StepResult | None = None
         self.layout: TransformLayout | None = None
-        self._params: dict[str, Tensor] = {}
-        self._g_t: tuple[Tensor, dict[str, Tensor]] | None = None
+        self._mode: TrainerMode | None = None
         self._examples = ExampleValues()
-        self._pending: dict[str, Tensor] | None = None
+        self._pending: Pending | None = None
         self._step = 0
-        self._example_cosine = torch.empty(0)
         self._examples_size: int | None = None
-        self._old: dict[str, Tensor] = {}
         self._sums: dict[str, Tensor] = {}
         self._count = 0
 
@@ -156,38 +179,52 @@ class TrainerProbe:
                 f"{type(model).__name__} has no parameter that requires grad: the probe "
                 "measures the gradient of the trained ones."
             )
-        self._params = params
         device = next(iter(params.values())).device
-        self.trait = _to(self.trait, device)
+        self.trait = to_device(self.trait, device)
+        self.heldout = None if self.heldout is None else to_device(self.heldout, device)
+        self._mode = TrainerMode(model, self.trait, self.output)
+        detached = {n: p.detach() for n, p in params.items()}
         if self.before is not None and self.before_state is None:
-            self.before_state = self.before.init({n: p.detach() for n, p in params.items()})
-        self.layout = transform_layout(params, before=self.before)
+            self.before_state = self.before.init(detached)
+        if self.after is not None and self.after_state is None:
+            self.after_state = self.after.init(detached)
+        self.layout = transform_layout(params, before=self.before, after=self.after)
         if self.recorder is None and record:
             self.recorder = Recorder(
                 self.path,
-                step_variables(self.layout),
+                step_variables(self.layout, optional=self._optional()),
                 coords=step_coords(list(groups_for(list(params), "layer")), self.layout),
                 config=self.config,
                 flush_every=self.flush_every,
                 overwrite=self.overwrite,
             )
 
+    def _optional(self) -> list[str]:
+        """The optional records this probe takes (:data:`~gradlens.training.OPTIONAL_RECORDS`)."""
+        return [
+            name
+            for name in OPTIONAL_RECORDS
+            if (name == "momentum_cosine" and self.momentum)
+            or (name.startswith("heldout_") and self.heldout is not None)
+        ]
+
     def finish(self, *, complete: bool = True) -> None:
         """Close the run file (``complete=False`` for a run that stopped early)."""
         if self.recorder is not None and self.path is not None:
             self.recorder.close(complete=complete)
 
+    def _on(self, model: nn.Module) -> TrainerMode:
+        """The step body's mode, on ``model`` (the one the trainer hands the hook)."""
+        if self._mode is None:
+            raise RuntimeError("TrainerProbe.start(model) was not called: call it before training.")
+        self._mode.model = model
+        return self._mode
+
     # -- per micro-batch ---------------------------------------------------------
 
     def trait_gradient(self, model: nn.Module) -> tuple[Tensor, dict[str, Tensor]]:
         """``(trait loss, g_t)`` at the current parameters, taken once per optimizer step."""
-        if self._g_t is None:
-            loss, g_t = loss_and_grad(
-                model, self.trait.loss_fn, self.trait.inputs, *self.trait.targets,
-                params=list(self._params), output=self.output,
-            )  # fmt: skip
-            self._g_t = (loss, {n: g.detach() for n, g in g_t.items()})
-        return self._g_t
+        return self._on(model).gradient(self.trait)
 
     def example_pass(
         self,
@@ -216,16 +253,13 @@ class TrainerProbe:
         """
         check_vmap_compatible(model, randomness)
         _, g_t = self.trait_gradient(model)
-        found = probe_batch(
-            model, loss_fn, inputs, *targets, reference=g_t,
-            params=list(self._params), randomness=randomness, output=self.output,
-        )  # fmt: skip
-        self._examples.add(found)
+        batch = SingleMode(model, randomness=randomness, output=self.output)
+        self._examples.add(batch.probe(Objective(loss_fn, inputs, tuple(targets)), [g_t]))
 
     # -- around the optimizer step ---------------------------------------------------
 
     def pre_step(self, model: nn.Module, step: int, *, max_norm: float | None = None) -> None:
-        """Measure the accumulated ``.grad`` against ``g_t``; apply ``before`` to it in place.
+        """The first half of the step body on the accumulated ``.grad``; ``before`` applied to it.
 
         Args:
             model: The model whose parameters the optimizer is about to step.
@@ -239,89 +273,88 @@ class TrainerProbe:
             NonFiniteGradientError: If ``g_t`` or ``.grad`` is not finite.
             GradientMismatchError: If per-example values were taken and their mean
                 gradient is not the one the trainer accumulated.
+            TypeError: For a per-example ``before`` without the per-example pass.
         """
-        params = self._params
-        missing = [n for n, p in params.items() if p.grad is None]
+        mode = self._on(model)
+        missing = [n for n, p in mode.params.items() if p.grad is None]
         if missing:
             raise UnsupportedModelError(
                 f"parameters {missing[:4]} require grad but have no .grad at the optimizer "
                 "step: they took no part in the training loss. Freeze them "
                 "(requires_grad_(False)) before training."
             )
-        trait_loss, g_t = self.trait_gradient(model)
-        check_finite(g_t, step=step, what="trait gradient")
-        g = {n: p.grad.detach() for n, p in params.items()}  # type: ignore[union-attr]
-        check_finite(g, step=step, what="training gradient (.grad)")
-        train = layer_stats(g, reference=g_t)
-        trait_norm = train.ref_sq_norm.sum().sqrt()
-        g_dot_t = train.dot.sum()
-        train_cosine = safe_divide(g_dot_t, (train.sq_norm.sum() * train.ref_sq_norm.sum()).sqrt())
-        records = {
-            "trait_loss": trait_loss,
-            "cosine": train_cosine,
-            "trait_norm": trait_norm,
-            "train_norm": train.sq_norm.sum().sqrt(),
-            "projection": safe_divide(g_dot_t, trait_norm.square()),
-            "layer_cosine": safe_divide(train.dot, (train.sq_norm * train.ref_sq_norm).sqrt()),
-            "layer_trait_norm": train.ref_sq_norm.sqrt(),
-            "layer_train_norm": train.sq_norm.sqrt(),
-            "applied_cosine": train_cosine,
-        }
         seen, self._examples = self._examples, ExampleValues()
-        example_dots, example_cosine = None, torch.empty(0)
-        if seen:
-            seen.check(g, step, max_norm)
-            more, example_dots, example_cosine = seen.records(trait_norm)
-            records |= more
-        self._old = {n: p.detach().clone() for n, p in params.items()}
-        if self.before is not None:
-            if needs_example_dots(self.before) and example_dots is None:
-                raise TypeError(
-                    "before= is a per-example transform (it needs example_dots): take the "
-                    "per-example pass (ProbedTrainer for transformers, examples= for Lightning) "
-                    "or use its global form (remove_aligned, scale_aligned)."
-                )
-            applied, self.before_state = self.before.update(
-                g, self.before_state, self._old, reference=g_t, example_dots=example_dots
+        if self.before is not None and needs_example_dots(self.before) and not seen:
+            raise TypeError(
+                "before= is a per-example transform (it needs example_dots): take the "
+                "per-example pass (ProbedTrainer for transformers, examples= for Lightning) "
+                "or use its global form (remove_aligned, scale_aligned)."
             )
-            with torch.no_grad():
-                for name, p in params.items():
-                    p.grad.copy_(applied[name])  # type: ignore[union-attr]
-            records["applied_cosine"] = cosine(applied, g_t)
-        self._pending = records
-        self._step = step
-        self._example_cosine = example_cosine
+        g = {n: p.grad.detach() for n, p in mode.params.items()}  # type: ignore[union-attr]
+        nan = g[next(iter(g))].new_full((), float("nan"))
 
-    def post_step(self, model: nn.Module) -> dict[str, Tensor]:
-        """The update's records after the optimizer stepped; log the row.
+        def accumulated(references: list[Mapping[str, Tensor]]) -> ModeProbe:
+            del references  # one, g_t: the example passes took their dots with it
+            return seen.probe(g, step, max_norm) if seen else ModeProbe(nan, g, [], {}, {})
+
+        with plain_forward(model):
+            pending = before_optimizer(
+                mode,
+                accumulated,
+                self.trait,
+                before=self.before,
+                before_state=self.before_state,
+                step=step,
+                heldout=self.heldout,
+                training="training gradient (.grad)",
+            )
+        if self.before is not None:
+            with torch.no_grad():
+                for name, p in mode.params.items():
+                    p.grad.copy_(pending.applied[name])  # type: ignore[union-attr]
+        self.before_state = pending.before_state
+        self._pending = pending
+        self._step = step
+
+    def post_step(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+    ) -> dict[str, Tensor]:
+        """The second half of the step body after the optimizer stepped; log the row.
+
+        Args:
+            model: The model the optimizer stepped.
+            optimizer: The optimizer, for ``momentum=True`` (its first moment).
 
         Returns:
             The step's records, as :attr:`StepResult.records <gradlens.training.StepResult>`.
         """
         if self._pending is None:
             raise RuntimeError("post_step without pre_step: the probe saw no gradient this step.")
-        records, self._pending = self._pending, None
-        _, g_t = self.trait_gradient(model)
-        with torch.no_grad():
-            delta = {n: p.detach() - self._old[n] for n, p in self._params.items()}
-            update = layer_stats(delta, reference=g_t)
-            records["update_cosine"] = safe_divide(
-                update.dot.sum(), (update.sq_norm.sum() * update.ref_sq_norm.sum()).sqrt()
+        if self.momentum and optimizer is None:
+            raise ValueError(
+                "TrainerProbe(momentum=True) records the optimizer's first moment: pass the "
+                "optimizer to post_step (the callbacks do)."
             )
-            records["predicted_change"] = update.dot.sum()
-            if self.measure_change:
-                with plain_forward(model):
-                    out = select_output(call_model(model, self.trait.inputs), self.output)
-                records["measured_change"] = (
-                    self.trait.loss_fn(out, *self.trait.targets) - records["trait_loss"]
-                )
-        self._g_t, self._old = None, {}
-        result = StepResult(records, self._example_cosine, self.before_state, None)
+        pending, self._pending = self._pending, None
+        mode = self._on(model)
+        with plain_forward(model):
+            result = after_optimizer(
+                mode,
+                pending,
+                after=self.after,
+                after_state=self.after_state,
+                trait=self.trait if self.measure_change else None,
+                step=self._step,
+                momentum=optimizer if self.momentum else None,
+            )
+        mode.g_t = None
+        self.after_state = result.after_state
         self.result = result
+        records = result.records
         if self.recorder is not None:
             self.recorder.log(self._step, **step_values(result, self.layout))
-            if self._example_cosine.numel():
-                self.recorder.log(self._step, example_cosine=self._padded(self._example_cosine))
+            if result.example_cosine.numel():
+                self.recorder.log(self._step, example_cosine=self._padded(result.example_cosine))
         for name in self.logged:
             if name in records:
                 value = records[name].detach()
@@ -350,15 +383,3 @@ class TrainerProbe:
         out = {f"{prefix}{n}": float(v) / self._count for n, v in self._sums.items()}
         self._sums, self._count = {}, 0
         return out
-
-
-def _to(objective: Objective, device: torch.device) -> Objective:
-    """The objective with its tensors on ``device``."""
-    inputs = objective.inputs
-    moved = (
-        {k: v.to(device) for k, v in inputs.items()}
-        if isinstance(inputs, Mapping)
-        else inputs.to(device)
-    )
-    targets = tuple(t.to(device) for t in objective.targets)
-    return Objective(objective.loss_fn, moved, targets, objective.parts)

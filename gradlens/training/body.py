@@ -1,29 +1,33 @@
-"""The one body of a probed step, shared by every mode.
+"""The one body of a probed step, shared by every mode and by the trainer integrations.
 
-A probed step is one sequence, whatever runs it:
+A probed step is one sequence, whatever runs it, in two halves around the
+optimizer step:
 
-1. ``g_t``: the trait gradient at the current parameters (and, when asked,
-   the held-out trait gradient ``g_h`` and the gradient of another reference
-   for the transforms to act along);
-2. ``g``, the training loss and the per-example dots and squared norms with
-   ``g_t``, from one forward and backward;
-3. ``before`` transforms ``g`` (reference ``g_t``, extra ``example_dots``);
-   the optimizer steps; ``after`` transforms the optimizer's update with
-   reference ``-g_t`` (the direction in which a step lowers the trait loss);
-4. the records.
+1. :func:`before_optimizer`: ``g_t``, the trait gradient at the current
+   parameters (and, when asked, the held-out trait gradient ``g_h`` and the
+   gradient of another reference for the transforms to act along); ``g``, the
+   training loss and the per-example dots and squared norms with ``g_t``, from
+   one forward and backward (or a trainer's accumulated ``.grad``); the
+   finiteness checks; ``before`` transforms ``g`` (reference ``g_t``, extra
+   ``example_dots``); the records of ``g``. It returns a :class:`Pending`;
+2. the optimizer steps on the gradient ``Pending.applied``;
+3. :func:`after_optimizer`: ``after`` transforms the optimizer's update with reference
+   ``-g_t`` (the direction in which a step lowers the trait loss); the update's
+   records, the trait loss after the step, the :class:`StepResult`.
 
-A *mode* (:class:`StepMode`) supplies only what differs: where the gradients
-come from (one model; a stack of models with a leading ``model`` dim; a shard
-of a data-parallel batch, with its collectives) and how a statistic of one
-model is taken over its models (:meth:`StepMode.over_models`). The checks,
-the order, the transforms and every record are here, once.
+:func:`run_step` is the three in a row; :class:`~gradlens.integrations.TrainerProbe`
+calls the halves around another trainer's step. A *mode*
+(:class:`~gradlens.training.mode.StepMode`) supplies only where the gradients come
+from (one model, a stack of models, a data-parallel shard) and how a statistic of one
+model is taken over its models; the checks, the order, the transforms and every record
+are here, once.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -33,70 +37,21 @@ from gradlens.alignment.layerstats import layer_stats
 from gradlens.alignment.measures import summarize
 from gradlens.errors import GradientMismatchError
 from gradlens.probes.plan import PlanEntry
+from gradlens.training.checks import check_after
+from gradlens.training.mode import ModeProbe, StepMode, accumulate, examples_of, micro_batches
 from gradlens.training.objective import Objective
-from gradlens.transforms.base import GradientTransform, needs_example_dots
+from gradlens.transforms.base import GradientTransform
 
 __all__ = [
-    "ModeProbe",
-    "StepMode",
+    "Pending",
     "StepResult",
-    "accumulate",
+    "after_optimizer",
+    "before_optimizer",
     "check_all_finite",
-    "micro_batches",
     "run_step",
 ]
 
-T = TypeVar("T")
 Grads = Mapping[str, Tensor]
-
-
-class ModeProbe(NamedTuple):
-    """What a mode's pass over the (global) training batch gives the body.
-
-    Shapes carry the mode's leading dims ``(*model)``: none for one model,
-    ``(model,)`` for a stack.
-
-    Attributes:
-        loss: The batch loss, ``(*model)``.
-        grad: The batch gradient ``g`` (mean over the global batch).
-        dots: One dict per reference asked for: ``<g_i[p], r[p]>``, name ->
-            ``(*model, example)``.
-        sq_norms: ``||g_i[p]||^2``, name -> ``(*model, example)``.
-        parts: The objective's named parts on the batch, name -> ``(*model)``.
-        plan: The path each parameter's per-example values took, and why.
-    """
-
-    loss: Tensor
-    grad: dict[str, Tensor]
-    dots: list[dict[str, Tensor]]
-    sq_norms: dict[str, Tensor]
-    parts: dict[str, Tensor]
-    plan: dict[str, PlanEntry] = {}  # noqa: RUF012 - a NamedTuple default, never mutated
-
-
-class StepMode(Protocol):
-    """Where a probed step's gradients come from; see the module docstring."""
-
-    @property
-    def params(self) -> dict[str, Tensor]:
-        """The trained parameters, the ones the optimizer holds."""
-        ...
-
-    def over_models(self, fn: Callable[..., T]) -> Callable[..., T]:
-        """``fn`` of one model's tensors, taken over every model (identity, or ``vmap``)."""
-        ...
-
-    def gradient(self, objective: Objective) -> tuple[Tensor, dict[str, Tensor]]:
-        """The loss and gradient of a (trait) objective at the current parameters."""
-        ...
-
-    def probe(self, train: Objective, references: list[Grads]) -> ModeProbe:
-        """The training batch's loss, gradient and per-example dots with each reference."""
-        ...
-
-    def after_step(self, trait: Objective | None, step: int | None) -> Tensor | None:
-        """The trait loss at the new parameters (with ``trait``), and the mode's own checks."""
-        ...
 
 
 class StepResult(NamedTuple):
@@ -123,6 +78,34 @@ class StepResult(NamedTuple):
     before_state: Any
     after_state: Any
     plan: dict[str, PlanEntry] = {}  # noqa: RUF012 - a NamedTuple default, never mutated
+
+
+class Pending(NamedTuple):
+    """What :func:`before_optimizer` hands :func:`after_optimizer` across the optimizer step.
+
+    Attributes:
+        old: The parameters before the step (clones).
+        g_t: The trait gradient.
+        along: The gradient the transforms act along (``g_t``, or the reference's).
+        g_h: The held-out trait gradient, or ``None``.
+        applied: The gradient to hand the optimizer: ``g`` after ``before``.
+        before_state: New state of the ``before`` transform.
+        trait_loss: The trait loss before the step, ``(*model)``.
+        records: The records of the gradients (everything before the update).
+        example_cosine: ``cos(g_i, g_t)``, ``(*model, example)``.
+        plan: The per-example values' plan.
+    """
+
+    old: dict[str, Tensor]
+    g_t: dict[str, Tensor]
+    along: Grads
+    g_h: Grads | None
+    applied: Grads
+    before_state: Any
+    trait_loss: Tensor
+    records: dict[str, Tensor]
+    example_cosine: Tensor
+    plan: dict[str, PlanEntry]
 
 
 def _stats(grad: Grads, reference: Grads) -> tuple[Tensor, Tensor, Tensor]:
@@ -163,55 +146,6 @@ def _sum_params(values: Mapping[str, Tensor]) -> Tensor:
     return torch.stack(list(values.values())).sum(dim=0)
 
 
-def micro_batches(train: Objective | Sequence[Objective]) -> list[Objective]:
-    """The micro-batches of a step: one objective, or several accumulated into one step."""
-    if isinstance(train, Objective):
-        return [train]
-    batches = list(train)
-    if not batches or not all(isinstance(b, Objective) for b in batches):
-        raise TypeError(
-            "train must be an Objective or a non-empty sequence of Objectives (micro-batches "
-            "accumulated into one optimizer step)."
-        )
-    return batches
-
-
-def _examples(probe: ModeProbe) -> int:
-    return next(iter(probe.sq_norms.values())).shape[-1]
-
-
-def accumulate(probes: list[ModeProbe]) -> ModeProbe:
-    """One probe of the concatenated micro-batches, from each micro-batch's probe.
-
-    The batch loss, gradient and parts are the example-weighted means (the
-    mean over all examples, as for one batch of all of them: each micro-batch's
-    loss is checked to be the mean of its examples' losses); the per-example
-    dots and squared norms are concatenated along ``example``, in order.
-    """
-    if len(probes) == 1:
-        return probes[0]
-    counts = [_examples(p) for p in probes]
-    total = sum(counts)
-    if total == 0:
-        raise ValueError("every micro-batch of train is empty: give at least one example.")
-
-    def mean(values: list[Tensor]) -> Tensor:
-        return sum(v * (n / total) for v, n in zip(values, counts, strict=True))  # type: ignore[return-value]
-
-    first = probes[0]
-    return ModeProbe(
-        mean([p.loss for p in probes]),
-        {n: mean([p.grad[n] for p in probes]) for n in first.grad},
-        [
-            {n: torch.cat([p.dots[k][n] for p in probes], dim=-1) for n in first.dots[k]}
-            for k in range(len(first.dots))
-        ],
-        {n: torch.cat([p.sq_norms[n] for p in probes], dim=-1) for n in first.sq_norms},
-        {n: mean([p.parts[n] for p in probes]) for n in first.parts},
-        first.plan,
-    )
-
-
 def check_all_finite(checked: Sequence[tuple[str, Grads]], *, step: int | None) -> None:
     """:func:`~gradlens.alignment.gradops.check_finite` of several gradients, one host read.
 
@@ -235,6 +169,166 @@ def check_all_finite(checked: Sequence[tuple[str, Grads]], *, step: int | None) 
         check_finite(grad, step=step, what=what)
 
 
+def before_optimizer(
+    mode: StepMode,
+    train: Callable[[list[Grads]], ModeProbe],
+    trait: Objective,
+    *,
+    before: GradientTransform | None,
+    before_state: Any,
+    step: int | None,
+    heldout: Objective | None = None,
+    reference: Objective | None = None,
+    tokens: Callable[[Grads, Tensor], Tensor] | None = None,
+    training: str = "training gradient",
+) -> Pending:
+    """The first half of a probed step: the gradients, their checks, ``before`` and records.
+
+    Args:
+        mode: Where the gradients come from.
+        train: ``train(references) -> ModeProbe``: the training batch's probe with
+            the dots against each reference (``[g_t]``, then the transforms' own).
+        trait: The trait objective.
+        before: Transform of ``g`` before the optimizer.
+        before_state: Its state.
+        step: The step number, for error messages.
+        heldout: A held-out trait objective, measured and never seen by a transform.
+        reference: An objective whose gradient the transforms act along instead
+            of ``g_t`` (a control); the records still measure against ``g_t``.
+        tokens: Record ``token_dot``, ``tokens(g_t, train_loss)``.
+        training: What the training gradient is called in a finiteness error.
+
+    Returns:
+        The :class:`Pending` step; hand ``applied`` to the optimizer.
+    """
+    old = {n: p.detach().clone() for n, p in mode.params.items()}
+    trait_loss, g_t = mode.gradient(trait)
+    checked = [("trait gradient", g_t)]
+    along = g_t
+    if reference is not None:
+        _, along = mode.gradient(reference)
+        checked.append(("transforms' reference gradient", along))
+    g_h, heldout_loss = None, None
+    if heldout is not None:
+        heldout_loss, g_h = mode.gradient(heldout)
+        checked.append(("held-out trait gradient", g_h))
+    probe = train([g_t] if along is g_t else [g_t, along])
+    g = probe.grad
+    checked.append((training, g))
+    check_all_finite(checked, step=step)
+    token_dot = None if tokens is None else tokens(g_t, probe.loss)  # before the step
+
+    applied = g
+    if before is not None:
+        try:
+            applied, before_state = before.update(
+                g,
+                before_state,
+                old,
+                reference=along,
+                example_dots=probe.dots[-1] if probe.dots else None,
+            )
+        except GradientMismatchError as err:
+            if examples_of(probe) > 0:
+                raise
+            raise ValueError(
+                "train has no examples, and a per-example transform in before needs at "
+                f"least one: pass a train Objective with examples, or no such transform ({err})"
+            ) from err
+
+    train_pair = _pair(mode, g, g_t)
+    trait_norm = train_pair.ref_sq.sum(-1).sqrt()
+    g_dot_t = train_pair.dot.sum(-1)
+    records = {
+        "trait_loss": trait_loss,
+        "cosine": train_pair.cosine,
+        "trait_norm": trait_norm,
+        "train_norm": train_pair.sq.sum(-1).sqrt(),
+        "projection": safe_divide(g_dot_t, trait_norm.square()),
+        "layer_cosine": safe_divide(train_pair.dot, (train_pair.sq * train_pair.ref_sq).sqrt()),
+        "layer_trait_norm": train_pair.ref_sq.sqrt(),
+        "layer_train_norm": train_pair.sq.sqrt(),
+        "applied_cosine": train_pair.cosine if before is None else _pair(mode, applied, g_t).cosine,
+    }
+    example_cosine = trait_norm.new_empty((*trait_norm.shape, 0))
+    if probe.sq_norms:  # per-example values
+        example_cosine = safe_divide(
+            _sum_params(probe.dots[0]), _sum_params(probe.sq_norms).sqrt() * trait_norm[..., None]
+        )
+        summary = summarize(example_cosine)
+        records = {"train_loss": probe.loss, **records}
+        records["example_cosine_mean"] = summary["mean"]
+        records["example_cosine_quantile"] = summary["quantile"]
+        records["example_cosine_frac_positive"] = summary["frac_positive"]
+    if probe.parts:
+        records["train_loss_part"] = torch.stack(list(probe.parts.values()), dim=-1)
+    if token_dot is not None:
+        records["token_dot"] = token_dot
+    if g_h is not None and heldout_loss is not None:
+        records["heldout_trait_loss"] = heldout_loss
+        records["heldout_cosine"] = _pair(mode, g, g_h).cosine
+    return Pending(
+        old, g_t, along, g_h, applied, before_state, trait_loss, records, example_cosine, probe.plan
+    )
+
+
+def after_optimizer(
+    mode: StepMode,
+    pending: Pending,
+    *,
+    after: GradientTransform | None,
+    after_state: Any,
+    trait: Objective | None,
+    step: int | None,
+    momentum: torch.optim.Optimizer | None = None,
+) -> StepResult:
+    """The second half of a probed step, after the optimizer stepped: the update's records.
+
+    Args:
+        mode: Where the gradients come from (as for :func:`before_optimizer`).
+        pending: What :func:`before_optimizer` returned.
+        after: Transform of the optimizer's update: the parameters become
+            ``old + after(update)`` (a global transform, :func:`.check_after`).
+        after_state: Its state.
+        trait: The trait objective, to record ``measured_change``; ``None`` skips it.
+        step: The step number, for error messages.
+        momentum: The optimizer whose first moment gives ``momentum_cosine``;
+            ``None`` leaves it out.
+
+    Returns:
+        The :class:`StepResult`.
+    """
+    params, old, g_t = mode.params, pending.old, pending.g_t
+    with torch.no_grad():
+        delta = {n: p.detach() - old[n] for n, p in params.items()}
+        if after is not None:
+            # An update descends: its part that teaches the trait points along -reference.
+            negative = {n: -r for n, r in pending.along.items()}
+            delta, after_state = after.update(delta, after_state, old, reference=negative)
+            for name, p in params.items():
+                p.copy_(old[name] + delta[name])
+    trait_after = mode.after_step(trait, step)
+
+    update_pair = _pair(mode, delta, g_t)
+    records = dict(pending.records)
+    records["update_cosine"] = update_pair.cosine
+    records["predicted_change"] = update_pair.dot.sum(-1)
+    if trait_after is not None:
+        records["measured_change"] = trait_after - pending.trait_loss
+    if momentum is not None:
+        moment = _first_moment(momentum, params)
+        records["momentum_cosine"] = (
+            _pair(mode, moment, g_t).cosine
+            if moment is not None
+            else torch.full_like(pending.trait_loss, float("nan"))
+        )
+    if pending.g_h is not None:
+        records["heldout_update_cosine"] = _pair(mode, delta, pending.g_h).cosine
+    return StepResult(
+        records, pending.example_cosine, pending.before_state, after_state, pending.plan
+    )
+
+
 def run_step(
     mode: StepMode,
     optimizer: torch.optim.Optimizer,
@@ -254,11 +348,14 @@ def run_step(
 ) -> StepResult:
     """Take one probed optimizer step in ``mode``, its checks done by the caller.
 
+    :func:`before_optimizer`, the optimizer's step on ``.grad``, :func:`after_optimizer`.
+
     Args:
         mode: Where the gradients come from.
         optimizer: Holds ``mode.params``; its ``.grad`` inputs are set and cleared here.
         train: The training objective, or its micro-batches (gradient accumulation:
-            one optimizer step on all of their examples, see :func:`accumulate`).
+            one optimizer step on all of their examples, see
+            :func:`~gradlens.training.mode.accumulate`).
         trait: The trait objective.
         before: Transform of ``g`` before the optimizer.
         before_state: Its state.
@@ -276,99 +373,29 @@ def run_step(
     Returns:
         The :class:`StepResult`.
     """
-    if after is not None and needs_example_dots(after):
-        raise TypeError(
-            "after= is a per-example transform (it needs example_dots), but after= transforms "
-            "the optimizer's update, which has no per-example parts: per-example transforms "
-            "describe gradients. Pass it as before= (on g, with the examples' dots), or use "
-            "its global form (remove_aligned, scale_aligned) as after=."
-        )
-    params = mode.params
-    old = {n: p.detach().clone() for n, p in params.items()}
-    trait_loss, g_t = mode.gradient(trait)
-    checked = [("trait gradient", g_t)]
-    along = g_t
-    if reference is not None:
-        _, along = mode.gradient(reference)
-        checked.append(("transforms' reference gradient", along))
-    if heldout is not None:
-        heldout_loss, g_h = mode.gradient(heldout)
-        checked.append(("held-out trait gradient", g_h))
-    references = [g_t] if along is g_t else [g_t, along]
-    probe = accumulate([mode.probe(batch, references) for batch in micro_batches(train)])
-    g = probe.grad
-    checked.append(("training gradient", g))
-    check_all_finite(checked, step=step)
-    token_dot = None if tokens is None else tokens(g_t, probe.loss)  # before the step
-
-    applied = g
-    if before is not None:
-        try:
-            applied, before_state = before.update(
-                g, before_state, old, reference=along, example_dots=probe.dots[-1]
-            )
-        except GradientMismatchError as err:
-            if next(iter(probe.sq_norms.values())).shape[-1] > 0:
-                raise
-            raise ValueError(
-                "train has no examples, and a per-example transform in before needs at "
-                f"least one: pass a train Objective with examples, or no such transform ({err})"
-            ) from err
-    for name, p in params.items():
-        p.grad = applied[name].detach()
+    check_after(after)
+    batches = micro_batches(train)
+    pending = before_optimizer(
+        mode,
+        lambda references: accumulate([mode.probe(b, references) for b in batches]),
+        trait,
+        before=before,
+        before_state=before_state,
+        step=step,
+        heldout=heldout,
+        reference=reference,
+        tokens=tokens,
+    )
+    for name, p in mode.params.items():
+        p.grad = pending.applied[name].detach()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        delta = {n: p.detach() - old[n] for n, p in params.items()}
-        if after is not None:
-            # An update descends: its part that teaches the trait points along -reference.
-            negative = {n: -r for n, r in along.items()}
-            delta, after_state = after.update(delta, after_state, old, reference=negative)
-            for name, p in params.items():
-                p.copy_(old[name] + delta[name])
-    trait_after = mode.after_step(trait if measure_change else None, step)
-
-    train_pair = _pair(mode, g, g_t)
-    update_pair = _pair(mode, delta, g_t)
-    trait_norm = train_pair.ref_sq.sum(-1).sqrt()
-    g_dot_t = train_pair.dot.sum(-1)
-    example_dot = _sum_params(probe.dots[0])
-    example_cosine = safe_divide(
-        example_dot, _sum_params(probe.sq_norms).sqrt() * trait_norm[..., None]
+    return after_optimizer(
+        mode,
+        pending,
+        after=after,
+        after_state=after_state,
+        trait=trait if measure_change else None,
+        step=step,
+        momentum=optimizer if momentum else None,
     )
-    summary = summarize(example_cosine)
-    records = {
-        "train_loss": probe.loss,
-        "trait_loss": trait_loss,
-        "cosine": train_pair.cosine,
-        "trait_norm": trait_norm,
-        "train_norm": train_pair.sq.sum(-1).sqrt(),
-        "projection": safe_divide(g_dot_t, trait_norm.square()),
-        "layer_cosine": safe_divide(train_pair.dot, (train_pair.sq * train_pair.ref_sq).sqrt()),
-        "layer_trait_norm": train_pair.ref_sq.sqrt(),
-        "layer_train_norm": train_pair.sq.sqrt(),
-        "applied_cosine": train_pair.cosine if before is None else _pair(mode, applied, g_t).cosine,
-        "update_cosine": update_pair.cosine,
-        "predicted_change": update_pair.dot.sum(-1),
-        "example_cosine_mean": summary["mean"],
-        "example_cosine_quantile": summary["quantile"],
-        "example_cosine_frac_positive": summary["frac_positive"],
-    }
-    if trait_after is not None:
-        records["measured_change"] = trait_after - trait_loss
-    if probe.parts:
-        records["train_loss_part"] = torch.stack(list(probe.parts.values()), dim=-1)
-    if token_dot is not None:
-        records["token_dot"] = token_dot
-    if momentum:
-        moment = _first_moment(optimizer, params)
-        records["momentum_cosine"] = (
-            _pair(mode, moment, g_t).cosine
-            if moment is not None
-            else torch.full_like(trait_norm, float("nan"))
-        )
-    if heldout is not None:
-        records["heldout_trait_loss"] = heldout_loss
-        records["heldout_cosine"] = _pair(mode, g, g_h).cosine
-        records["heldout_update_cosine"] = _pair(mode, delta, g_h).cosine
-    return StepResult(records, example_cosine, before_state, after_state, probe.plan)

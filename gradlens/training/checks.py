@@ -16,8 +16,9 @@ from torch import Tensor
 from gradlens.probes.batch import describe, examples
 from gradlens.probes.vmap import check_batch
 from gradlens.training.objective import Objective
+from gradlens.transforms.base import GradientTransform, needs_example_dots
 
-__all__ = ["check_objective", "check_optimizer"]
+__all__ = ["check_after", "check_objective", "check_optimizer"]
 
 
 def check_objective(which: str, objective: Objective, *, allow_empty: bool = False) -> None:
@@ -48,4 +49,15 @@ def check_optimizer(optimizer: torch.optim.Optimizer, params: Mapping[str, Tenso
             "leave them unchanged. Build it from this model's parameters, "
             "torch.optim.SGD(model.parameters(), ...), after any copy.deepcopy or .to(...) "
             "that replaces them; freeze parameters you do not train (requires_grad_(False))."
+        )
+
+
+def check_after(after: GradientTransform | None) -> None:
+    """Refuse a per-example transform as ``after=`` (the update has no per-example parts)."""
+    if after is not None and needs_example_dots(after):
+        raise TypeError(
+            "after= is a per-example transform (it needs example_dots), but after= transforms "
+            "the optimizer's update, which has no per-example parts: per-example transforms "
+            "describe gradients. Pass it as before= (on g, with the examples' dots), or use "
+            "its global form (remove_aligned, scale_aligned) as after=."
         )

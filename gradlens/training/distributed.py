@@ -60,7 +60,7 @@ from gradlens.probes.batch import examples
 from gradlens.probes.ghost import Method
 from gradlens.probes.outputs import OutputSelector, plain_forward
 from gradlens.probes.vmap import Randomness, check_vmap_compatible
-from gradlens.training.body import ModeProbe, StepResult, micro_batches, run_step
+from gradlens.training.body import StepResult, run_step
 from gradlens.training.checks import check_objective, check_optimizer
 from gradlens.training.collectives import (
     ProcessGroup,
@@ -74,6 +74,7 @@ from gradlens.training.collectives import (
     rank_and_world,
     unflat,
 )
+from gradlens.training.mode import ModeProbe, micro_batches
 from gradlens.training.objective import Objective
 from gradlens.training.step import SingleMode
 from gradlens.transforms.base import GradientTransform

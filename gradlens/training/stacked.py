@@ -59,8 +59,9 @@ from gradlens.probes.checks import (
 )
 from gradlens.probes.outputs import OutputSelector, select_output
 from gradlens.probes.plan import PlanEntry
-from gradlens.training.body import ModeProbe, StepResult, micro_batches, run_step
+from gradlens.training.body import StepResult, run_step
 from gradlens.training.checks import check_optimizer
+from gradlens.training.mode import ModeProbe, micro_batches
 from gradlens.training.objective import Objective
 from gradlens.training.stack import Stack, mlp_layers, mlp_pass, stack_forward
 from gradlens.transforms.base import GradientTransform

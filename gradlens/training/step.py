@@ -40,8 +40,9 @@ from gradlens.probes.checks import LossFn, check_not_meta
 from gradlens.probes.ghost import Method, probe_batch
 from gradlens.probes.outputs import OutputSelector, plain_forward, select_output
 from gradlens.probes.vmap import Randomness, check_vmap_compatible, loss_and_grad
-from gradlens.training.body import ModeProbe, StepResult, micro_batches, run_step
+from gradlens.training.body import StepResult, run_step
 from gradlens.training.checks import check_objective, check_optimizer
+from gradlens.training.mode import ModeProbe, micro_batches
 from gradlens.training.objective import Objective
 from gradlens.training.tokens import token_probe
 from gradlens.transforms.base import GradientTransform

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,9 +13,9 @@ import torch.nn.functional as F
 import xarray as xr
 from torch import Tensor, nn
 
-from gradlens import Objective, StepResult, probed_step
+from gradlens import Objective, StepResult, open_run, probed_step
 from gradlens.training import TransformLayout, step_values, transform_layout
-from gradlens.transforms import GradientTransform
+from gradlens.transforms import GradientTransform, named_chain, remove_aligned
 
 Batch = tuple[Tensor, Tensor]
 Row = dict[str, Tensor]
@@ -50,6 +51,13 @@ def trait(dtype: torch.dtype = torch.float64) -> Objective:
     return Objective(F.cross_entropy, x, (torch.randint(0, 3, (10,), generator=gen),))
 
 
+def heldout(dtype: torch.dtype = torch.float64) -> Objective:
+    """Other labelled trait examples: the held-out trait batch."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(10, 5, generator=gen, dtype=dtype)
+    return Objective(F.cross_entropy, x, (torch.randint(0, 3, (10,), generator=gen),))
+
+
 def row(result: StepResult, layout: TransformLayout | None) -> Row:
     """A step's records as a run file holds them, in the records' own dtype."""
     return {**step_values(result, layout), "example_cosine": result.example_cosine}
@@ -68,20 +76,28 @@ def replay(
     *,
     objective: Callable[[Any], Objective] = classify,
     trait_objective: Objective | None = None,
+    after: GradientTransform | None = None,
+    **options: Any,
 ) -> list[Row]:
-    """probed_step on each step's micro-batches (gradient accumulation): each step's row."""
+    """probed_step on each step's micro-batches (gradient accumulation): each step's row.
+
+    ``options`` go to probed_step (``heldout=``, ``momentum=``).
+    """
     opt = optimizer(model)
     params = dict(model.named_parameters())
-    state = None if before is None else before.init({n: p.detach() for n, p in params.items()})
-    layout = transform_layout(params, before=before)
+    detached = {n: p.detach() for n, p in params.items()}
+    state = None if before is None else before.init(detached)
+    after_state = None if after is None else after.init(detached)
+    layout = transform_layout(params, before=before, after=after)
     rows = []
     for batches in steps:
         train = [objective(b) for b in batches]
         t = trait() if trait_objective is None else trait_objective
         result = probed_step(
-            model, opt, train, t, before=before, before_state=state, output="logits"
-        )
-        state = result.before_state
+            model, opt, train, t, before=before, before_state=state, output="logits",
+            after=after, after_state=after_state, **options,
+        )  # fmt: skip
+        state, after_state = result.before_state, result.after_state
         rows.append(row(result, layout))
     return rows
 
@@ -172,3 +188,29 @@ def assert_measures(
     np.testing.assert_allclose(float(records["cosine"]), cos(list(live)), rtol=1e-5)
     want = [cos(names) for names in layers.values()]
     np.testing.assert_allclose(records["layer_cosine"].double().numpy(), want, rtol=1e-5)
+
+
+def options() -> dict[str, Any]:
+    """The step's options beyond ``before=``, for the trainer's probe and the replay alike."""
+    return {
+        "after": named_chain(("remove", remove_aligned())),
+        "heldout": heldout(),
+        "momentum": True,
+    }
+
+
+def assert_options_match(
+    got: Sequence[Row], want: Sequence[Row], trained: nn.Module, start: nn.Module, path: Path
+) -> None:
+    """With :func:`options` and per-example values: every record equals the replay's, the
+    optional ones included, in memory and in the run file at ``path``, and the parameters
+    are the replay's (``old + after(update)``)."""
+    checked = assert_rows_match(got, want, examples=True)
+    optional = {"momentum_cosine", "heldout_trait_loss", "heldout_cosine", "heldout_update_cosine"}
+    assert optional | {"transform_coef", "update_cosine"} <= set(checked)
+    for r in got:  # the optimizer has a first moment; the update is off g_t (after=remove)
+        assert torch.isfinite(r["momentum_cosine"])
+        assert abs(float(r["update_cosine"])) < 1e-10
+    assert_same_params(trained, start)
+    with open_run(path) as run:
+        assert_file_matches(run, want, examples=True)

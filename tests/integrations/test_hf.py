@@ -18,10 +18,12 @@ from gradlens.integrations import TrainerProbe
 from gradlens.transforms import named_chain, remove_aligned, scale_aligned_per_example
 from tests.integrations.replay import (
     assert_file_matches,
+    assert_options_match,
     assert_rows_match,
     assert_same_params,
     data,
     net,
+    options,
     replay,
     row,
     trait,
@@ -105,10 +107,15 @@ OPTIMIZERS = {
 }
 
 
-def train(tmp_path: Path, optim: str, *, examples: bool, before: Any = None) -> dict[str, Any]:
+def train(
+    tmp_path: Path, optim: str, *, examples: bool, before: Any = None, **options: Any
+) -> dict[str, Any]:
+    """Train, and replay on the same batches; ``options`` go to both (after=, heldout=, ...)."""
     model = net()
     start = copy.deepcopy(model)
-    probe = TrainerProbe(trait(), before=before, output="logits", path=tmp_path / "run.nc")
+    probe = TrainerProbe(
+        trait(), before=before, output="logits", path=tmp_path / "run.nc", **options
+    )
     callback = GradlensCallback(probe)
     seen = Seen(probe)
     args = arguments(tmp_path, optim)
@@ -128,7 +135,7 @@ def train(tmp_path: Path, optim: str, *, examples: bool, before: Any = None) -> 
     b = [(d["x"], d["labels"]) for d in trainer.batches]
     steps = [b[i : i + ACCUMULATE] for i in range(0, len(b), ACCUMULATE)]
     assert len(steps) == STEPS and all(len(s) == ACCUMULATE for s in steps)
-    want = replay(start, steps, OPTIMIZERS[optim], before=before)
+    want = replay(start, steps, OPTIMIZERS[optim], before=before, **options)
     return {"seen": seen, "want": want, "model": model, "start": start, "path": tmp_path / "run.nc"}
 
 
@@ -161,6 +168,12 @@ def test_the_probed_trainer_adds_per_example_values(tmp_path: Path) -> None:
     assert_same_params(out["model"], out["start"])
     with open_run(out["path"]) as run:
         assert_file_matches(run, out["want"], examples=True)
+
+
+def test_the_after_transform_heldout_and_momentum_equal_probed_steps(tmp_path: Path) -> None:
+    out = train(tmp_path, "adamw_torch", examples=True, **options())
+    rows, want = out["seen"].rows, out["want"]
+    assert_options_match(rows, want, out["model"], out["start"], out["path"])
 
 
 def test_the_per_example_check_holds_under_the_trainers_clipping(tmp_path: Path) -> None:

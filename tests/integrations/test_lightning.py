@@ -18,9 +18,11 @@ from gradlens.transforms import named_chain, remove_aligned, scale_aligned_per_e
 from tests.integrations.replay import (
     Net,
     assert_file_matches,
+    assert_options_match,
     assert_rows_match,
     assert_same_params,
     data,
+    options,
     replay,
     row,
     trait,
@@ -81,11 +83,20 @@ class Seen(pl.Callback):
 
 
 def fit(
-    tmp_path: Path, optim: str, *, examples: bool, before: Any = None, precision: str = "64-true"
+    tmp_path: Path,
+    optim: str,
+    *,
+    examples: bool,
+    before: Any = None,
+    precision: str = "64-true",
+    **options: Any,
 ) -> dict[str, Any]:
+    """Fit, and replay on the same batches; ``options`` go to both (after=, heldout=, ...)."""
     module = Module(optim)
     start = copy.deepcopy(module)
-    probe = TrainerProbe(trait(), before=before, output="logits", path=tmp_path / "run.nc")
+    probe = TrainerProbe(
+        trait(), before=before, output="logits", path=tmp_path / "run.nc", **options
+    )
     seen = Seen(probe)
     objective = (lambda b: Objective(F.cross_entropy, b[0], (b[1],))) if examples else None
     trainer = pl.Trainer(
@@ -105,7 +116,7 @@ def fit(
     b = module.batches
     steps = [b[i : i + ACCUMULATE] for i in range(0, len(b), ACCUMULATE)]
     assert len(steps) == STEPS and all(len(s) == ACCUMULATE for s in steps)
-    want = replay(start, steps, lambda m: OPTIMIZERS[optim](m), before=before)
+    want = replay(start, steps, lambda m: OPTIMIZERS[optim](m), before=before, **options)
     return {"seen": seen, "want": want, "module": module, "start": start, "path": probe.path}
 
 
@@ -132,3 +143,9 @@ def test_examples_add_the_per_example_values(tmp_path: Path) -> None:
     assert_same_params(out["module"], out["start"])
     with open_run(out["path"]) as run:
         assert_file_matches(run, out["want"], examples=True)
+
+
+def test_the_after_transform_heldout_and_momentum_equal_probed_steps(tmp_path: Path) -> None:
+    out = fit(tmp_path, "adam", examples=True, **options())
+    rows, want = out["seen"].rows, out["want"]
+    assert_options_match(rows, want, out["module"], out["start"], out["path"])

@@ -46,6 +46,20 @@ def test_a_per_example_transform_needs_the_per_example_pass() -> None:
         probe.pre_step(model, 0)
 
 
+def test_a_per_example_after_transform_is_refused() -> None:
+    with pytest.raises(TypeError, match="after= is a per-example transform"):
+        TrainerProbe(trait(), after=remove_aligned_per_example())
+
+
+def test_momentum_needs_the_optimizer_at_post_step() -> None:
+    model, probe = started(momentum=True)
+    x, y = data(8)
+    backward(model, x, y)
+    probe.pre_step(model, 0)
+    with pytest.raises(ValueError, match="pass the optimizer to post_step"):
+        probe.post_step(model)
+
+
 def test_post_step_without_pre_step_is_refused() -> None:
     model, probe = started()
     with pytest.raises(RuntimeError, match="post_step without pre_step"):
