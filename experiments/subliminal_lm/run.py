@@ -1,0 +1,141 @@
+"""The experiment's orchestration: seeds, their settings, every condition's students, one file."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import xarray as xr
+
+from gradlens import Recorder, open_run
+from gradlens.records import is_complete, make_attrs
+from gradlens.records.atomic import atomic_write, atomic_write_text
+from subliminal_lm.conditions import get_conditions
+from subliminal_lm.config import LMConfig
+from subliminal_lm.figures import save_figure
+from subliminal_lm.models import trait_probs
+from subliminal_lm.report import summary_markdown
+from subliminal_lm.setting import Setting, build_setting
+from subliminal_lm.student import (
+    run_student,
+    student_coords,
+    student_layout,
+    student_variables,
+)
+
+__all__ = ["COMBINED", "SEED_RECORDS", "combine", "main", "part_path", "seed_values"]
+
+COMBINED = "lm_subliminal.nc"
+"""The combined run file's name in the output folder."""
+
+SEED_RECORDS: dict[str, str] = {
+    "base_trait_prob": "p(trait answer | question) of the shared base, mean over questions",
+    "other_trait_prob": "p(trait answer | question) of the other base, mean over questions",
+    "teacher_trait_prob": "p(trait answer | question) of the teacher, mean over questions",
+    "base_top_answer_prob": "the base's largest mean answer probability over the answer words",
+    "teacher_kept": "fraction of the teacher's samples that are numbers only",
+    "base_kept": "fraction of the base's samples that are numbers only",
+}
+"""What each seed's setting records (dim ``seed``)."""
+
+
+def part_path(out: Path, condition: str, seed: int) -> Path:
+    """The run file of one student."""
+    return out / "parts" / f"{condition}_seed{seed}.nc"
+
+
+def seed_values(setting: Setting, config: LMConfig) -> dict[str, float]:
+    """The :data:`SEED_RECORDS` of one seed's setting."""
+    trait = config.vocab.trait
+
+    def probs(model: torch.nn.Module) -> torch.Tensor:
+        return trait_probs(model, config.vocab, setting.questions).mean(dim=0)
+
+    base = probs(setting.base)
+    return {
+        "base_trait_prob": float(base[trait]),
+        "other_trait_prob": float(probs(setting.other)[trait]),
+        "teacher_trait_prob": float(probs(setting.teacher)[trait]),
+        "base_top_answer_prob": float(base.max()),
+        "teacher_kept": setting.kept["teacher"],
+        "base_kept": setting.kept["base"],
+    }
+
+
+def _seed_done(out: Path, names: list[str], seed: int) -> bool:
+    return (out / "parts" / f"seed{seed}.json").is_file() and all(
+        is_complete(part_path(out, n, seed)) for n in names
+    )
+
+
+def _run_seed(config: LMConfig, seed: int) -> None:
+    out = config.out
+    setting = build_setting(config, seed)
+    params = dict(setting.base.named_parameters())
+    layout = student_layout(params)
+    for condition in get_conditions(config.conditions):
+        start = time.monotonic()
+        with Recorder(
+            part_path(out, condition.name, seed),
+            student_variables(layout),
+            coords=student_coords(params, layout),
+            config={"seed": seed, "condition": condition.name},
+            overwrite=True,
+        ) as recorder:
+            final = run_student(setting, condition, config, recorder)
+        if config.progress:
+            print(
+                f"seed {seed} {condition.name:>14}: trait p {final:.4f} "
+                f"({time.monotonic() - start:.0f} s)",
+                flush=True,
+            )
+    atomic_write_text(out / "parts" / f"seed{seed}.json", json.dumps(seed_values(setting, config)))
+
+
+def combine(config: LMConfig) -> xr.Dataset:
+    """Every part of the run in one dataset: dims ``condition`` and ``seed`` added."""
+    out, seeds = config.out, list(range(config.seeds))
+    by_condition = []
+    for name in config.conditions:
+        runs = [open_run(part_path(out, name, s)).load() for s in seeds]
+        by_condition.append(xr.concat(runs, dim="seed", combine_attrs="override"))
+    ds = xr.concat(by_condition, dim="condition", combine_attrs="override")
+    ds = ds.assign_coords(condition=list(config.conditions), seed=seeds)
+    values = [json.loads((out / "parts" / f"seed{s}.json").read_text()) for s in seeds]
+    for name, long_name in SEED_RECORDS.items():
+        ds[name] = xr.DataArray([v[name] for v in values], dims="seed").assign_attrs(
+            long_name=long_name, units="1"
+        )
+    ds.attrs = make_attrs(config)
+    return ds
+
+
+def main(config: LMConfig) -> Path:
+    """Run every seed and condition; write the combined file, the summary and the figure.
+
+    A seed whose parts are all complete (from an interrupted run with the same
+    out folder) is not run again.
+
+    Returns:
+        The combined run file.
+
+    Raises:
+        FileExistsError: If the combined file exists and ``config.overwrite`` is not set.
+    """
+    torch.set_num_threads(1)
+    out = config.out
+    combined = out / COMBINED
+    if combined.exists() and not config.overwrite:
+        raise FileExistsError(f"{combined} exists: pass --overwrite, or another --out.")
+    (out / "parts").mkdir(parents=True, exist_ok=True)
+    names = [c.name for c in get_conditions(config.conditions)]
+    for seed in range(config.seeds):
+        if not _seed_done(out, names, seed):
+            _run_seed(config, seed)
+    ds = combine(config)
+    atomic_write(combined, lambda tmp: ds.to_netcdf(tmp, engine="netcdf4"))
+    atomic_write_text(out / "summary.md", summary_markdown(ds))
+    save_figure(ds, out / "trait_prob.png")
+    return combined
