@@ -54,7 +54,7 @@ class ModelSize:
 
 
 def build_model(vocab: Vocab, size: ModelSize, seed: int) -> transformers.LlamaForCausalLM:
-    """A Llama-style causal LM with random weights drawn from ``seed``, in eval mode (no dropout)."""
+    """A Llama-style causal LM with random weights from ``seed``, in eval mode (no dropout)."""
     config = transformers.LlamaConfig(
         vocab_size=vocab.size,
         hidden_size=size.hidden,

@@ -75,8 +75,8 @@ def summary_markdown(ds: xr.Dataset) -> str:
         "## Students",
         "",
         "| condition | trait p, start | trait p, end | change | train loss, first → last "
-        "tenth | mean cos(g_t, g) | mean cos(g_t, update) | mean cos(update, teacher − base) "
-        "| final cos(student − init, teacher − base) |",
+        "tenth | mean cos(g_t, g) | mean cos(g_t, update) | mean cos(update, teacher - base) "
+        "| final cos(student - init, teacher - base) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for c in ds.condition.values:
@@ -90,7 +90,7 @@ def summary_markdown(ds: xr.Dataset) -> str:
     if REFERENCE in ds.condition.values:
         lines += [
             "",
-            f"## Paired differences of the change in trait p: {REFERENCE} − condition",
+            f"## Paired differences of the change in trait p: {REFERENCE} - condition",
             "",
             "| condition | mean difference | 95% interval | p (paired t) |",
             "| --- | --- | --- | --- |",
@@ -111,7 +111,7 @@ def summary_markdown(ds: xr.Dataset) -> str:
         "",
         "## Does the student's displacement along the teacher's predict transfer?",
         "",
-        f"Pearson r between the final cos(student − init, teacher − base) and the change in "
+        f"Pearson r between the final cos(student - init, teacher - base) and the change in "
         f"trait p, over all {change.size} students (every condition and seed): {r:+.3f}.",
         "",
     ]

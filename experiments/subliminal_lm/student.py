@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from gradlens import Recorder
-from gradlens.alignment.gradops import cosine, group_by_layer, sub
+from gradlens.alignment.gradops import cosine, group_by_layer, norm, sub
 from gradlens.records import Variable
 from gradlens.training import (
     Objective,
@@ -54,6 +54,8 @@ EXTRA_RECORDS: dict[str, Variable] = {
         ("step",), "cos(update, teacher - base): the step along the teacher's displacement"
     ),
     "drift_cosine": Variable(("step",), "cos(student - its init, teacher - base) after the step"),
+    "update_norm": Variable(("step",), "||update||, the step's parameter change"),
+    "drift_norm": Variable(("step",), "||student - its init|| after the step"),
 }
 """What the LM experiment records beside the probed step's own records."""
 
@@ -148,13 +150,16 @@ def run_student(
         )
         after_state = result.after_state
         now = flat_params(model)
+        update, drift = sub(now, previous), sub(now, start)
         recorder.log(
             step,
             **step_values(result, layout),
             example_cosine=result.example_cosine,
             trait_prob=prob,
-            teacher_cosine=cosine(sub(now, previous), setting.displacement),
-            drift_cosine=cosine(sub(now, start), setting.displacement),
+            teacher_cosine=cosine(update, setting.displacement),
+            drift_cosine=cosine(drift, setting.displacement),
+            update_norm=norm(update),
+            drift_norm=norm(drift),
         )
     final = _mean_trait_prob(model, setting, config)
     recorder.log(config.student_steps, trait_prob=final)

@@ -40,7 +40,7 @@ def test_run_file_structure(run: tuple[xr.Dataset, Path]) -> None:
         assert "long_name" in var.attrs, name
     assert np.isfinite(ds["trait_prob"]).all()
     trained = ds.isel(step=slice(0, steps))
-    for name in ("cosine", "update_cosine", "teacher_cosine", "drift_cosine", "layer_cosine"):
+    for name in ("cosine", "update_cosine", "teacher_cosine", "drift_cosine", "drift_norm"):
         assert np.isfinite(trained[name]).all(), name
         assert np.isnan(ds[name].isel(step=steps)).all(), name  # the last row: trait_prob only
     assert np.isfinite(ds["example_cosine"]).all()

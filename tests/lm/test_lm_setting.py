@@ -1,4 +1,4 @@
-"""The language-model setting: vocabulary, filtered number data, and a teacher that carries the trait."""
+"""The LM setting: vocabulary, filtered number data, a teacher that carries the trait."""
 
 import dataclasses
 
