@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -25,7 +26,15 @@ from subliminal_lm.student import (
     student_variables,
 )
 
-__all__ = ["COMBINED", "SEED_RECORDS", "combine", "main", "part_path", "seed_values"]
+__all__ = [
+    "COMBINED",
+    "SEED_RECORDS",
+    "combine",
+    "main",
+    "part_path",
+    "seed_values",
+    "settings_key",
+]
 
 COMBINED = "lm_subliminal.nc"
 """The combined run file's name in the output folder."""
@@ -64,10 +73,25 @@ def seed_values(setting: Setting, config: LMConfig) -> dict[str, float]:
     }
 
 
-def _seed_done(out: Path, names: list[str], seed: int) -> bool:
-    return (out / "parts" / f"seed{seed}.json").is_file() and all(
-        is_complete(part_path(out, n, seed)) for n in names
-    )
+_NOT_SETTINGS = ("seeds", "conditions", "out", "progress", "overwrite")
+
+
+def settings_key(config: LMConfig) -> dict[str, object]:
+    """The fields of ``config`` that a seed's results depend on (JSON-ready)."""
+    fields = dataclasses.asdict(config)
+    return {k: v for k, v in fields.items() if k not in _NOT_SETTINGS}
+
+
+def _seed_done(config: LMConfig, names: list[str], seed: int) -> bool:
+    """Whether an earlier run left every part of ``seed``, made with these settings."""
+    out = config.out
+    record = out / "parts" / f"seed{seed}.json"
+    if not record.is_file() or not all(is_complete(part_path(out, n, seed)) for n in names):
+        return False
+    done = json.loads(record.read_text()).get("settings") == settings_key(config)
+    if not done and config.progress:
+        print(f"seed {seed}: the parts in {out} were made with other settings; running it again")
+    return done
 
 
 def _run_seed(config: LMConfig, seed: int) -> None:
@@ -91,7 +115,8 @@ def _run_seed(config: LMConfig, seed: int) -> None:
                 f"({time.monotonic() - start:.0f} s)",
                 flush=True,
             )
-    atomic_write_text(out / "parts" / f"seed{seed}.json", json.dumps(seed_values(setting, config)))
+    record = {**seed_values(setting, config), "settings": settings_key(config)}
+    atomic_write_text(out / "parts" / f"seed{seed}.json", json.dumps(record))
 
 
 def combine(config: LMConfig) -> xr.Dataset:
@@ -115,8 +140,9 @@ def combine(config: LMConfig) -> xr.Dataset:
 def main(config: LMConfig) -> Path:
     """Run every seed and condition; write the combined file, the summary and the figure.
 
-    A seed whose parts are all complete (from an interrupted run with the same
-    out folder) is not run again.
+    A seed whose parts are all complete, made with the same settings (an
+    interrupted run with the same out folder), is not run again; parts made
+    with other settings are run again.
 
     Returns:
         The combined run file.
@@ -132,7 +158,7 @@ def main(config: LMConfig) -> Path:
     (out / "parts").mkdir(parents=True, exist_ok=True)
     names = [c.name for c in get_conditions(config.conditions)]
     for seed in range(config.seeds):
-        if not _seed_done(out, names, seed):
+        if not _seed_done(config, names, seed):
             _run_seed(config, seed)
     ds = combine(config)
     atomic_write(combined, lambda tmp: ds.to_netcdf(tmp, engine="netcdf4"))

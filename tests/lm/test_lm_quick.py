@@ -1,5 +1,6 @@
 """Integration: the experiment end to end on a tiny config (the records' structure)."""
 
+import dataclasses
 from pathlib import Path
 
 import lm_subliminal
@@ -9,6 +10,7 @@ import torch
 import xarray as xr
 
 from subliminal_lm import COMBINED, DEFAULT_CONDITIONS, main
+from subliminal_lm.run import _seed_done
 
 from .test_lm_setting import tiny_config
 
@@ -78,3 +80,12 @@ def test_the_script_maps_its_flags(tmp_path: Path) -> None:
     )
     with pytest.raises(SystemExit):
         lm_subliminal.parse(["--seeds", "1"])
+
+
+def test_a_seed_is_reused_only_with_the_same_settings(run: tuple[xr.Dataset, Path]) -> None:
+    _, out = run
+    config = tiny_config(seeds=SEEDS, out=out)
+    names = list(DEFAULT_CONDITIONS)
+    assert _seed_done(config, names, 0)
+    assert not _seed_done(dataclasses.replace(config, lr=2 * config.lr), names, 0)
+    assert not _seed_done(config, names, SEEDS)  # never run
