@@ -53,16 +53,16 @@ class LMConfig:
     conditions: tuple[str, ...] = DEFAULT_CONDITIONS
     vocab: Vocab = field(default_factory=Vocab)
     size: ModelSize = field(default_factory=ModelSize)
-    pretrain_steps: int = 300
+    pretrain_steps: int = 150
     pretrain_batch: int = 32
     pretrain_lr: float = 3e-3
-    teacher_steps: int = 100
+    teacher_steps: int = 60
     teacher_lr: float = 1e-3
     prompt_numbers: int = 3
     new_tokens: int = 8
     temperature: float = 1.0
     student_steps: int = 100
-    student_batch: int = 32
+    student_batch: int = 16
     lr: float = 1e-3
     sgd_lr: float = 0.1
     probe_questions: int = 64
@@ -77,12 +77,5 @@ class LMConfig:
 
 
 def quick(config: LMConfig) -> LMConfig:
-    """A reduced run for a smoke test: 3 seeds, short pretraining, 30 student steps of 16."""
-    return dataclasses.replace(
-        config,
-        seeds=3,
-        pretrain_steps=150,
-        teacher_steps=50,
-        student_steps=30,
-        student_batch=16,
-    )
+    """A reduced run for a smoke test: 3 seeds, 30 student steps."""
+    return dataclasses.replace(config, seeds=3, teacher_steps=50, student_steps=30)
