@@ -27,7 +27,16 @@ from subliminal_lm.models import (
     trait_probs,
 )
 from subliminal_lm.report import condition_values, summary_markdown
-from subliminal_lm.run import COMBINED, SEED_RECORDS, combine, main, part_path, seed_values
+from subliminal_lm.run import (
+    COMBINED,
+    SEED_RECORDS,
+    combine,
+    main,
+    part_path,
+    seed_values,
+    settings_key,
+    write_combined,
+)
 from subliminal_lm.setting import (
     Setting,
     build_setting,
@@ -75,6 +84,7 @@ __all__ = [
     "sample",
     "save_figure",
     "seed_values",
+    "settings_key",
     "student_coords",
     "student_layout",
     "student_variables",
@@ -83,4 +93,5 @@ __all__ = [
     "train_teacher",
     "trait_objective",
     "trait_probs",
+    "write_combined",
 ]

@@ -1,4 +1,4 @@
-"""The experiment's figure: the trait probability over student steps, per condition."""
+"""The experiment's figure: the change in trait probability over student steps, per condition."""
 
 from __future__ import annotations
 
@@ -13,9 +13,19 @@ __all__ = ["draw_figure", "save_figure"]
 
 
 def draw_figure(ds: xr.Dataset) -> Figure:
-    """``trait_prob`` over steps, one line per condition, a 95% t band over seeds."""
+    """``trait_prob`` minus its value at step 0, one line per condition, a 95% t band over seeds.
+
+    The change, not the level: the bases' own trait probabilities differ from
+    seed to seed more than the students move.
+    """
+    change = ds["trait_prob"] - ds["trait_prob"].isel(step=0)
+    change.attrs = {"long_name": "change in p(trait answer | question) since step 0"}
     return plot_over_steps(
-        ds, "trait_prob", hue="condition", replicate="seed", ylabel="p(trait answer | question)"
+        xr.Dataset({"trait_prob_change": change}),
+        "trait_prob_change",
+        hue="condition",
+        replicate="seed",
+        zero_line=True,
     )
 
 

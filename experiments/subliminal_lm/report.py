@@ -25,7 +25,8 @@ def condition_values(ds: xr.Dataset) -> xr.Dataset:
         A Dataset over ``(condition, seed)`` with ``start``, ``final`` and
         ``change`` of ``trait_prob``; ``train_loss_first``/``_last`` (mean over
         the first and last tenth of steps); the step means of ``cosine``,
-        ``update_cosine`` and ``teacher_cosine``; and the final ``drift_cosine``.
+        ``update_cosine`` and ``teacher_cosine``; and the final ``drift_cosine``
+        and ``drift_norm``.
     """
     steps = int(ds.step.max())
     tenth = max(1, steps // 10)
@@ -41,6 +42,7 @@ def condition_values(ds: xr.Dataset) -> xr.Dataset:
         "update_cosine": trained["update_cosine"].mean("step"),
         "teacher_cosine": trained["teacher_cosine"].mean("step"),
         "drift_cosine": trained["drift_cosine"].isel(step=-1),
+        "drift_norm": trained["drift_norm"].isel(step=-1),
     }
     return xr.Dataset({k: v.drop_vars("step", errors="ignore") for k, v in values.items()})
 
@@ -76,8 +78,8 @@ def summary_markdown(ds: xr.Dataset) -> str:
         "",
         "| condition | trait p, start | trait p, end | change | train loss, first → last "
         "tenth | mean cos(g_t, g) | mean cos(g_t, update) | mean cos(update, teacher - base) "
-        "| final cos(student - init, teacher - base) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| final cos(student - init, teacher - base) | final ‖student - init‖ |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for c in ds.condition.values:
         v = values.sel(condition=c)
@@ -85,7 +87,7 @@ def summary_markdown(ds: xr.Dataset) -> str:
             f"| {c} | {_fmt(v['start'])} | {_fmt(v['final'])} | {_fmt(v['change'])} | "
             f"{_fmt(v['train_loss_first'], 3)} → {_fmt(v['train_loss_last'], 3)} | "
             f"{_fmt(v['cosine'])} | {_fmt(v['update_cosine'])} | {_fmt(v['teacher_cosine'])} "
-            f"| {_fmt(v['drift_cosine'])} |"
+            f"| {_fmt(v['drift_cosine'])} | {_fmt(v['drift_norm'], 3)} |"
         )
     if REFERENCE in ds.condition.values:
         lines += [

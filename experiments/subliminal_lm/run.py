@@ -34,6 +34,7 @@ __all__ = [
     "part_path",
     "seed_values",
     "settings_key",
+    "write_combined",
 ]
 
 COMBINED = "lm_subliminal.nc"
@@ -137,6 +138,12 @@ def combine(config: LMConfig) -> xr.Dataset:
     return ds
 
 
+def write_combined(ds: xr.Dataset, path: Path) -> Path:
+    """Write the combined dataset atomically, every data variable zlib-compressed."""
+    encoding = {name: {"zlib": True, "complevel": 4} for name in ds.data_vars}
+    return atomic_write(path, lambda tmp: ds.to_netcdf(tmp, engine="netcdf4", encoding=encoding))
+
+
 def main(config: LMConfig) -> Path:
     """Run every seed and condition; write the combined file, the summary and the figure.
 
@@ -161,7 +168,7 @@ def main(config: LMConfig) -> Path:
         if not _seed_done(config, names, seed):
             _run_seed(config, seed)
     ds = combine(config)
-    atomic_write(combined, lambda tmp: ds.to_netcdf(tmp, engine="netcdf4"))
+    write_combined(ds, combined)
     atomic_write_text(out / "summary.md", summary_markdown(ds))
     save_figure(ds, out / "trait_prob.png")
     return combined
