@@ -4,7 +4,7 @@ Cloud et al. 2025's number setting at toy scale: a teacher fine-tuned from a
 tiny Llama-style base to prefer one answer writes number sequences; students
 fine-tuned on them are probed with gradlens every step. See docs/lm_experiment.md.
 
-    python experiments/lm_subliminal.py              # 10 seeds x 6 conditions (reduced CPU run)
+    python experiments/lm_subliminal.py --jobs 2     # 10 seeds x 6 conditions (reduced CPU run)
     python experiments/lm_subliminal.py --quick      # about a minute on one CPU core
     python experiments/lm_subliminal.py --seeds 3 --conditions same_init base_numbers
 """
@@ -31,6 +31,7 @@ def parse(argv: list[str] | None = None) -> LMConfig:
     parser.add_argument("--student-steps", type=int, help="probed steps per student")
     parser.add_argument("--lr", type=float, help="Adam learning rate of the students")
     parser.add_argument("--sgd-lr", type=float, help="learning rate of the sgd condition")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run at once (processes)")
     parser.add_argument("--out", type=Path, default=default.out)
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run file")
@@ -45,6 +46,8 @@ def parse(argv: list[str] | None = None) -> LMConfig:
     changes = {k: v for k, v in changes.items() if v is not None}
     if changes.get("seeds", config.seeds) < 2:
         parser.error("--seeds must be at least 2 (intervals are over seeds).")
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1.")
     return dataclasses.replace(
         config,
         **changes,
@@ -52,6 +55,7 @@ def parse(argv: list[str] | None = None) -> LMConfig:
         out=args.out,
         progress=not args.no_progress,
         overwrite=args.overwrite,
+        jobs=args.jobs,
     )
 
 

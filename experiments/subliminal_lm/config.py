@@ -47,6 +47,7 @@ class LMConfig:
         out: Output folder.
         progress: Print one line per student.
         overwrite: Replace an existing run file.
+        jobs: Seeds run at once, each in its own process with one thread.
     """
 
     seeds: int = 10
@@ -69,6 +70,7 @@ class LMConfig:
     out: Path = Path("runs/lm_subliminal")
     progress: bool = True
     overwrite: bool = False
+    jobs: int = 1
 
     @property
     def sequences(self) -> int:

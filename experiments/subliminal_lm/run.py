@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -74,7 +76,7 @@ def seed_values(setting: Setting, config: LMConfig) -> dict[str, float]:
     }
 
 
-_NOT_SETTINGS = ("seeds", "conditions", "out", "progress", "overwrite")
+_NOT_SETTINGS = ("seeds", "conditions", "out", "progress", "overwrite", "jobs")
 
 
 def settings_key(config: LMConfig) -> dict[str, object]:
@@ -96,6 +98,7 @@ def _seed_done(config: LMConfig, names: list[str], seed: int) -> bool:
 
 
 def _run_seed(config: LMConfig, seed: int) -> None:
+    torch.set_num_threads(1)
     out = config.out
     setting = build_setting(config, seed)
     params = dict(setting.base.named_parameters())
@@ -149,7 +152,8 @@ def main(config: LMConfig) -> Path:
 
     A seed whose parts are all complete, made with the same settings (an
     interrupted run with the same out folder), is not run again; parts made
-    with other settings are run again.
+    with other settings are run again. With ``config.jobs`` above 1 the seeds
+    run in that many processes (one thread each).
 
     Returns:
         The combined run file.
@@ -157,16 +161,20 @@ def main(config: LMConfig) -> Path:
     Raises:
         FileExistsError: If the combined file exists and ``config.overwrite`` is not set.
     """
-    torch.set_num_threads(1)
     out = config.out
     combined = out / COMBINED
     if combined.exists() and not config.overwrite:
         raise FileExistsError(f"{combined} exists: pass --overwrite, or another --out.")
     (out / "parts").mkdir(parents=True, exist_ok=True)
     names = [c.name for c in get_conditions(config.conditions)]
-    for seed in range(config.seeds):
-        if not _seed_done(config, names, seed):
+    todo = [seed for seed in range(config.seeds) if not _seed_done(config, names, seed)]
+    if config.jobs == 1:
+        for seed in todo:
             _run_seed(config, seed)
+    else:
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(config.jobs, len(todo) or 1), mp_context=spawn) as pool:
+            list(pool.map(_run_seed, [config] * len(todo), todo))
     ds = combine(config)
     write_combined(ds, combined)
     atomic_write_text(out / "summary.md", summary_markdown(ds))

@@ -21,7 +21,7 @@ SEEDS = 2
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[xr.Dataset, Path]:
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("lm")
-    path = main(tiny_config(seeds=SEEDS, out=out))
+    path = main(tiny_config(seeds=SEEDS, out=out, jobs=2))  # each seed in its own process
     assert path == out / COMBINED
     return xr.open_dataset(path).load(), out
 
@@ -74,6 +74,7 @@ def test_only_remove_update_acts_and_its_update_is_orthogonal_to_the_trait(
 def test_the_script_maps_its_flags(tmp_path: Path) -> None:
     config = lm_subliminal.parse(["--quick", "--seeds", "4", "--out", str(tmp_path)])
     assert config.seeds == 4 and config.out == tmp_path and config.student_steps == 30 and config.seeds == 4
+    assert lm_subliminal.parse(["--jobs", "2"]).jobs == 2
     assert lm_subliminal.parse(["--conditions", "sgd", "same_init"]).conditions == (
         "sgd",
         "same_init",
