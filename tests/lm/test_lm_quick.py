@@ -73,7 +73,7 @@ def test_only_remove_update_acts_and_its_update_is_orthogonal_to_the_trait(
 
 def test_the_script_maps_its_flags(tmp_path: Path) -> None:
     config = lm_subliminal.parse(["--quick", "--seeds", "4", "--out", str(tmp_path)])
-    assert config.seeds == 4 and config.out == tmp_path and config.student_steps == 30 and config.seeds == 4
+    assert config.seeds == 4 and config.out == tmp_path and config.student_steps == 30
     assert lm_subliminal.parse(["--jobs", "2"]).jobs == 2
     assert lm_subliminal.parse(["--conditions", "sgd", "same_init"]).conditions == (
         "sgd",
