@@ -29,8 +29,10 @@ from subliminal_lm.models import (
 from subliminal_lm.report import condition_values, summary_markdown
 from subliminal_lm.run import (
     COMBINED,
+    COMPACT,
     SEED_RECORDS,
     combine,
+    compact,
     main,
     part_path,
     seed_values,
@@ -56,6 +58,7 @@ from subliminal_lm.vocab import IGNORE, Vocab
 
 __all__ = [
     "COMBINED",
+    "COMPACT",
     "CONDITIONS",
     "DEFAULT_CONDITIONS",
     "EXTRA_RECORDS",
@@ -70,6 +73,7 @@ __all__ = [
     "build_setting",
     "clone_model",
     "combine",
+    "compact",
     "condition_values",
     "continuation_labels",
     "draw_figure",

@@ -30,8 +30,10 @@ from subliminal_lm.student import (
 
 __all__ = [
     "COMBINED",
+    "COMPACT",
     "SEED_RECORDS",
     "combine",
+    "compact",
     "main",
     "part_path",
     "seed_values",
@@ -141,6 +143,35 @@ def combine(config: LMConfig) -> xr.Dataset:
     return ds
 
 
+COMPACT = "lm_subliminal_compact.nc"
+"""The compact run file's name: what the summary and the figure read, small enough to commit."""
+
+
+def compact(ds: xr.Dataset) -> xr.Dataset:
+    """The run without its large records: per-example cosines and per-layer rows dropped.
+
+    Keeps every ``(condition, seed, step)`` record, the mean over steps of
+    ``layer_cosine`` (``layer_cosine_mean``), the ``remove_update`` transform's
+    global coefficient (``remove_coef``) and the seed records: the summary and
+    the figure are the same from it.
+    """
+    keep = [
+        name
+        for name, var in ds.data_vars.items()
+        if var.dims in (("condition", "seed", "step"), ("seed",))
+    ]
+    coef = ds["transform_coef"].sel(placement="after", transform="remove_update", group="all")
+    out = ds[keep].assign(remove_coef=coef.drop_vars(["placement", "transform", "group"]))
+    out["remove_coef"].attrs = {
+        "long_name": "remove_update: coefficient of the update's component along -g_t removed",
+        "units": "1",
+    }
+    out["layer_cosine_mean"] = ds["layer_cosine"].mean("step")
+    out["layer_cosine_mean"].attrs = {"long_name": "cos(g_t, g) per layer, mean over steps"}
+    out.encoding = {}
+    return out
+
+
 def write_combined(ds: xr.Dataset, path: Path) -> Path:
     """Write the combined dataset atomically, every data variable zlib-compressed."""
     encoding = {name: {"zlib": True, "complevel": 4} for name in ds.data_vars}
@@ -177,6 +208,7 @@ def main(config: LMConfig) -> Path:
             list(pool.map(_run_seed, [config] * len(todo), todo))
     ds = combine(config)
     write_combined(ds, combined)
+    write_combined(compact(ds), out / COMPACT)
     atomic_write_text(out / "summary.md", summary_markdown(ds))
     save_figure(ds, out / "trait_prob.png")
     return combined

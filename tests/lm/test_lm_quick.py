@@ -9,7 +9,7 @@ import pytest
 import torch
 import xarray as xr
 
-from subliminal_lm import COMBINED, DEFAULT_CONDITIONS, main
+from subliminal_lm import COMBINED, COMPACT, DEFAULT_CONDITIONS, main, summary_markdown
 from subliminal_lm.run import _seed_done
 
 from .test_lm_setting import tiny_config
@@ -90,3 +90,12 @@ def test_a_seed_is_reused_only_with_the_same_settings(run: tuple[xr.Dataset, Pat
     assert _seed_done(config, names, 0)
     assert not _seed_done(dataclasses.replace(config, lr=2 * config.lr), names, 0)
     assert not _seed_done(config, names, SEEDS)  # never run
+
+
+def test_the_compact_file_gives_the_same_summary(run: tuple[xr.Dataset, Path]) -> None:
+    ds, out = run
+    small = xr.open_dataset(out / COMPACT).load()
+    assert "example_cosine" not in small and small["layer_cosine_mean"].dims[-1] == "layer"
+    assert np.isfinite(small["remove_coef"].sel(condition="remove_update").isel(step=0)).all()
+    assert summary_markdown(small) == summary_markdown(ds)
+    assert summary_markdown(ds) == (out / "summary.md").read_text()
