@@ -25,6 +25,7 @@ def draw_figure(ds: xr.Dataset) -> Figure:
         "trait_prob_change",
         hue="condition",
         replicate="seed",
+        ylabel="change in trait p",
         zero_line=True,
     )
 
