@@ -71,7 +71,7 @@ def test_only_remove_update_acts_and_its_update_is_orthogonal_to_the_trait(
     assert float(np.abs(removed).max()) < 1e-3 * float(np.abs(kept).max()) + 1e-6
 
 
-def test_the_script_maps_its_flags(tmp_path: Path) -> None:
+def test_the_script_maps_its_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = lm_subliminal.parse(["--quick", "--seeds", "4", "--out", str(tmp_path)])
     assert config.seeds == 4 and config.out == tmp_path and config.student_steps == 30
     assert lm_subliminal.parse(["--jobs", "2"]).jobs == 2
@@ -81,14 +81,24 @@ def test_the_script_maps_its_flags(tmp_path: Path) -> None:
     )
     with pytest.raises(SystemExit):
         lm_subliminal.parse(["--seeds", "1"])
+    assert "--seeds must be at least 2 (intervals are over seeds)." in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        lm_subliminal.parse(["--jobs", "0"])
+    assert "--jobs must be at least 1." in capsys.readouterr().err
 
 
-def test_a_seed_is_reused_only_with_the_same_settings(run: tuple[xr.Dataset, Path]) -> None:
+def test_a_seed_is_reused_only_with_the_same_settings(
+    run: tuple[xr.Dataset, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     _, out = run
     config = tiny_config(seeds=SEEDS, out=out)
     names = list(DEFAULT_CONDITIONS)
     assert _seed_done(config, names, 0)
     assert not _seed_done(dataclasses.replace(config, lr=2 * config.lr), names, 0)
+    assert not _seed_done(dataclasses.replace(config, lr=3 * config.lr, progress=True), names, 0)
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"seed 0: the parts in {out}")
+    assert "were made with other settings; running it again" in printed
     assert not _seed_done(config, names, SEEDS)  # never run
 
 
