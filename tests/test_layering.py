@@ -10,7 +10,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "gradlens"
 CORE = sorted(PACKAGE.rglob("*.py"))
-EXPERIMENTS = ("subliminal_mnist", "experiments")
+EXPERIMENTS = ("subliminal_mnist", "subliminal_lm", "experiments")
 
 
 def module_name(path: Path) -> str:

@@ -1,0 +1,64 @@
+"""Subliminal learning in a small language model, probed at every student step.
+
+Cloud et al. 2025's number setting at toy scale: a teacher fine-tuned from a
+tiny Llama-style base to prefer one answer writes number sequences; students
+fine-tuned on them are probed with gradlens every step. See docs/lm_experiment.md.
+
+    python experiments/lm_subliminal.py --jobs 2     # 10 seeds x 6 conditions (reduced CPU run)
+    python experiments/lm_subliminal.py --quick      # about a minute on one CPU core
+    python experiments/lm_subliminal.py --seeds 3 --conditions same_init base_numbers
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from subliminal_lm import CONDITIONS, DEFAULT_CONDITIONS, LMConfig, main, quick
+
+
+def parse(argv: list[str] | None = None) -> LMConfig:
+    """Map command-line flags onto an :class:`LMConfig` (defaults: the reduced CPU run)."""
+    default = LMConfig()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="3 seeds, short runs (~1 min)")
+    parser.add_argument("--seeds", type=int, help=f"replicates (default {default.seeds})")
+    parser.add_argument(
+        "--conditions", nargs="+", choices=sorted(CONDITIONS), default=list(DEFAULT_CONDITIONS)
+    )
+    parser.add_argument("--student-steps", type=int, help="probed steps per student")
+    parser.add_argument("--lr", type=float, help="Adam learning rate of the students")
+    parser.add_argument("--sgd-lr", type=float, help="learning rate of the sgd condition")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run at once (processes)")
+    parser.add_argument("--out", type=Path, default=default.out)
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run file")
+    args = parser.parse_args(argv)
+    config = quick(default) if args.quick else default
+    changes = {
+        "seeds": args.seeds,
+        "student_steps": args.student_steps,
+        "lr": args.lr,
+        "sgd_lr": args.sgd_lr,
+    }
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if changes.get("seeds", config.seeds) < 2:
+        parser.error("--seeds must be at least 2 (intervals are over seeds).")
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1.")
+    return dataclasses.replace(
+        config,
+        **changes,
+        conditions=tuple(args.conditions),
+        out=args.out,
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
+        jobs=args.jobs,
+    )
+
+
+if __name__ == "__main__":
+    path = main(parse(sys.argv[1:]))
+    print(f"wrote {path}, {path.parent / 'summary.md'} and {path.parent / 'trait_prob.png'}")

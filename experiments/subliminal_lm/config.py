@@ -1,0 +1,83 @@
+"""The experiment's settings, in one frozen dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from subliminal_lm.models import ModelSize
+from subliminal_lm.vocab import Vocab
+
+__all__ = ["DEFAULT_CONDITIONS", "LMConfig", "quick"]
+
+DEFAULT_CONDITIONS: tuple[str, ...] = (
+    "same_init",
+    "base_numbers",
+    "cross_init",
+    "sgd",
+    "adam_beta1_0",
+    "remove_update",
+)
+"""Every condition of :data:`~subliminal_lm.conditions.CONDITIONS`, in table order."""
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    """Every setting of the language-model experiment; the defaults are the reduced CPU run.
+
+    Attributes:
+        seeds: Independent replicates: each its own base, other base, teacher and data.
+        conditions: Names from :data:`~subliminal_lm.conditions.CONDITIONS`.
+        vocab: The vocabulary (and which answer is the trait).
+        size: The model's sizes.
+        pretrain_steps: Adam steps of each base model's pretraining.
+        pretrain_batch: Number sequences and questions per pretraining step.
+        pretrain_lr: Its learning rate.
+        teacher_steps: Adam steps of the teacher's fine-tune (trait answer plus numbers).
+        teacher_lr: Its learning rate.
+        prompt_numbers: Numbers in a number prompt.
+        new_tokens: Tokens sampled after each prompt (all must be numbers to be kept).
+        temperature: Sampling temperature.
+        student_steps: Probed optimizer steps of each student (one pass, fresh sequences).
+        student_batch: Sequences per student step.
+        lr: Adam learning rate of the students (and of ``adam_beta1_0``).
+        sgd_lr: Learning rate of the ``sgd`` condition.
+        probe_questions: Questions in the trait probe batch (the trait gradient).
+        out: Output folder.
+        progress: Print one line per student.
+        overwrite: Replace an existing run file.
+        jobs: Seeds run at once, each in its own process with one thread.
+    """
+
+    seeds: int = 10
+    conditions: tuple[str, ...] = DEFAULT_CONDITIONS
+    vocab: Vocab = field(default_factory=Vocab)
+    size: ModelSize = field(default_factory=ModelSize)
+    pretrain_steps: int = 150
+    pretrain_batch: int = 32
+    pretrain_lr: float = 3e-3
+    teacher_steps: int = 60
+    teacher_lr: float = 1e-3
+    prompt_numbers: int = 3
+    new_tokens: int = 8
+    temperature: float = 1.0
+    student_steps: int = 100
+    student_batch: int = 16
+    lr: float = 1e-3
+    sgd_lr: float = 0.1
+    probe_questions: int = 64
+    out: Path = Path("runs/lm_subliminal")
+    progress: bool = True
+    overwrite: bool = False
+    jobs: int = 1
+
+    @property
+    def sequences(self) -> int:
+        """Sequences each student trains on (each seen once)."""
+        return self.student_steps * self.student_batch
+
+
+def quick(config: LMConfig) -> LMConfig:
+    """A reduced run for a smoke test: 3 seeds, 30 student steps."""
+    return dataclasses.replace(config, seeds=3, teacher_steps=50, student_steps=30)
