@@ -13,6 +13,6 @@ RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results" / "lm_sublimi
 def test_the_committed_summary_is_made_from_the_committed_data() -> None:
     if not (RESULTS / COMPACT).is_file():
         pytest.fail(f"{RESULTS / COMPACT} is missing: the docs' numbers must come from it.")
-    ds = xr.open_dataset(RESULTS / COMPACT).load()
+    ds = xr.load_dataset(RESULTS / COMPACT)
     assert ds.sizes["seed"] == 10 and ds.sizes["condition"] == 6
     assert summary_markdown(ds) == (RESULTS / "summary.md").read_text()

@@ -23,7 +23,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[xr.Dataset, Path]:
     out = tmp_path_factory.mktemp("lm")
     path = main(tiny_config(seeds=SEEDS, out=out, jobs=2))  # each seed in its own process
     assert path == out / COMBINED
-    return xr.open_dataset(path).load(), out
+    return xr.load_dataset(path), out
 
 
 def test_run_file_structure(run: tuple[xr.Dataset, Path]) -> None:
@@ -104,7 +104,7 @@ def test_a_seed_is_reused_only_with_the_same_settings(
 
 def test_the_compact_file_gives_the_same_summary(run: tuple[xr.Dataset, Path]) -> None:
     ds, out = run
-    small = xr.open_dataset(out / COMPACT).load()
+    small = xr.load_dataset(out / COMPACT)
     assert "example_cosine" not in small and small["layer_cosine_mean"].dims[-1] == "layer"
     assert np.isfinite(small["remove_coef"].sel(condition="remove_update").isel(step=0)).all()
     assert summary_markdown(small) == summary_markdown(ds)

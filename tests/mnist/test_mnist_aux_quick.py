@@ -30,7 +30,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> xr.Dataset:
     path = mnist_aux.main(config)
     assert (out / "summary.md").is_file()
     assert len(list((out / "figures").glob("*.png"))) == 10
-    return xr.open_dataset(path)
+    return xr.load_dataset(path)
 
 
 def test_quick_run_file_structure(quick_run: xr.Dataset) -> None:
@@ -101,7 +101,7 @@ def test_interventions_quick_run_writes_transform_records(tmp_path: Path) -> Non
             *conditions,
         ]
     )
-    ds = xr.open_dataset(mnist_aux.main(config))
+    ds = xr.load_dataset(mnist_aux.main(config))
     assert list(ds.condition.values) == conditions
     cos = ds["transform_cosine"]
     assert cos.dims[:6] == ("step", "model", "placement", "transform", "stage", "group")
