@@ -32,6 +32,7 @@ from subliminal_lm import (
     student_variables,
 )
 from subliminal_lm.setting import Setting
+from subliminal_lm.timing import time_trainers
 
 from .test_lm_setting import tiny_config
 
@@ -109,3 +110,11 @@ def test_the_runners_are_the_two_trainers() -> None:
     assert settings_key(hf)["trainer"] == "hf" and settings_key(config) != settings_key(hf)
     assert lm_subliminal.parse(["--trainer", "hf"]).trainer == "hf"
     assert lm_subliminal.parse([]).trainer == "loop"
+
+
+def test_the_timing_trains_each_student_with_both_trainers() -> None:
+    timing = time_trainers(tiny_config(seeds=1, conditions=("sgd", "remove_update")))
+    assert [len(timing["per_student_s"][t]) for t in ("loop", "hf")] == [2, 2]
+    assert timing["ratio"] > 0 and timing["setting_s"] > 0
+    assert timing["max_trait_prob_gap"] < RTOL  # float32 here: the same students
+    assert timing["settings"]["trainer"] == "loop" and timing["settings"]["seeds"] == 1
