@@ -31,14 +31,17 @@ def time_trainers(config: LMConfig) -> dict[str, Any]:
 
     Returns:
         JSON-ready: ``setting_s`` (building the seeds' settings), ``students_s``
-        (by trainer, the sum over students), ``per_student_s`` (by trainer, one
-        list in seed-then-condition order), ``ratio`` (hf over loop),
+        (by trainer, the sum over students of the wall time), ``students_cpu_s``
+        (the same in this process's CPU time, less sensitive to other jobs on
+        the machine), ``per_student_s`` (by trainer, one list in
+        seed-then-condition order), ``ratio`` and ``cpu_ratio`` (hf over loop),
         ``max_trait_prob_gap`` (the largest difference of a final trait
         probability between the trainers), the settings and the machine.
     """
     torch.set_num_threads(1)
     trainers = list(STUDENT_TRAINERS)
     per_student: dict[str, list[float]] = {name: [] for name in trainers}
+    cpu: dict[str, float] = dict.fromkeys(trainers, 0.0)
     gap, setting_s = 0.0, 0.0
     turn = 0
     for seed in range(config.seeds):
@@ -55,17 +58,20 @@ def time_trainers(config: LMConfig) -> dict[str, Any]:
                 with Recorder(
                     None, student_variables(layout), coords=student_coords(params, layout)
                 ) as recorder:
-                    start = time.perf_counter()
+                    start, start_cpu = time.perf_counter(), time.process_time()
                     student = STUDENT_TRAINERS[name](setting, condition, config, recorder)
                     per_student[name].append(time.perf_counter() - start)
+                    cpu[name] += time.process_time() - start_cpu
                 finals[name] = student.trait_prob
             gap = max(gap, abs(finals["hf"] - finals["loop"]))
     students = {name: sum(times) for name, times in per_student.items()}
     return {
         "setting_s": setting_s,
         "students_s": students,
+        "students_cpu_s": cpu,
         "per_student_s": per_student,
         "ratio": students["hf"] / students["loop"],
+        "cpu_ratio": cpu["hf"] / cpu["loop"],
         "max_trait_prob_gap": gap,
         "settings": settings_key(config) | {"seeds": config.seeds},
         "machine": {

@@ -115,6 +115,6 @@ def test_the_runners_are_the_two_trainers() -> None:
 def test_the_timing_trains_each_student_with_both_trainers() -> None:
     timing = time_trainers(tiny_config(seeds=1, conditions=("sgd", "remove_update")))
     assert [len(timing["per_student_s"][t]) for t in ("loop", "hf")] == [2, 2]
-    assert timing["ratio"] > 0 and timing["setting_s"] > 0
+    assert timing["ratio"] > 0 and timing["cpu_ratio"] > 0 and timing["setting_s"] > 0
     assert timing["max_trait_prob_gap"] < RTOL  # float32 here: the same students
     assert timing["settings"]["trainer"] == "loop" and timing["settings"]["seeds"] == 1
