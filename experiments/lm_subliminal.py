@@ -6,7 +6,7 @@ fine-tuned on them are probed with gradlens every step. See docs/lm_experiment.m
 
     python experiments/lm_subliminal.py --jobs 2     # 10 seeds x 6 conditions (reduced CPU run)
     python experiments/lm_subliminal.py --quick      # about a minute on one CPU core
-    python experiments/lm_subliminal.py --quick --trainer hf   # students in transformers.Trainer
+    python experiments/lm_subliminal.py --quick --trainer loop   # a plain probed_step loop
     python experiments/lm_subliminal.py --seeds 3 --conditions same_init base_numbers
 """
 
@@ -37,8 +37,8 @@ def parse(argv: list[str] | None = None) -> LMConfig:
         "--trainer",
         choices=["loop", "hf"],
         default=default.trainer,
-        help="train students in a plain probed_step loop or through transformers.Trainer "
-        "with gradlens's callback (the same records)",
+        help="train students through transformers.Trainer with gradlens's callback (hf, "
+        "the default) or in a plain probed_step loop (loop, faster); the same records",
     )
     parser.add_argument("--out", type=Path, default=default.out)
     parser.add_argument("--no-progress", action="store_true")

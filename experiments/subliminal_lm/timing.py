@@ -73,7 +73,8 @@ def time_trainers(config: LMConfig) -> dict[str, Any]:
         "ratio": students["hf"] / students["loop"],
         "cpu_ratio": cpu["hf"] / cpu["loop"],
         "max_trait_prob_gap": gap,
-        "settings": settings_key(config) | {"seeds": config.seeds},
+        "settings": {k: v for k, v in settings_key(config).items() if k != "trainer"}
+        | {"seeds": config.seeds},
         "machine": {
             "processor": platform.processor() or platform.machine(),
             "torch": torch.__version__,
