@@ -6,6 +6,7 @@ fine-tuned on them are probed with gradlens every step. See docs/lm_experiment.m
 
     python experiments/lm_subliminal.py --jobs 2     # 10 seeds x 6 conditions (reduced CPU run)
     python experiments/lm_subliminal.py --quick      # about a minute on one CPU core
+    python experiments/lm_subliminal.py --quick --trainer loop   # a plain probed_step loop
     python experiments/lm_subliminal.py --seeds 3 --conditions same_init base_numbers
 """
 
@@ -32,6 +33,13 @@ def parse(argv: list[str] | None = None) -> LMConfig:
     parser.add_argument("--lr", type=float, help="Adam learning rate of the students")
     parser.add_argument("--sgd-lr", type=float, help="learning rate of the sgd condition")
     parser.add_argument("--jobs", type=int, default=1, help="seeds run at once (processes)")
+    parser.add_argument(
+        "--trainer",
+        choices=["loop", "hf"],
+        default=default.trainer,
+        help="train students through transformers.Trainer with gradlens's callback (hf, "
+        "the default) or in a plain probed_step loop (loop, faster); the same records",
+    )
     parser.add_argument("--out", type=Path, default=default.out)
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run file")
@@ -56,6 +64,7 @@ def parse(argv: list[str] | None = None) -> LMConfig:
         progress=not args.no_progress,
         overwrite=args.overwrite,
         jobs=args.jobs,
+        trainer=args.trainer,
     )
 
 

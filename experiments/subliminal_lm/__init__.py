@@ -5,7 +5,9 @@ sequences and questions (:mod:`~subliminal_lm.setting`): that base is the
 shared initialisation. A teacher is fine-tuned from it to answer every question
 with one answer word (the trait); it samples number sequences from number-only
 prompts, filtered to number tokens only; students are fine-tuned on them with
-a probed step every step (:mod:`~subliminal_lm.student`), under the
+a probed step every step (:mod:`~subliminal_lm.student`, a plain loop, or
+:mod:`~subliminal_lm.hf_student`, ``transformers.Trainer`` with gradlens's
+callback), under the
 conditions of :mod:`~subliminal_lm.conditions`. gradlens never imports this
 package; ``experiments/lm_subliminal.py`` maps its flags onto an
 :class:`LMConfig` and runs :func:`main`.
@@ -16,6 +18,7 @@ from __future__ import annotations
 from subliminal_lm.conditions import CONDITIONS, Condition, get_conditions
 from subliminal_lm.config import DEFAULT_CONDITIONS, LMConfig, quick
 from subliminal_lm.figures import draw_figure, save_figure
+from subliminal_lm.hf_student import StudentRecords, run_student_hf, student_arguments
 from subliminal_lm.models import (
     ModelSize,
     build_model,
@@ -31,6 +34,7 @@ from subliminal_lm.run import (
     COMBINED,
     COMPACT,
     SEED_RECORDS,
+    STUDENT_TRAINERS,
     combine,
     compact,
     main,
@@ -48,9 +52,16 @@ from subliminal_lm.setting import (
 )
 from subliminal_lm.student import (
     EXTRA_RECORDS,
+    Student,
+    log_final,
+    log_student_step,
+    mean_trait_prob,
     run_student,
+    student_after,
     student_coords,
+    student_data,
     student_layout,
+    student_model,
     student_variables,
     trait_objective,
 )
@@ -64,10 +75,13 @@ __all__ = [
     "EXTRA_RECORDS",
     "IGNORE",
     "SEED_RECORDS",
+    "STUDENT_TRAINERS",
     "Condition",
     "LMConfig",
     "ModelSize",
     "Setting",
+    "Student",
+    "StudentRecords",
     "Vocab",
     "build_model",
     "build_setting",
@@ -80,17 +94,25 @@ __all__ = [
     "flat_params",
     "generate_numbers",
     "get_conditions",
+    "log_final",
+    "log_student_step",
     "main",
+    "mean_trait_prob",
     "part_path",
     "pretrain_base",
     "quick",
     "run_student",
+    "run_student_hf",
     "sample",
     "save_figure",
     "seed_values",
     "settings_key",
+    "student_after",
+    "student_arguments",
     "student_coords",
+    "student_data",
     "student_layout",
+    "student_model",
     "student_variables",
     "summary_markdown",
     "train_plain",

@@ -77,8 +77,9 @@ def build_model(vocab: Vocab, size: ModelSize, seed: int) -> transformers.LlamaF
 
 
 def clone_model(model: transformers.LlamaForCausalLM) -> transformers.LlamaForCausalLM:
-    """An independent copy with the same weights."""
-    copy = transformers.LlamaForCausalLM(model.config).eval()
+    """An independent copy with the same weights, in the same dtype."""
+    dtype = next(model.parameters()).dtype
+    copy = transformers.LlamaForCausalLM(model.config).to(dtype).eval()
     copy.load_state_dict(model.state_dict())
     return copy
 

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import multiprocessing
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -15,13 +16,15 @@ import xarray as xr
 from gradlens import Recorder, open_run
 from gradlens.records import is_complete, make_attrs
 from gradlens.records.atomic import atomic_write, atomic_write_text
-from subliminal_lm.conditions import get_conditions
+from subliminal_lm.conditions import Condition, get_conditions
 from subliminal_lm.config import LMConfig
 from subliminal_lm.figures import save_figure
+from subliminal_lm.hf_student import run_student_hf
 from subliminal_lm.models import trait_probs
 from subliminal_lm.report import summary_markdown
 from subliminal_lm.setting import Setting, build_setting
 from subliminal_lm.student import (
+    Student,
     run_student,
     student_coords,
     student_layout,
@@ -32,6 +35,7 @@ __all__ = [
     "COMBINED",
     "COMPACT",
     "SEED_RECORDS",
+    "STUDENT_TRAINERS",
     "combine",
     "compact",
     "main",
@@ -53,6 +57,13 @@ SEED_RECORDS: dict[str, str] = {
     "base_kept": "fraction of the base's samples that are numbers only",
 }
 """What each seed's setting records (dim ``seed``)."""
+
+
+STUDENT_TRAINERS: dict[str, Callable[[Setting, Condition, LMConfig, Recorder], Student]] = {
+    "loop": run_student,
+    "hf": run_student_hf,
+}
+"""What trains a student, by :attr:`LMConfig.trainer <subliminal_lm.LMConfig>`: the same rows."""
 
 
 def part_path(out: Path, condition: str, seed: int) -> Path:
@@ -105,6 +116,7 @@ def _run_seed(config: LMConfig, seed: int) -> None:
     setting = build_setting(config, seed)
     params = dict(setting.base.named_parameters())
     layout = student_layout(params)
+    train = STUDENT_TRAINERS[config.trainer]
     for condition in get_conditions(config.conditions):
         start = time.monotonic()
         with Recorder(
@@ -114,7 +126,7 @@ def _run_seed(config: LMConfig, seed: int) -> None:
             config={"seed": seed, "condition": condition.name},
             overwrite=True,
         ) as recorder:
-            final = run_student(setting, condition, config, recorder)
+            final = train(setting, condition, config, recorder).trait_prob
         if config.progress:
             print(
                 f"seed {seed} {condition.name:>14}: trait p {final:.4f} "

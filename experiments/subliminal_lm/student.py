@@ -1,16 +1,18 @@
 """The probed student loop: one :func:`gradlens.training.probed_step` per step, every step recorded.
 
-The loop is plain PyTorch so that it can later be replaced by a
-``transformers.Trainer`` with gradlens's trainer callback (the same
-:class:`~gradlens.training.Objective` pair, the same records): the data, the
-trait objective and the extra records below do not depend on the loop.
+The loop is plain PyTorch; :mod:`subliminal_lm.hf_student` trains the same
+student through ``transformers.Trainer`` with gradlens's callback. What both
+share is here: the student's start, data and transform, the trait objective,
+and the row each step logs (:func:`log_student_step`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
+import transformers
 from torch import Tensor
 
 from gradlens import Recorder
@@ -18,6 +20,7 @@ from gradlens.alignment.gradops import cosine, group_by_layer, norm, sub
 from gradlens.records import Variable
 from gradlens.training import (
     Objective,
+    StepResult,
     TransformLayout,
     probed_step,
     step_coords,
@@ -35,10 +38,17 @@ from subliminal_lm.setting import Setting
 __all__ = [
     "EXTRA_RECORDS",
     "REMOVE_NAME",
+    "Student",
+    "log_final",
+    "log_student_step",
     "make_optimizer",
+    "mean_trait_prob",
     "run_student",
+    "student_after",
     "student_coords",
+    "student_data",
     "student_layout",
+    "student_model",
     "student_variables",
     "trait_objective",
 ]
@@ -95,18 +105,102 @@ def make_optimizer(
     return torch.optim.Adam(model.parameters(), lr=config.lr, betas=betas)
 
 
-def _mean_trait_prob(model: torch.nn.Module, setting: Setting, config: LMConfig) -> Tensor:
+class Student(NamedTuple):
+    """A trained student.
+
+    Attributes:
+        model: The student after its last step.
+        trait_prob: Its final trait probability (the last row of ``trait_prob``).
+    """
+
+    model: transformers.LlamaForCausalLM
+    trait_prob: float
+
+
+def student_model(setting: Setting, condition: Condition) -> transformers.LlamaForCausalLM:
+    """A fresh copy of the base the condition starts from."""
+    return clone_model(setting.base if condition.init == "same" else setting.other)
+
+
+def student_data(setting: Setting, condition: Condition, config: LMConfig) -> dict[str, Tensor]:
+    """The student's sequences in training order: ``{"input_ids", "labels"}``.
+
+    Each is ``(sequence, token)``. Step ``k`` trains on rows ``k * student_batch``
+    to ``(k + 1) * student_batch``; the labels are -100 over the prompt (the loss
+    is on the sampled tokens).
+    """
+    data = setting.teacher_numbers if condition.data == "teacher" else setting.base_numbers
+    ids = data[: config.student_steps * config.student_batch]
+    return {"input_ids": ids, "labels": continuation_labels(ids, 2 + config.prompt_numbers)}
+
+
+def student_after(condition: Condition) -> GradientTransform | None:
+    """The condition's transform of the update, named as :func:`student_layout` declares it."""
+    return None if condition.after is None else named_chain((REMOVE_NAME, condition.after()))
+
+
+def mean_trait_prob(model: torch.nn.Module, setting: Setting, config: LMConfig) -> Tensor:
+    """``trait_prob``: p(trait answer | question), the mean over every question."""
     return trait_probs(model, config.vocab, setting.questions)[:, config.vocab.trait].mean()
+
+
+def log_student_step(
+    recorder: Recorder,
+    step: int,
+    result: StepResult,
+    layout: TransformLayout,
+    *,
+    trait_prob: Tensor,
+    previous: Params,
+    now: Params,
+    start: Params,
+    displacement: Params,
+) -> None:
+    """Log one student step's row: the probed step's records and :data:`EXTRA_RECORDS`.
+
+    Args:
+        recorder: Declared with :func:`student_variables` and :func:`student_coords`.
+        step: The step (the row).
+        result: The step's result.
+        layout: :func:`student_layout` of the student's parameters.
+        trait_prob: :func:`mean_trait_prob` before the step.
+        previous: The parameters before the step.
+        now: The parameters after it.
+        start: The student's initial parameters.
+        displacement: The teacher's displacement from the base.
+    """
+    update, drift = sub(now, previous), sub(now, start)
+    recorder.log(
+        step,
+        **step_values(result, layout),
+        example_cosine=result.example_cosine,
+        trait_prob=trait_prob,
+        teacher_cosine=cosine(update, displacement),
+        drift_cosine=cosine(drift, displacement),
+        update_norm=norm(update),
+        drift_norm=norm(drift),
+    )
+
+
+def log_final(
+    recorder: Recorder, model: torch.nn.Module, setting: Setting, config: LMConfig
+) -> Student:
+    """Log the last row (``trait_prob`` after the last step) and return the student."""
+    final = mean_trait_prob(model, setting, config)
+    recorder.log(config.student_steps, trait_prob=final)
+    return Student(model, float(final))  # type: ignore[arg-type]
 
 
 def run_student(
     setting: Setting, condition: Condition, config: LMConfig, recorder: Recorder
-) -> float:
-    """Train one student with a probed step every step, logging each step's row.
+) -> Student:
+    """Train one student in a plain loop, a probed step every step, logging each step's row.
 
     Row ``k`` holds the records of step ``k`` (measured before its update, as
     :func:`~gradlens.training.probed_step` gives them) and ``trait_prob`` before
     it; one last row ``config.student_steps`` holds the final ``trait_prob``.
+    :func:`~subliminal_lm.hf_student.run_student_hf` trains the same student
+    through ``transformers.Trainer`` (the same rows).
 
     Args:
         setting: The seed's bases, teacher and data.
@@ -115,28 +209,21 @@ def run_student(
         recorder: Declared with :func:`student_variables` and :func:`student_coords`.
 
     Returns:
-        The final trait probability.
+        The trained student and its final trait probability.
     """
-    model = clone_model(setting.base if condition.init == "same" else setting.other)
-    data = setting.teacher_numbers if condition.data == "teacher" else setting.base_numbers
+    model = student_model(setting, condition)
+    data = student_data(setting, condition, config)
     optimizer = make_optimizer(condition, model, config)
-    params = dict(model.named_parameters())
-    layout = student_layout(params)
-    after: GradientTransform | None = None
-    after_state = None
-    if condition.after is not None:
-        after = named_chain((REMOVE_NAME, condition.after()))
-        after_state = after.init(params)
+    layout = student_layout(dict(model.named_parameters()))
+    after = student_after(condition)
+    after_state = None if after is None else after.init(dict(model.named_parameters()))
     trait = trait_objective(setting, config)
     start: Params = flat_params(model)
-    prompt = 2 + config.prompt_numbers
     batch = config.student_batch
     for step in range(config.student_steps):
-        ids = data[step * batch : (step + 1) * batch]
-        train = Objective.from_batch(
-            token_mean, {"input_ids": ids, "labels": continuation_labels(ids, prompt)}
-        )
-        prob = _mean_trait_prob(model, setting, config)
+        rows = slice(step * batch, (step + 1) * batch)
+        train = Objective.from_batch(token_mean, {k: v[rows] for k, v in data.items()})
+        prob = mean_trait_prob(model, setting, config)
         previous = flat_params(model)
         result = probed_step(
             model,
@@ -149,18 +236,15 @@ def run_student(
             output="logits",
         )
         after_state = result.after_state
-        now = flat_params(model)
-        update, drift = sub(now, previous), sub(now, start)
-        recorder.log(
+        log_student_step(
+            recorder,
             step,
-            **step_values(result, layout),
-            example_cosine=result.example_cosine,
+            result,
+            layout,
             trait_prob=prob,
-            teacher_cosine=cosine(update, setting.displacement),
-            drift_cosine=cosine(drift, setting.displacement),
-            update_norm=norm(update),
-            drift_norm=norm(drift),
+            previous=previous,
+            now=flat_params(model),
+            start=start,
+            displacement=setting.displacement,
         )
-    final = _mean_trait_prob(model, setting, config)
-    recorder.log(config.student_steps, trait_prob=final)
-    return float(final)
+    return log_final(recorder, model, setting, config)
