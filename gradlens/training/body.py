@@ -313,6 +313,7 @@ def run_step(
         "applied_cosine": train_pair.cosine if before is None else _pair(mode, applied, g_t).cosine,
         "update_cosine": update_pair.cosine,
         "predicted_change": update_pair.dot.sum(-1),
+        "layer_predicted_change": update_pair.dot,
         "example_cosine_mean": summary["mean"],
         "example_cosine_quantile": summary["quantile"],
         "example_cosine_frac_positive": summary["frac_positive"],

@@ -6,6 +6,9 @@ rows (logits the loss never reads), and a reference that is not.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -84,3 +87,13 @@ def test_sign_permuted_under_vmap_is_refused_with_the_fix() -> None:
     tx = per_model(remove_random(0, direction="sign_permuted"))
     with pytest.raises(GradlensError, match=r"vectorize=False"):
         tx.update(g, tx.init(g), reference=g)
+
+
+def test_the_causal_page_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "causal.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "docs/causal.md", "exec"), {"__name__": "docs_causal"})
+    printed = [float(v) for v in capsys.readouterr().out.split()]
+    assert printed[0] > 0 and printed[1] == 0.0  # global writes into the zero rows; support not
