@@ -81,8 +81,9 @@ def pool_aux(ds: xr.Dataset, other: xr.Dataset) -> xr.Dataset:
                        compat="override", join="exact")  # fmt: skip
     for name in ("teacher_accuracy", "reference_accuracy"):
         pooled[name] = ds[name]
-    if "layer_predicted_change" in ds:
-        pooled["layer_predicted_change"] = ds["layer_predicted_change"]
+    if "layer_predicted_change" in ds:  # aux's, from an older file, may not be recorded: NaN
+        layers = ds["layer_predicted_change"]
+        pooled["layer_predicted_change"] = layers.reindex(condition=pooled.condition.values)
     return pooled
 
 
@@ -112,6 +113,8 @@ def drive_markdown(ds: xr.Dataset) -> str:
 
 
 def _fmt(ci: xr.Dataset) -> str:
+    if int(ci["n"]) == 0:
+        return "not recorded"
     return f"{float(ci['mean']):.3f} ± {float(ci['half_width']):.3f}"
 
 
@@ -128,13 +131,14 @@ def main(argv: list[str] | None = None) -> str:
     parts = [f"Command: `{command}`", ""]
     if args.aux_from is not None:
         ds = pool_aux(ds, xr.load_dataset(args.aux_from))
-        summary = summary_markdown(ds, wall_time_s=float("nan"), device="see the runs", command="")
+        lines = summary_markdown(ds, wall_time_s=0.0, device="", command="").split("\n")
         parts += [
             f"`aux` from `{args.aux_from}` (the same 25 models: every teacher and reference "
             "accuracy agrees exactly); the other conditions from "
             f"`{args.compact}`.",
             "",
-            *summary.split("\n")[5:],
+            lines[3].rstrip(" "),  # the replicates and what ± means
+            *lines[5:],
         ]
     parts += [
         "First-order drive, sum over steps of g_t . Δθ (negative teaches the trait): mean ± 95% t "
