@@ -37,6 +37,7 @@ from subliminal_mnist.conditions import (
     CONDITIONS,
     CONTROL_CONDITIONS,
     LIMINAL_CONDITIONS,
+    MECHANISM_CONDITIONS,
     Condition,
     get_conditions,
 )
@@ -76,6 +77,7 @@ __all__ = [
     "CONTROL_CONDITIONS",
     "EXECUTORS",
     "LIMINAL_CONDITIONS",
+    "MECHANISM_CONDITIONS",
     "NOISE_KINDS",
     "Condition",
     "Digits",

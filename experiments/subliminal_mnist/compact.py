@@ -38,6 +38,7 @@ PER_MODEL: tuple[str, ...] = (
     "distill_loss",
     "train_loss",
     "predicted_change",
+    "layer_predicted_change",
     "measured_change",
     "example_cosine_mean",
     "trait_norm",

@@ -16,6 +16,7 @@ from gradlens.transforms import (
     remove_aligned_per_example,
     remove_random,
     reverse_aligned,
+    scale_aligned,
 )
 
 __all__ = [
@@ -23,7 +24,9 @@ __all__ = [
     "CAUSAL_CONDITIONS",
     "CONDITIONS",
     "CONTROL_CONDITIONS",
+    "DOSE_ALPHAS",
     "LIMINAL_CONDITIONS",
+    "MECHANISM_CONDITIONS",
     "Condition",
     "get_conditions",
 ]
@@ -45,7 +48,8 @@ class Condition:
             :func:`gradlens.training.liminal.liminal_schedule` (``None``: no term).
         liminal_temperature: The term's temperature; ``None`` takes
             ``StudentSetup.liminal_temperature`` (2, as published).
-        optimizer: ``"adam"`` (the original's), ``"sgd"`` or ``"sgd_momentum"``.
+        optimizer: ``"adam"`` (the original's), ``"adam_beta1_0"`` (Adam without
+            its first moment, ``betas=(0, 0.999)``), ``"sgd"`` or ``"sgd_momentum"``.
         reference: The gradient the transforms act along: the trait gradient
             (``"trait"``) or, as a specificity control, the trait gradient of the
             probe images with shuffled labels (``"shuffled"``). The probes always
@@ -60,8 +64,21 @@ class Condition:
     after: Callable[[], GradientTransform] | None = None
     liminal: str | None = None
     liminal_temperature: float | None = None
-    optimizer: Literal["adam", "sgd", "sgd_momentum"] = "adam"
+    optimizer: Literal["adam", "adam_beta1_0", "sgd", "sgd_momentum"] = "adam"
     reference: Literal["trait", "shuffled"] = "trait"
+
+
+DOSE_ALPHAS: tuple[float, ...] = (0.75, 0.5, 0.25, -0.5)
+"""The factors on the update's component along g_t of the ``scale_update_<alpha>``
+conditions (``aux`` is alpha = 1, ``remove_update`` alpha = 0)."""
+
+
+def _scale_update(alpha: float) -> Condition:
+    return Condition(
+        f"scale_update_{alpha:g}",
+        f"Adam's update with its component along g_t scaled by {alpha:g}",
+        after=lambda: scale_aligned(alpha),
+    )
 
 
 CONDITIONS: dict[str, Condition] = {
@@ -116,6 +133,24 @@ CONDITIONS: dict[str, Condition] = {
             before=remove_aligned,
             reference="shuffled",
         ),
+        Condition(
+            "remove_support",
+            "g_d with its component along g_t removed using only g_t on g_d's support "
+            "(nothing written where g_d is exactly zero)",
+            before=lambda: remove_aligned(on_support=True),
+        ),
+        Condition(
+            "remove_support_matched",
+            "g_d minus, along g_t with its signs permuted within each tensor (on g_d's "
+            "support), the norm remove_support takes off (control)",
+            before=lambda: remove_random(seed=0, direction="sign_permuted", on_support=True),
+        ),
+        *(_scale_update(alpha) for alpha in DOSE_ALPHAS),
+        Condition(
+            "adam_beta1_0",
+            "auxiliary logits, Adam without momentum (beta1 = 0)",
+            optimizer="adam_beta1_0",
+        ),
         Condition("sgd", "auxiliary logits, plain SGD instead of Adam", optimizer="sgd"),
         Condition(
             "sgd_momentum",
@@ -145,6 +180,16 @@ CONTROL_CONDITIONS: tuple[str, ...] = (
     "sgd",
     "sgd_momentum",
 )
+MECHANISM_CONDITIONS: tuple[str, ...] = (
+    "aux",
+    "remove_support",
+    "remove_support_matched",
+    *(f"scale_update_{alpha:g}" for alpha in DOSE_ALPHAS),
+    "remove_update",
+    "adam_beta1_0",
+)
+"""docs/causal.md's block: support-restricted removal and its matched control, the
+dose-response of the update's aligned component, and Adam without momentum."""
 LIMINAL_CONDITIONS: tuple[str, ...] = (
     "aux",
     "liminal",

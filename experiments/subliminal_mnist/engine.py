@@ -68,13 +68,15 @@ def make_optimizer(
     """The condition's optimizer over the stacked parameters."""
     if condition.optimizer == "adam":
         return torch.optim.Adam(params, lr=setup.lr)
+    if condition.optimizer == "adam_beta1_0":
+        return torch.optim.Adam(params, lr=setup.lr, betas=(0.0, 0.999))
     if condition.optimizer == "sgd":
         return torch.optim.SGD(params, lr=setup.sgd_lr)
     if condition.optimizer == "sgd_momentum":
         return torch.optim.SGD(params, lr=setup.sgd_lr, momentum=setup.momentum)
     raise ValueError(
         f"condition {condition.name!r} names optimizer {condition.optimizer!r}; "
-        "choose 'adam', 'sgd' or 'sgd_momentum'."
+        "choose 'adam', 'adam_beta1_0', 'sgd' or 'sgd_momentum'."
     )
 
 

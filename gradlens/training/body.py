@@ -313,6 +313,7 @@ def after_optimizer(
     records = dict(pending.records)
     records["update_cosine"] = update_pair.cosine
     records["predicted_change"] = update_pair.dot.sum(-1)
+    records["layer_predicted_change"] = update_pair.dot
     if trait_after is not None:
         records["measured_change"] = trait_after - pending.trait_loss
     if momentum is not None:

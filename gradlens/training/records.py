@@ -76,6 +76,9 @@ STEP_RECORDS: dict[str, Variable] = {
     ),
     "update_cosine": Variable(_S, "cos(g_t, applied parameter update); < 0 teaches the trait"),
     "predicted_change": Variable(_S, "first-order predicted trait-loss change g_t . update", "nat"),
+    "layer_predicted_change": Variable(
+        _L, "first-order predicted trait-loss change per layer, g_t . update (drive)", "nat"
+    ),
     "measured_change": Variable(_S, "measured trait-loss change over the step", "nat"),
     "example_cosine_mean": Variable(_S, "mean over examples of cos(g_i, g_t)"),
     "example_cosine_quantile": Variable(_Q, "quantiles over examples of cos(g_i, g_t)"),

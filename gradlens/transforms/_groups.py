@@ -95,3 +95,21 @@ def subtract_along(
         name: grads[name] - (amount[index[name]] * reference[name]).to(grads[name].dtype)
         for name in grads
     }
+
+
+def restrict_to_support(
+    grads: Mapping[str, Tensor], reference: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    """``r ⊙ 1[g != 0]``: the reference with every entry zeroed where ``g`` is exactly zero.
+
+    The support is read from exact zeros of ``g``: entries that the loss does
+    not reach (a parameter it never reads, the rows of logits it never
+    distils) have a gradient of exactly ``0.0``, which no rounding produces
+    from a nonzero sum of nonzero terms except by rare cancellation.
+
+    Returns:
+        A dict with the keys, shapes and dtypes of ``reference``.
+    """
+    return {
+        name: torch.where(grads[name] != 0, r, torch.zeros_like(r)) for name, r in reference.items()
+    }

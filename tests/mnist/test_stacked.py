@@ -35,7 +35,15 @@ from subliminal_mnist.student import StudentSetup, student_transforms
 
 SIZES = (12, 8, 8, 13)
 SEEDS = [0, 1, 2]
-TRANSFORMED = ["remove", "reverse", "remove_layer", "remove_per_example", "remove_update"]
+TRANSFORMED = [
+    "remove",
+    "reverse",
+    "remove_layer",
+    "remove_per_example",
+    "remove_update",
+    "remove_support",
+    "scale_update_0.5",
+]
 
 
 def _stack(seeds: list[int]) -> dict[str, torch.Tensor]:
@@ -60,7 +68,9 @@ def _probes(gen: torch.Generator) -> TraitProbes:
     return TraitProbes(images, labels)
 
 
-@pytest.mark.parametrize("name", ["aux", "all_logits", *TRANSFORMED, "sgd", "sgd_momentum"])
+@pytest.mark.parametrize(
+    "name", ["aux", "all_logits", *TRANSFORMED, "sgd", "sgd_momentum", "adam_beta1_0"]
+)
 def test_a_stacked_model_equals_the_same_model_trained_alone(name: str) -> None:
     """Every record of probed_step, the per-example cosines and the parameters, 4 steps."""
     (condition,) = get_conditions([name])
@@ -330,3 +340,36 @@ def test_remove_random_takes_off_as_much_as_remove_along_other_directions_per_mo
     )
     # each model draws its own direction (one shared direction would give |cos| = 1)
     assert float((cosines - torch.eye(3, dtype=cosines.dtype)).abs().max()) < 0.5
+
+
+@pytest.mark.parametrize(("name", "moved"), [("remove", True), ("remove_support", False)])
+def test_support_restricted_removal_leaves_the_class_rows_alone(name: str, moved: bool) -> None:
+    """The distillation gradient is exactly zero on the 10 class rows of the output layer:
+    the global removal writes -c g_t there (Adam then moves them), the support-restricted one
+    writes nothing, so they never move; both leave g orthogonal to g_t."""
+    (condition,) = get_conditions([name])
+    gen = torch.Generator().manual_seed(1)
+    stack = _stack(SEEDS)
+    start = {n: v.detach().clone() for n, v in stack.items()}
+    teachers = {n: v.detach() for n, v in _stack([10, 11, 12]).items()}
+    optimizer = make_optimizer(condition, list(stack.values()), StudentSetup(lr=1e-2))
+    before, _ = student_transforms(condition)
+    before = per_model(before)
+    state = before.init(stack)
+    probes = _probes(gen)
+    for _ in range(3):
+        x = torch.rand(3, 16, SIZES[0], generator=gen, dtype=torch.float64) * 2 - 1
+        targets = stack_forward(teachers, x)[..., 10:]
+        result = stacked_step(
+            stack, optimizer, DistillBatch(x, targets, 10), probes,
+            before=before, before_state=state, heldout=False,
+        )  # fmt: skip
+        state = result.before_state
+        assert float(result.records["applied_cosine"].abs().max()) < 1e-10
+    end = {n: v.detach() for n, v in stack.items()}
+    for p in ("4.weight", "4.bias"):
+        if moved:
+            assert float((end[p][:, :10] - start[p][:, :10]).abs().max()) > 1e-4
+        else:
+            assert torch.equal(end[p][:, :10], start[p][:, :10])
+    assert float((end["0.weight"] - start["0.weight"]).abs().max()) > 1e-4  # it trains

@@ -84,6 +84,7 @@ def test_plain_step_matches_an_ordinary_adam_step_and_records_alignment() -> Non
 
     t, d = flat(g_t), flat(g_d)
     delta = flat(params_of(twin)) - flat(old)
+    moved = {n: p - old[n] for n, p in params_of(twin).items()}
     with torch.no_grad():
         trait_after = float(F.cross_entropy(twin(trait.inputs), *trait.targets))
     example_cos = np.array([cos(g, t) for g in g_i])
@@ -101,6 +102,9 @@ def test_plain_step_matches_an_ordinary_adam_step_and_records_alignment() -> Non
         "applied_cosine": cos(t, d),  # no transform: the gradient handed to the optimizer
         "update_cosine": cos(t, delta),
         "predicted_change": float(t @ delta),
+        "layer_predicted_change": [
+            float(flat(g_t, ns) @ flat(moved, ns)) for ns in LAYERS.values()
+        ],
         "measured_change": trait_after - trait_before,
         "example_cosine_mean": example_cos.mean(),
         "example_cosine_quantile": np.quantile(example_cos, [0.05, 0.25, 0.5, 0.75, 0.95]),

@@ -16,7 +16,7 @@ from gradlens.alignment.gradops import flatten
 from gradlens.transforms import State, chain, identity, transform_records
 from gradlens.transforms._random import mix_seed
 
-from ._cases import RANDOM_SEED, Case, Problem, make_problem
+from ._cases import RANDOM_SEED, Case, Problem, along, make_problem
 
 
 def apply(
@@ -62,13 +62,14 @@ def acted(case: Case, c: Tensor, r: Tensor) -> bool:
 def expected_output(case: Case, problem: Problem) -> dict[str, Tensor]:
     """``g - (1 - alpha) m r`` per group, ``m = f(mean_i c_i)`` or ``mean_i f(c_i)``."""
     amounts = {}
+    reference = along(case, problem)
     for names in groups(case, problem):
-        r = dense(problem.reference, names)
+        r = dense(reference, names)
         c_i = coef(dense(problem.examples, names, batch=True), r)
         f = torch.relu if case.only_positive else (lambda x: x)
         m = f(c_i).mean() if case.per_example else f(c_i.mean())
         amounts.update(dict.fromkeys(names, (1 - case.alpha) * m))
-    return {n: g - amounts[n] * problem.reference[n] for n, g in problem.grads.items()}
+    return {n: g - amounts[n] * reference[n] for n, g in problem.grads.items()}
 
 
 def _flat_records(state: State) -> dict[str, torch.Tensor]:
@@ -101,8 +102,10 @@ def expected_random_output(case: Case, problem: Problem) -> dict[str, Tensor]:
 
     ``u`` is the first draw of the seed: ``torch.randn`` over the flattened
     gradient in key order, from a generator seeded with ``mix_seed(seed, 0)``,
-    normalised per group.
+    normalised per group. For ``on_support`` cases ``r`` and ``u`` are zeroed
+    where ``g`` is (:func:`~_cases.along`). Gaussian directions only.
     """
+    reference = along(case, problem)
     total = sum(g.numel() for g in problem.grads.values())
     generator = torch.Generator().manual_seed(mix_seed(RANDOM_SEED, 0))
     z = torch.randn(total, generator=generator, dtype=torch.float64)
@@ -112,9 +115,11 @@ def expected_random_output(case: Case, problem: Problem) -> dict[str, Tensor]:
         start += g.numel()
     out = {}
     for names in groups(case, problem):
-        g, r = dense(problem.grads, names), dense(problem.reference, names)
+        g, r = dense(problem.grads, names), dense(reference, names)
         u = torch.cat([z[slice(*offsets[n])] for n in names])
-        u = u / u.norm()
+        if case.on_support:
+            u = torch.where(g != 0, u, 0.0)
+        u = u / u.norm() if u.norm() > 0 else u
         s = (g @ r).abs() / r.norm() if acted(case, coef(g, r), r) else torch.zeros(())
         side = -1.0 if g @ u < 0 else 1.0
         new = g - s * side * u
@@ -126,22 +131,57 @@ def expected_random_output(case: Case, problem: Problem) -> dict[str, Tensor]:
     return {name: out[name] for name in problem.grads}
 
 
+def assert_sign_permuted_step(case: Case, problem: Problem, out: dict[str, Tensor]) -> None:
+    """A ``"sign_permuted"`` removal writes ``|r|`` scaled, with the signs of ``r`` permuted.
+
+    Per group where it acts, ``|g - g'| = (s / ||r||) |r|`` entry by entry, and
+    within each tensor the signs of ``g - g'`` are those of ``r`` permuted (up
+    to one flip of the whole group, the side of ``u`` that ``g`` lies on).
+    """
+    reference = along(case, problem)
+    for names in groups(case, problem):
+        g, r = dense(problem.grads, names), dense(reference, names)
+        if not acted(case, coef(g, r), r):
+            continue
+        s = (g @ r).abs() / r.norm()
+        step = {name: problem.grads[name] - out[name] for name in names}
+        assert_close(dense(step, names).abs(), s / r.norm() * r.abs(), atol=1e-9 * s, rtol=1e-7)
+        signs = [(step[n].sign().sum(), reference[n].sign().sum()) for n in names]
+        same = all(torch.equal(a, b) for a, b in signs)
+        flipped = all(torch.equal(a, -b) for a, b in signs)
+        assert same or flipped, signs
+
+
 def assert_matches_formula(case: Case, problem: Problem) -> None:
     out, _ = apply(case, problem)
     if case.random:
-        assert_close(out, expected_random_output(case, problem))
+        if case.direction == "gaussian":
+            assert_close(out, expected_random_output(case, problem))
+        else:
+            assert_sign_permuted_step(case, problem, out)
+        reference = along(case, problem)
         for names in groups(case, problem):
-            g, new, r = (dense(d, names) for d in (problem.grads, out, problem.reference))
+            g, new, r = (dense(d, names) for d in (problem.grads, out, reference))
             removed = (g @ r).abs() / r.norm() if acted(case, coef(g, r), r) else 0.0
             assert_close((new - g).norm(), torch.as_tensor(removed, dtype=g.dtype))
         return
     assert_close(out, expected_output(case, problem))
 
 
-def assert_keeps_orthogonal_part(case: Case, problem: Problem) -> None:
+def assert_writes_nothing_off_support(case: Case, problem: Problem) -> None:
+    """An ``on_support`` transform leaves every exact zero of ``g`` exactly zero."""
     out, _ = apply(case, problem)
+    for name, g in problem.grads.items():
+        zero = g == 0
+        assert torch.equal(out[name][zero], g[zero]), name
+
+
+def assert_keeps_orthogonal_part(case: Case, problem: Problem) -> None:
+    """The part orthogonal to the direction acted along stays (``r ⊙ 1[g != 0]`` on_support)."""
+    out, _ = apply(case, problem)
+    reference = along(case, problem)
     for names in groups(case, problem):
-        g, new, r = (dense(d, names) for d in (problem.grads, out, problem.reference))
+        g, new, r = (dense(d, names) for d in (problem.grads, out, reference))
         assert_close(new - coef(new, r) * r, g - coef(g, r) * r)
 
 
@@ -153,22 +193,33 @@ def assert_removes_aligned(case: Case, problem: Problem) -> None:
     with ``r`` means nothing.
     """
     out, _ = apply(case, problem)
+    reference = along(case, problem)
     for names in groups(case, problem):
         g, new, r = (dense(d, names) for d in (problem.grads, out, problem.reference))
-        if acted(case, coef(g, r), r):
+        acting = dense(reference, names)
+        if acted(case, coef(g, acting), acting):
             assert (new @ r).abs() <= 1e-6 * g.norm() * r.norm()
         else:
             assert_close(new, g)
 
 
 def assert_reverses_aligned(case: Case, problem: Problem) -> None:
-    """For ``alpha = -1``: the coefficient flips sign where it acted, the rest stays."""
+    """For ``alpha = -1``: the coefficient flips sign where it acted, the rest stays.
+
+    The sign flip holds along the full reference for ``on_support`` cases too
+    (``<g', r> = -<g, r>``); the part that stays is the one orthogonal to the
+    direction acted along.
+    """
     out, _ = apply(case, problem)
+    reference = along(case, problem)
     for names in groups(case, problem):
         g, new, r = (dense(d, names) for d in (problem.grads, out, problem.reference))
-        c = coef(g, r)
-        assert_close(coef(new, r), -c if acted(case, c, r) else c)
-        assert_close(new - coef(new, r) * r, g - c * r)
+        acting = dense(reference, names)
+        c, c_acting = coef(g, r), coef(g, acting)
+        scale = float(g.norm() / r.norm()) if r.norm() > 0 else 0.0
+        flips = acted(case, c_acting, acting)
+        assert_close(coef(new, r), -c if flips else c, atol=1e-12 * scale, rtol=1e-9)
+        assert_close(new - coef(new, acting) * acting, g - c_acting * acting)
 
 
 def assert_zero_reference_is_noop(case: Case, problem: Problem) -> None:
@@ -247,9 +298,11 @@ def assert_records_incoming_coef_and_cosine(case: Case, problem: Problem) -> Non
     assert coefs and cosines, f"{case.id} records no coef or cosine_before: {sorted(records)}"
     recorded_coef = records[coefs[0]].reshape(-1)
     recorded_cosine = records[cosines[0]].reshape(-1)
+    reference = along(case, problem)
     for k, group in enumerate(groups(case, problem)):
         g, r = dense(problem.grads, group), dense(problem.reference, group)
+        acting = dense(reference, group)  # coef is along the direction acted along
         # rounding in <g, r> is relative to ||g|| ||r||: in the coefficient to ||g|| / ||r||
-        scale = float(g.norm() / r.norm()) if r.norm() > 0 else 0.0
-        assert_close(recorded_coef[k], coef(g, r), atol=1e-12 * scale, rtol=1e-9)
+        scale = float(g.norm() / acting.norm()) if acting.norm() > 0 else 0.0
+        assert_close(recorded_coef[k], coef(g, acting), atol=1e-12 * scale, rtol=1e-9)
         assert_close(recorded_cosine[k], cosine(g, r), atol=1e-12, rtol=1e-9)

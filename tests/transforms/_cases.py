@@ -33,7 +33,10 @@ class Case:
     ``per_example`` transforms scale each example's own component (``mean_i f(c_i)``),
     the others the component of the mean gradient (``f(c)``). ``random`` transforms
     (the random-direction control) instead subtract, along a random direction, a
-    vector of the norm that scaling by ``alpha`` would remove.
+    vector of the norm that scaling by ``alpha`` would remove. ``on_support``
+    transforms act along the reference restricted to the gradient's support
+    (``r ⊙ 1[g != 0]``, :func:`along`); ``direction`` is the random transforms'
+    kind of direction (``"gaussian"`` or ``"sign_permuted"``).
     """
 
     id: str
@@ -43,6 +46,8 @@ class Case:
     only_positive: bool
     per_example: bool
     random: bool = False
+    on_support: bool = False
+    direction: str = "gaussian"
 
     @property
     def acts_on_mean(self) -> bool:
@@ -94,7 +99,34 @@ def _cases() -> list[Case]:
                     partial(_between_identities, partial(remove_random, RANDOM_SEED, **kw)),
                 ),
             ]
+            support = [
+                ("support-scale0.5", partial(scale_aligned, 0.5, **kw, on_support=True), 0.5),
+                ("support-remove", partial(remove_aligned, **kw, on_support=True), 0.0),
+                ("support-reverse", partial(reverse_aligned, **kw, on_support=True), -1.0),
+            ]
+            random_kinds = [
+                ("support-random", "gaussian", True),
+                ("sign-random", "sign_permuted", False),
+                ("support-sign-random", "sign_permuted", True),
+            ]
             cases += [Case(f"{n}-{tag}", m, a, scope, pos, False) for n, m, a in plain]
+            cases += [
+                Case(f"{n}-{tag}", m, a, scope, pos, False, on_support=True) for n, m, a in support
+            ]
+            cases += [
+                Case(
+                    f"{n}-{tag}",
+                    partial(remove_random, RANDOM_SEED, **kw, direction=d, on_support=sup),
+                    0.0,
+                    scope,
+                    pos,
+                    False,
+                    True,
+                    on_support=sup,
+                    direction=d,
+                )
+                for n, d, sup in random_kinds
+            ]
             cases += [Case(f"{n}-{tag}", m, a, scope, pos, True) for n, m, a in per_example]
             cases += [Case(f"{n}-{tag}", m, 0.0, scope, pos, False, True) for n, m in random]
     return cases
@@ -124,6 +156,16 @@ class Problem:
         return list(group_by_layer(self.grads).values())
 
 
+def along(case: Case, problem: Problem) -> dict[str, Tensor]:
+    """The reference ``case`` acts along: ``r``, or ``r ⊙ 1[g != 0]`` for ``on_support``."""
+    if not case.on_support:
+        return problem.reference
+    return {
+        name: torch.where(problem.grads[name] != 0, r, torch.zeros_like(r))
+        for name, r in problem.reference.items()
+    }
+
+
 def example_dots(examples: dict[str, Tensor], reference: dict[str, Tensor]) -> dict[str, Tensor]:
     """``<g_i[p], r[p]>`` for every name, by einsum over the materialised examples."""
     return {
@@ -142,7 +184,10 @@ def problems(draw: st.DrawFn) -> Problem:
     """Random float64 problems: 1 to 3 layers, 1 to 4 examples, zero reference layers.
 
     Each example is noise plus a random multiple (of either sign) of the
-    reference, so coefficients of both signs occur.
+    reference, so coefficients of both signs occur. In some problems about
+    40% of the entries are zero in every example (so exactly zero in the mean
+    gradient, where the reference is not): the structural zeros that
+    ``on_support`` transforms must leave alone.
     """
     n_layers = draw(st.integers(1, 3))
     sizes = st.integers(1, 3)
@@ -164,8 +209,11 @@ def problems(draw: st.DrawFn) -> Problem:
         for name, shape in layout.items()
     }
     pull = randn(n_examples) * 2.0 / magnitude
-    examples = {
-        name: randn(n_examples, *shape) + pull.reshape(-1, *[1] * len(shape)) * reference[name]
-        for name, shape in layout.items()
-    }
+    holes = draw(st.booleans())
+    examples = {}
+    for name, shape in layout.items():
+        values = randn(n_examples, *shape) + pull.reshape(-1, *[1] * len(shape)) * reference[name]
+        if holes:
+            values = values * (torch.rand(shape, generator=gen) >= 0.4)
+        examples[name] = values
     return make_problem(examples, reference)

@@ -13,6 +13,7 @@ REVERSERS = [case for case in CASES if case.alpha == -1 and case.acts_on_mean]
 # The random-direction control changes the part orthogonal to the reference by design.
 ALONG_REFERENCE = [case for case in CASES if not case.random]
 
+SUPPORTED = [case for case in CASES if case.on_support]
 # Each property runs over about 50 transforms: 10 random problems each keeps the set fast.
 few = settings(max_examples=10)
 
@@ -40,6 +41,13 @@ def test_matches_formula(case: Case, problem: Problem) -> None:
 @few
 def test_keeps_orthogonal_part(case: Case, problem: Problem) -> None:
     _asserts.assert_keeps_orthogonal_part(case, problem)
+
+
+@over(SUPPORTED)
+@given(problem=problems())
+@few
+def test_writes_nothing_off_support(case: Case, problem: Problem) -> None:
+    _asserts.assert_writes_nothing_off_support(case, problem)
 
 
 @over(REMOVERS)
