@@ -105,7 +105,7 @@ class HostReads(TorchFunctionMode):
 
 
 KNOWN = {
-    ("training/body.py", "check_all_finite"): "finiteness of every gradient, before the step",
+    ("training/checks.py", "check_all_finite"): "finiteness of every gradient, before the step",
     ("training/stacked.py", "_check_model_means"): "each model's batch loss is its examples' mean",
     ("probes/checks.py", "check_mean_loss"): "the batch loss is the mean of the examples' losses",
     ("probes/plan.py", "check_rows_alone"): "first and last example alone give their batch outputs",
