@@ -26,6 +26,7 @@ from torch import nn
 from gradlens import per_example_grads
 from gradlens.numerics import flush_denormal
 from gradlens.probes.ghost import per_example_dots
+from gradlens.training import StepResult, reuse_trait
 from gradlens.transforms import remove_aligned
 from gradlens_bench import step
 from gradlens_bench.agreement import against_loop, loop_grads, same_update
@@ -126,19 +127,39 @@ def _backpack(w: ProbeWorkload) -> Iterator[Run]:
     yield run
 
 
+REUSED = 10**9
+"""``step_probed_reused``'s ``every``: its first call (a warm-up) takes ``g_t``, every later one
+reuses it, so each timed call is a step that reuses the trait gradient."""
+
+
 def _step(
-    probe: bool, measure_change: bool = True, remove: bool = False, trait: bool = False
+    probe: bool,
+    measure_change: bool = True,
+    remove: bool = False,
+    trait: bool = False,
+    reuse: bool = False,
 ) -> Prepare:
-    """(g) One step: unprobed, unprobed plus the trait gradient, or probed; subnormals flushed."""
+    """(g) One step: unprobed, unprobed plus the trait gradient, or probed; subnormals flushed.
+
+    With ``reuse`` the probed step reuses the trait gradient of its first call
+    (``trait_cache=reuse_trait(every=REUSED)``, the cache threaded through the calls).
+    """
 
     @contextmanager
     def prepare(workload: Workload) -> Iterator[Run]:
         w = cast(step.StepWorkload, workload)
         tx = remove_aligned() if remove else None
         state = tx.init(dict(w.student.named_parameters())) if tx is not None else None
+        cache = [reuse_trait(REUSED) if reuse else None]
+
+        def probed() -> StepResult:
+            out = step.probed(w, tx, state, measure_change, trait_cache=cache[0])
+            cache[0] = out.trait_cache
+            return out
+
         with flush_denormal():
             if probe:
-                yield lambda: step.probed(w, tx, state, measure_change)
+                yield probed
             elif trait:
                 yield lambda: step.unprobed_with_trait(w)
             else:
@@ -276,6 +297,14 @@ METHODS: dict[str, Method] = {
             _STEP,
         ),
         Method("step_probed", "probed step (g)", "step", "step_unprobed", _step(True), _STEP),
+        Method(
+            "step_probed_reused",
+            "probed step, trait gradient reused (g)",
+            "step",
+            "step_unprobed",
+            _step(True, reuse=True),
+            _STEP,
+        ),
         Method(
             "step_probed_no_change",
             "probed step, no measured change (g)",

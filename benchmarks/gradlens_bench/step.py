@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradlens.training import Objective, StepResult, probed_step
+from gradlens.training import Objective, StepResult, TraitCache, probed_step
 from gradlens.training.losses import kl_divergence
 from gradlens.transforms.base import GradientTransform
 from gradlens_bench.nets import (
@@ -218,8 +218,13 @@ def probed(
     before: GradientTransform | None = None,
     before_state: Any = None,
     measure_change: bool = True,
+    trait_cache: TraitCache | None = None,
 ) -> StepResult:
-    """One step through :func:`gradlens.training.probed_step` (adapt here if its API moves)."""
+    """One step through :func:`gradlens.training.probed_step` (adapt here if its API moves).
+
+    ``trait_cache`` reuses the trait gradient (:func:`gradlens.training.reuse_trait`);
+    the caller keeps the result's ``trait_cache`` for the next call.
+    """
     train = Objective(w.train_loss, w.noise, (w.targets(),))
     probe = Objective(w.trait_loss, w.probe, (w.labels,))
     return probed_step(
@@ -231,6 +236,7 @@ def probed(
         before_state=before_state,
         measure_change=measure_change,
         output=w.output,
+        trait_cache=trait_cache,
     )
 
 

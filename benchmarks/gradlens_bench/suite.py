@@ -58,8 +58,8 @@ __all__ = ["Part", "SuiteConfig", "env_check", "main", "parse_args", "part_budge
 ROOT = Path(__file__).resolve().parents[2]
 RUN = ROOT / "benchmarks" / "gradlens_bench" / "run.py"
 MNIST = ROOT / "experiments" / "mnist_aux.py"
-STEP_METHODS = "step_unprobed,step_plain_trait,step_probed"
-ZOO_METHODS = "plain,dots_auto,dots_ghost,step_unprobed,step_plain_trait,step_probed"
+STEP_METHODS = "step_unprobed,step_plain_trait,step_probed,step_probed_reused"
+ZOO_METHODS = f"plain,dots_auto,dots_ghost,{STEP_METHODS}"
 MIN_PART_S = 5.0
 """A part with fewer seconds than this is skipped, not started."""
 GRACE_S = 30.0

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 from gradlens_bench.models import REALISTIC
 from gradlens_bench.results import add_ratios
-from gradlens_bench.summary import K, realistic_markdown
+from gradlens_bench.summary import REUSED, K, every_k, realistic_markdown
 
 __all__ = ["report"]
 
@@ -88,7 +88,7 @@ def _mnist(record: Mapping[str, object] | None, parts: Path) -> list[str]:
 
 
 def _figure(found: Mapping[str, xr.Dataset], path: Path, title: str) -> None:
-    """Bars: each realistic and tiny model's step ratios (probed, + trait, modelled every K)."""
+    """Bars: each realistic and tiny model's step ratios (probed, + trait, trait every K)."""
     rows: list[tuple[str, float, float, float]] = []
     for ds in found.values():
         for model in ds["model"].values:
@@ -97,7 +97,8 @@ def _figure(found: Mapping[str, xr.Dataset], path: Path, title: str) -> None:
                 trait = _ratio(ds, str(model), int(batch), "step_plain_trait")
                 if math.isnan(base):
                     continue
-                modelled = base - (K - 1) / K * (trait - 1) if not math.isnan(trait) else math.nan
+                reused = _ratio(ds, str(model), int(batch), REUSED)
+                modelled = every_k(base, reused, 1.0, trait)
                 long = ds.attrs.get("realistic_size") == "gpu_long"
                 tag = f"{model} B={batch}" + (" (4096 tokens)" if long else "")
                 rows.append((tag, trait, base, modelled))
@@ -109,7 +110,7 @@ def _figure(found: Mapping[str, xr.Dataset], path: Path, title: str) -> None:
         (
             ("unprobed + trait gradient", "tab:grey"),
             ("probed step", "tab:blue"),
-            (f"probed, trait every {K} (modelled)", "tab:cyan"),
+            (f"probed, trait every {K} (measured steps, or modelled)", "tab:cyan"),
         )
     ):
         ax.barh(

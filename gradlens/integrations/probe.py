@@ -48,6 +48,7 @@ from gradlens.probes.batch import Inputs
 from gradlens.probes.outputs import OutputSelector, plain_forward
 from gradlens.probes.vmap import LossFn, Randomness, check_vmap_compatible
 from gradlens.records.recorder import Recorder
+from gradlens.training.amortise import TraitCache, reuse_trait
 from gradlens.training.body import Pending, StepResult, after_optimizer, before_optimizer
 from gradlens.training.checks import check_after, check_objective
 from gradlens.training.mode import ModeProbe
@@ -101,6 +102,10 @@ class TrainerProbe:
             (one more backward per step).
         momentum: Record ``momentum_cosine`` (the optimizer is then passed to
             :meth:`post_step`).
+        trait_every: Take ``g_t`` every this many optimizer steps and reuse it
+            in between (:func:`~gradlens.training.reuse_trait`): records
+            ``trait_age``; ``measured_change`` is NaN where ``g_t`` is reused.
+            ``None``: every step, no ``trait_age``.
         logged: The scalar records handed to the trainer's logging.
 
     Attributes:
@@ -109,6 +114,7 @@ class TrainerProbe:
             records in the parameters' dtype.
         before_state: The ``before`` transform's current state.
         after_state: The ``after`` transform's current state.
+        trait_cache: The amortised trait gradient's state (with ``trait_every``).
     """
 
     def __init__(
@@ -127,6 +133,7 @@ class TrainerProbe:
         measure_change: bool = True,
         heldout: Objective | None = None,
         momentum: bool = False,
+        trait_every: int | None = None,
         logged: tuple[str, ...] = LOGGED,
     ) -> None:
         check_objective("trait", trait)
@@ -146,6 +153,9 @@ class TrainerProbe:
         self.flush_every = flush_every
         self.measure_change = measure_change
         self.momentum = momentum
+        self.trait_cache: TraitCache | None = (
+            None if trait_every is None else reuse_trait(trait_every)
+        )
         self.logged = logged
         self.recorder: Recorder | None = None
         self.result: StepResult | None = None
@@ -206,6 +216,7 @@ class TrainerProbe:
             for name in OPTIONAL_RECORDS
             if (name == "momentum_cosine" and self.momentum)
             or (name.startswith("heldout_") and self.heldout is not None)
+            or (name == "trait_age" and self.trait_cache is not None)
         ]
 
     def finish(self, *, complete: bool = True) -> None:
@@ -223,7 +234,11 @@ class TrainerProbe:
     # -- per micro-batch ---------------------------------------------------------
 
     def trait_gradient(self, model: nn.Module) -> tuple[Tensor, dict[str, Tensor]]:
-        """``(trait loss, g_t)`` at the current parameters, taken once per optimizer step."""
+        """``(trait loss, g_t)``, taken once per optimizer step (or reused, ``trait_every``)."""
+        cache = self.trait_cache
+        if cache is not None and not cache.due:
+            assert cache.trait_loss is not None and cache.g_t is not None
+            return cache.trait_loss, cache.g_t
         return self._on(model).gradient(self.trait)
 
     def example_pass(
@@ -307,6 +322,7 @@ class TrainerProbe:
                 step=step,
                 heldout=self.heldout,
                 training="training gradient (.grad)",
+                trait_cache=self.trait_cache,
             )
         if self.before is not None:
             with torch.no_grad():
@@ -348,7 +364,7 @@ class TrainerProbe:
                 momentum=optimizer if self.momentum else None,
             )
         mode.g_t = None
-        self.after_state = result.after_state
+        self.after_state, self.trait_cache = result.after_state, result.trait_cache
         self.result = result
         records = result.records
         if self.recorder is not None:

@@ -16,13 +16,13 @@ import torch
 from torch import Tensor, nn
 
 from gradlens.probes.batch import call, examples
-from gradlens.probes.checks import check_mean_loss
+from gradlens.probes.checks import mean_loss_check, settle
 from gradlens.probes.forms.base import Layout
 from gradlens.probes.forms.broadcast import Consumer, flow_results, replay
 from gradlens.probes.forms.registry import OpLog, Seen, tensors_in
 from gradlens.probes.forms.shared import Part, combine
 from gradlens.probes.outputs import OutputSelector, select_output
-from gradlens.probes.plan import PlanEntry, check_rows_alone
+from gradlens.probes.plan import PlanEntry, rows_alone_check
 from gradlens.probes.precision import upcast, upcast_call
 from gradlens.probes.vmap import LossFn, per_example_losses
 
@@ -54,7 +54,8 @@ def ghost_pass(
     the other arguments are those of :func:`gradlens.probes.ghost.probe_batch`, with the
     parameters split by ``split_params``; ``check_rows`` runs
     :func:`~gradlens.probes.plan.check_rows_alone` on this batch (two forwards of
-    one example), off only where the forward draws random numbers.
+    one example), off only where the forward draws random numbers; it and the
+    mean-loss check share one host read (:func:`~gradlens.probes.checks.settle`).
 
     Returns:
         ``(losses, grad_sum, dots, sq_norms)``: per-example losses ``(example,)``;
@@ -72,12 +73,16 @@ def ghost_pass(
     with torch.enable_grad(), log:
         outputs = call(model, (params, frozen, buffers), inputs)
         losses = per_example_losses(loss_fn, outputs, *targets, output=output)
+    checks = []  # settled with one host read
     if with_grad:  # the batch gradient is the mean of the examples' only for a mean loss
         with torch.no_grad():
-            check_mean_loss(loss_fn(select_output(outputs, output), *targets), losses)
+            batch_loss = loss_fn(select_output(outputs, output), *targets)
+            checks.append(mean_loss_check(batch_loss, losses))
     if check_rows:  # every batch, cached plan or not: a data-dependent mix shows here
         detached = {n: p.detach() for n, p in params.items()}
-        check_rows_alone(model, detached, frozen, inputs, select_output(outputs, output), output)
+        seen = select_output(outputs, output)
+        checks.append(rows_alone_check(model, detached, frozen, inputs, seen, output))
+    settle(checks)
     eligible = _as_planned(log, plan, batch)
     consumers = flow_consumers(log, plan, batch)
     ends = [c.output for found in consumers.values() for c, _ in found]

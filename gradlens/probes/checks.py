@@ -9,9 +9,9 @@ failure into an error that names the module and the fix.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +20,7 @@ from gradlens.errors import UnsupportedModelError
 from gradlens.probes.batch import Inputs, describe, examples
 
 __all__ = [
+    "DeferredCheck",
     "LossFn",
     "Randomness",
     "check_batch",
@@ -28,7 +29,9 @@ __all__ = [
     "check_not_meta",
     "check_vmap_compatible",
     "explain_vmap_failures",
+    "mean_loss_check",
     "mean_loss_rtol",
+    "settle",
     "split_params",
 ]
 
@@ -269,6 +272,48 @@ def mean_loss_rtol(dtype: torch.dtype) -> float:
     return max(1e-4, 8 * torch.finfo(dtype).eps)
 
 
+class DeferredCheck(NamedTuple):
+    """A check whose verdict is a device flag, so that several share one host read.
+
+    Attributes:
+        failed: ``()`` bool tensor, True where the check fails (computed on the
+            device, not read).
+        explain: Raises the check's error, naming the cause (reads what it
+            needs); called only when some flag of :func:`settle` is set.
+    """
+
+    failed: Tensor
+    explain: Callable[[], None]
+
+
+def settle(checks: Sequence[DeferredCheck]) -> None:
+    """Raise the first failing check's error, in order, after one host read of every flag."""
+    if not checks:
+        return
+    if not bool(torch.stack([c.failed for c in checks]).any()):  # the one read
+        return
+    for check in checks:
+        check.explain()
+
+
+def mean_loss_check(batch_loss: Tensor, losses: Tensor) -> DeferredCheck:
+    """:func:`check_mean_loss` as a :class:`DeferredCheck`: its verdict on the device.
+
+    The flag is set exactly where :func:`check_mean_loss` raises: a finite batch
+    loss beside a non-finite mean of the examples' losses, or both finite and
+    apart by more than :func:`mean_loss_rtol` (float64, as the explanation compares).
+    """
+    if losses.numel() < 2:
+        failed = torch.zeros((), dtype=torch.bool, device=losses.device)
+    else:
+        value = batch_loss.detach().reshape(()).double()
+        mean = losses.detach().double().mean()
+        rtol = mean_loss_rtol(losses.dtype)
+        close = (value - mean).abs() <= rtol * torch.maximum(value.abs(), mean.abs()) + 1e-7
+        failed = value.isfinite() & ~(mean.isfinite() & close)
+    return DeferredCheck(failed, lambda: _explain_mean_loss(batch_loss, losses))
+
+
 def check_mean_loss(batch_loss: Tensor, losses: Tensor) -> None:
     """Raise unless the batch loss is the mean of the examples' losses, to the dtype's rounding.
 
@@ -288,6 +333,11 @@ def check_mean_loss(batch_loss: Tensor, losses: Tensor) -> None:
             loss is finite but an example's own loss is not (an example without
             a valid token under a token mean).
     """
+    settle([mean_loss_check(batch_loss, losses)])
+
+
+def _explain_mean_loss(batch_loss: Tensor, losses: Tensor) -> None:
+    """The error :func:`check_mean_loss` raises, from the values on the host."""
     if losses.numel() < 2:
         return
     found = torch.stack([batch_loss.detach().reshape(()).double(), losses.detach().double().mean()])

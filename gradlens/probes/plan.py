@@ -61,6 +61,7 @@ from torch import Tensor, nn
 
 from gradlens.errors import UnsupportedModelError
 from gradlens.probes.batch import call, examples, signature, take
+from gradlens.probes.checks import DeferredCheck, settle
 from gradlens.probes.entry import PlanEntry, cheapest, with_costs
 from gradlens.probes.forms.flows import by_root, check_routes, flow_entry
 from gradlens.probes.forms.registry import (
@@ -81,6 +82,7 @@ __all__ = [
     "check_rows_alone",
     "ghost_plan",
     "plan_for",
+    "rows_alone_check",
 ]
 
 CACHE_SIZE = 8
@@ -181,7 +183,8 @@ def check_rows_alone(
     :data:`ROWS_AT_PLAN`); the probes check the first and the last example of
     every later batch, cached plan or not. What this cannot see: a later batch
     whose first and last examples are both among those that set the statistic
-    (both longest) while others are shorter.
+    (both longest) while others are shorter. One host read for all the rows
+    (:func:`rows_alone_check` defers even that one).
 
     Args:
         model: The model.
@@ -192,31 +195,70 @@ def check_rows_alone(
         output: The output selector.
         rows: The examples to check; default the first and the last.
     """
+    settle([rows_alone_check(model, params, frozen, inputs, batch_output, output, rows)])
+
+
+def rows_alone_check(
+    model: nn.Module,
+    params: dict[str, Tensor],
+    frozen: dict[str, Tensor],
+    inputs: Tensor,
+    batch_output: Tensor,
+    output: OutputSelector | None,
+    rows: Sequence[int] | None = None,
+) -> DeferredCheck:
+    """:func:`check_rows_alone` as a :class:`~gradlens.probes.checks.DeferredCheck`.
+
+    The rows' forwards run now; their largest differences from the batch's
+    rows are stacked and compared with the tolerance on the device. A row
+    whose forward fails ends the check there (the rows before it are still
+    compared); a row whose output has another shape fails it (reported after
+    the rows before it, as one by one).
+    """
     batch = examples(inputs)
     rows = (0, batch - 1) if rows is None else rows
+    device = batch_output.device
+    passed = DeferredCheck(torch.zeros((), dtype=torch.bool, device=device), lambda: None)
     if batch < 2 or not batch_output.is_floating_point() or batch_output.shape[:1] != (batch,):
-        return
+        return passed
     buffers = {n: b.clone() for n, b in model.named_buffers()}
-    tol = max(1e-4, 50 * torch.finfo(batch_output.dtype).eps)
-    tol *= float(batch_output.detach().abs().max().clamp_min(1e-30))
+    found: list[tuple[int, Tensor]] = []
+    other_shape: str | None = None
     for row in rows:
         try:
             with torch.no_grad():
                 alone = call(model, (params, frozen, buffers), take(inputs, slice(row, row + 1)))
             alone = select_output(alone, output)
         except Exception:
-            return
+            break
         if alone.shape[1:] != batch_output.shape[1:]:
-            raise UnsupportedModelError(
-                _mixing(
-                    model,
-                    f"example {row} alone has output shape "
-                    f"{tuple(alone.shape[1:])}, in the batch "
-                    f"{tuple(batch_output.shape[1:])}",
-                )
+            other_shape = _mixing(
+                model,
+                f"example {row} alone has output shape {tuple(alone.shape[1:])}, in the batch "
+                f"{tuple(batch_output.shape[1:])}",
             )
-        if float((alone[0] - batch_output[row].detach()).abs().max()) > tol:
-            raise UnsupportedModelError(_mixing(model, f"example {row} alone gives another output"))
+            break
+        found.append((row, alone[0]))
+    out = batch_output.detach()
+    rel = max(1e-4, 50 * torch.finfo(out.dtype).eps)
+    tol = rel * out.abs().max().clamp_min(1e-30).double()
+    gaps = torch.stack(
+        [(a - out[row]).abs().max().double() for row, a in found] or [tol.new_zeros(())]
+    )
+    off = gaps > tol  # (row,): the rows that differ, not read here
+
+    def explain() -> None:
+        if bool(off.any()):
+            first = found[int(off.to(torch.uint8).argmax())][0]
+            raise UnsupportedModelError(
+                _mixing(model, f"example {first} alone gives another output")
+            )
+        if other_shape is not None:
+            raise UnsupportedModelError(other_shape)
+
+    if other_shape is not None:
+        return DeferredCheck(torch.ones((), dtype=torch.bool, device=device), explain)
+    return DeferredCheck(off.any(), explain)
 
 
 def _mixing(model: nn.Module, what: str) -> str:

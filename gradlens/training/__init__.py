@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from gradlens.training.amortise import TraitCache, reuse_trait
 from gradlens.training.body import StepResult
 from gradlens.training.distributed import (
     ReplicaDivergenceError,
@@ -30,11 +31,13 @@ __all__ = [
     "ReplicaDivergenceError",
     "Stack",
     "StepResult",
+    "TraitCache",
     "TransformLayout",
     "distributed_probed_step",
     "gather_examples",
     "plan_attr",
     "probed_step",
+    "reuse_trait",
     "stack_forward",
     "stack_modules",
     "stacked_probed_step",

@@ -25,19 +25,19 @@ are here, once.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from gradlens.alignment.gradops import check_finite, safe_divide
+from gradlens.alignment.gradops import safe_divide
 from gradlens.alignment.layerstats import layer_stats
 from gradlens.alignment.measures import summarize
 from gradlens.errors import GradientMismatchError
 from gradlens.probes.plan import PlanEntry
-from gradlens.training.checks import check_after
+from gradlens.training.amortise import TraitCache, trait_gradient
+from gradlens.training.checks import check_after, check_all_finite
 from gradlens.training.mode import ModeProbe, StepMode, accumulate, examples_of, micro_batches
 from gradlens.training.objective import Objective
 from gradlens.transforms.base import GradientTransform
@@ -47,7 +47,6 @@ __all__ = [
     "StepResult",
     "after_optimizer",
     "before_optimizer",
-    "check_all_finite",
     "run_step",
 ]
 
@@ -71,6 +70,8 @@ class StepResult(NamedTuple):
         plan: The path (``"ghost"`` or ``"vmap"``) each parameter's per-example
             values took and why (:class:`~gradlens.probes.PlanEntry`); record it
             with :func:`~gradlens.training.records.plan_attr`.
+        trait_cache: New state of the amortised trait gradient
+            (:func:`~gradlens.training.reuse_trait`), ``None`` without one.
     """
 
     records: dict[str, Tensor]
@@ -78,6 +79,7 @@ class StepResult(NamedTuple):
     before_state: Any
     after_state: Any
     plan: dict[str, PlanEntry] = {}  # noqa: RUF012 - a NamedTuple default, never mutated
+    trait_cache: TraitCache | None = None
 
 
 class Pending(NamedTuple):
@@ -90,10 +92,11 @@ class Pending(NamedTuple):
         g_h: The held-out trait gradient, or ``None``.
         applied: The gradient to hand the optimizer: ``g`` after ``before``.
         before_state: New state of the ``before`` transform.
-        trait_loss: The trait loss before the step, ``(*model)``.
+        trait_loss: The trait loss where ``g_t`` was taken, ``(*model)``.
         records: The records of the gradients (everything before the update).
         example_cosine: ``cos(g_i, g_t)``, ``(*model, example)``.
         plan: The per-example values' plan.
+        trait_cache: The amortised trait gradient's new state, or ``None``.
     """
 
     old: dict[str, Tensor]
@@ -106,6 +109,7 @@ class Pending(NamedTuple):
     records: dict[str, Tensor]
     example_cosine: Tensor
     plan: dict[str, PlanEntry]
+    trait_cache: TraitCache | None = None
 
 
 def _stats(grad: Grads, reference: Grads) -> tuple[Tensor, Tensor, Tensor]:
@@ -146,29 +150,6 @@ def _sum_params(values: Mapping[str, Tensor]) -> Tensor:
     return torch.stack(list(values.values())).sum(dim=0)
 
 
-def check_all_finite(checked: Sequence[tuple[str, Grads]], *, step: int | None) -> None:
-    """:func:`~gradlens.alignment.gradops.check_finite` of several gradients, one host read.
-
-    All are read at once, before the optimizer steps; if any value is not
-    finite, each gradient is checked in the order given, so the error is the
-    one checking them one by one would raise: the first non-finite gradient,
-    named, with its parameters and ``step``.
-
-    Args:
-        checked: ``(what, gradient)`` pairs, in the order a failure is reported;
-            ``what`` names the gradient in the message.
-        step: The training step, for the message.
-    """
-    filled = [v for _, grad in checked for v in grad.values() if v.numel() > 0]
-    if not filled:
-        return
-    norms = torch._foreach_norm(filled, ord=math.inf)
-    if bool(torch.stack([n.float() for n in norms]).isfinite().all()):
-        return
-    for what, grad in checked:  # raises for the first non-finite one
-        check_finite(grad, step=step, what=what)
-
-
 def before_optimizer(
     mode: StepMode,
     train: Callable[[list[Grads]], ModeProbe],
@@ -181,6 +162,7 @@ def before_optimizer(
     reference: Objective | None = None,
     tokens: Callable[[Grads, Tensor], Tensor] | None = None,
     training: str = "training gradient",
+    trait_cache: TraitCache | None = None,
 ) -> Pending:
     """The first half of a probed step: the gradients, their checks, ``before`` and records.
 
@@ -197,12 +179,14 @@ def before_optimizer(
             of ``g_t`` (a control); the records still measure against ``g_t``.
         tokens: Record ``token_dot``, ``tokens(g_t, train_loss)``.
         training: What the training gradient is called in a finiteness error.
+        trait_cache: Take ``g_t`` every few steps and reuse it in between
+            (:func:`~gradlens.training.reuse_trait`); records ``trait_age``.
 
     Returns:
         The :class:`Pending` step; hand ``applied`` to the optimizer.
     """
     old = {n: p.detach().clone() for n, p in mode.params.items()}
-    trait_loss, g_t = mode.gradient(trait)
+    trait_loss, g_t, trait_cache = trait_gradient(mode, trait, trait_cache)
     checked = [("trait gradient", g_t)]
     along = g_t
     if reference is not None:
@@ -264,11 +248,23 @@ def before_optimizer(
         records["train_loss_part"] = torch.stack(list(probe.parts.values()), dim=-1)
     if token_dot is not None:
         records["token_dot"] = token_dot
+    if trait_cache is not None:
+        records["trait_age"] = torch.full_like(trait_loss, trait_cache.age)
     if g_h is not None and heldout_loss is not None:
         records["heldout_trait_loss"] = heldout_loss
         records["heldout_cosine"] = _pair(mode, g, g_h).cosine
     return Pending(
-        old, g_t, along, g_h, applied, before_state, trait_loss, records, example_cosine, probe.plan
+        old,
+        g_t,
+        along,
+        g_h,
+        applied,
+        before_state,
+        trait_loss,
+        records,
+        example_cosine,
+        probe.plan,
+        trait_cache,
     )
 
 
@@ -291,6 +287,8 @@ def after_optimizer(
             ``old + after(update)`` (a global transform, :func:`.check_after`).
         after_state: Its state.
         trait: The trait objective, to record ``measured_change``; ``None`` skips it.
+            With a reused ``g_t`` (``trait_age`` > 0) the trait loss before the
+            step is not known: ``measured_change`` is NaN and no forward is taken.
         step: The step number, for error messages.
         momentum: The optimizer whose first moment gives ``momentum_cosine``;
             ``None`` leaves it out.
@@ -307,7 +305,8 @@ def after_optimizer(
             delta, after_state = after.update(delta, after_state, old, reference=negative)
             for name, p in params.items():
                 p.copy_(old[name] + delta[name])
-    trait_after = mode.after_step(trait, step)
+    stale = pending.trait_cache is not None and pending.trait_cache.age > 0
+    trait_after = mode.after_step(None if stale else trait, step)
 
     update_pair = _pair(mode, delta, g_t)
     records = dict(pending.records)
@@ -316,6 +315,8 @@ def after_optimizer(
     records["layer_predicted_change"] = update_pair.dot
     if trait_after is not None:
         records["measured_change"] = trait_after - pending.trait_loss
+    elif trait is not None:  # g_t reused: the loss before the step was not taken
+        records["measured_change"] = torch.full_like(pending.trait_loss, float("nan"))
     if momentum is not None:
         moment = _first_moment(momentum, params)
         records["momentum_cosine"] = (
@@ -326,7 +327,12 @@ def after_optimizer(
     if pending.g_h is not None:
         records["heldout_update_cosine"] = _pair(mode, delta, pending.g_h).cosine
     return StepResult(
-        records, pending.example_cosine, pending.before_state, after_state, pending.plan
+        records,
+        pending.example_cosine,
+        pending.before_state,
+        after_state,
+        pending.plan,
+        pending.trait_cache,
     )
 
 
@@ -346,6 +352,7 @@ def run_step(
     reference: Objective | None = None,
     momentum: bool = False,
     tokens: Callable[[Grads, Tensor], Tensor] | None = None,
+    trait_cache: TraitCache | None = None,
 ) -> StepResult:
     """Take one probed optimizer step in ``mode``, its checks done by the caller.
 
@@ -370,6 +377,7 @@ def run_step(
         momentum: Record the cosine of ``g_t`` with the optimizer's first moment.
         tokens: Record ``token_dot``, ``tokens(g_t, train_loss)`` before the
             optimizer steps (:func:`~gradlens.training.tokens.token_probe`).
+        trait_cache: The amortised trait gradient's state (:func:`.reuse_trait`).
 
     Returns:
         The :class:`StepResult`.
@@ -386,6 +394,7 @@ def run_step(
         heldout=heldout,
         reference=reference,
         tokens=tokens,
+        trait_cache=trait_cache,
     )
     for name, p in mode.params.items():
         p.grad = pending.applied[name].detach()

@@ -3,22 +3,27 @@
 Every mode of the step (one model, a stack of models, data parallel) runs
 these same checks. Whether a training loss is the mean of its examples' losses
 is checked later, on the whole batch, by the probe's own outputs
-(:func:`gradlens.probes.checks.check_mean_loss`), still before any step.
+(:func:`gradlens.probes.checks.check_mean_loss`), still before any step, and so
+is the finiteness of every gradient of the step (:func:`check_all_finite`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
+from gradlens.alignment.gradops import check_finite
 from gradlens.probes.batch import describe, examples
 from gradlens.probes.vmap import check_batch
 from gradlens.training.objective import Objective
 from gradlens.transforms.base import GradientTransform, needs_example_dots
 
-__all__ = ["check_after", "check_objective", "check_optimizer"]
+__all__ = ["check_after", "check_all_finite", "check_objective", "check_optimizer"]
+
+Grads = Mapping[str, Tensor]
 
 
 def check_objective(which: str, objective: Objective, *, allow_empty: bool = False) -> None:
@@ -61,3 +66,26 @@ def check_after(after: GradientTransform | None) -> None:
             "describe gradients. Pass it as before= (on g, with the examples' dots), or use "
             "its global form (remove_aligned, scale_aligned) as after=."
         )
+
+
+def check_all_finite(checked: Sequence[tuple[str, Grads]], *, step: int | None) -> None:
+    """:func:`~gradlens.alignment.gradops.check_finite` of several gradients, one host read.
+
+    All are read at once, before the optimizer steps; if any value is not
+    finite, each gradient is checked in the order given, so the error is the
+    one checking them one by one would raise: the first non-finite gradient,
+    named, with its parameters and ``step``.
+
+    Args:
+        checked: ``(what, gradient)`` pairs, in the order a failure is reported;
+            ``what`` names the gradient in the message.
+        step: The training step, for the message.
+    """
+    filled = [v for _, grad in checked for v in grad.values() if v.numel() > 0]
+    if not filled:
+        return
+    norms = torch._foreach_norm(filled, ord=math.inf)
+    if bool(torch.stack([n.float() for n in norms]).isfinite().all()):
+        return
+    for what, grad in checked:  # raises for the first non-finite one
+        check_finite(grad, step=step, what=what)

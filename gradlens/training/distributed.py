@@ -60,6 +60,7 @@ from gradlens.probes.batch import examples
 from gradlens.probes.ghost import Method
 from gradlens.probes.outputs import OutputSelector, plain_forward
 from gradlens.probes.vmap import Randomness, check_vmap_compatible
+from gradlens.training.amortise import TraitCache
 from gradlens.training.body import StepResult, run_step
 from gradlens.training.checks import check_objective, check_optimizer
 from gradlens.training.collectives import (
@@ -198,6 +199,7 @@ def distributed_probed_step(
     heldout: Objective | None = None,
     reference: Objective | None = None,
     momentum: bool = False,
+    trait_cache: TraitCache | None = None,
 ) -> StepResult:
     """Take one data-parallel optimizer step on ``train`` while probing it against ``trait``.
 
@@ -236,6 +238,10 @@ def distributed_probed_step(
         reference: The transforms act along this objective's gradient (laid out
             as ``trait``) instead of ``g_t``.
         momentum: Record ``momentum_cosine``.
+        trait_cache: Take the trait gradient every few steps and reuse it in
+            between: :func:`~gradlens.training.reuse_trait` on the first step, then
+            the last result's ``trait_cache``; records ``trait_age``, and
+            ``measured_change`` is NaN on the steps that reuse ``g_t``.
 
     Returns:
         A :class:`~gradlens.training.StepResult` of the global batch, the same
@@ -293,4 +299,5 @@ def distributed_probed_step(
             heldout=heldout,
             reference=reference,
             momentum=momentum,
+            trait_cache=trait_cache,
         )

@@ -63,7 +63,9 @@ _S, _L, _Q = ("step",), ("step", "layer"), ("step", "quantile")
 
 STEP_RECORDS: dict[str, Variable] = {
     "train_loss": Variable(_S, "training loss on the step's batch, before the step", "nat"),
-    "trait_loss": Variable(_S, "trait loss on the trait batch, before the step", "nat"),
+    "trait_loss": Variable(
+        _S, "trait loss on the trait batch where g_t was taken (before the step)", "nat"
+    ),
     "cosine": Variable(_S, "cos(g_t, g): trait and training gradients"),
     "trait_norm": Variable(_S, "||g_t||, trait gradient norm"),
     "train_norm": Variable(_S, "||g||, training gradient norm"),
@@ -79,7 +81,9 @@ STEP_RECORDS: dict[str, Variable] = {
     "layer_predicted_change": Variable(
         _L, "first-order predicted trait-loss change per layer, g_t . update (drive)", "nat"
     ),
-    "measured_change": Variable(_S, "measured trait-loss change over the step", "nat"),
+    "measured_change": Variable(
+        _S, "measured trait-loss change over the step (NaN where g_t is reused)", "nat"
+    ),
     "example_cosine_mean": Variable(_S, "mean over examples of cos(g_i, g_t)"),
     "example_cosine_quantile": Variable(_Q, "quantiles over examples of cos(g_i, g_t)"),
     "example_cosine_frac_positive": Variable(_S, "fraction of examples with cos(g_i, g_t) > 0"),
@@ -101,9 +105,12 @@ OPTIONAL_RECORDS: dict[str, Variable] = {
         "<grad l_it, g_t>: each training token's loss term against the trait gradient",
         "nat^2",
     ),
+    "trait_age": Variable(
+        _S, "steps since g_t (and trait_loss) was taken; 0: at this step's parameters", "step"
+    ),
 }
 """The records a step gives when asked (``train.parts``, ``momentum=``, ``heldout=``,
-``token_loss=``)."""
+``token_loss=``, ``trait_cache=``)."""
 
 EXAMPLE_COSINE = Variable(("example_step", "example"), "cos(g_i, g_t) of each training example")
 """The per-example cosines, stored on their own record dim (every few steps)."""

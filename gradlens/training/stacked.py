@@ -59,6 +59,7 @@ from gradlens.probes.checks import (
 )
 from gradlens.probes.outputs import OutputSelector, select_output
 from gradlens.probes.plan import PlanEntry
+from gradlens.training.amortise import TraitCache
 from gradlens.training.body import StepResult, run_step
 from gradlens.training.checks import check_optimizer
 from gradlens.training.mode import ModeProbe, micro_batches
@@ -304,6 +305,7 @@ def stacked_probed_step(
     heldout: Objective | None = None,
     reference: Objective | None = None,
     momentum: bool = False,
+    trait_cache: TraitCache | None = None,
 ) -> StepResult:
     """Take one optimizer step of every model of ``stack``, probing each as :func:`probed_step`.
 
@@ -332,6 +334,10 @@ def stacked_probed_step(
         heldout: A held-out trait objective; see :func:`~gradlens.training.probed_step`.
         reference: The transforms act along this objective's gradient instead of ``g_t``.
         momentum: Record ``momentum_cosine``.
+        trait_cache: Take the trait gradient every few steps and reuse it in
+            between: :func:`~gradlens.training.reuse_trait` on the first step, then
+            the last result's ``trait_cache``; records ``trait_age``, and
+            ``measured_change`` is NaN on the steps that reuse ``g_t``.
 
     Returns:
         A :class:`~gradlens.training.StepResult` whose records have a leading
@@ -375,4 +381,5 @@ def stacked_probed_step(
         heldout=heldout,
         reference=reference,
         momentum=momentum,
+        trait_cache=trait_cache,
     )

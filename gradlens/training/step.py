@@ -40,6 +40,7 @@ from gradlens.probes.checks import LossFn, check_not_meta
 from gradlens.probes.ghost import Method, probe_batch
 from gradlens.probes.outputs import OutputSelector, plain_forward, select_output
 from gradlens.probes.vmap import Randomness, check_vmap_compatible, loss_and_grad
+from gradlens.training.amortise import TraitCache
 from gradlens.training.body import StepResult, run_step
 from gradlens.training.checks import check_objective, check_optimizer
 from gradlens.training.mode import ModeProbe, micro_batches
@@ -158,6 +159,7 @@ def probed_step(
     reference: Objective | None = None,
     momentum: bool = False,
     token_loss: LossFn | None = None,
+    trait_cache: TraitCache | None = None,
 ) -> StepResult:
     """Take one optimizer step on ``train`` while probing its alignment with ``trait``.
 
@@ -212,6 +214,10 @@ def probed_step(
             one forward-mode pass per micro-batch): ``token_loss(outputs, *targets)
             -> (example, token)`` splits ``train.loss_fn`` into per-token terms
             (``training.losses.token_losses`` for ``token_mean``), checked to sum to it.
+        trait_cache: Take the trait gradient every few steps and reuse it in
+            between: :func:`~gradlens.training.reuse_trait` on the first step, then
+            the last result's ``trait_cache``; records ``trait_age``, and
+            ``measured_change`` is NaN on the steps that reuse ``g_t``.
 
     Returns:
         A :class:`~gradlens.training.StepResult`.
@@ -260,6 +266,7 @@ def probed_step(
             heldout=heldout,
             reference=reference,
             momentum=momentum,
+            trait_cache=trait_cache,
             tokens=None
             if token_loss is None
             else token_probe(model, token_loss, batches, chunk_size=chunk_size, output=output),

@@ -20,7 +20,7 @@ from gradlens_bench.run import BenchConfig, main, parse_args
 from gradlens_bench.suite import GRACE_S, Part, SuiteConfig, part_budget
 from gradlens_bench.summary import realistic_markdown
 
-STEPS = ("step_unprobed", "step_plain_trait", "step_probed")
+STEPS = ("step_unprobed", "step_plain_trait", "step_probed", "step_probed_reused")
 
 
 @pytest.fixture
@@ -93,6 +93,16 @@ def test_the_summary_reads_ratios_and_models_the_trait_every_ten_steps(tiny: Non
     assert "| llama | 8 | 100 ms | " in table
     assert "| 1.50x | 2.00x | 1.33x | 1.55x | 2.00x |" in table
     assert "GhostSuite" in table and "sequence 4096" in table
+    assert "(modelled)" in table
+
+
+def test_the_summary_takes_the_trait_every_ten_steps_from_measured_steps(tiny: None) -> None:
+    times = {"step_unprobed": 0.1, "step_plain_trait": 0.15, "step_probed": 0.2}
+    ds = _dataset(times | {"step_probed_reused": 0.13})
+    table = realistic_markdown(ds)
+    # every 10: (0.2 + 9 * 0.13) / 10 = 0.137 s = 1.37x, not the modelled 1.55x
+    assert "| 1.50x | 2.00x | 1.33x | 1.37x | 2.00x |" in table
+    assert "trait every 10 (measured)" in table and "modelled" not in table
 
 
 def test_a_part_budget_passes_unused_time_on_and_shrinks_when_behind() -> None:

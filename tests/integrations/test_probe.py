@@ -1,4 +1,4 @@
-"""TrainerProbe's refusals, in a plain loop (no trainer needed)."""
+"""TrainerProbe in a plain loop (no trainer needed): its refusals, and trait_every."""
 
 from __future__ import annotations
 
@@ -8,10 +8,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gradlens import Objective, probed_step
 from gradlens.errors import GradientMismatchError, UnsupportedModelError
 from gradlens.integrations import TrainerProbe
-from gradlens.transforms import remove_aligned_per_example
-from tests.integrations.replay import data, net, trait
+from gradlens.training import reuse_trait, transform_layout
+from gradlens.transforms import remove_aligned, remove_aligned_per_example
+from tests.integrations.replay import (
+    assert_rows_match,
+    assert_same_params,
+    data,
+    net,
+    row,
+    trait,
+)
 
 
 def logits_loss(out: dict[str, Tensor], y: Tensor) -> Tensor:
@@ -126,3 +135,42 @@ def test_a_short_step_is_padded_with_nan_and_a_longer_one_refused() -> None:
     assert np.isnan(cosines[1, 4:]).all() and not np.isnan(cosines[0]).any()
     with pytest.raises(ValueError, match=r"first step had 6.*drop_last"):
         step(model, probe, x[:8], y[:8], 2)
+
+
+def test_trait_every_reuses_g_t_as_probed_step_does() -> None:
+    """TrainerProbe(trait_every=2) in a plain loop equals probed_step with reuse_trait(2)."""
+    model, probe = started(before=remove_aligned(), trait_every=2)
+    twin = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.3)
+    tx = remove_aligned()
+    state, cache = tx.init(dict(twin.named_parameters())), reuse_trait(2)
+    layout = transform_layout(dict(twin.named_parameters()), before=tx)
+    x, y = data(15)
+    got, want = [], []
+    for number in range(3):
+        xb, yb = x[5 * number : 5 * number + 5], y[5 * number : 5 * number + 5]
+        model.zero_grad()
+        probe.example_pass(model, F.cross_entropy, xb, yb)
+        backward(model, xb, yb)
+        probe.pre_step(model, number)
+        opt.step()
+        probe.post_step(model)
+        assert probe.result is not None
+        got.append(row(probe.result, probe.layout))
+        result = probed_step(
+            twin,
+            twin_opt,
+            Objective(F.cross_entropy, xb, (yb,)),
+            trait(),
+            before=tx,
+            before_state=state,
+            output="logits",
+            trait_cache=cache,
+        )
+        state, cache = result.before_state, result.trait_cache
+        want.append(row(result, layout))
+    assert [int(r["trait_age"]) for r in got] == [0, 1, 0]  # counts, exact
+    assert torch.isnan(got[1]["measured_change"]) and torch.isfinite(got[2]["measured_change"])
+    assert "trait_age" in assert_rows_match(got, want, examples=True)  # NaN matches NaN
+    assert_same_params(model, twin)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradlens import Objective, probe_batch, probed_step
+from gradlens.probes.checks import check_mean_loss, mean_loss_check, settle
 
 VOCAB, TOKENS = 11, 8
 
@@ -104,3 +105,36 @@ def test_an_example_mean_steps_exactly_as_a_plain_backward(loss: object, lengths
     opt.step()
     for p, q in zip(model.parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+_NAN, _INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    ("batch_loss", "losses"),
+    [
+        (2.0, [1.0, 3.0]),  # the mean: passes
+        (4.0, [1.0, 3.0]),  # the sum: refused
+        (2.5, [1.0, 3.0]),  # another weighting: refused
+        (2.0, [1.0, _NAN]),  # finite beside a non-finite example: refused
+        (_NAN, [1.0, 3.0]),  # a non-finite batch loss: check_finite reports it, not this
+        (_INF, [_INF, 3.0]),
+        (5.0, [1.0]),  # one example: nothing to compare
+        (2.0 + 1e-9, [1.0, 3.0]),  # within the float32 rounding
+    ],
+)
+def test_the_device_flag_is_set_exactly_where_the_check_raises(
+    batch_loss: float, losses: list[float]
+) -> None:
+    loss, each = torch.tensor(batch_loss), torch.tensor(losses)
+    try:
+        check_mean_loss(loss, each)
+        raised = False
+    except ValueError:
+        raised = True
+    deferred = mean_loss_check(loss, each)
+    assert bool(deferred.failed) is raised  # a flag, exact
+    if raised:  # settled with another check that passes, the error is check_mean_loss's own
+        passing = mean_loss_check(torch.tensor(2.0), torch.tensor([1.0, 3.0]))
+        with pytest.raises(ValueError, match="the batch loss is"):
+            settle([passing, deferred])

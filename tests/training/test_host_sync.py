@@ -105,10 +105,10 @@ class HostReads(TorchFunctionMode):
 
 
 KNOWN = {
-    ("training/body.py", "check_all_finite"): "finiteness of every gradient, before the step",
+    ("training/checks.py", "check_all_finite"): "finiteness of every gradient, before the step",
     ("training/stacked.py", "_check_model_means"): "each model's batch loss is its examples' mean",
-    ("probes/checks.py", "check_mean_loss"): "the batch loss is the mean of the examples' losses",
-    ("probes/plan.py", "check_rows_alone"): "first and last example alone give their batch outputs",
+    ("probes/checks.py", "settle"): "the batch loss is the examples' mean; the first and last "
+    "example alone give their batch outputs (one read for both)",
 }
 """The host reads of a steady-state probed step today, each a check (see the report in
 docs/benchmarks.md, "Host reads of a probed step")."""
@@ -198,6 +198,16 @@ def test_every_finiteness_check_of_a_step_shares_one_read(kind: str) -> None:
     reads = _steady_reads(kind)
     finite = [n for (_, where, fn), n in reads.sites.items() if fn == "check_all_finite"]
     assert finite == [1], reads.describe()
+
+
+@pytest.mark.parametrize("kind", ["plain", "no_change", "remove_aligned"])
+def test_the_probes_checks_of_the_batch_share_one_read(kind: str) -> None:
+    reads = _steady_reads(kind)
+    settled = [n for (_, where, fn), n in reads.sites.items() if fn == "settle"]
+    assert settled == [1], reads.describe()
+    # 5 reads before (check_mean_loss 1, check_rows_alone 3, check_all_finite 1); 2 now
+    total = sum(n for (_, where, _), n in reads.sites.items() if where != OPTIMIZER)
+    assert total == 2, reads.describe()
 
 
 def test_the_stacked_mean_loss_check_reads_once_per_step() -> None:
