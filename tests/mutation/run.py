@@ -342,8 +342,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "scale_aligned_acts_on_zero_reference",
         ALIGNED,
-        "acted = before.ref_sq_norm > 0",
-        "acted = before.ref_sq_norm >= 0",
+        "acted = onto.ref_sq_norm > 0",
+        "acted = onto.ref_sq_norm >= 0",
         "a zero reference recorded as acted on",
     ),
     Mutant(
