@@ -182,10 +182,11 @@ def _probe(
     if method == "ghost" and refused:
         raise UnsupportedModelError(
             f"parameters without an exact ghost form: {'; '.join(refused)}. The ghost path "
-            "takes only parameters read once by the forward, in the weight or bias of a layer "
-            "with a factored form (linear, HF Conv1D, conv, embedding, normalisations), on "
-            "inputs with an established example axis; use method='auto' to send the others "
-            "to vmap (ghost_plan shows the plan)."
+            "takes parameters that reach the examples through a factored form (the weight or "
+            "bias of a linear, HF Conv1D, conv, embedding or normalisation layer, or a tensor "
+            "added to or multiplying the examples: position tables, class tokens, RMSNorm "
+            "weights), on inputs with an established example axis; use method='auto' to send "
+            "the others to vmap (ghost_plan shows the plan and each parameter's reason)."
         )
     refuse_mixed_masks(plan, randomness, method)
     if method == "vmap":
