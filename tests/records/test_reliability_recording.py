@@ -32,7 +32,7 @@ from tests.records.test_recording import log_run, make
 TESTS = str(Path(__file__).parent)
 
 KILLER = """
-import json, os, random, signal, sys, time
+import json, os, random, signal, sys, time, traceback
 sys.path.insert(0, {tests!r})
 from test_recording import log_run, make
 
@@ -154,6 +154,9 @@ for k in range(interrupts):
                         step += 1
             except KeyboardInterrupt:
                 code = 3
+            except BaseException:  # another exception left the block: the test names it
+                with open(path + ".error", "w") as f:
+                    f.write(traceback.format_exc())
         finally:
             os._exit(code)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {{signal.SIGINT}})
@@ -198,7 +201,9 @@ def test_ctrl_c_at_random_moments_leaves_every_row_once(tmp_path: Path) -> None:
     assert child.returncode == 0, child.stderr
     sizes = []
     for run in json.loads(child.stdout):
-        assert run["code"] == 3, run  # the KeyboardInterrupt left the with block
+        error = Path(run["path"] + ".error")
+        why = error.read_text() if error.exists() else ""
+        assert run["code"] == 3, (run, why)  # the KeyboardInterrupt left the with block
         path = Path(run["path"])
         if not path.exists():  # interrupted before its recorder existed
             sizes.append(0)
