@@ -32,7 +32,7 @@ from tests.records.test_recording import log_run, make
 TESTS = str(Path(__file__).parent)
 
 KILLER = """
-import json, os, random, signal, sys, time, traceback
+import json, os, random, signal, sys, time
 sys.path.insert(0, {tests!r})
 from test_recording import log_run, make
 
@@ -130,7 +130,7 @@ def test_a_writer_killed_at_random_moments_leaves_a_readable_prefix(tmp_path: Pa
 
 
 INTERRUPTER = """
-import json, os, random, signal, sys, time
+import json, os, random, signal, sys, time, traceback
 sys.path.insert(0, {tests!r})
 from test_recording import log_run, make
 
