@@ -4,8 +4,9 @@
   :func:`is_complete`;
 - :mod:`gradlens.records.schema`, :mod:`~gradlens.records.netcdf`,
   :mod:`~gradlens.records.dataset`, :mod:`~gradlens.records.atomic`,
-  :mod:`~gradlens.records.files`: validation, the file writer, the dataset builder,
-  atomic publishing and the files around a path behind it;
+  :mod:`~gradlens.records.files`, :mod:`~gradlens.records.interrupts`: validation, the file
+  writer, the dataset builder, atomic publishing, the files around a path and Ctrl-C held
+  during a write behind it;
 - :mod:`gradlens.records.provenance`: what made a run (versions, commit, config).
 
 What a probed step records is declared in :mod:`gradlens.training.records`.

@@ -27,6 +27,7 @@ from typing import Any
 import netCDF4
 import numpy as np
 
+from gradlens.records.interrupts import interrupts_held
 from gradlens.records.schema import STEP_ATTRS, Schema, block, label_attrs, sized, var_attrs
 
 COMPLETE = "complete"
@@ -54,22 +55,23 @@ def append_netcdf(
     join the file once their sizes are known; float entries never written
     read as their fill value, NaN. ``complete`` sets the ``complete`` attr to 1.
     """
-    nc = netCDF4.Dataset(path, "w" if offsets is None else "a", clobber=True)
-    try:
-        if offsets is None:
-            _create(nc, schema, attrs)
-            offsets = dict.fromkeys(schema.record_dims, 0)
-        _write(nc, schema, sizes, offsets, steps, rows)
-        if complete:
-            nc.setncattr(COMPLETE, 1)
-    except (OSError, RuntimeError):
-        with contextlib.suppress(OSError, RuntimeError):
-            _close(nc, path)
-        raise  # the write's error, which names the cause better than the close's
-    except BaseException:
-        _close(nc, path)  # a close that fails too raises here, in place of the interruption
-        raise
-    _close(nc, path)
+    with interrupts_held():  # netCDF4's bare ``except:`` clauses would swallow or recast Ctrl-C
+        nc = netCDF4.Dataset(path, "w" if offsets is None else "a", clobber=True)
+        try:
+            if offsets is None:
+                _create(nc, schema, attrs)
+                offsets = dict.fromkeys(schema.record_dims, 0)
+            _write(nc, schema, sizes, offsets, steps, rows)
+            if complete:
+                nc.setncattr(COMPLETE, 1)
+        except (OSError, RuntimeError):
+            with contextlib.suppress(OSError, RuntimeError):
+                _close(nc, path)
+            raise  # the write's error, which names the cause better than the close's
+        except BaseException:
+            _close(nc, path)  # a close that fails too raises here, in place of the interruption
+            raise
+        _close(nc, path)
 
 
 def _create(nc: netCDF4.Dataset, schema: Schema, attrs: Mapping[str, Any]) -> None:

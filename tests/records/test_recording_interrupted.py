@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import xarray as xr
 import gradlens.records.atomic
 import gradlens.records.netcdf
 from gradlens.records import is_complete
+from gradlens.records.interrupts import interrupts_held
 from gradlens.records.recorder import Recorder, Variable, open_run
 from tests.records.test_recording import log_run, make
 
@@ -203,3 +206,77 @@ def test_a_file_in_progress_is_not_complete_to_a_reader(tmp_path: Path) -> None:
             log_run(rec, range(step, step + 1))
             seen.append(is_complete(path))
     assert not any(seen) and is_complete(path)
+
+
+def test_a_real_ctrl_c_inside_a_netcdf_write_is_held_until_the_file_is_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGINT sent from inside the write (the 5th block) does not stop it half-way.
+
+    netCDF4-python's bare ``except:`` clauses could swallow or recast an interruption
+    raised in its code, so the recorder holds SIGINT while netCDF4 runs: the flush
+    finishes, the file closes, and then ``KeyboardInterrupt`` is raised, before the
+    rows count as written, so the next flush writes them again at the same positions.
+    """
+    original = gradlens.records.netcdf.block
+    calls, inside = [0], []
+
+    def signalled(*args: object, **kwargs: object) -> object:
+        calls[0] += 1
+        if calls[0] == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+            inside.append(True)  # reached: the handler raised nothing here
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gradlens.records.netcdf, "block", signalled)
+    rec = make(path := tmp_path / "run.nc", flush_every=4)
+    interrupted = []
+    for step in range(8):
+        try:
+            log_run(rec, range(step, step + 1))
+        except KeyboardInterrupt:
+            interrupted.append(step)
+    assert interrupted == [3]  # raised by the first flush, once it was over
+    assert inside == [True] and calls[0] > 5  # the write went on past the signal
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    rec.close()
+    xr.testing.assert_identical(open_run(path), expected_run(range(8)))
+
+
+def test_held_interrupts_run_the_original_handler_once_after_the_block() -> None:
+    seen: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+    try:
+        with interrupts_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            assert seen == []
+        assert seen == [signal.SIGINT]  # once, however many presses
+        with interrupts_held():  # nothing pressed: nothing run
+            pass
+        assert seen == [signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_held_interrupts_leave_an_ignored_sigint_and_other_threads_alone() -> None:
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with interrupts_held():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    errors: list[BaseException] = []
+
+    def in_a_thread() -> None:
+        try:
+            with interrupts_held():  # signal.signal would raise ValueError here
+                pass
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=in_a_thread)
+    thread.start()
+    thread.join()
+    assert errors == []

@@ -165,7 +165,7 @@ for k in range(interrupts):
     while presses < 5:  # Ctrl-C again while the writer goes on, as a user would
         os.kill(pid, signal.SIGINT)
         presses += 1
-        deadline = time.monotonic() + 1.0
+        deadline = time.monotonic() + 5.0
         while time.monotonic() < deadline:
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
@@ -186,9 +186,14 @@ print(json.dumps(report))
 def test_ctrl_c_at_random_moments_leaves_every_row_once(tmp_path: Path) -> None:
     """The issue's case: 1 in 30 random SIGINTs wrote steps [0, 1, 2, 3, 2, 3] and NaN rows.
 
-    A SIGINT that lands in one of netCDF4-python's bare ``except:`` clauses
-    (its ``utils.py``) is swallowed there and the writer goes on; the test
-    then presses Ctrl-C again, as a user would.
+    A SIGINT that landed in one of netCDF4-python's bare ``except:`` clauses
+    (its ``utils.py``) was swallowed there, and the writer went on, or could be
+    recast as an ``IndexError`` or ``ValueError`` (exit code 4 here, seen once
+    in about 150 presses, before the child's traceback was kept).
+    The recorder now holds Ctrl-C while netCDF4 writes and raises it after, so
+    one press ends every writer with a ``KeyboardInterrupt``; the parent
+    presses again only after 5 s, so that a writer that ignores it fails the
+    test instead of hanging it.
     """
     code = INTERRUPTER.format(tests=TESTS, folder=str(tmp_path), interrupts=30)
     child = subprocess.run(
@@ -204,6 +209,7 @@ def test_ctrl_c_at_random_moments_leaves_every_row_once(tmp_path: Path) -> None:
         error = Path(run["path"] + ".error")
         why = error.read_text() if error.exists() else ""
         assert run["code"] == 3, (run, why)  # the KeyboardInterrupt left the with block
+        assert run["presses"] == 1, run  # not swallowed
         path = Path(run["path"])
         if not path.exists():  # interrupted before its recorder existed
             sizes.append(0)
@@ -216,7 +222,6 @@ def test_ctrl_c_at_random_moments_leaves_every_row_once(tmp_path: Path) -> None:
         assert not is_complete(path), run  # the body raised: not a finished run
         sizes.append(n)
     print("steps recorded before each Ctrl-C:", sizes)
-    print("Ctrl-C presses needed:", [run["presses"] for run in json.loads(child.stdout)])
     assert max(sizes) > 2  # the interrupts landed while writing, not all before it
     assert {p.name for p in tmp_path.iterdir()} <= {f"run{k}.nc" for k in range(30)}
 
