@@ -107,6 +107,10 @@ class TrainerProbe:
             ``trait_age``; ``measured_change`` is NaN where ``g_t`` is reused.
             ``None``: every step, no ``trait_age``.
         logged: The scalar records handed to the trainer's logging.
+        record: Keep the rows in :attr:`recorder` (and ``path``). ``False``: no
+            recorder, for a caller that logs each step's :attr:`result` to its own
+            (with records of its own beside them); the trainer's logging still
+            gets the ``logged`` scalars.
 
     Attributes:
         recorder: The run's :class:`~gradlens.Recorder` (after :meth:`start`).
@@ -135,6 +139,7 @@ class TrainerProbe:
         momentum: bool = False,
         trait_every: int | None = None,
         logged: tuple[str, ...] = LOGGED,
+        record: bool = True,
     ) -> None:
         check_objective("trait", trait)
         if heldout is not None:
@@ -156,7 +161,13 @@ class TrainerProbe:
         self.trait_cache: TraitCache | None = (
             None if trait_every is None else reuse_trait(trait_every)
         )
+        if path is not None and not record:
+            raise ValueError(
+                f"TrainerProbe(path={str(path)!r}, record=False) would write nothing to the "
+                "path: pass record=True to keep the rows there, or path=None."
+            )
         self.logged = logged
+        self.record = record
         self.recorder: Recorder | None = None
         self.result: StepResult | None = None
         self.layout: TransformLayout | None = None
@@ -181,7 +192,8 @@ class TrainerProbe:
         Args:
             model: The model the trainer trains.
             record: Keep the rows (``False`` on all but one process of a
-                data-parallel run: every process measures the same all-reduced gradient).
+                data-parallel run: every process measures the same all-reduced
+                gradient); with the constructor's ``record=False`` none are kept.
         """
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not params:
@@ -199,7 +211,7 @@ class TrainerProbe:
         if self.after is not None and self.after_state is None:
             self.after_state = self.after.init(detached)
         self.layout = transform_layout(params, before=self.before, after=self.after)
-        if self.recorder is None and record:
+        if self.recorder is None and record and self.record:
             self.recorder = Recorder(
                 self.path,
                 step_variables(self.layout, optional=self._optional()),

@@ -174,3 +174,14 @@ def test_trait_every_reuses_g_t_as_probed_step_does() -> None:
     assert torch.isnan(got[1]["measured_change"]) and torch.isfinite(got[2]["measured_change"])
     assert "trait_age" in assert_rows_match(got, want, examples=True)  # NaN matches NaN
     assert_same_params(model, twin)
+
+
+def test_record_false_keeps_no_rows_but_the_results_and_scalars() -> None:
+    model, probe = started(record=False)
+    x, y = data(8)
+    step(model, probe, x, y, 0)
+    assert probe.recorder is None
+    assert probe.result is not None and "cosine" in probe.result.records
+    assert "gradlens/cosine" in probe.scalars()
+    with pytest.raises(ValueError, match=r"record=False.*would write nothing"):
+        TrainerProbe(trait(), path="run.nc", record=False)
