@@ -25,11 +25,11 @@ import shlex
 import sys
 from pathlib import Path
 
-import numpy as np
 import xarray as xr
 
 from gradlens.stats import mean_ci, paired_t
 from subliminal_mnist import summary_markdown
+from subliminal_mnist.pool import pool_runs
 
 __all__ = ["drive", "drive_markdown", "pool_aux"]
 
@@ -68,19 +68,7 @@ def pool_aux(ds: xr.Dataset, other: xr.Dataset) -> xr.Dataset:
     """
     if "aux" in ds.condition.values:
         raise ValueError("the run has aux already; pool_aux takes it from another run.")
-    for name in ("teacher_accuracy", "reference_accuracy"):
-        if not np.array_equal(ds[name].values, other[name].values):
-            raise ValueError(
-                f"{name} differs between the two runs: they are not of the same models "
-                "(seeds, teachers), so aux cannot be paired with them."
-            )
-    keep = [v for v in SUMMARY_VARS if v in ds and v in other]
-    aux = other[keep].sel(condition=["aux"])
-    mine = ds[keep]
-    pooled = xr.concat([aux, mine], dim="condition", data_vars="minimal", coords="minimal",
-                       compat="override", join="exact")  # fmt: skip
-    for name in ("teacher_accuracy", "reference_accuracy"):
-        pooled[name] = ds[name]
+    pooled = pool_runs([(other, ["aux"]), (ds, None)], SUMMARY_VARS)
     if "layer_predicted_change" in ds:  # aux's, from an older file, may not be recorded: NaN
         layers = ds["layer_predicted_change"]
         pooled["layer_predicted_change"] = layers.reindex(condition=pooled.condition.values)
