@@ -19,6 +19,7 @@ from gradlens.stats import mean_ci, paired_t
 
 __all__ = ["dose_alpha", "dose_markdown", "dose_runs", "plot_dose"]
 
+
 def dose_alpha(condition: str) -> float | None:
     """The fraction of the update's component along ``g_t`` that ``condition`` keeps, if any."""
     if condition == "aux":
