@@ -54,6 +54,10 @@ class Condition:
             (``"trait"``) or, as a specificity control, the trait gradient of the
             probe images with shuffled labels (``"shuffled"``). The probes always
             measure the true trait gradient.
+        active_epochs: ``(start, stop)``: the transforms act only in epochs
+            ``start <= epoch < stop`` (0-based; ``stop`` ``None`` for the end) and
+            leave the gradient and update as they are elsewhere
+            (:func:`gradlens.transforms.conditionally_transform`); ``None``: every step.
     """
 
     name: str
@@ -66,6 +70,7 @@ class Condition:
     liminal_temperature: float | None = None
     optimizer: Literal["adam", "adam_beta1_0", "sgd", "sgd_momentum"] = "adam"
     reference: Literal["trait", "shuffled"] = "trait"
+    active_epochs: tuple[int, int | None] | None = None
 
 
 DOSE_ALPHAS: tuple[float, ...] = (0.75, 0.5, 0.25, -0.5)
@@ -103,6 +108,18 @@ CONDITIONS: dict[str, Condition] = {
             "remove_update",
             "Adam's update with its component along g_t removed",
             after=remove_aligned,
+        ),
+        Condition(
+            "remove_update_early",
+            "Adam's update with its component along g_t removed in epochs 1-2 only",
+            after=remove_aligned,
+            active_epochs=(0, 2),
+        ),
+        Condition(
+            "remove_update_late",
+            "Adam's update with its component along g_t removed in epochs 3-5 only",
+            after=remove_aligned,
+            active_epochs=(2, None),
         ),
         Condition(
             "liminal",

@@ -139,7 +139,7 @@ def run_students(
     base = {n: v.detach() for n, v in init.items()}
     models = next(iter(params.values())).shape[0]
     optimizer = make_optimizer(condition, list(params.values()), setup)
-    before, after = student_transforms(condition)
+    before, after = student_transforms(condition, noise.steps_per_epoch)
     layout = transform_layout(model_params(base, 0), before, after)
     # A loop over the models, not vmap: remove_random's torch.Generator cannot be
     # vmapped, and on the CPU the loop is also the faster (161 against 411 ms an update
