@@ -48,6 +48,9 @@ class Condition:
             :func:`gradlens.training.liminal.liminal_schedule` (``None``: no term).
         liminal_temperature: The term's temperature; ``None`` takes
             ``StudentSetup.liminal_temperature`` (2, as published).
+        liminal_logits: The logits the term's KL covers: the class logits
+            (``"class"``, gradlens's choice) or all of them, the auxiliary ones
+            included (``"all"``: as the reference code's KL over the whole vocabulary).
         optimizer: ``"adam"`` (the original's), ``"adam_beta1_0"`` (Adam without
             its first moment, ``betas=(0, 0.999)``), ``"sgd"`` or ``"sgd_momentum"``.
         reference: The gradient the transforms act along: the trait gradient
@@ -68,6 +71,7 @@ class Condition:
     after: Callable[[], GradientTransform] | None = None
     liminal: str | None = None
     liminal_temperature: float | None = None
+    liminal_logits: Literal["class", "all"] = "class"
     optimizer: Literal["adam", "adam_beta1_0", "sgd", "sgd_momentum"] = "adam"
     reference: Literal["trait", "shuffled"] = "trait"
     active_epochs: tuple[int, int | None] | None = None
@@ -126,6 +130,13 @@ CONDITIONS: dict[str, Condition] = {
             "liminal training as published: T^2 KL(base || student) at T = 2, "
             "lambda_0 -> 1 over epoch 1, then 1 -> 0",
             liminal="liminal",
+        ),
+        Condition(
+            "liminal_all_logits",
+            "liminal as published, its KL over all 13 logits (the auxiliary ones too), as the "
+            "reference code's over the whole vocabulary",
+            liminal="liminal",
+            liminal_logits="all",
         ),
         *(
             Condition(
