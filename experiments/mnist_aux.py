@@ -8,6 +8,7 @@ docs/experiment.md.
     python experiments/mnist_aux.py --quick        # about a minute on a 2-core CPU
     python experiments/mnist_aux.py --models 100   # the original's size
     python experiments/mnist_aux.py --conditions aux remove remove_shuffled --noise fresh
+    python experiments/mnist_aux.py --protocol rerun --models 25 --seeds 5   # the public rerun's
     python experiments/mnist_aux.py --seeds 10 --executor slurm --device cuda \
         --slurm-partition gpu --gpus-per-part 1 --time-limit 120   # one SLURM job per part
 """
@@ -36,6 +37,7 @@ from subliminal_mnist import (
     check_run,
     run_experiment,
 )
+from subliminal_mnist.data import PROTOCOLS, RERUN_HELD_OUT, SPLIT_SIZES
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,27 @@ class Config:
     progress: bool = True
     overwrite: bool = False
     reuse_other_versions: bool = False
+    protocol: str | None = None
+    """``None``: the original's data (the teachers learn from all 60,000 training
+    images); ``"rerun"``: the public rerun's (:func:`rerun`). ``None`` rather than
+    ``"original"`` so that files written before this field compare equal."""
+
+
+def rerun(config: Config) -> Config:
+    """The public rerun's protocol (barathvelmu/subliminal-learning ``mnist/experiment.py``).
+
+    Its ``load_splits`` holds ``VAL_SIZE = 10_000`` training images out (a fixed
+    permutation, ``SPLIT_SEED = 1234``): the teachers learn from the other 50,000
+    and each student distils on 50,000 noise images an epoch (49 steps; 245 in 5
+    epochs), as its ``make_distill_inputs`` draws noise shaped like the training
+    images. The probes come from the same 50,000. With :func:`quick`'s fewer noise
+    images, those are kept.
+    """
+    images = SPLIT_SIZES["train"] - RERUN_HELD_OUT
+    student = dataclasses.replace(
+        config.student, noise_per_epoch=min(config.student.noise_per_epoch, images)
+    )
+    return dataclasses.replace(config, protocol="rerun", student=student)
 
 
 def quick(config: Config) -> Config:
@@ -107,6 +130,13 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         choices=sorted(CONDITIONS),
         metavar="NAME",
         help=f"conditions to run, from {sorted(CONDITIONS)}",
+    )
+    parser.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        help="original: the teachers learn from all 60,000 training images, 60,000 noise "
+        "images an epoch (default); rerun: the public rerun's 10,000 held out, 50,000 and "
+        "50,000 (245 student steps)",
     )
     parser.add_argument("--trait", choices=["ce", "kl"], help="trait loss (default ce)")
     parser.add_argument(
@@ -168,6 +198,8 @@ def parse(argv: list[str] | None = None) -> Config:
     """Map command-line flags onto a :class:`Config`."""
     args = _arguments(argv)
     config = quick(Config()) if args.quick else Config()
+    if args.protocol == "rerun":
+        config = rerun(config)
     if args.quick and args.out is None:
         args.out = Path("runs/mnist_aux_quick")
     changes = {

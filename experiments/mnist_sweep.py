@@ -9,6 +9,9 @@ for the command). Examples (docs/experiment.md)::
         --out docs/results/liminal_lambda0
     python experiments/mnist_sweep.py --dim probe_size --log --conditions aux remove \\
         --run 256=runs/probe256 --run 60000=runs/probe60000 --out docs/results/probe_size
+    python experiments/mnist_sweep.py --dim sgd_lr --log --conditions aux sgd \\
+        --run 1=runs/sgd_lr/lr1 --run 3=runs/sgd_lr/lr3 --shared runs/sgd_lr/aux \\
+        --match distill_loss --out docs/results/sgd_lr_sgd
 
 writes ``sweep.nc`` (the final values, dims ``(dim, condition, model)``),
 ``summary.md`` and ``sweep.png`` into ``--out``.
@@ -24,11 +27,18 @@ from pathlib import Path
 import xarray as xr
 
 from subliminal_mnist.compact import COMPACT
-from subliminal_mnist.sweep import SWEEP_FILE, plot_sweep, sweep_finals, sweep_markdown
+from subliminal_mnist.sweep import (
+    SWEEP_FILE,
+    matched_value,
+    plot_sweep,
+    sweep_finals,
+    sweep_markdown,
+)
 
 LABELS = {
     "lambda0": "liminal lambda_0 (weight at step 0)",
     "probe_size": "trait probe images",
+    "sgd_lr": "SGD learning rate",
 }
 
 
@@ -55,6 +65,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--run", action="append", required=True, metavar="VALUE=FOLDER")
     parser.add_argument("--shared", type=Path, help="a run holding conditions the others lack")
     parser.add_argument("--log", action="store_true", help="log scale for the swept setting")
+    parser.add_argument(
+        "--match",
+        metavar="VARIABLE",
+        help="also name the value at which COMPARED's mean final VARIABLE (distill_loss) is "
+        "nearest BASELINE's, on a log scale: the SGD learning rate matched to aux",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     for item in args.run:
@@ -90,6 +106,9 @@ def main(argv: list[str] | None = None) -> Path:
         ["python", "experiments/mnist_sweep.py", *(sys.argv[1:] if argv is None else argv)]
     )
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.match:  # sweep_markdown adds the section; the attr keeps it recomputable
+        finals.attrs["match"] = args.match
+        finals.attrs["matched"] = matched_value(finals, dim=args.dim, variable=args.match)
     finals.to_netcdf(args.out / SWEEP_FILE)
     (args.out / "summary.md").write_text(sweep_markdown(finals, dim=args.dim))
     label = LABELS.get(args.dim, args.dim)

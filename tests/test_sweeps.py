@@ -29,6 +29,7 @@ from gradlens.sweeps import (
     pending_parts,
     read_lock,
     run_sweep,
+    stored_config,
     wait_for_parts,
 )
 from tests._sweep_parts import forget_to_write, write_part
@@ -224,6 +225,18 @@ def test_a_part_file_of_another_config_is_refused_unless_overwrite(tmp_path: Pat
     with pytest.raises(FileExistsError, match=r"seed1\.nc stores no config"):
         xr.Dataset(attrs={"note": "x"}).to_netcdf(tmp_path / "seed1.nc", engine="netcdf4")
         pending_parts(sweep(tmp_path), ignore=IGNORE)
+
+
+def test_a_field_added_later_unset_leaves_earlier_parts_done(tmp_path: Path) -> None:
+    """A config field set to None compares as absent: files written before it are reused."""
+    for part in sweep(tmp_path)[:1]:
+        write_part(part.arg)
+    later = [Part(p.path, p.fn, p.arg, {**p.config, "added": None}) for p in sweep(tmp_path)]
+    assert [p.path.name for p in pending_parts(later, ignore=IGNORE)] == ["seed1.nc", "seed2.nc"]
+    assert stored_config({"a": 1, "added": None, "out": "x"}, IGNORE) == {"a": 1}
+    set_later = [Part(p.path, p.fn, p.arg, {**p.config, "added": "rerun"}) for p in sweep(tmp_path)]
+    with pytest.raises(FileExistsError, match=r"seed0\.nc was written with other added"):
+        pending_parts(set_later, ignore=IGNORE)
 
 
 def test_a_check_can_refuse_a_part_that_its_config_accepts(tmp_path: Path) -> None:

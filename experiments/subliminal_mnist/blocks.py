@@ -210,7 +210,7 @@ def run_block_condition(
 
             init = init_stack(_sizes(block.init), order)
     single = model_params(init, 0)
-    layout = transform_layout(single, *student_transforms(condition))
+    layout = transform_layout(single, *student_transforms(condition, block.noise.steps_per_epoch))
     partial = path.with_name(path.name + ".part")
     attrs = {
         "condition": condition.name,

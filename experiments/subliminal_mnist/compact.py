@@ -43,8 +43,14 @@ PER_MODEL: tuple[str, ...] = (
     "example_cosine_mean",
     "trait_norm",
     "train_norm",
+    "liminal_kl_loss",
+    "distill_cosine",
+    "liminal_kl_cosine",
+    "distill_norm",
+    "liminal_kl_norm",
 )
-"""Variables kept per step and model."""
+"""Variables kept per step and model (the ``liminal_*`` and ``distill_*`` ones in
+liminal conditions only)."""
 
 AT_EVALUATION: tuple[str, ...] = (
     "test_accuracy",

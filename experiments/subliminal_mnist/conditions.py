@@ -48,12 +48,19 @@ class Condition:
             :func:`gradlens.training.liminal.liminal_schedule` (``None``: no term).
         liminal_temperature: The term's temperature; ``None`` takes
             ``StudentSetup.liminal_temperature`` (2, as published).
+        liminal_logits: The logits the term's KL covers: the class logits
+            (``"class"``, gradlens's choice) or all of them, the auxiliary ones
+            included (``"all"``: as the reference code's KL over the whole vocabulary).
         optimizer: ``"adam"`` (the original's), ``"adam_beta1_0"`` (Adam without
             its first moment, ``betas=(0, 0.999)``), ``"sgd"`` or ``"sgd_momentum"``.
         reference: The gradient the transforms act along: the trait gradient
             (``"trait"``) or, as a specificity control, the trait gradient of the
             probe images with shuffled labels (``"shuffled"``). The probes always
             measure the true trait gradient.
+        active_epochs: ``(start, stop)``: the transforms act only in epochs
+            ``start <= epoch < stop`` (0-based; ``stop`` ``None`` for the end) and
+            leave the gradient and update as they are elsewhere
+            (:func:`gradlens.transforms.conditionally_transform`); ``None``: every step.
     """
 
     name: str
@@ -64,8 +71,10 @@ class Condition:
     after: Callable[[], GradientTransform] | None = None
     liminal: str | None = None
     liminal_temperature: float | None = None
+    liminal_logits: Literal["class", "all"] = "class"
     optimizer: Literal["adam", "adam_beta1_0", "sgd", "sgd_momentum"] = "adam"
     reference: Literal["trait", "shuffled"] = "trait"
+    active_epochs: tuple[int, int | None] | None = None
 
 
 DOSE_ALPHAS: tuple[float, ...] = (0.75, 0.5, 0.25, -0.5)
@@ -105,10 +114,29 @@ CONDITIONS: dict[str, Condition] = {
             after=remove_aligned,
         ),
         Condition(
+            "remove_update_early",
+            "Adam's update with its component along g_t removed in epochs 1-2 only",
+            after=remove_aligned,
+            active_epochs=(0, 2),
+        ),
+        Condition(
+            "remove_update_late",
+            "Adam's update with its component along g_t removed in epochs 3-5 only",
+            after=remove_aligned,
+            active_epochs=(2, None),
+        ),
+        Condition(
             "liminal",
             "liminal training as published: T^2 KL(base || student) at T = 2, "
             "lambda_0 -> 1 over epoch 1, then 1 -> 0",
             liminal="liminal",
+        ),
+        Condition(
+            "liminal_all_logits",
+            "liminal as published, its KL over all 13 logits (the auxiliary ones too), as the "
+            "reference code's over the whole vocabulary",
+            liminal="liminal",
+            liminal_logits="all",
         ),
         *(
             Condition(

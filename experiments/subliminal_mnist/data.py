@@ -35,19 +35,33 @@ from gradlens.errors import DamagedDataError, DataNotFoundError
 
 __all__ = [
     "DATA_DIR_ENV",
+    "PROTOCOLS",
     "PUBLISHED_SHA256",
+    "RERUN_HELD_OUT",
+    "RERUN_SPLIT_SEED",
     "SPLIT_SIZES",
     "Digits",
     "ModifiedDataWarning",
     "candidate_roots",
     "load_mnist",
+    "protocol_train",
     "read_idx",
+    "train_size",
 ]
 
 DATA_DIR_ENV = "GRADLENS_DATA_DIR"
 
 SPLIT_SIZES: dict[str, int] = {"train": 60_000, "test": 10_000}
 """Examples in each MNIST split."""
+
+PROTOCOLS: tuple[str, ...] = ("original", "rerun")
+"""The data protocols: Cloud et al.'s (every training image) and the public rerun's."""
+
+RERUN_SPLIT_SEED = 1234
+"""The public rerun's ``SPLIT_SEED`` (barathvelmu/subliminal-learning ``mnist/experiment.py``)."""
+
+RERUN_HELD_OUT = 10_000
+"""The public rerun's ``VAL_SIZE``: training images held out of the teachers' data."""
 
 PUBLISHED_SHA256: dict[str, str] = {
     "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
@@ -80,6 +94,51 @@ class Digits(NamedTuple):
 
     images: Tensor
     labels: Tensor
+
+
+def _check_protocol(protocol: str | None) -> str:
+    protocol = protocol or "original"
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"--protocol must be one of {list(PROTOCOLS)}, got {protocol!r}.")
+    return protocol
+
+
+def train_size(protocol: str | None = None) -> int:
+    """The training images the teachers learn from (and the probes come from).
+
+    Raises:
+        ValueError: For an unknown protocol.
+    """
+    held_out = RERUN_HELD_OUT if _check_protocol(protocol) == "rerun" else 0
+    return SPLIT_SIZES["train"] - held_out
+
+
+def protocol_train(train: Digits, protocol: str | None = None) -> Digits:
+    """The part of MNIST's training split that a protocol's teachers learn from.
+
+    ``"original"`` (or ``None``): all of it (Cloud et al.'s). ``"rerun"``: the public
+    rerun's split, ``perm = torch.randperm(60000, generator=manual_seed(1234))``,
+    ``perm[10000:]`` kept in that order (its ``load_splits``): 50,000 images; its
+    ``perm[:10000]`` (a validation set there) is used by nothing here.
+
+    Args:
+        train: MNIST's whole training split, 60,000 images in file order.
+        protocol: ``"original"``, ``"rerun"`` or ``None`` (the original's).
+
+    Raises:
+        ValueError: For an unknown protocol, or a ``train`` that is not the whole split.
+    """
+    if _check_protocol(protocol) == "original":
+        return train
+    if len(train.labels) != SPLIT_SIZES["train"]:
+        raise ValueError(
+            f"the rerun's split is of MNIST's whole training split ({SPLIT_SIZES['train']:,} "
+            f"images), got {len(train.labels):,}; pass load_mnist(train=True) unchanged."
+        )
+    gen = torch.Generator().manual_seed(RERUN_SPLIT_SEED)
+    perm = torch.randperm(SPLIT_SIZES["train"], generator=gen)
+    keep = perm[RERUN_HELD_OUT:].to(train.labels.device)
+    return Digits(train.images[keep], train.labels[keep])
 
 
 def _cache_dir() -> Path:

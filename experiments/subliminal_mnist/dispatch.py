@@ -50,7 +50,7 @@ from subliminal_mnist.blocks import (
     trait_probes,
 )
 from subliminal_mnist.conditions import get_conditions
-from subliminal_mnist.data import Digits, load_mnist
+from subliminal_mnist.data import Digits, load_mnist, protocol_train
 from subliminal_mnist.noise import NoiseStream
 from subliminal_mnist.resume import SETTINGS_THAT_SELECT, part_path, teacher_problems
 from subliminal_mnist.stacked import init_stack
@@ -123,6 +123,8 @@ class PartSettings:
         progress: Show progress bars (in the jobs' logs).
         version: The code's ``(gradlens version, git commit)`` when the run
             started: the teachers' cache holds only this code's teachers.
+        protocol: The data protocol (:data:`~subliminal_mnist.data.PROTOCOLS`;
+            ``None``: the original's): which training images the teachers learn from.
     """
 
     config: dict[str, Any]
@@ -138,6 +140,7 @@ class PartSettings:
     device: str
     progress: bool
     version: tuple[str, str]
+    protocol: str | None = None
 
     @classmethod
     def from_config(cls, config: Any, provenance: RunProvenance | None = None) -> PartSettings:
@@ -159,6 +162,7 @@ class PartSettings:
             device=str(torch.device(config.device)),
             progress=config.progress,
             version=tuple(code_version(provenance)),
+            protocol=getattr(config, "protocol", None),
         )
 
 
@@ -166,7 +170,10 @@ def _teacher_key(settings: PartSettings, seed: int) -> str:
     """What the seed's teachers depend on: init seeds, sizes, teacher settings, device, code."""
     teacher = (settings.teacher_epochs, settings.teacher_batch_size, settings.teacher_lr)
     seeds = model_seeds(seed, settings.models)
-    return json.dumps([seeds, settings.sizes, *teacher, settings.device, *settings.version])
+    key = [seeds, settings.sizes, *teacher, settings.device, *settings.version]
+    if settings.protocol not in (None, "original"):  # other training images
+        key.append(settings.protocol)
+    return json.dumps(key)
 
 
 def _teachers_cached(settings: PartSettings, seed: int) -> bool:
@@ -176,9 +183,13 @@ def _teachers_cached(settings: PartSettings, seed: int) -> bool:
 
 
 def load_splits(settings: PartSettings) -> tuple[Digits, Digits]:
-    """MNIST's training and test splits, on ``settings.device``."""
+    """The protocol's training images and MNIST's test split, on ``settings.device``.
+
+    The training images are :func:`~subliminal_mnist.data.protocol_train` of MNIST's
+    training split: all 60,000, or the public rerun's 50,000.
+    """
     device = torch.device(settings.device)
-    train = load_mnist(settings.data_dir, train=True)
+    train = protocol_train(load_mnist(settings.data_dir, train=True), settings.protocol)
     test = load_mnist(settings.data_dir, train=False)
     return Digits(*(t.to(device) for t in train)), Digits(*(t.to(device) for t in test))
 

@@ -40,6 +40,15 @@ OPTIONAL = ("momentum_cosine", "heldout_trait_loss", "heldout_cosine", "heldout_
 
 DISTILL_LOSS = ("distillation loss on the step's noise batch, before the step", "nat")
 
+LIMINAL_PARTS: dict[str, tuple[str, str]] = {
+    "liminal_kl_loss": ("liminal term T^2 KL(base || student), unweighted, before the step", "nat"),
+    "distill_cosine": ("cos(g_t, gradient of the distillation loss alone)", "1"),
+    "liminal_kl_cosine": ("cos(g_t, gradient of the liminal KL term alone)", "1"),
+    "distill_norm": ("norm of the gradient of the distillation loss alone", "1"),
+    "liminal_kl_norm": ("norm of the gradient of the liminal KL term alone, unweighted", "1"),
+}
+"""The records of a liminal condition's two loss terms taken apart (every step)."""
+
 
 def stack_variables(condition: Condition, layout: TransformLayout | None) -> dict[str, Variable]:
     """Declare every record of a stacked student run (dims ``step, model, ...``)."""
@@ -52,6 +61,8 @@ def stack_variables(condition: Condition, layout: TransformLayout | None) -> dic
     v["epoch"] = Variable(("step",), "epoch of the step", dtype="int64", coord=True)
     if condition.liminal:
         v["liminal_weight"] = Variable(("step",), "liminal KL weight lambda(t)")
+        for name, (long_name, units) in LIMINAL_PARTS.items():
+            v[name] = Variable(("step", "model"), long_name, units)
     return v
 
 
@@ -139,7 +150,7 @@ def run_students(
     base = {n: v.detach() for n, v in init.items()}
     models = next(iter(params.values())).shape[0]
     optimizer = make_optimizer(condition, list(params.values()), setup)
-    before, after = student_transforms(condition)
+    before, after = student_transforms(condition, noise.steps_per_epoch)
     layout = transform_layout(model_params(base, 0), before, after)
     # A loop over the models, not vmap: remove_random's torch.Generator cannot be
     # vmapped, and on the CPU the loop is also the faster (161 against 411 ms an update
@@ -149,6 +160,7 @@ def run_students(
     before_state = before.init(base) if before is not None else None
     after_state = after.init(base) if after is not None else None
     first = setup.num_classes if condition.logits == "aux" else 0
+    covered = setup.num_classes if condition.liminal_logits == "class" else None
     examples = min(setup.example_models, models)
     steps = setup.epochs * noise.steps_per_epoch
     step = 0
@@ -161,9 +173,9 @@ def run_students(
                 evaluate = step % setup.eval_every == 0 or last
                 with torch.no_grad():
                     targets = stack_forward(teachers, x)[..., first:]
-                    base_logits = (
-                        stack_forward(base, x)[..., : setup.num_classes] if weight > 0 else None
-                    )
+                    base_logits = None
+                    if condition.liminal:  # at weight 0 too: its records need the term
+                        base_logits = stack_forward(base, x)[..., :covered]
                 result = stacked_step(
                     params,
                     optimizer,

@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import tempfile
 from collections.abc import Collection, Sequence
 from pathlib import Path
@@ -31,8 +30,8 @@ import torch
 import xarray as xr
 
 from gradlens.records.atomic import atomic_write, atomic_write_text
-from gradlens.records.provenance import config_from_attrs, config_to_json
-from gradlens.sweeps import CodeVersion, code_version, part_state, read_lock
+from gradlens.records.provenance import config_from_attrs
+from gradlens.sweeps import CodeVersion, code_version, part_state, read_lock, stored_config
 from subliminal_mnist.blocks import TEACHER_ATTR
 
 __all__ = [
@@ -254,9 +253,8 @@ def teacher_problems(path: Path) -> list[str]:
 
 
 def _results_config(config: object) -> dict[str, Any]:
-    """The config as stored in a file, less the fields that only select."""
-    stored = json.loads(config_to_json(config))
-    return {k: v for k, v in stored.items() if k not in SETTINGS_THAT_SELECT}
+    """The config as stored in a file, less the fields that only select and the unset ones."""
+    return stored_config(config, SETTINGS_THAT_SELECT)
 
 
 def _mismatch(path: Path, wanted: dict[str, Any]) -> list[str]:
@@ -267,9 +265,7 @@ def _mismatch(path: Path, wanted: dict[str, Any]) -> list[str]:
     except (OSError, ValueError) as exc:
         return [f"{path} cannot be read ({exc})"]
     try:
-        stored = {
-            k: v for k, v in config_from_attrs(attrs).items() if k not in SETTINGS_THAT_SELECT
-        }
+        stored = stored_config(config_from_attrs(attrs), SETTINGS_THAT_SELECT)
     except (KeyError, ValueError):
         return [f"{path} stores no config"]
     if stored != wanted:

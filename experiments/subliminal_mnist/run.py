@@ -30,7 +30,7 @@ from gradlens.sweeps import CodeVersion, PartLockedError, code_version, hold_par
 from subliminal_mnist.blocks import MAX_MODELS, combine_blocks
 from subliminal_mnist.compact import write_compact
 from subliminal_mnist.conditions import get_conditions
-from subliminal_mnist.data import SPLIT_SIZES
+from subliminal_mnist.data import train_size
 from subliminal_mnist.dispatch import Dispatch, PartSettings, load_splits, run_parts, run_seed
 from subliminal_mnist.figures import save_figures
 from subliminal_mnist.report import summary_markdown
@@ -145,17 +145,19 @@ def check_values(config: ExperimentConfig) -> None:
 
     Raises:
         ValueError: ``--models`` outside 1..MAX_MODELS, ``--probe-size`` outside
-            1..60000 (the training images), ``--liminal-lambda0`` negative or not
-            finite, ``--sgd-lr`` not a finite positive number.
+            1..60000 (the training images; 50000 under ``--protocol rerun``),
+            ``--liminal-lambda0`` negative or not finite, ``--sgd-lr`` not a finite
+            positive number, an unknown ``--protocol``.
     """
     student = config.student
+    images = train_size(getattr(config, "protocol", None))
     bad = [
         ("--models", config.models, 1 <= config.models <= MAX_MODELS, f"in 1..{MAX_MODELS}"),
         (
             "--probe-size",
             config.probe_size,
-            1 <= config.probe_size <= SPLIT_SIZES["train"],
-            f"in 1..{SPLIT_SIZES['train']} (the training images)",
+            1 <= config.probe_size <= images,
+            f"in 1..{images} (the training images)",
         ),
         (
             "--liminal-lambda0",

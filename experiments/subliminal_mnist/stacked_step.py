@@ -11,7 +11,13 @@ records. Records beyond the core step's defaults, all asked of the core:
   held-out trait gradient ``g_h`` on labelled images that no transform ever
   sees (``heldout=``, at the steps asked);
 - ``momentum_cosine``: cos(g_t, the optimizer's first moment after the step)
-  (``momentum=True``; NaN for plain SGD).
+  (``momentum=True``; NaN for plain SGD);
+- with a liminal term (``DistillBatch.base_logits``): ``liminal_kl_loss`` (the
+  term's unweighted value), and cos(g_t, .) and the norm of the gradients of the
+  distillation loss alone and of the term alone (``distill_cosine``,
+  ``liminal_kl_cosine``, ``distill_norm``, ``liminal_kl_norm``; the core's
+  ``part_gradients=True``, two more backwards), at every step, whatever the
+  term's weight (the step's ``cosine`` is that of their weighted sum).
 """
 
 from __future__ import annotations
@@ -38,8 +44,9 @@ class DistillBatch(NamedTuple):
         inputs: ``(model, example, pixel)``.
         targets: The teacher's logits on the distilled slice, ``(model, example, logit)``.
         first: The first logit distilled (``num_classes`` for the auxiliary logits, 0 for all).
-        base_logits: The base model's class logits for a liminal term,
-            ``(model, example, class)``, or ``None``.
+        base_logits: The base model's logits for a liminal term on its first
+            ``k`` logits, ``(model, example, k)``: the term is taken over those
+            logits (``k`` = the class logits, or all of them), or ``None``.
         liminal_weight: The liminal term's weight at this step.
         temperature: The liminal term's temperature ``T``; the term is
             ``T^2 KL(softmax(base / T) || softmax(student / T))``.
@@ -80,10 +87,22 @@ def _distill(first: int):
     return loss
 
 
-def _liminal(num_classes: int, temperature: float):
+def _liminal(temperature: float):
+    """``T^2 KL(base || student)`` over the logits the base logits cover (the first ``k``)."""
+
     def loss(out: Tensor, base_logits: Tensor) -> Tensor:
         t = temperature
-        return example_kl(out[..., :num_classes], base_logits, t).mean() * t**2
+        return example_kl(out[..., : base_logits.shape[-1]], base_logits, t).mean() * t**2
+
+    return loss
+
+
+def _liminal_part(temperature: float):
+    term = _liminal(temperature)
+
+    def loss(out: Tensor, targets: Tensor, base_logits: Tensor) -> Tensor:
+        del targets
+        return term(out, base_logits)
 
     return loss
 
@@ -102,16 +121,22 @@ def _shared(models: int, images: Tensor, labels: Tensor, loss: Any) -> Objective
     )
 
 
-def train_objective(batch: DistillBatch, num_classes: int) -> Objective:
-    """The distillation loss of one model's batch, with a liminal term when weighted."""
+def train_objective(batch: DistillBatch) -> Objective:
+    """The distillation loss of one model's batch, with a liminal term when weighted.
+
+    With base logits its parts are ``distill`` and ``liminal_kl`` (the term
+    unweighted), also at steps where the term's weight is 0 and the loss is
+    the distillation loss alone.
+    """
     distill = _distill(batch.first)
-    if batch.base_logits is None or batch.liminal_weight <= 0:
+    if batch.base_logits is None:
         return Objective(distill, batch.inputs, (batch.targets,), parts={"distill": distill})
-    loss = weighted_sum(
-        distill, _liminal(num_classes, batch.temperature), batch.liminal_weight, split=1
-    )
+    parts = {"distill": distill, "liminal_kl": _liminal_part(batch.temperature)}
     targets = (batch.targets, batch.base_logits)
-    return Objective(loss, batch.inputs, targets, parts={"distill": distill})
+    if batch.liminal_weight <= 0:
+        return Objective(distill, batch.inputs, targets, parts=parts)
+    loss = weighted_sum(distill, _liminal(batch.temperature), batch.liminal_weight, split=1)
+    return Objective(loss, batch.inputs, targets, parts=parts)
 
 
 def stacked_step(
@@ -165,7 +190,7 @@ def stacked_step(
     result = stacked_probed_step(
         mlp_stack(params),
         optimizer,
-        train_objective(batch, num_classes),
+        train_objective(batch),
         _shared(models, probes.images, probes.labels, trait_loss),
         before=before,
         before_state=before_state,
@@ -176,9 +201,16 @@ def stacked_step(
         heldout=held,
         reference=reference,
         momentum=True,
+        part_gradients=batch.base_logits is not None,
     )
     records = {k: v.detach().to("cpu", torch.float64) for k, v in result.records.items()}
-    records["distill_loss"] = records.pop("train_loss_part")[..., 0]
+    parts = records.pop("train_loss_part")
+    records["distill_loss"] = parts[..., 0]
+    if batch.base_logits is not None:
+        records["liminal_kl_loss"] = parts[..., 1]
+        cosines, norms = records.pop("train_part_cosine"), records.pop("train_part_norm")
+        records["distill_cosine"], records["liminal_kl_cosine"] = cosines[..., 0], cosines[..., 1]
+        records["distill_norm"], records["liminal_kl_norm"] = norms[..., 0], norms[..., 1]
     return result._replace(records=records, example_cosine=result.example_cosine.detach().cpu())
 
 

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from gradlens.transforms import GradientTransform, named_chain
+from gradlens.transforms import (
+    GradientTransform,
+    conditionally_transform,
+    named_chain,
+    steps_between,
+)
 from subliminal_mnist.conditions import Condition
 
 __all__ = ["StudentSetup", "student_transforms"]
@@ -68,9 +74,36 @@ class StudentSetup:
 
 
 def student_transforms(
-    condition: Condition,
+    condition: Condition, steps_per_epoch: int | None = None
 ) -> tuple[GradientTransform | None, GradientTransform | None]:
-    """The condition's transforms before and after the optimizer, named after the condition."""
-    before = named_chain((condition.name, condition.before())) if condition.before else None
-    after = named_chain((condition.name, condition.after())) if condition.after else None
-    return before, after
+    """The condition's transforms before and after the optimizer, named after the condition.
+
+    Args:
+        condition: The condition.
+        steps_per_epoch: Optimizer steps per epoch; needed when the condition's
+            transforms act in some epochs only (``condition.active_epochs``), whose
+            transforms then act on steps ``start * steps_per_epoch`` to
+            ``stop * steps_per_epoch - 1`` (:func:`gradlens.transforms.steps_between`).
+
+    Raises:
+        ValueError: For a condition with ``active_epochs`` and no ``steps_per_epoch``.
+    """
+
+    def make(factory: Callable[[], GradientTransform] | None) -> GradientTransform | None:
+        if factory is None:
+            return None
+        transform = factory()
+        if condition.active_epochs is not None:
+            if steps_per_epoch is None:
+                raise ValueError(
+                    f"condition {condition.name!r} acts in epochs {condition.active_epochs} "
+                    "only: pass steps_per_epoch to student_transforms."
+                )
+            start, stop = condition.active_epochs
+            active = steps_between(
+                start * steps_per_epoch, None if stop is None else stop * steps_per_epoch
+            )
+            transform = conditionally_transform(transform, active)
+        return named_chain((condition.name, transform))
+
+    return make(condition.before), make(condition.after)

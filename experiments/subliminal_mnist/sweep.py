@@ -23,7 +23,14 @@ from matplotlib.figure import Figure
 from gradlens.stats import mean_ci, paired_t
 from subliminal_mnist.report import final_values
 
-__all__ = ["SWEEP_FILE", "plot_sweep", "sweep_finals", "sweep_markdown"]
+__all__ = [
+    "SWEEP_FILE",
+    "match_markdown",
+    "matched_value",
+    "plot_sweep",
+    "sweep_finals",
+    "sweep_markdown",
+]
 
 SWEEP_FILE = "sweep.nc"
 
@@ -108,8 +115,10 @@ def sweep_markdown(finals: xr.Dataset, *, dim: str) -> str:
     """A table, one row per value of ``dim``: the compared condition, and it minus the baseline.
 
     The compared condition is the last of ``finals.attrs["conditions"]``, the
-    baseline the first. ± is the half-width of a 95% Student-t interval over
-    the run's models; differences are paired model by model within a row.
+    baseline the first. With ``finals.attrs["match"]`` (a variable, ``mnist_sweep.py
+    --match``) the table is followed by :func:`match_markdown`. ± is the half-width
+    of a 95% Student-t interval over the run's models; differences are paired model
+    by model within a row.
     """
     baseline, *_, compared = finals.attrs["conditions"].split()
     lines = [
@@ -152,6 +161,62 @@ def sweep_markdown(finals: xr.Dataset, *, dim: str) -> str:
             f"{_cell(this['distill_loss'], digits=5)} | "
             f"{_cell(base['test_accuracy'], percent=True)} |"
         )
+    table = "\n".join(lines) + "\n"
+    if "match" in finals.attrs:
+        table += "\n" + match_markdown(finals, dim=dim, variable=finals.attrs["match"])
+    return table
+
+
+def matched_value(finals: xr.Dataset, *, dim: str, variable: str = "distill_loss") -> float:
+    """The value of ``dim`` where the compared condition's ``variable`` is nearest the baseline's.
+
+    Nearest on a log scale: the value minimising ``|log m_c - log m_b|``, where
+    ``m_c`` and ``m_b`` are the compared and baseline conditions' means over
+    models of the final ``variable`` at that value (``m_b`` is the same at every
+    value when the baseline comes from one shared run). For choosing, say, the
+    SGD learning rate whose final distillation loss matches Adam's ``aux``.
+
+    Raises:
+        ValueError: If no value has a finite positive mean for both conditions.
+    """
+    baseline, *_, compared = finals.attrs["conditions"].split()
+    this = finals[variable].sel(condition=compared).mean("model")
+    base = finals[variable].sel(condition=baseline).mean("model")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gap = np.abs(np.log(this.values.astype(float)) - np.log(base.values.astype(float)))
+    if not np.isfinite(gap).any():
+        raise ValueError(
+            f"no {dim} has a finite positive mean {variable} for both `{compared}` and "
+            f"`{baseline}`; check the runs (a diverged run, or a variable the files lack)."
+        )
+    return float(finals[dim].values[int(np.nanargmin(np.where(np.isfinite(gap), gap, np.nan)))])
+
+
+def match_markdown(finals: xr.Dataset, *, dim: str, variable: str = "distill_loss") -> str:
+    """A section naming :func:`matched_value` with the means it was chosen from."""
+    baseline, *_, compared = finals.attrs["conditions"].split()
+    chosen = matched_value(finals, dim=dim, variable=variable)
+    values = [float(v) for v in finals[dim].values]
+    lines = [
+        f"## The {dim} matched on the final `{variable}`",
+        "",
+        f"`{compared}`'s mean final `{variable}` over models is nearest `{baseline}`'s (on a log "
+        f"scale) at **{dim} = {chosen:g}**.",
+        "",
+        f"| {dim} | `{compared}` final {variable} | `{baseline}` final {variable} | ratio |",
+        "| --- | --- | --- | --- |",
+    ]
+    for value in values:
+        row = finals[variable].sel({dim: value})
+        this = float(row.sel(condition=compared).mean("model"))
+        base = float(row.sel(condition=baseline).mean("model"))
+        lines.append(f"| {value:g} | {this:.3g} | {base:.3g} | {this / base:.3g} |")
+    if chosen in (min(values), max(values)) and len(values) > 1:
+        lines += [
+            "",
+            f"The match lies at the edge of the swept values: extend the sweep past {chosen:g} "
+            "before using it.",
+        ]
     return "\n".join(lines) + "\n"
 
 

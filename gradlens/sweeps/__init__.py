@@ -56,6 +56,7 @@ from gradlens.sweeps._files import (
     is_complete,
     mark_complete,
     part_state,
+    stored_config,
 )
 from gradlens.sweeps._holding import hold_parts, wait_for_parts
 from gradlens.sweeps._locks import Lock, PartLockedError, lock_path, read_lock
@@ -82,5 +83,6 @@ __all__ = [
     "read_lock",
     "run_part_job",
     "run_sweep",
+    "stored_config",
     "wait_for_parts",
 ]

@@ -114,9 +114,14 @@ class PartState(NamedTuple):
 
 
 def stored_config(config: object, ignore: Collection[str]) -> dict[str, Any]:
-    """The config as a file stores it (JSON), less the ignored fields."""
+    """The config as a file stores it (JSON), less the ignored fields and those set to ``None``.
+
+    A top-level field whose value is ``None`` (unset) compares as absent, so a field
+    added to a config later with a ``None`` default leaves the files written before
+    it comparable (their config lacks the field).
+    """
     found = json.loads(config_to_json(config))
-    return {k: v for k, v in found.items() if k not in ignore}
+    return {k: v for k, v in found.items() if k not in ignore and v is not None}
 
 
 def part_state(

@@ -163,6 +163,7 @@ def before_optimizer(
     tokens: Callable[[Grads, Tensor], Tensor] | None = None,
     training: str = "training gradient",
     trait_cache: TraitCache | None = None,
+    parts: Mapping[str, Objective] | None = None,
 ) -> Pending:
     """The first half of a probed step: the gradients, their checks, ``before`` and records.
 
@@ -181,6 +182,9 @@ def before_optimizer(
         training: What the training gradient is called in a finiteness error.
         trait_cache: Take ``g_t`` every few steps and reuse it in between
             (:func:`~gradlens.training.reuse_trait`); records ``trait_age``.
+        parts: Named objectives whose gradients (one backward each) are
+            measured against ``g_t`` (``train_part_cosine``, ``train_part_norm``,
+            dim ``part`` in this order): the parts of a combined training loss.
 
     Returns:
         The :class:`Pending` step; hand ``applied`` to the optimizer.
@@ -196,6 +200,10 @@ def before_optimizer(
     if heldout is not None:
         heldout_loss, g_h = mode.gradient(heldout)
         checked.append(("held-out trait gradient", g_h))
+    part_grads = {}
+    for name, objective in (parts or {}).items():
+        part_grads[name] = mode.gradient(objective)[1]
+        checked.append((f"gradient of the training loss's part {name!r}", part_grads[name]))
     probe = train([g_t] if along is g_t else [g_t, along])
     g = probe.grad
     checked.append((training, g))
@@ -246,6 +254,10 @@ def before_optimizer(
         records["example_cosine_frac_positive"] = summary["frac_positive"]
     if probe.parts:
         records["train_loss_part"] = torch.stack(list(probe.parts.values()), dim=-1)
+    if part_grads:
+        part_pairs = [_pair(mode, grad, g_t) for grad in part_grads.values()]
+        records["train_part_cosine"] = torch.stack([p.cosine for p in part_pairs], dim=-1)
+        records["train_part_norm"] = torch.stack([p.sq.sum(-1).sqrt() for p in part_pairs], -1)
     if token_dot is not None:
         records["token_dot"] = token_dot
     if trait_cache is not None:
@@ -353,6 +365,7 @@ def run_step(
     momentum: bool = False,
     tokens: Callable[[Grads, Tensor], Tensor] | None = None,
     trait_cache: TraitCache | None = None,
+    part_gradients: bool = False,
 ) -> StepResult:
     """Take one probed optimizer step in ``mode``, its checks done by the caller.
 
@@ -378,12 +391,29 @@ def run_step(
         tokens: Record ``token_dot``, ``tokens(g_t, train_loss)`` before the
             optimizer steps (:func:`~gradlens.training.tokens.token_probe`).
         trait_cache: The amortised trait gradient's state (:func:`.reuse_trait`).
+        part_gradients: Record ``train_part_cosine`` and ``train_part_norm``:
+            ``g_t`` against the gradient of each of ``train.parts`` (one
+            backward each; one ``train`` objective, not micro-batches).
 
     Returns:
         The :class:`StepResult`.
+
+    Raises:
+        ValueError: With ``part_gradients``, for a ``train`` without ``parts`` or
+            given as micro-batches.
     """
     check_after(after)
     batches = micro_batches(train)
+    parts = None
+    if part_gradients:
+        if len(batches) != 1 or not batches[0].parts:
+            raise ValueError(
+                "part_gradients=True measures the gradient of each of train.parts: pass one "
+                "train Objective (not micro-batches) with parts={name: loss_fn, ...}, or "
+                "part_gradients=False."
+            )
+        (one,) = batches
+        parts = {name: Objective(fn, one.inputs, one.targets) for name, fn in one.parts.items()}
     pending = before_optimizer(
         mode,
         lambda references: accumulate([mode.probe(b, references) for b in batches]),
@@ -395,6 +425,7 @@ def run_step(
         reference=reference,
         tokens=tokens,
         trait_cache=trait_cache,
+        parts=parts,
     )
     for name, p in mode.params.items():
         p.grad = pending.applied[name].detach()

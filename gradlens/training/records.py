@@ -94,6 +94,12 @@ OPTIONAL_RECORDS: dict[str, Variable] = {
     "train_loss_part": Variable(
         ("step", "part"), "named part of the training loss on the step's batch", "nat"
     ),
+    "train_part_cosine": Variable(
+        ("step", "part"), "cos(g_t, gradient of a named part of the training loss)"
+    ),
+    "train_part_norm": Variable(
+        ("step", "part"), "norm of the gradient of a named part of the training loss"
+    ),
     "momentum_cosine": Variable(_S, "cos(g_t, optimizer first moment after the step)"),
     "heldout_trait_loss": Variable(_S, "trait loss on the held-out trait batch", "nat"),
     "heldout_cosine": Variable(_S, "cos(g_h, g): held-out trait and training gradients"),
@@ -109,8 +115,8 @@ OPTIONAL_RECORDS: dict[str, Variable] = {
         _S, "steps since g_t (and trait_loss) was taken; 0: at this step's parameters", "step"
     ),
 }
-"""The records a step gives when asked (``train.parts``, ``momentum=``, ``heldout=``,
-``token_loss=``, ``trait_cache=``)."""
+"""The records a step gives when asked (``train.parts``, ``part_gradients=``, ``momentum=``,
+``heldout=``, ``token_loss=``, ``trait_cache=``)."""
 
 EXAMPLE_COSINE = Variable(("example_step", "example"), "cos(g_i, g_t) of each training example")
 """The per-example cosines, stored on their own record dim (every few steps)."""

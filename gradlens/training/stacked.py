@@ -306,6 +306,7 @@ def stacked_probed_step(
     reference: Objective | None = None,
     momentum: bool = False,
     trait_cache: TraitCache | None = None,
+    part_gradients: bool = False,
 ) -> StepResult:
     """Take one optimizer step of every model of ``stack``, probing each as :func:`probed_step`.
 
@@ -338,6 +339,10 @@ def stacked_probed_step(
             between: :func:`~gradlens.training.reuse_trait` on the first step, then
             the last result's ``trait_cache``; records ``trait_age``, and
             ``measured_change`` is NaN on the steps that reuse ``g_t``.
+        part_gradients: Also record ``train_part_cosine`` and ``train_part_norm``
+            (dim ``part``): ``g_t`` against the gradient of each of ``train.parts``,
+            one backward each (a single ``train`` objective, not micro-batches),
+            e.g. the distillation loss and an added KL term taken apart.
 
     Returns:
         A :class:`~gradlens.training.StepResult` whose records have a leading
@@ -382,4 +387,5 @@ def stacked_probed_step(
         reference=reference,
         momentum=momentum,
         trait_cache=trait_cache,
+        part_gradients=part_gradients,
     )

@@ -160,6 +160,7 @@ def probed_step(
     momentum: bool = False,
     token_loss: LossFn | None = None,
     trait_cache: TraitCache | None = None,
+    part_gradients: bool = False,
 ) -> StepResult:
     """Take one optimizer step on ``train`` while probing its alignment with ``trait``.
 
@@ -218,6 +219,10 @@ def probed_step(
             between: :func:`~gradlens.training.reuse_trait` on the first step, then
             the last result's ``trait_cache``; records ``trait_age``, and
             ``measured_change`` is NaN on the steps that reuse ``g_t``.
+        part_gradients: Also record ``train_part_cosine`` and ``train_part_norm``
+            (dim ``part``): ``g_t`` against the gradient of each of ``train.parts``,
+            one backward each (a single ``train`` objective, not micro-batches),
+            e.g. the distillation loss and an added KL term taken apart.
 
     Returns:
         A :class:`~gradlens.training.StepResult`.
@@ -267,6 +272,7 @@ def probed_step(
             reference=reference,
             momentum=momentum,
             trait_cache=trait_cache,
+            part_gradients=part_gradients,
             tokens=None
             if token_loss is None
             else token_probe(model, token_loss, batches, chunk_size=chunk_size, output=output),

@@ -24,6 +24,11 @@ from gradlens.transforms.base import (
     identity,
 )
 from gradlens.transforms.combining import chain, named_chain
+from gradlens.transforms.conditional import (
+    ConditionalState,
+    conditionally_transform,
+    steps_between,
+)
 from gradlens.transforms.per_example import (
     ScaleAlignedPerExampleState,
     remove_aligned_per_example,
@@ -35,6 +40,7 @@ from gradlens.transforms.random_direction import RemoveRandomState, remove_rando
 from gradlens.transforms.records import transform_records
 
 __all__ = [
+    "ConditionalState",
     "GradientTransform",
     "IdentityState",
     "RemoveRandomState",
@@ -46,6 +52,7 @@ __all__ = [
     "TransformInit",
     "TransformUpdate",
     "chain",
+    "conditionally_transform",
     "identity",
     "named_chain",
     "per_model",
@@ -56,5 +63,6 @@ __all__ = [
     "reverse_aligned_per_example",
     "scale_aligned",
     "scale_aligned_per_example",
+    "steps_between",
     "transform_records",
 ]

@@ -41,6 +41,8 @@ TRANSFORMED = [
     "remove_layer",
     "remove_per_example",
     "remove_update",
+    "remove_update_early",
+    "remove_update_late",
     "remove_support",
     "scale_update_0.5",
 ]
@@ -81,7 +83,8 @@ def test_a_stacked_model_equals_the_same_model_trained_alone(name: str) -> None:
     optimizer = make_optimizer(condition, list(stack.values()), setup)
     singles = [init_mlp(SIZES, seed=s).double() for s in SEEDS]
     single_opts = [make_optimizer(condition, list(m.parameters()), setup) for m in singles]
-    before, after = student_transforms(condition)
+    # one step an epoch: remove_update_early acts on steps 0 and 1, _late on 2 and 3
+    before, after = student_transforms(condition, steps_per_epoch=1)
     one = {n: v[0] for n, v in stack.items()}
     single_b = [before.init(one) if before else None for _ in SEEDS]
     single_a = [after.init(one) if after else None for _ in SEEDS]

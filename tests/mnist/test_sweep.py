@@ -10,7 +10,14 @@ import pytest
 import xarray as xr
 from scipy import stats
 
-from subliminal_mnist.sweep import SWEEP_FILE, plot_sweep, sweep_finals, sweep_markdown
+from subliminal_mnist.sweep import (
+    SWEEP_FILE,
+    match_markdown,
+    matched_value,
+    plot_sweep,
+    sweep_finals,
+    sweep_markdown,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 SWEEPS = sorted((ROOT / "docs" / "results").glob(f"*/{SWEEP_FILE}"))
@@ -135,3 +142,39 @@ def test_the_sweep_figure_clips_accuracy_intervals_to_0_100(path: Path) -> None:
     for ax in (fig.axes[0], fig.axes[2]):  # accuracy over the setting; accuracy vs loss
         ys = [y for c in ax.collections for seg in c.get_segments() for _, y in seg]
         assert ys and min(ys) >= -1e-9 and max(ys) <= 100.0 + 1e-9
+
+
+def test_the_lr_matched_on_the_final_distillation_loss_is_named(tmp_path: Path) -> None:
+    """--match distill_loss: the value whose mean final loss is nearest aux's, on a log scale."""
+    base = _run(["aux"], [0, 1, 2], seed=0)
+    aux_loss = float(base["distill_loss"].isel(step=-1).mean())
+    runs = {}
+    for lr, factor in ((0.3, 8.0), (1.0, 1.5), (3.0, 0.5)):  # 1.5x beats 1/0.5 = 2x
+        run = _run(["sgd"], [0, 1, 2], seed=1)
+        last = xr.full_like(run["distill_loss"].isel(step=-1), aux_loss * factor)
+        run["distill_loss"] = run["distill_loss"].where(run.step < 3, last)
+        (tmp_path / f"lr{lr:g}").mkdir()
+        run.to_netcdf(tmp_path / f"lr{lr:g}" / "mnist_aux_compact.nc")
+        runs[lr] = run
+    (tmp_path / "aux").mkdir()
+    base.to_netcdf(tmp_path / "aux" / "mnist_aux_compact.nc")
+    argv = [
+        "--dim", "sgd_lr", "--log", "--conditions", "aux", "sgd",
+        *(f"--run={lr:g}={tmp_path / f'lr{lr:g}'}" for lr in runs),
+        "--shared", str(tmp_path / "aux"), "--match", "distill_loss",
+        "--out", str(tmp_path / "out"),
+    ]  # fmt: skip
+    out = mnist_sweep.main(argv)
+    finals = xr.load_dataset(out / SWEEP_FILE)
+    assert matched_value(finals, dim="sgd_lr") == 1.0 == finals.attrs["matched"]
+    summary = (out / "summary.md").read_text()
+    assert "nearest `aux`'s (on a log scale) at **sgd_lr = 1**" in summary
+    assert "| 0.3 | " in summary and "| 8 |" in summary  # the ratio column
+    assert summary == sweep_markdown(finals, dim="sgd_lr")  # recomputes from the file
+    # at the edge of the swept values, the section says to extend the sweep
+    finals["distill_loss"].loc[{"sgd_lr": 3.0, "condition": "sgd"}] = aux_loss * 1.1
+    assert matched_value(finals, dim="sgd_lr") == 3.0
+    assert "extend the sweep past 3" in match_markdown(finals, dim="sgd_lr")
+    finals["distill_loss"].loc[{"condition": "sgd"}] = np.nan
+    with pytest.raises(ValueError, match="no sgd_lr has a finite positive mean distill_loss"):
+        matched_value(finals, dim="sgd_lr")

@@ -141,6 +141,7 @@ def test_stacked_equals_each_model_alone(case: str, build: type, method: str) ->
             heldout=o["heldout"],
             reference=o["reference"] if options.get("reference") else None,
             momentum=True,
+            part_gradients=True,
         )
         states = {"before": out.before_state, "after": out.after_state}
         stacked_row = step_values(out, layout)
@@ -158,6 +159,7 @@ def test_stacked_equals_each_model_alone(case: str, build: type, method: str) ->
                 heldout=o["heldout"],
                 reference=o["reference"] if options.get("reference") else None,
                 momentum=True,
+                part_gradients=True,
             )
             single_states[m] = {"before": ref.before_state, "after": ref.after_state}
             single_row = step_values(ref, layout)

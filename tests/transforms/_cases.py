@@ -15,6 +15,7 @@ from gradlens.transforms import (
     GradientTransform,
     Scope,
     chain,
+    conditionally_transform,
     identity,
     remove_aligned,
     remove_aligned_per_example,
@@ -23,6 +24,7 @@ from gradlens.transforms import (
     reverse_aligned_per_example,
     scale_aligned,
     scale_aligned_per_example,
+    steps_between,
 )
 
 
@@ -67,6 +69,12 @@ def _twice(make: Callable[[], GradientTransform]) -> GradientTransform:
     return chain(make(), make())
 
 
+def _first_update_only(make: Callable[[], GradientTransform]) -> GradientTransform:
+    """``make()`` at the first update only: the properties (one update) see ``make()``;
+    the two-step per-model test also sees the update it leaves alone."""
+    return conditionally_transform(make(), steps_between(0, 1))
+
+
 RANDOM_SEED = 7
 """The seed of the random-direction cases."""
 
@@ -85,18 +93,29 @@ def _cases() -> list[Case]:
                 ("reverse", partial(reverse_aligned, **kw), -1.0),
                 ("chain-id-remove-id", partial(_between_identities, remove), 0.0),
                 ("chain-scale0.5-twice", partial(_twice, partial(scale_aligned, 0.5, **kw)), 0.25),
+                ("conditional-remove", partial(_first_update_only, remove), 0.0),
+                (
+                    "conditional-scale0.5",
+                    partial(_first_update_only, partial(scale_aligned, 0.5, **kw)),
+                    0.5,
+                ),
             ]
             per_example = [
                 ("pe-scale0.5", partial(scale_aligned_per_example, 0.5, **kw), 0.5),
                 ("pe-remove", remove_pe, 0.0),
                 ("pe-reverse", partial(reverse_aligned_per_example, **kw), -1.0),
                 ("chain-id-pe-remove", partial(_after_identity, remove_pe), 0.0),
+                ("conditional-pe-remove", partial(_first_update_only, remove_pe), 0.0),
             ]
             random = [
                 ("random", partial(remove_random, RANDOM_SEED, **kw)),
                 (
                     "chain-id-random-id",
                     partial(_between_identities, partial(remove_random, RANDOM_SEED, **kw)),
+                ),
+                (
+                    "conditional-random",
+                    partial(_first_update_only, partial(remove_random, RANDOM_SEED, **kw)),
                 ),
             ]
             support = [
