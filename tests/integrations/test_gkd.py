@@ -20,6 +20,7 @@ from torch import Tensor
 from gradlens import Objective
 from gradlens.errors import GradientMismatchError
 from gradlens.integrations import TrainerProbe
+from gradlens.training.losses import token_weights
 from gradlens.transforms import named_chain, remove_aligned
 from tests.integrations.replay import assert_rows_match, replay
 
@@ -38,7 +39,6 @@ MICRO, ACCUMULATE, STEPS, BETA = 2, 2, 2, 0.5
 PROMPTS = [1, 3, 2, 4, 1, 2, 3, 1]  # prompt lengths: 5, 3, 4, 2, ... completion tokens
 
 pytestmark = [
-    pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated"),
     # RMSNorm weights take vmap: sdpa, and F.kl_div in trl's loss, have no batching rule
     pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning"),
 ]
@@ -109,7 +109,7 @@ def config(tmp_path: Path, **changes: Any) -> GKDConfig:
         "optim": "sgd", "lr_scheduler_type": "constant", "max_grad_norm": 0.0,
         "weight_decay": 0.0, "report_to": "none", "use_cpu": True, "logging_steps": 1,
         "save_strategy": "no", "disable_tqdm": True, "seed": 0, "bf16": False,
-        "gradient_checkpointing": False, "lmbda": 0.0, "seq_kd": False, "beta": BETA,
+        "activation_checkpointing": False, "lmbda": 0.0, "seq_kd": False, "beta": BETA,
         **changes,
     })  # fmt: skip
 
@@ -218,3 +218,13 @@ def test_on_policy_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="generates new completions"):
         trainer.train()
+
+
+def test_step_weights_of_one_micro_batch_are_token_weights() -> None:
+    labels = torch.tensor([[5, 1, 2, -100], [5, 1, -100, -100], [-100, -100, 4, 4]])
+    one = StepCounts(3, int((labels[:, 1:] != -100).sum()))  # the step is this micro-batch
+    torch.testing.assert_close(step_weights(labels, one), token_weights(labels))
+    half = step_weights(labels[:1], StepCounts(6, 2 * one.items))  # of a step twice as long
+    torch.testing.assert_close(half, token_weights(labels)[:1])
+    with pytest.raises(ValueError, match="passed no num_items_in_batch"):
+        step_weights(labels, StepCounts(3, None))
