@@ -1,4 +1,4 @@
-"""gradlens in ``transformers.Trainer`` and the trainers built on it (TRL's ``SFTTrainer``).
+"""gradlens in ``transformers.Trainer`` and trainers built on it (TRL's SFTTrainer, GKDTrainer).
 
 :class:`GradlensCallback` is a ``TrainerCallback``. At ``on_pre_optimizer_step``
 (after every micro-batch's backward, the all-reduce of data parallelism and
@@ -15,7 +15,9 @@ trainer's reporting callbacks, which it must be for them to see these values.
 
 :class:`ProbedTrainerMixin` (and :class:`ProbedTrainer`) add the per-example
 values: one more forward and backward of each micro-batch
-(:func:`~gradlens.probe_batch`), in float32 or float64.
+(:func:`~gradlens.probe_batch`), in float32 or float64. For a loss normalised over the
+whole step's tokens (GKDTrainer's), ``examples(batch, step)`` gets the step's
+:class:`StepCounts`, and :func:`step_weights` weighs its examples.
 
 Example:
     >>> import torch, torch.nn.functional as F
@@ -55,7 +57,7 @@ class StepCounts(NamedTuple):
     """
 
     examples: int
-    items: int | None
+    items: float | None
 
 
 def step_weights(labels: Tensor, step: StepCounts, *, shift: bool = True) -> Tensor:
@@ -88,7 +90,7 @@ def step_weights(labels: Tensor, step: StepCounts, *, shift: bool = True) -> Ten
         labels = labels[:, 1:]
     dtype = torch.float32 if labels.device.type == "mps" else torch.float64
     count = (labels != -100).sum(dim=1).to(dtype)
-    return count * step.examples / max(int(step.items), 1)
+    return count * step.examples / max(float(step.items), 1.0)
 
 
 def _check_precision(args: TrainingArguments, *, examples: bool) -> None:
@@ -235,7 +237,7 @@ class ProbedTrainerMixin:
         self,
         *args: Any,
         gradlens: GradlensCallback,
-        examples: Callable[[Mapping[str, Any]], Objective],
+        examples: Callable[..., Objective],
         randomness: Randomness = "error",
         **kwargs: Any,
     ) -> None:
@@ -267,10 +269,10 @@ class ProbedTrainerMixin:
         _check_off_policy(trainer)
         batch = trainer._prepare_inputs(dict(inputs))
         if self.gradlens_step:
-            items = None if num_items_in_batch is None else int(num_items_in_batch)
+            items = None if num_items_in_batch is None else float(num_items_in_batch)
             objective = self.gradlens_examples(
                 batch, StepCounts(self.gradlens_step_examples, items)
-            )  # type: ignore[call-arg]
+            )
         else:
             objective = self.gradlens_examples(batch)
         trainer.model.train()
