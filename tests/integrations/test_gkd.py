@@ -228,3 +228,20 @@ def test_step_weights_of_one_micro_batch_are_token_weights() -> None:
     torch.testing.assert_close(half, token_weights(labels)[:1])
     with pytest.raises(ValueError, match="passed no num_items_in_batch"):
         step_weights(labels, StepCounts(3, None))
+
+
+def test_a_short_last_step_is_weighted_by_its_own_examples(tmp_path: Path) -> None:
+    """Seven examples in micro-batches of two: the second step has micro-batches of 2 and 1,
+    so its weights use 3 examples (counted at get_batch_samples). The check at the optimizer
+    step raises unless the examples' mean gradient is .grad (cosine and norms to 1e-4; with 4
+    examples, as full steps have, the norms differ by 4/3 and it raises)."""
+    net = teacher()
+    trainer = probed(
+        tmp_path,
+        lambda batch, step: objective(net, batch, step_weights(batch["labels"], step)),
+    )
+    trainer.train_dataset = data().select(range(7))
+    trainer.train()
+    assert [len(b["input_ids"]) for b in trainer.batches] == [2, 2, 2, 1]
+    assert trainer.gradlens_step_examples == 3
+    assert trainer.gradlens.probe.recorder.dataset().sizes["step"] == STEPS
