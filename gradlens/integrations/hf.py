@@ -1,4 +1,4 @@
-"""gradlens in ``transformers.Trainer`` and the trainers built on it (TRL's ``SFTTrainer``).
+"""gradlens in ``transformers.Trainer`` and trainers built on it (TRL's SFTTrainer, GKDTrainer).
 
 :class:`GradlensCallback` is a ``TrainerCallback``. At ``on_pre_optimizer_step``
 (after every micro-batch's backward, the all-reduce of data parallelism and
@@ -15,7 +15,9 @@ trainer's reporting callbacks, which it must be for them to see these values.
 
 :class:`ProbedTrainerMixin` (and :class:`ProbedTrainer`) add the per-example
 values: one more forward and backward of each micro-batch
-(:func:`~gradlens.probe_batch`), in float32 or float64.
+(:func:`~gradlens.probe_batch`), in float32 or float64. For a loss normalised over the
+whole step's tokens (GKDTrainer's), ``examples(batch, step)`` gets the step's
+:class:`StepCounts`, and :func:`step_weights` weighs its examples.
 
 Example:
     >>> import torch, torch.nn.functional as F
@@ -29,9 +31,11 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+import inspect
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
@@ -39,7 +43,54 @@ from gradlens.integrations.probe import TrainerProbe
 from gradlens.probes.vmap import Randomness
 from gradlens.training.objective import Objective
 
-__all__ = ["GradlensCallback", "ProbedTrainer", "ProbedTrainerMixin"]
+__all__ = ["GradlensCallback", "ProbedTrainer", "ProbedTrainerMixin", "StepCounts", "step_weights"]
+
+
+class StepCounts(NamedTuple):
+    """The size of the whole optimizer step a micro-batch belongs to (this process's).
+
+    Attributes:
+        examples: The examples of all the step's micro-batches.
+        items: The trainer's ``num_items_in_batch``: the valid labels of all the step's
+            micro-batches (shifted for a causal LM), by which Hugging Face's losses and
+            TRL's ``GKDTrainer`` divide their sums; ``None`` where the trainer counts none.
+    """
+
+    examples: int
+    items: float | None
+
+
+def step_weights(labels: Tensor, step: StepCounts, *, shift: bool = True) -> Tensor:
+    """Each example's weight in a loss summed over the step's valid labels, over their count.
+
+    ``w_i = n_i * step.examples / step.items`` for ``n_i`` valid labels of example ``i``:
+    a loss ``mean_i(w_i * l_i)`` per micro-batch (``l_i`` the mean over example ``i``'s
+    valid tokens), accumulated as the examples' mean over the step, is the sum of every
+    token's loss over ``step.items``: the trainer's loss, whatever the examples' lengths.
+    :func:`~gradlens.training.losses.token_weights` is this for a step of one micro-batch.
+
+    Args:
+        labels: ``(example, token)``, -100 where ignored.
+        step: The step's counts (``items`` not ``None``).
+        shift: The first label predicts nothing (a causal LM).
+
+    Returns:
+        ``(example,)``, float64 (float32 on MPS).
+
+    Raises:
+        ValueError: If the trainer counted no items.
+    """
+    if step.items is None:
+        raise ValueError(
+            "the trainer passed no num_items_in_batch (its model takes no loss kwargs and it "
+            "has no compute_loss_func), so its loss is not normalised over the step's tokens: "
+            "use examples(batch) without step weights."
+        )
+    if shift:
+        labels = labels[:, 1:]
+    dtype = torch.float32 if labels.device.type == "mps" else torch.float64
+    count = (labels != -100).sum(dim=1).to(dtype)
+    return count * step.examples / max(float(step.items), 1.0)
 
 
 def _check_precision(args: TrainingArguments, *, examples: bool) -> None:
@@ -64,6 +115,23 @@ def _check_precision(args: TrainingArguments, *, examples: bool) -> None:
             "trainer's bf16 autocast, so its examples would not make up the gradient the "
             "trainer applies: train in float32 or float64, or use GradlensCallback alone "
             "(global and per-layer values work under bf16)."
+        )
+
+
+def _examples(batch: Mapping[str, Any]) -> int:
+    """The examples of a collated batch: the leading dim of its first tensor."""
+    return next(v.shape[0] for v in batch.values() if isinstance(v, Tensor))
+
+
+def _check_off_policy(trainer: Any) -> None:
+    """Refuse a trainer that replaces the micro-batch after the per-example pass saw it."""
+    if getattr(trainer, "lmbda", 0.0) > 0 or getattr(trainer, "seq_kd", False):
+        raise ValueError(
+            f"GKDTrainer(lmbda={trainer.lmbda}, seq_kd={trainer.seq_kd}) generates new "
+            "completions inside its training_step, after ProbedTrainerMixin's per-example pass "
+            "has seen the dataset's micro-batch, so its examples would not make up the "
+            "gradient: pass lmbda=0 and seq_kd=False (off-policy), or use GradlensCallback "
+            "alone (global and per-layer values work on-policy)."
         )
 
 
@@ -158,7 +226,9 @@ class ProbedTrainerMixin:
             model's device) as the model inputs, targets and the loss the trainer
             minimises, mean-reduced over examples (see :meth:`Objective.from_batch
             <gradlens.Objective.from_batch>`; leave out an all-ones ``attention_mask``,
-            whose checks vmap cannot batch).
+            whose checks vmap cannot batch). ``examples(batch, step)``, with two
+            parameters, also gets the step's :class:`StepCounts`, for a loss the trainer
+            normalises over the whole accumulated step (:func:`step_weights`).
         randomness: As in :func:`~gradlens.probe_batch` (for dropout).
         **kwargs: The trainer's keyword arguments.
     """
@@ -167,7 +237,7 @@ class ProbedTrainerMixin:
         self,
         *args: Any,
         gradlens: GradlensCallback,
-        examples: Callable[[Mapping[str, Any]], Objective],
+        examples: Callable[..., Objective],
         randomness: Randomness = "error",
         **kwargs: Any,
     ) -> None:
@@ -176,6 +246,16 @@ class ProbedTrainerMixin:
         self.gradlens_examples = examples
         self.gradlens_randomness: Randomness = randomness
         gradlens.add_to(self)  # type: ignore[arg-type]
+        self.gradlens_step = len(inspect.signature(examples).parameters) > 1
+        self.gradlens_step_examples = 0
+
+    def get_batch_samples(
+        self, epoch_iterator: Iterator[Any], num_batches: int, device: torch.device
+    ) -> tuple[list[Any], Tensor | int | None]:
+        """The trainer's micro-batches of one optimizer step; their examples counted."""
+        found = super().get_batch_samples(epoch_iterator, num_batches, device)  # type: ignore[misc]
+        self.gradlens_step_examples = sum(_examples(b) for b in found[0])
+        return found
 
     def training_step(
         self,
@@ -186,7 +266,15 @@ class ProbedTrainerMixin:
         """The per-example pass on the micro-batch, then the trainer's own step."""
         trainer: Any = self
         _check_precision(trainer.args, examples=True)
-        objective = self.gradlens_examples(trainer._prepare_inputs(dict(inputs)))
+        _check_off_policy(trainer)
+        batch = trainer._prepare_inputs(dict(inputs))
+        if self.gradlens_step:
+            items = None if num_items_in_batch is None else float(num_items_in_batch)
+            objective = self.gradlens_examples(
+                batch, StepCounts(self.gradlens_step_examples, items)
+            )
+        else:
+            objective = self.gradlens_examples(batch)
         trainer.model.train()
         self.gradlens.probe.example_pass(
             trainer.model,

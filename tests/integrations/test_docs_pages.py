@@ -10,7 +10,8 @@ import pytest
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "integrations"
 
 
-@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # sdpa under vmap
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # sdpa, kl_div: vmap
+@pytest.mark.filterwarnings("ignore:You are importing from 'trl.experimental'")  # GKDTrainer
 @pytest.mark.filterwarnings("ignore:`isinstance.treespec, LeafSpec.` is deprecated:FutureWarning")
 @pytest.mark.filterwarnings("ignore:The 'train_dataloader' does not have many workers")
 @pytest.mark.parametrize("page", ["transformers.md", "lightning.md"])
