@@ -225,8 +225,8 @@ class ProbedTrainerMixin:
         examples: ``examples(batch) -> Objective``: the micro-batch (a dict, on the
             model's device) as the model inputs, targets and the loss the trainer
             minimises, mean-reduced over examples (see :meth:`Objective.from_batch
-            <gradlens.Objective.from_batch>`; leave out an all-ones ``attention_mask``,
-            whose checks vmap cannot batch). ``examples(batch, step)``, with two
+            <gradlens.Objective.from_batch>`; a 2-D ``attention_mask`` may stay in,
+            padded or not). ``examples(batch, step)``, with two
             parameters, also gets the step's :class:`StepCounts`, for a loss the trainer
             normalises over the whole accumulated step (:func:`step_weights`).
         randomness: As in :func:`~gradlens.probe_batch` (for dropout).
