@@ -152,18 +152,32 @@ def summary(ds: xr.Dataset) -> str:
 
 
 def plot(ds: xr.Dataset) -> Figure:
-    """cos(g_t(m), g_d) and cos(g_t(m), g_t(60,000)) against the probe size (95% CI over models)."""
-    fig = Figure(figsize=(10, 3.8), layout="constrained")
-    for ax, name in zip(fig.subplots(1, 2), ("cosine", "full_cosine"), strict=True):
-        for state in ds.student_step.values:
-            ci = mean_ci(ds[name].sel(student_step=state).mean("draw"), dim="model")
-            m = ds.probe_size.values
+    """Against the probe size: cos(g_t(m), g_d), its sd over draws, cos(g_t(m), g_t(60,000))."""
+    fig = Figure(figsize=(14, 3.8), layout="constrained")
+    axes = fig.subplots(1, 3)
+    m = ds.probe_size.values
+    for state in ds.student_step.values:
+        sel = ds.sel(student_step=state)
+        label = f"student step {int(state)}"
+        for ax, values in zip(
+            axes,
+            (
+                sel["cosine"].mean("draw"),
+                sel["cosine"].std("draw", ddof=1),
+                sel["full_cosine"].mean("draw"),
+            ),
+            strict=True,
+        ):
+            ci = mean_ci(values, dim="model")
             ax.fill_between(m, ci["lower"], ci["upper"], alpha=0.25)
-            ax.plot(m, ci["mean"], "o-", label=f"student step {int(state)}")
+            ax.plot(m, ci["mean"], "o-", label=label)
+    labels = ("cos(g_t(m), g_d), mean over draws", "its sd over draws", "cos(g_t(m), g_t(60,000))")
+    for ax, label in zip(axes, labels, strict=True):
         ax.set_xscale("log")
         ax.set_xlabel("probe size m (labelled images)")
-        ax.set_ylabel(ds[name].attrs["long_name"])
+        ax.set_ylabel(label)
         ax.legend(fontsize="small")
+    axes[1].set_yscale("log")
     n = ds.sizes["model"]
     fig.suptitle(f"the trait probe's size (mean and 95% CI over {n} models)")
     return fig
