@@ -191,10 +191,15 @@ def check_finite(a: Grads, *, step: int | None = None, what: str = "gradient") -
         return
     bad = tuple(name for name, value in a.items() if not bool(torch.isfinite(value).all()))
     if bad:
-        at = f" at step {step}" if step is not None else ""
-        raise NonFiniteGradientError(
-            f"the {what}{at} has NaN or infinite values in {list(bad)}. Lower the learning "
-            "rate, check the loss for log(0) or division by zero, or check the inputs.",
-            step=step,
-            names=bad,
-        )
+        raise non_finite_error(what, step, bad)
+
+
+def non_finite_error(what: str, step: int | None, bad: tuple[str, ...]) -> NonFiniteGradientError:
+    """The error for a gradient ``what`` whose parameters ``bad`` have NaN or infinite values."""
+    at = f" at step {step}" if step is not None else ""
+    return NonFiniteGradientError(
+        f"the {what}{at} has NaN or infinite values in {list(bad)}. Lower the learning "
+        "rate, check the loss for log(0) or division by zero, or check the inputs.",
+        step=step,
+        names=bad,
+    )

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from gradlens.errors import UnsupportedModelError
 from gradlens.probes.batch import Inputs, describe, examples
+from gradlens.probes.deferred import active_ledger
 
 __all__ = [
     "DeferredCheck",
@@ -286,9 +287,18 @@ class DeferredCheck(NamedTuple):
     explain: Callable[[], None]
 
 
-def settle(checks: Sequence[DeferredCheck]) -> None:
-    """Raise the first failing check's error, in order, after one host read of every flag."""
+def settle(checks: Sequence[DeferredCheck], *, deferrable: bool = True) -> None:
+    """Raise the first failing check's error, in order, after one host read of every flag.
+
+    Inside :func:`~gradlens.probes.deferred.deferred_checks` the checks are held
+    instead, and read with the others of later steps; ``deferrable=False``
+    (planning) reads them now regardless.
+    """
     if not checks:
+        return
+    ledger = active_ledger() if deferrable else None
+    if ledger is not None:
+        ledger.add(checks)
         return
     if not bool(torch.stack([c.failed for c in checks]).any()):  # the one read
         return

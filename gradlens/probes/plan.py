@@ -195,7 +195,8 @@ def check_rows_alone(
         output: The output selector.
         rows: The examples to check; default the first and the last.
     """
-    settle([rows_alone_check(model, params, frozen, inputs, batch_output, output, rows)])
+    check = rows_alone_check(model, params, frozen, inputs, batch_output, output, rows)
+    settle([check], deferrable=False)  # planning reads now: the plan depends on it
 
 
 def rows_alone_check(

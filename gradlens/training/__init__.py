@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from gradlens.probes.deferred import CheckLedger, deferred_checks
 from gradlens.training.amortise import TraitCache, reuse_trait
 from gradlens.training.body import StepResult
 from gradlens.training.distributed import (
@@ -27,12 +28,14 @@ from gradlens.training.step import probed_step
 __all__ = [
     "OPTIONAL_RECORDS",
     "STEP_RECORDS",
+    "CheckLedger",
     "Objective",
     "ReplicaDivergenceError",
     "Stack",
     "StepResult",
     "TraitCache",
     "TransformLayout",
+    "deferred_checks",
     "distributed_probed_step",
     "gather_examples",
     "plan_attr",

@@ -15,8 +15,10 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from gradlens.alignment.gradops import check_finite
+from gradlens.alignment.gradops import check_finite, non_finite_error
 from gradlens.probes.batch import describe, examples
+from gradlens.probes.checks import DeferredCheck
+from gradlens.probes.deferred import active_ledger
 from gradlens.probes.vmap import check_batch
 from gradlens.training.objective import Objective
 from gradlens.transforms.base import GradientTransform, needs_example_dots
@@ -81,11 +83,31 @@ def check_all_finite(checked: Sequence[tuple[str, Grads]], *, step: int | None) 
             ``what`` names the gradient in the message.
         step: The training step, for the message.
     """
+    ledger = active_ledger()
     filled = [v for _, grad in checked for v in grad.values() if v.numel() > 0]
-    if not filled:
-        return
-    norms = torch._foreach_norm(filled, ord=math.inf)
-    if bool(torch.stack([n.float() for n in norms]).isfinite().all()):
-        return
-    for what, grad in checked:  # raises for the first non-finite one
+    if filled:
+        norms = torch._foreach_norm(filled, ord=math.inf)
+        finite = torch.stack([n.float() for n in norms]).isfinite()
+        if ledger is None:
+            if not bool(finite.all()):  # the one read
+                _raise_first(checked, step)
+        else:  # held with the step's other checks; the gradients are not kept
+            names = [(what, n) for what, grad in checked for n, v in grad.items() if v.numel()]
+            ledger.add([DeferredCheck(~finite.all(), lambda: _raise_named(names, finite, step))])
+    if ledger is not None:
+        ledger.end_step(step)  # the step's last check
+
+
+def _raise_first(checked: Sequence[tuple[str, Grads]], step: int | None) -> None:
+    """Raise for the first non-finite gradient, in order, as one by one would."""
+    for what, grad in checked:
         check_finite(grad, step=step, what=what)
+
+
+def _raise_named(names: Sequence[tuple[str, str]], finite: Tensor, step: int | None) -> None:
+    """:func:`check_finite`'s error for the first non-finite gradient, from per-tensor flags."""
+    flags = finite.tolist()
+    for what, _ in names:
+        bad = tuple(n for (w, n), ok in zip(names, flags, strict=True) if w == what and not ok)
+        if bad:
+            raise non_finite_error(what, step, bad)

@@ -52,10 +52,12 @@ from torch.func import functional_call, grad_and_value
 
 from gradlens.errors import UnsupportedModelError
 from gradlens.probes.checks import (
+    DeferredCheck,
     check_chunk_size,
     check_mean_loss,
     check_vmap_compatible,
     mean_loss_rtol,
+    settle,
 )
 from gradlens.probes.outputs import OutputSelector, select_output
 from gradlens.probes.plan import PlanEntry
@@ -105,6 +107,9 @@ def _example_losses(loss_fn: Callable[..., Tensor], outputs: Tensor, targets: tu
 def _check_model_means(loss: Tensor, each: Tensor) -> None:
     """:func:`~gradlens.probes.checks.check_mean_loss` for every model, with one host sync.
 
+    Its flag is settled (:func:`~gradlens.probes.checks.settle`): read now, or
+    held inside :func:`~gradlens.probes.deferred.deferred_checks`.
+
     Args:
         loss: Each model's batch loss, ``(model,)``.
         each: Each example's loss alone, ``(model, example)``.
@@ -115,10 +120,12 @@ def _check_model_means(loss: Tensor, each: Tensor) -> None:
     rtol = mean_loss_rtol(each.dtype)
     # not (close): a NaN mean beside a finite loss is off too (check_mean_loss names it)
     off = ~((loss - mean).abs() <= rtol * torch.maximum(loss.abs(), mean.abs()) + 1e-7)
-    if not bool(off.any()):  # the one read of a passing step
-        return
-    first = int(off.nonzero()[0, 0])
-    check_mean_loss(loss[first], each[first])
+
+    def explain() -> None:
+        first = int(off.nonzero()[0, 0])
+        check_mean_loss(loss[first], each[first])
+
+    settle([DeferredCheck(off.any(), explain)])
 
 
 class StackedMode:

@@ -28,6 +28,8 @@ from torch.overrides import TorchFunctionMode
 import gradlens
 from gradlens import Objective, probed_step, stack_modules, stacked_probed_step
 from gradlens.errors import NonFiniteGradientError
+from gradlens.probes.checks import DeferredCheck, settle
+from gradlens.probes.deferred import deferred_checks
 from gradlens.transforms import remove_aligned
 
 _READS = {
@@ -106,9 +108,8 @@ class HostReads(TorchFunctionMode):
 
 KNOWN = {
     ("training/checks.py", "check_all_finite"): "finiteness of every gradient, before the step",
-    ("training/stacked.py", "_check_model_means"): "each model's batch loss is its examples' mean",
-    ("probes/checks.py", "settle"): "the batch loss is the examples' mean; the first and last "
-    "example alone give their batch outputs (one read for both)",
+    ("probes/checks.py", "settle"): "the batch loss is the examples' mean (each model's, in a "
+    "stack); the first and last example alone give their batch outputs (one read for all)",
 }
 """The host reads of a steady-state probed step today, each a check (see the report in
 docs/benchmarks.md, "Host reads of a probed step")."""
@@ -212,8 +213,38 @@ def test_the_probes_checks_of_the_batch_share_one_read(kind: str) -> None:
 
 def test_the_stacked_mean_loss_check_reads_once_per_step() -> None:
     reads = _steady_reads("stacked")
-    means = [n for (_, _, fn), n in reads.sites.items() if fn == "_check_model_means"]
+    means = [n for (_, _, fn), n in reads.sites.items() if fn == "settle"]
     assert means == [1], reads.describe()
+
+
+@pytest.mark.parametrize("kind", ["plain", "no_change", "remove_aligned", "stacked"])
+def test_inside_deferred_checks_a_steady_state_step_reads_nothing(kind: str) -> None:
+    step = _case(kind)
+    with deferred_checks(every=10) as ledger:
+        for _ in range(2):
+            step()
+        reads = HostReads()
+        with reads:
+            step()
+        assert len(ledger) > 0  # the checks were made, and are held
+    assert not reads.functions(), reads.describe()
+
+
+def test_deferred_checks_read_every_n_steps_and_at_the_end() -> None:
+    step = _case("plain")
+    step()  # planning
+    with deferred_checks(every=3) as ledger:
+        counts = []
+        for _ in range(7):
+            reads = HostReads()
+            with reads:
+                step()
+            counts.append(sum(n for (_, where, _), n in reads.sites.items() if where != OPTIMIZER))
+            if counts[-1]:
+                assert len(ledger) == 0
+        held = len(ledger)
+    assert counts == [0, 0, 1, 0, 0, 1, 0]  # the 3rd and 6th steps read; the 7th waits
+    assert held > 0 and len(ledger) == 0  # read when the block ended
 
 
 @pytest.mark.xfail(
@@ -272,3 +303,53 @@ def test_the_one_read_loses_no_finiteness_check(bad: set[str], named: str) -> No
     assert info.value.step == 11 and "0.weight" in info.value.names
     for n, p in model.named_parameters():  # refused before the optimizer stepped
         assert torch.equal(p.detach(), before[n]), n
+
+
+def test_a_deferred_non_finite_gradient_is_raised_at_the_read_naming_its_step() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(6, 8, dtype=torch.float64), torch.randint(0, 4, (6,))
+    good = Objective(F.cross_entropy, x, (y,))
+    probed_step(model, opt, good, good, step=0)  # planning
+    after_2 = []
+    with (
+        pytest.raises(NonFiniteGradientError, match="the trait gradient at step 2 has NaN") as info,
+        deferred_checks(every=4),
+    ):
+        for step in range(1, 5):
+            trait = _nan(good) if step == 2 else good
+            result = probed_step(model, opt, good, trait, step=step)
+            if step == 2:
+                assert result.records["cosine"].isnan()  # no error yet: a NaN record
+                after_2.append(model[0].weight.detach().clone())
+    assert info.value.step == 2 and "0.weight" in info.value.names
+    note = " ".join(getattr(info.value, "__notes__", [])) or str(info.value)
+    assert "failed at step 2 and was read at step 4" in note
+    assert not torch.equal(model[0].weight, after_2[0])  # steps 3 and 4 were applied
+
+
+def test_a_deferred_mean_loss_failure_keeps_its_own_error() -> None:
+    """A stacked step whose second model's loss is not a mean, found at the read."""
+    torch.manual_seed(0)
+    stack = stack_modules([nn.Linear(4, 3) for _ in range(3)])
+    opt = torch.optim.SGD(stack.params.values(), lr=0.1)
+    x, y = torch.randn(3, 5, 4), torch.randint(0, 3, (3, 5))
+    trait = Objective(F.cross_entropy, x, (y,))
+
+    def summed(out: Tensor, target: Tensor) -> Tensor:  # a sum, not a mean, over examples
+        return F.cross_entropy(out, target, reduction="sum")
+
+    stacked_probed_step(stack, opt, trait, trait)  # planning
+    with pytest.raises(ValueError, match="mean") as info, deferred_checks(every=5):
+        stacked_probed_step(stack, opt, Objective(summed, x, (y,)), trait, step=1)
+    note = " ".join(getattr(info.value, "__notes__", [])) or str(info.value)
+    assert "failed at step 1" in note
+
+
+def test_deferred_checks_refuse_a_bad_every_and_read_nothing_when_the_block_raises() -> None:
+    with pytest.raises(ValueError, match="every"), deferred_checks(every=0):
+        pass
+    with pytest.raises(KeyError), deferred_checks(every=10):  # the block's error, not the check's
+        settle([DeferredCheck(torch.tensor(True), lambda: 1 / 0)])
+        raise KeyError("the block's")
