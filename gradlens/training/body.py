@@ -34,6 +34,7 @@ from torch import Tensor
 from gradlens.alignment.gradops import safe_divide
 from gradlens.alignment.layerstats import layer_stats
 from gradlens.alignment.measures import summarize
+from gradlens.compiling import compiled
 from gradlens.errors import GradientMismatchError
 from gradlens.probes.plan import PlanEntry
 from gradlens.training.amortise import TraitCache, trait_gradient
@@ -134,6 +135,71 @@ def _pair(mode: StepMode, grad: Grads, reference: Grads) -> _Pair:
     return _Pair(*mode.over_models(_stats)(grad, reference))
 
 
+@compiled
+def _gradient_records(
+    over_models: Callable[[Callable[..., Any]], Callable[..., Any]],
+    g: Grads,
+    g_t: Grads,
+    applied: Grads | None,
+    dots: Grads,
+    sq_norms: Grads,
+) -> tuple[dict[str, Tensor], Tensor]:
+    """The records of ``g`` against ``g_t``, and each example's cosine with ``g_t``.
+
+    Args:
+        over_models: The mode's :meth:`~gradlens.training.mode.StepMode.over_models`.
+        g: The training gradient.
+        g_t: The trait gradient.
+        applied: ``g`` after the ``before`` transform, or ``None`` without one.
+        dots: ``<g_i[p], g_t[p]>``, name -> ``(*model, example)``; empty without
+            per-example values.
+        sq_norms: ``||g_i[p]||^2``, name -> ``(*model, example)``; empty likewise.
+
+    Returns:
+        ``(records, example_cosine (*model, example))``; the records of
+        :data:`~gradlens.training.records.STEP_RECORDS` that these give.
+    """
+    train_pair = _Pair(*over_models(_stats)(g, g_t))
+    trait_norm = train_pair.ref_sq.sum(-1).sqrt()
+    g_dot_t = train_pair.dot.sum(-1)
+    applied_cosine = (
+        train_pair.cosine if applied is None else _Pair(*over_models(_stats)(applied, g_t)).cosine
+    )
+    records = {
+        "cosine": train_pair.cosine,
+        "trait_norm": trait_norm,
+        "train_norm": train_pair.sq.sum(-1).sqrt(),
+        "projection": safe_divide(g_dot_t, trait_norm.square()),
+        "layer_cosine": safe_divide(train_pair.dot, (train_pair.sq * train_pair.ref_sq).sqrt()),
+        "layer_trait_norm": train_pair.ref_sq.sqrt(),
+        "layer_train_norm": train_pair.sq.sqrt(),
+        "applied_cosine": applied_cosine,
+    }
+    example_cosine = trait_norm.new_empty((*trait_norm.shape, 0))
+    if sq_norms:
+        example_cosine = safe_divide(
+            _sum_params(dots), _sum_params(sq_norms).sqrt() * trait_norm[..., None]
+        )
+        summary = summarize(example_cosine)
+        records["example_cosine_mean"] = summary["mean"]
+        records["example_cosine_quantile"] = summary["quantile"]
+        records["example_cosine_frac_positive"] = summary["frac_positive"]
+    return records, example_cosine
+
+
+@compiled
+def _update_records(
+    over_models: Callable[[Callable[..., Any]], Callable[..., Any]], delta: Grads, g_t: Grads
+) -> dict[str, Tensor]:
+    """The update's records against ``g_t``: its cosine and the predicted trait-loss change."""
+    pair = _Pair(*over_models(_stats)(delta, g_t))
+    return {
+        "update_cosine": pair.cosine,
+        "predicted_change": pair.dot.sum(-1),
+        "layer_predicted_change": pair.dot,
+    }
+
+
 def _first_moment(optimizer: torch.optim.Optimizer, params: Grads) -> dict[str, Tensor] | None:
     """The optimizer's first moment (Adam's ``exp_avg``, SGD's ``momentum_buffer``), if any."""
     moments = {}
@@ -220,30 +286,18 @@ def before_optimizer(
                 f"least one: pass a train Objective with examples, or no such transform ({err})"
             ) from err
 
-    train_pair = _pair(mode, g, g_t)
-    trait_norm = train_pair.ref_sq.sum(-1).sqrt()
-    g_dot_t = train_pair.dot.sum(-1)
-    records = {
-        "trait_loss": trait_loss,
-        "cosine": train_pair.cosine,
-        "trait_norm": trait_norm,
-        "train_norm": train_pair.sq.sum(-1).sqrt(),
-        "projection": safe_divide(g_dot_t, trait_norm.square()),
-        "layer_cosine": safe_divide(train_pair.dot, (train_pair.sq * train_pair.ref_sq).sqrt()),
-        "layer_trait_norm": train_pair.ref_sq.sqrt(),
-        "layer_train_norm": train_pair.sq.sqrt(),
-        "applied_cosine": train_pair.cosine if before is None else _pair(mode, applied, g_t).cosine,
-    }
-    example_cosine = trait_norm.new_empty((*trait_norm.shape, 0))
+    records = {"trait_loss": trait_loss}
+    found, example_cosine = _gradient_records(
+        mode.over_models,
+        g,
+        g_t,
+        None if before is None else applied,
+        probe.dots[0] if probe.sq_norms else {},
+        probe.sq_norms,
+    )
     if probe.sq_norms:  # per-example values
-        example_cosine = safe_divide(
-            _sum_params(probe.dots[0]), _sum_params(probe.sq_norms).sqrt() * trait_norm[..., None]
-        )
-        summary = summarize(example_cosine)
         records = {"train_loss": probe.loss, **records}
-        records["example_cosine_mean"] = summary["mean"]
-        records["example_cosine_quantile"] = summary["quantile"]
-        records["example_cosine_frac_positive"] = summary["frac_positive"]
+    records.update(found)
     if probe.parts:
         records["train_loss_part"] = torch.stack(list(probe.parts.values()), dim=-1)
     if token_dot is not None:
@@ -308,11 +362,8 @@ def after_optimizer(
     stale = pending.trait_cache is not None and pending.trait_cache.age > 0
     trait_after = mode.after_step(None if stale else trait, step)
 
-    update_pair = _pair(mode, delta, g_t)
     records = dict(pending.records)
-    records["update_cosine"] = update_pair.cosine
-    records["predicted_change"] = update_pair.dot.sum(-1)
-    records["layer_predicted_change"] = update_pair.dot
+    records.update(_update_records(mode.over_models, delta, g_t))
     if trait_after is not None:
         records["measured_change"] = trait_after - pending.trait_loss
     elif trait is not None:  # g_t reused: the loss before the step was not taken

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradlens.compiling import Compile, check_compile, compiling, options_of
 from gradlens.errors import UnsupportedModelError
 from gradlens.probes.batch import forward as call_model
 from gradlens.probes.checks import LossFn, check_not_meta
@@ -160,6 +161,7 @@ def probed_step(
     momentum: bool = False,
     token_loss: LossFn | None = None,
     trait_cache: TraitCache | None = None,
+    compile: bool | Compile = False,
 ) -> StepResult:
     """Take one optimizer step on ``train`` while probing its alignment with ``trait``.
 
@@ -218,6 +220,12 @@ def probed_step(
             between: :func:`~gradlens.training.reuse_trait` on the first step, then
             the last result's ``trait_cache``; records ``trait_age``, and
             ``measured_change`` is NaN on the steps that reuse ``g_t``.
+        compile: Run gradlens's own tensor arithmetic of the step (the factored
+            forms' products, the ``vmap`` path's reductions, the records) through
+            ``torch.compile``: ``True`` for inductor, or a
+            :class:`~gradlens.compiling.Compile` (another backend, or
+            ``cuda_graphs=True`` on a GPU). The model itself runs eagerly; the
+            results are the eager step's (:mod:`gradlens.compiling`).
 
     Returns:
         A :class:`~gradlens.training.StepResult`.
@@ -228,6 +236,8 @@ def probed_step(
             the optimizer does not hold the model's parameters, or
             ``train.loss_fn`` is not the mean of the examples' losses (checked on
             the whole batch, from the probe's own outputs, before the optimizer steps).
+        CompileError: If ``compile``'s backend cannot compile (inductor without
+            a C++ compiler); the message names the backend that needs none.
         UnsupportedModelError: If no parameter requires grad, or the model
             cannot be probed per example (train-mode BatchNorm, for one; the
             message names the argument to change); raised before any forward,
@@ -249,9 +259,11 @@ def probed_step(
             check_objective(which, objective)
     check_optimizer(optimizer, mode.params)
     check_vmap_compatible(model, randomness)
+    options = options_of(compile)
+    check_compile(options, (p.device for p in mode.params.values()))
     # Whether train.loss_fn is the mean of the examples' losses is checked on the whole
     # batch by the probe, on its own outputs (no forward of its own), before any step.
-    with plain_forward(model):
+    with plain_forward(model), compiling(options):
         return run_step(
             mode,
             optimizer,
