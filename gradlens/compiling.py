@@ -73,12 +73,17 @@ class Compile:
             (``mode="reduce-overhead"``, static shapes). GPU only.
         dynamic: ``torch.compile``'s ``dynamic``; ``None`` lets dynamo mark a
             size dynamic when it changes (``False`` with ``cuda_graphs``).
+        recompile_limit: Graphs dynamo keeps per compiled function (a form's
+            ``compute`` gets one per layer shape and branch); past it that
+            function runs eagerly. Dynamo's own default, 8, is met by a
+            transformer's linear layers.
     """
 
     backend: str | Callable[..., Any] = "inductor"
     mode: str | None = None
     cuda_graphs: bool = False
     dynamic: bool | None = None
+    recompile_limit: int = 64
 
     def arguments(self) -> dict[str, Any]:
         """The keyword arguments of ``torch.compile``."""
@@ -172,7 +177,11 @@ def compiled(fn: F) -> F:
         # Detached: dynamo would read .grad of a captured non-leaf input (a ghost call's).
         args, kwargs = tree_map(_detached, (args, kwargs))
         try:
-            with torch.compiler.set_stance("default"):
+            limit = options.recompile_limit
+            with (
+                torch.compiler.set_stance("default"),
+                torch._dynamo.config.patch(recompile_limit=limit),
+            ):
                 found = _compiled(fn, options)(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as err:
             raise CompileError(
