@@ -156,15 +156,11 @@ def _copied(value: Any) -> Any:
     return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, value)
 
 
-def _detached(value: Any) -> Any:
-    return value.detach() if isinstance(value, torch.Tensor) else value
-
-
 def compiled(fn: F) -> F:
     """``fn`` compiled while :func:`compiling` is active, ``fn`` itself otherwise.
 
-    ``fn`` must be a pure tensor function of values without a graph (no model
-    call, no gradient through it; compiled, it sees its tensors detached): it
+    ``fn`` must be a pure tensor function of detached values (no model call, no
+    gradient through it; dynamo would read ``.grad`` of a non-leaf input): it
     runs outside :func:`~gradlens.probes.outputs.plain_forward`'s eager stance.
     A failing backend raises :class:`CompileError`.
     """
@@ -174,14 +170,11 @@ def compiled(fn: F) -> F:
         options = _ACTIVE.get()
         if options is None:
             return fn(*args, **kwargs)
-        # Detached: dynamo would read .grad of a captured non-leaf input (a ghost call's).
-        args, kwargs = tree_map(_detached, (args, kwargs))
+        config = torch._dynamo.config
+        limit = config.recompile_limit  # set and reset by hand: config.patch costs ~1 ms
+        config.recompile_limit = max(limit, options.recompile_limit)
         try:
-            limit = options.recompile_limit
-            with (
-                torch.compiler.set_stance("default"),
-                torch._dynamo.config.patch(recompile_limit=limit),
-            ):
+            with torch.compiler.set_stance("default"):
                 found = _compiled(fn, options)(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as err:
             raise CompileError(
@@ -191,6 +184,8 @@ def compiled(fn: F) -> F:
                 "compiler: install one, or pass compile=Compile(backend='aot_eager'), or "
                 "compile=False."
             ) from err
+        finally:
+            config.recompile_limit = limit
         return _copied(found) if options.cuda_graphs else found
 
     return run  # type: ignore[return-value]

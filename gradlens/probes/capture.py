@@ -125,7 +125,13 @@ def ghost_pass(
         with torch.no_grad(), torch.autocast(b.device.type, enabled=False):
             if once:
                 refs = {role: references[name] for role, name in once.items()}
-                found_results = compiled(seen.form.compute)(seen.call, b, layout, refs)
+                detached = seen.call._replace(
+                    input=seen.call.input.detach(),
+                    params={
+                        r: None if t is None else t.detach() for r, t in seen.call.params.items()
+                    },
+                )
+                found_results = compiled(seen.form.compute)(detached, b, layout, refs)
                 for role, (d, sq) in found_results.items():
                     dots[once[role]], sq_norms[once[role]] = d, sq
             if len(once) < len(seen.roles):
