@@ -29,7 +29,7 @@ Example:
     >>> import torch
     >>> def double(x: torch.Tensor) -> torch.Tensor:
     ...     return 2 * x
-    >>> fast = compiled(double)
+    >>> fast = compiled("records")(double)
     >>> float(fast(torch.ones(())))  # no compiling() block: the function itself
     2.0
     >>> with compiling(Compile(backend="aot_eager")):
@@ -44,16 +44,31 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch.utils._pytree import tree_map
 
 from gradlens.errors import GradlensError
 
-__all__ = ["Compile", "CompileError", "check_compile", "compiled", "compiling", "options_of"]
+__all__ = [
+    "PARTS",
+    "Compile",
+    "CompileError",
+    "Part",
+    "check_compile",
+    "compiled",
+    "compiling",
+    "options_of",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+Part = Literal["forms", "vmap", "records"]
+"""What :func:`compiled` marks: the factored forms' ``compute``, the ``vmap`` path's
+reductions, the step's records."""
+
+PARTS: tuple[Part, ...] = ("forms", "vmap", "records")
 
 
 class CompileError(GradlensError, RuntimeError):
@@ -77,6 +92,10 @@ class Compile:
             ``compute`` gets one per layer shape and branch); past it that
             function runs eagerly. Dynamo's own default, 8, is met by a
             transformer's linear layers.
+        parts: Which parts are compiled (:data:`PARTS`); the others run eagerly.
+            On a CPU inductor's kernels for the convolution form were slower
+            than eager (docs/benchmarks.md): ``parts=("vmap", "records")`` leaves
+            the forms eager.
     """
 
     backend: str | Callable[..., Any] = "inductor"
@@ -84,6 +103,12 @@ class Compile:
     cuda_graphs: bool = False
     dynamic: bool | None = None
     recompile_limit: int = 64
+    parts: tuple[Part, ...] = PARTS
+
+    def __post_init__(self) -> None:
+        unknown = [p for p in self.parts if p not in PARTS]
+        if unknown:
+            raise ValueError(f"Compile(parts=...) takes parts of {PARTS}, not {unknown}.")
 
     def arguments(self) -> dict[str, Any]:
         """The keyword arguments of ``torch.compile``."""
@@ -156,19 +181,22 @@ def _copied(value: Any) -> Any:
     return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, value)
 
 
-def compiled(fn: F) -> F:
-    """``fn`` compiled while :func:`compiling` is active, ``fn`` itself otherwise.
+def compiled(part: Part) -> Callable[[F], F]:
+    """Mark ``fn`` as ``part``: compiled while :func:`compiling` asks for it, else itself.
 
     ``fn`` must be a pure tensor function of detached values (no model call, no
     gradient through it; dynamo would read ``.grad`` of a non-leaf input): it
     runs outside :func:`~gradlens.probes.outputs.plain_forward`'s eager stance.
     A failing backend raises :class:`CompileError`.
     """
+    return functools.partial(_marked, part=part)  # type: ignore[return-value]
 
+
+def _marked(fn: F, part: Part) -> F:
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
         options = _ACTIVE.get()
-        if options is None:
+        if options is None or part not in options.parts:
             return fn(*args, **kwargs)
         config = torch._dynamo.config
         limit = config.recompile_limit  # set and reset by hand: config.patch costs ~1 ms

@@ -131,7 +131,7 @@ def ghost_pass(
                         r: None if t is None else t.detach() for r, t in seen.call.params.items()
                     },
                 )
-                found_results = compiled(seen.form.compute)(detached, b, layout, refs)
+                found_results = compiled("forms")(seen.form.compute)(detached, b, layout, refs)
                 for role, (d, sq) in found_results.items():
                     dots[once[role]], sq_norms[once[role]] = d, sq
             if len(once) < len(seen.roles):

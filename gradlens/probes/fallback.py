@@ -72,7 +72,7 @@ def vmap_dots(
     )
 
 
-@compiled
+@compiled("vmap")
 def _reduce(
     grads: Mapping[str, Tensor], reference: Mapping[str, Tensor]
 ) -> dict[str, tuple[Tensor, Tensor, Tensor]]:

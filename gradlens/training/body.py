@@ -135,7 +135,7 @@ def _pair(mode: StepMode, grad: Grads, reference: Grads) -> _Pair:
     return _Pair(*mode.over_models(_stats)(grad, reference))
 
 
-@compiled
+@compiled("records")
 def _gradient_records(
     over_models: Callable[[Callable[..., Any]], Callable[..., Any]],
     g: Grads,
@@ -187,7 +187,7 @@ def _gradient_records(
     return records, example_cosine
 
 
-@compiled
+@compiled("records")
 def _update_records(
     over_models: Callable[[Callable[..., Any]], Callable[..., Any]], delta: Grads, g_t: Grads
 ) -> dict[str, Tensor]:

@@ -94,7 +94,7 @@ def test_a_compiled_step_gives_the_eager_records_and_parameters(case: str) -> No
     assert not torch.allclose(first["cosine"], last["cosine"])  # the steps moved the model
 
 
-def recording(graphs: list[torch.fx.GraphModule]) -> Compile:
+def recording(graphs: list[torch.fx.GraphModule], **options: Any) -> Compile:
     """Compile options whose backend keeps each graph dynamo hands it, and runs it as traced."""
 
     def backend(gm: torch.fx.GraphModule, example_inputs: list[Tensor]) -> Callable[..., Any]:
@@ -102,7 +102,7 @@ def recording(graphs: list[torch.fx.GraphModule]) -> Compile:
         graphs.append(gm)
         return gm.forward
 
-    return Compile(backend=backend)
+    return Compile(backend=backend, **options)
 
 
 @pytest.mark.parametrize("method", ["auto", "vmap"])
@@ -117,6 +117,21 @@ def test_the_compiled_parts_go_through_torch_compile(method: str) -> None:
     # compiles anew, whatever an earlier test compiled.
     assert len(graphs) >= 3, len(graphs)
     assert all(gm.graph.find_nodes(op="placeholder") for gm in graphs)
+
+
+def test_parts_left_out_run_eagerly() -> None:
+    model, inputs, labels = built("time_major")
+    want = steps(copy.deepcopy(model), inputs, labels, count=1)
+    graphs: list[torch.fx.GraphModule] = []
+    got = steps(copy.deepcopy(model), inputs, labels, count=1, compile=recording(graphs, parts=()))
+    assert_same_steps(got, want)
+    assert graphs == []
+    got = steps(model, inputs, labels, count=1, compile=recording(graphs, parts=("records",)))
+    assert_same_steps(got, want)
+    # the gradient's and the update's records only, no form (whose inputs are a call's)
+    assert 2 <= len(graphs) < 4, len(graphs)
+    with pytest.raises(ValueError, match="forms"):
+        Compile(parts=("ghost",))  # type: ignore[arg-type]
 
 
 def test_cuda_graphs_are_refused_off_a_gpu_before_any_forward() -> None:
