@@ -15,8 +15,11 @@ The compiled functions compute what the eager ones compute (the same operations;
 the float64 tests compare them at ``allclose``); a graph break, or a function
 compiled more often than dynamo's recompile limit, runs that part eagerly,
 which changes the time, never the result. A backend that cannot compile at all
-(inductor without a C compiler, say) raises :class:`CompileError`, naming the
-backend that works without one.
+(inductor without a C++ compiler, say) raises :class:`CompileError`, naming the
+backend that works without one. :class:`Compile` ``(parts=...)`` picks the parts
+(``"forms"``, ``"vmap"``, ``"records"``); on a CPU the step's time is in the
+model's passes, which are not compiled, and compiling bought nothing measurable
+there (docs/benchmarks.md, "Compiling the probed step").
 
 :class:`Compile` ``(cuda_graphs=True)`` compiles with ``mode="reduce-overhead"``
 and static shapes, so each compiled part is captured in a CUDA graph and
