@@ -267,17 +267,15 @@ def test_zoo_targets_are_read_at_b256() -> None:
 
 
 def test_the_cuda_graphs_step_is_unsupported_off_a_gpu() -> None:
-    found = verify(
-        METHODS["step_probed_cuda_graphs"], make_workload("mnist_step", 3, torch.device("cpu"), family="step")
-    )
+    w = make_workload("mnist_step", 3, torch.device("cpu"), family="step")
+    found = verify(METHODS["step_probed_cuda_graphs"], w)
     assert found.status == "unsupported" and "CUDA device" in found.note, found
 
 
 @pytest.mark.slow  # inductor compiles the step's parts: about a minute on this CPU
 def test_the_compiled_step_passes_the_agreement_check() -> None:
-    found = verify(
-        METHODS["step_probed_compiled"], make_workload("mnist_step", 3, torch.device("cpu"), family="step")
-    )
+    w = make_workload("mnist_step", 3, torch.device("cpu"), family="step")
+    found = verify(METHODS["step_probed_compiled"], w)
     assert found.status == "ok", found
     assert set(DEFAULT_METHODS) == {n for n, m in METHODS.items() if not m.opt_in}
     assert {"step_probed_compiled", "step_probed_cuda_graphs"} <= set(METHODS) - set(
