@@ -1,6 +1,6 @@
 """``torch.compile`` of gradlens's own tensor arithmetic in a probed step (opt-in).
 
-A probed step spends much of its time outside the model: the factored forms'
+Besides the model's passes, a probed step runs arithmetic of its own: the factored forms'
 per-layer products (:func:`gradlens.probes.forms.linear.grouped_dots` and the
 other forms' ``compute``), the reductions of the ``vmap`` path's per-example
 gradients (:func:`gradlens.probes.fallback.vmap_dots`), and the step's records
