@@ -22,6 +22,8 @@ from gradlens.transforms import remove_aligned
 from tests.zoo import make, make_forms
 
 AOT = Compile(backend="aot_eager")
+EVEN_KERNEL = "ignore:Using padding=.same. with even kernel:UserWarning"
+"""torch's own warning, from the eager forward of Convs1d's padding="same" layer (test_forms.py)."""
 
 # (model, method, the paths the plan takes): the factored forms (linear on a time-major
 # input; conv1d variants; an embedding and a weight read twice, combined), and the
@@ -80,8 +82,7 @@ def assert_same_steps(
     assert got[2] == want[2]
 
 
-# torch's own, from the eager forward of Convs1d's padding="same" layer (as in test_forms.py)
-@pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel:UserWarning")
+@pytest.mark.filterwarnings(EVEN_KERNEL)
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_compiled_step_gives_the_eager_records_and_parameters(case: str) -> None:
     kind, method, paths = CASES[case]
@@ -132,6 +133,19 @@ def test_parts_left_out_run_eagerly() -> None:
     assert 2 <= len(graphs) < 4, len(graphs)
     with pytest.raises(ValueError, match="forms"):
         Compile(parts=("ghost",))  # type: ignore[arg-type]
+
+
+def test_a_part_past_the_recompile_limit_runs_eagerly(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, inputs, labels = built("time_major")  # two linear layers of two shapes
+    want = steps(copy.deepcopy(model), inputs, labels, count=1)
+    unlimited: list[torch.fx.GraphModule] = []
+    steps(copy.deepcopy(model), inputs, labels, count=1, compile=recording(unlimited))
+    # Compile(recompile_limit=...) only raises dynamo's global limit: lower both
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    limited: list[torch.fx.GraphModule] = []
+    got = steps(model, inputs, labels, count=1, compile=recording(limited, recompile_limit=1))
+    assert_same_steps(got, want)
+    assert len(limited) < len(unlimited)  # the limit was met: the second linear ran eagerly
 
 
 def test_cuda_graphs_are_refused_off_a_gpu_before_any_forward() -> None:
