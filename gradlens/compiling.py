@@ -94,8 +94,8 @@ class Compile:
         recompile_limit: Graphs dynamo keeps per compiled function (a form's
             ``compute`` gets one per layer shape and branch) while it runs, at
             least (a higher ``torch._dynamo.config.recompile_limit`` is kept);
-            past it that function runs eagerly. Dynamo's own default, 8, is met
-            by a transformer's linear layers.
+            past it that function runs eagerly, for the rest of the process.
+            Dynamo's own default, 8, is met by a transformer's linear layers.
         parts: Which parts are compiled (:data:`PARTS`); the others run eagerly.
             On a CPU inductor's kernels for the convolution form were slower
             than eager (docs/benchmarks.md): ``parts=("vmap", "records")`` leaves

@@ -31,16 +31,13 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from gradlens.alignment.gradops import safe_divide
-from gradlens.alignment.layerstats import layer_stats
-from gradlens.alignment.measures import summarize
-from gradlens.compiling import compiled
 from gradlens.errors import GradientMismatchError
 from gradlens.probes.plan import PlanEntry
 from gradlens.training.amortise import TraitCache, trait_gradient
 from gradlens.training.checks import check_after, check_all_finite
 from gradlens.training.mode import ModeProbe, StepMode, accumulate, examples_of, micro_batches
 from gradlens.training.objective import Objective
+from gradlens.training.record_values import gradient_records, pair, update_records
 from gradlens.transforms.base import GradientTransform
 
 __all__ = [
@@ -113,93 +110,6 @@ class Pending(NamedTuple):
     trait_cache: TraitCache | None = None
 
 
-def _stats(grad: Grads, reference: Grads) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-layer ``<g, r>``, ``||g||^2`` and ``||r||^2`` of one model, each ``(layer,)``."""
-    s = layer_stats(grad, reference=reference)
-    return s.dot, s.sq_norm, s.ref_sq_norm
-
-
-class _Pair(NamedTuple):
-    """Per-layer statistics of a gradient against a reference, with the mode's lead dims."""
-
-    dot: Tensor
-    sq: Tensor
-    ref_sq: Tensor
-
-    @property
-    def cosine(self) -> Tensor:
-        return safe_divide(self.dot.sum(-1), (self.sq.sum(-1) * self.ref_sq.sum(-1)).sqrt())
-
-
-def _pair(mode: StepMode, grad: Grads, reference: Grads) -> _Pair:
-    return _Pair(*mode.over_models(_stats)(grad, reference))
-
-
-@compiled("records")
-def _gradient_records(
-    over_models: Callable[[Callable[..., Any]], Callable[..., Any]],
-    g: Grads,
-    g_t: Grads,
-    applied: Grads | None,
-    dots: Grads,
-    sq_norms: Grads,
-) -> tuple[dict[str, Tensor], Tensor]:
-    """The records of ``g`` against ``g_t``, and each example's cosine with ``g_t``.
-
-    Args:
-        over_models: The mode's :meth:`~gradlens.training.mode.StepMode.over_models`.
-        g: The training gradient.
-        g_t: The trait gradient.
-        applied: ``g`` after the ``before`` transform, or ``None`` without one.
-        dots: ``<g_i[p], g_t[p]>``, name -> ``(*model, example)``; empty without
-            per-example values.
-        sq_norms: ``||g_i[p]||^2``, name -> ``(*model, example)``; empty likewise.
-
-    Returns:
-        ``(records, example_cosine (*model, example))``; the records of
-        :data:`~gradlens.training.records.STEP_RECORDS` that these give.
-    """
-    train_pair = _Pair(*over_models(_stats)(g, g_t))
-    trait_norm = train_pair.ref_sq.sum(-1).sqrt()
-    g_dot_t = train_pair.dot.sum(-1)
-    applied_cosine = (
-        train_pair.cosine if applied is None else _Pair(*over_models(_stats)(applied, g_t)).cosine
-    )
-    records = {
-        "cosine": train_pair.cosine,
-        "trait_norm": trait_norm,
-        "train_norm": train_pair.sq.sum(-1).sqrt(),
-        "projection": safe_divide(g_dot_t, trait_norm.square()),
-        "layer_cosine": safe_divide(train_pair.dot, (train_pair.sq * train_pair.ref_sq).sqrt()),
-        "layer_trait_norm": train_pair.ref_sq.sqrt(),
-        "layer_train_norm": train_pair.sq.sqrt(),
-        "applied_cosine": applied_cosine,
-    }
-    example_cosine = trait_norm.new_empty((*trait_norm.shape, 0))
-    if sq_norms:
-        example_cosine = safe_divide(
-            _sum_params(dots), _sum_params(sq_norms).sqrt() * trait_norm[..., None]
-        )
-        summary = summarize(example_cosine)
-        records["example_cosine_mean"] = summary["mean"]
-        records["example_cosine_quantile"] = summary["quantile"]
-        records["example_cosine_frac_positive"] = summary["frac_positive"]
-    return records, example_cosine
-
-
-@compiled("records")
-def _update_records(
-    over_models: Callable[[Callable[..., Any]], Callable[..., Any]], delta: Grads, g_t: Grads
-) -> dict[str, Tensor]:
-    """The update's records against ``g_t``: its cosine and the predicted trait-loss change."""
-    pair = _Pair(*over_models(_stats)(delta, g_t))
-    return {
-        "update_cosine": pair.cosine,
-        "predicted_change": pair.dot.sum(-1),
-        "layer_predicted_change": pair.dot,
-    }
-
-
 def _first_moment(optimizer: torch.optim.Optimizer, params: Grads) -> dict[str, Tensor] | None:
     """The optimizer's first moment (Adam's ``exp_avg``, SGD's ``momentum_buffer``), if any."""
     moments = {}
@@ -210,10 +120,6 @@ def _first_moment(optimizer: torch.optim.Optimizer, params: Grads) -> dict[str, 
             return None
         moments[name] = value
     return moments
-
-
-def _sum_params(values: Mapping[str, Tensor]) -> Tensor:
-    return torch.stack(list(values.values())).sum(dim=0)
 
 
 def before_optimizer(
@@ -287,7 +193,7 @@ def before_optimizer(
             ) from err
 
     records = {"trait_loss": trait_loss}
-    found, example_cosine = _gradient_records(
+    found, example_cosine = gradient_records(
         mode.over_models,
         g,
         g_t,
@@ -306,7 +212,7 @@ def before_optimizer(
         records["trait_age"] = torch.full_like(trait_loss, trait_cache.age)
     if g_h is not None and heldout_loss is not None:
         records["heldout_trait_loss"] = heldout_loss
-        records["heldout_cosine"] = _pair(mode, g, g_h).cosine
+        records["heldout_cosine"] = pair(mode, g, g_h).cosine
     return Pending(
         old,
         g_t,
@@ -363,7 +269,7 @@ def after_optimizer(
     trait_after = mode.after_step(None if stale else trait, step)
 
     records = dict(pending.records)
-    records.update(_update_records(mode.over_models, delta, g_t))
+    records.update(update_records(mode.over_models, delta, g_t))
     if trait_after is not None:
         records["measured_change"] = trait_after - pending.trait_loss
     elif trait is not None:  # g_t reused: the loss before the step was not taken
@@ -371,12 +277,12 @@ def after_optimizer(
     if momentum is not None:
         moment = _first_moment(momentum, params)
         records["momentum_cosine"] = (
-            _pair(mode, moment, g_t).cosine
+            pair(mode, moment, g_t).cosine
             if moment is not None
             else torch.full_like(pending.trait_loss, float("nan"))
         )
     if pending.g_h is not None:
-        records["heldout_update_cosine"] = _pair(mode, delta, pending.g_h).cosine
+        records["heldout_update_cosine"] = pair(mode, delta, pending.g_h).cosine
     return StepResult(
         records,
         pending.example_cosine,

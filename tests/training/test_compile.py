@@ -135,15 +135,19 @@ def test_parts_left_out_run_eagerly() -> None:
         Compile(parts=("ghost",))  # type: ignore[arg-type]
 
 
-def test_a_part_past_the_recompile_limit_runs_eagerly(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_part_past_the_recompile_limit_runs_eagerly() -> None:
     model, inputs, labels = built("time_major")  # two linear layers of two shapes
     want = steps(copy.deepcopy(model), inputs, labels, count=1)
     unlimited: list[torch.fx.GraphModule] = []
     steps(copy.deepcopy(model), inputs, labels, count=1, compile=recording(unlimited))
     # Compile(recompile_limit=...) only raises dynamo's global limit: lower both
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     limited: list[torch.fx.GraphModule] = []
-    got = steps(model, inputs, labels, count=1, compile=recording(limited, recompile_limit=1))
+    try:
+        with torch._dynamo.config.patch(recompile_limit=1):  # (monkeypatch would delete it)
+            options = recording(limited, recompile_limit=1)
+            got = steps(model, inputs, labels, count=1, compile=options)
+    finally:
+        torch._dynamo.reset()  # a function past the limit stays eager in this process
     assert_same_steps(got, want)
     assert len(limited) < len(unlimited)  # the limit was met: the second linear ran eagerly
 
