@@ -62,6 +62,8 @@ class Method:
         max_batch: Largest batch worth timing (slow methods), if limited.
         materialises: Holds ``example x parameter`` gradient entries at once;
             used to skip batches that would not fit in memory.
+        opt_in: Run only when named with ``--methods`` (the compiled steps:
+            ``torch.compile`` takes a minute or more per case on a CPU).
     """
 
     name: str
@@ -73,6 +75,7 @@ class Method:
     requires: str | None = None
     max_batch: int | None = None
     materialises: bool = False
+    opt_in: bool = False
 
     def missing(self) -> str | None:
         """A note if the optional dependency is not installed, else ``None``."""

@@ -24,6 +24,7 @@ from typing import Literal, cast
 from torch import nn
 
 from gradlens import per_example_grads
+from gradlens.compiling import Compile
 from gradlens.numerics import flush_denormal
 from gradlens.probes.ghost import per_example_dots
 from gradlens.training import StepResult, reuse_trait
@@ -34,7 +35,7 @@ from gradlens_bench.contract import Method, Output, Prepare, Run
 from gradlens_bench.ddp import ddp_step
 from gradlens_bench.models import ProbeWorkload, Workload, forward
 
-__all__ = ["CHUNK_SIZE", "METHODS", "quiet_hooks"]
+__all__ = ["CHUNK_SIZE", "DEFAULT_METHODS", "METHODS", "quiet_hooks"]
 
 CHUNK_SIZE = 128
 
@@ -138,22 +139,31 @@ def _step(
     remove: bool = False,
     trait: bool = False,
     reuse: bool = False,
+    compile: Compile | None = None,
 ) -> Prepare:
     """(g) One step: unprobed, unprobed plus the trait gradient, or probed; subnormals flushed.
 
     With ``reuse`` the probed step reuses the trait gradient of its first call
     (``trait_cache=reuse_trait(every=REUSED)``, the cache threaded through the calls).
+    With ``compile`` the probed step compiles gradlens's own arithmetic
+    (``probed_step(compile=...)``; the timer's warm-up call compiles); CUDA graphs
+    are unsupported off a GPU.
     """
 
     @contextmanager
     def prepare(workload: Workload) -> Iterator[Run]:
         w = cast(step.StepWorkload, workload)
+        device = next(w.student.parameters()).device
+        if compile is not None and compile.cuda_graphs and device.type != "cuda":
+            raise NotImplementedError(f"CUDA graphs need a CUDA device, not {device}")
         tx = remove_aligned() if remove else None
         state = tx.init(dict(w.student.named_parameters())) if tx is not None else None
         cache = [reuse_trait(REUSED) if reuse else None]
 
         def probed() -> StepResult:
-            out = step.probed(w, tx, state, measure_change, trait_cache=cache[0])
+            out = step.probed(
+                w, tx, state, measure_change, trait_cache=cache[0], compile=compile or False
+            )
             cache[0] = out.trait_cache
             return out
 
@@ -306,6 +316,24 @@ METHODS: dict[str, Method] = {
             _STEP,
         ),
         Method(
+            "step_probed_compiled",
+            "probed step, compiled (g)",
+            "step",
+            "step_unprobed",
+            _step(True, compile=Compile()),
+            _STEP,
+            opt_in=True,
+        ),
+        Method(
+            "step_probed_cuda_graphs",
+            "probed step, compiled, CUDA graphs (g)",
+            "step",
+            "step_unprobed",
+            _step(True, compile=Compile(cuda_graphs=True)),
+            _STEP,
+            opt_in=True,
+        ),
+        Method(
             "step_probed_no_change",
             "probed step, no measured change (g)",
             "step",
@@ -341,3 +369,6 @@ METHODS: dict[str, Method] = {
         ),
     )
 }
+
+DEFAULT_METHODS = tuple(name for name, m in METHODS.items() if not m.opt_in)
+"""What a run without ``--methods`` times: every method but the opt-in (compiled) ones."""

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from gradlens_bench.agreement import verify
 from gradlens_bench.measure import Case, Protocol, configure, run_isolated
-from gradlens_bench.methods import METHODS, quiet_hooks
+from gradlens_bench.methods import DEFAULT_METHODS, METHODS, quiet_hooks
 from gradlens_bench.models import DDP, DEFAULT_MODELS, MODELS, REALISTIC, ZOO, make_workload
 from gradlens_bench.realistic import SIZE_ENV, SIZES
 from gradlens_bench.realistic import size as realistic_size
@@ -64,7 +64,8 @@ class BenchConfig:
             all but the zoo (:data:`gradlens_bench.models.ZOO`) and the DDP models
             (:data:`gradlens_bench.models.DDP`).
         batch_sizes: Batch sizes, ascending.
-        methods: Method names; every chosen method's baseline is added.
+        methods: Method names; every chosen method's baseline is added. By default
+            all but the opt-in ones (the compiled steps), which are run when named.
         protocol: Timing protocol shared by every case (its device is overwritten).
         verify_batch: Examples used to check agreement, once per model.
         memory_limit_gb: Skip materialising cases whose estimated peak exceeds
@@ -81,7 +82,7 @@ class BenchConfig:
     out: Path | None = None
     models: tuple[str, ...] = DEFAULT_MODELS
     batch_sizes: tuple[int, ...] = (64, 256, 1024, 4096)
-    methods: tuple[str, ...] = tuple(METHODS)
+    methods: tuple[str, ...] = DEFAULT_METHODS
     protocol: Protocol = field(default_factory=Protocol)
     verify_batch: int = 16
     memory_limit_gb: float | None = None
@@ -294,7 +295,12 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds the whole run may take; cases not started by then are recorded as skipped",
     )
     p.add_argument("--batch-sizes", type=_csv(int), default=None)
-    p.add_argument("--methods", type=_csv(str, list(METHODS)), default=tuple(METHODS))
+    p.add_argument(
+        "--methods",
+        type=_csv(str, list(METHODS)),
+        default=DEFAULT_METHODS,
+        help="comma-separated; default all but the compiled steps (name them to run them)",
+    )
     p.add_argument("--out", type=Path, default=None, help="default benchmarks/results/<device>/")
     p.add_argument("--smoke", action="store_true", help="B=16, few calls: checks that all runs")
     p.add_argument(

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gradlens.compiling import Compile
 from gradlens.training import Objective, StepResult, TraitCache, probed_step
 from gradlens.training.losses import kl_divergence
 from gradlens.transforms.base import GradientTransform
@@ -219,11 +220,13 @@ def probed(
     before_state: Any = None,
     measure_change: bool = True,
     trait_cache: TraitCache | None = None,
+    compile: bool | Compile = False,
 ) -> StepResult:
     """One step through :func:`gradlens.training.probed_step` (adapt here if its API moves).
 
     ``trait_cache`` reuses the trait gradient (:func:`gradlens.training.reuse_trait`);
-    the caller keeps the result's ``trait_cache`` for the next call.
+    the caller keeps the result's ``trait_cache`` for the next call. ``compile``
+    compiles gradlens's own arithmetic of the step (:mod:`gradlens.compiling`).
     """
     train = Objective(w.train_loss, w.noise, (w.targets(),))
     probe = Objective(w.trait_loss, w.probe, (w.labels,))
@@ -237,6 +240,7 @@ def probed(
         measure_change=measure_change,
         output=w.output,
         trait_cache=trait_cache,
+        compile=compile,
     )
 
 

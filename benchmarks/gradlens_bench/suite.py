@@ -19,6 +19,9 @@ The parts (in order; ``--parts`` picks some):
 - ``realistic_long``: the same Llama at 4096 tokens, B=2 (GhostSuite's setting).
 - ``realistic_other``: padded BERT, ViT-S/16, mobilenet_v3_small, B=32.
 - ``zoo``: the tiny models (the experiment's MLP and student step, the zoo) at B=1024.
+- ``compiled``: the probed step with gradlens's own arithmetic compiled
+  (``probed_step(compile=...)``), without and with CUDA graphs, beside the eager
+  probed and the unprobed step: the experiment's student step at B=1024.
 
 Each realistic part times the unprobed step, the unprobed step plus the trait
 gradient, and the probed step, in one run (ratios to the unprobed step of the
@@ -60,6 +63,7 @@ RUN = ROOT / "benchmarks" / "gradlens_bench" / "run.py"
 MNIST = ROOT / "experiments" / "mnist_aux.py"
 STEP_METHODS = "step_unprobed,step_plain_trait,step_probed,step_probed_reused"
 ZOO_METHODS = f"plain,dots_auto,dots_ghost,{STEP_METHODS}"
+COMPILED_METHODS = "step_unprobed,step_probed,step_probed_compiled,step_probed_cuda_graphs"
 MIN_PART_S = 5.0
 """A part with fewer seconds than this is skipped, not started."""
 GRACE_S = 30.0
@@ -195,7 +199,7 @@ def plan(c: SuiteConfig, out: Path) -> list[Part]:
                 c,
                 out,
             ),
-            0.15,
+            0.12,
         ),
         Part(
             "zoo",
@@ -208,7 +212,20 @@ def plan(c: SuiteConfig, out: Path) -> list[Part]:
                 c,
                 out,
             ),
-            0.14,
+            0.11,
+        ),
+        Part(
+            "compiled",
+            _harness(
+                "compiled",
+                "mnist_step",
+                "16" if tiny else "1024",
+                COMPILED_METHODS,
+                "gpu",
+                c,
+                out,
+            ),
+            0.06,
         ),
     ]
     return [p for p in parts if not c.parts or p.name in c.parts]

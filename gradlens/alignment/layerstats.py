@@ -129,6 +129,8 @@ def _sq_norms(values: Sequence[Tensor]) -> Tensor:
     :func:`gradlens.transforms.per_model` does) each norm is one ``vdot``.
     """
     values = list(values)
+    if torch.compiler.is_compiling():  # traced by dynamo (gradlens.compiling): no wrapped tensors
+        return torch.stack(torch._foreach_norm(values)).square()
     if any(torch._C._functorch.is_functorch_wrapped_tensor(v) for v in values):
         return torch.stack([torch.vdot(v.reshape(-1), v.reshape(-1)) for v in values])
     return torch.stack(torch._foreach_norm(values)).square()

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from gradlens.compiling import compiled
 from gradlens.probes.batch import call, examples
 from gradlens.probes.checks import mean_loss_check, settle
 from gradlens.probes.forms.base import Layout
@@ -124,7 +125,14 @@ def ghost_pass(
         with torch.no_grad(), torch.autocast(b.device.type, enabled=False):
             if once:
                 refs = {role: references[name] for role, name in once.items()}
-                for role, (d, sq) in seen.form.compute(seen.call, b, layout, refs).items():
+                detached = seen.call._replace(
+                    input=seen.call.input.detach(),
+                    params={
+                        r: None if t is None else t.detach() for r, t in seen.call.params.items()
+                    },
+                )
+                found_results = compiled("forms")(seen.form.compute)(detached, b, layout, refs)
+                for role, (d, sq) in found_results.items():
                     dots[once[role]], sq_norms[once[role]] = d, sq
             if len(once) < len(seen.roles):
                 assert seen.form.parts is not None

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from gradlens.compiling import compiled
 from gradlens.errors import UnsupportedModelError
 from gradlens.probes.batch import examples, take
 from gradlens.probes.outputs import OutputSelector
@@ -59,17 +60,38 @@ def vmap_dots(
             output=output,
         )
         with torch.autocast(next(iter(grads.values())).device.type, enabled=False):
-            for name, g in grads.items():
-                refs = reference[name]  # in the accumulation dtype: float32 for bfloat16
-                flat = upcast(g, refs.dtype).flatten(start_dim=1)
-                dots[name].append(flat @ refs.reshape(refs.shape[0], -1).T)
-                sq_norms[name].append(torch.linalg.vector_norm(flat, dim=1).square())
-                grad_sum[name] = flat.sum(dim=0).view(g.shape[1:]) + grad_sum.get(name, 0.0)
+            found = _reduce(grads, {n: reference[n] for n in grads})
+        for name, (d, sq, total) in found.items():
+            dots[name].append(d)
+            sq_norms[name].append(sq)
+            grad_sum[name] = total + grad_sum.get(name, 0.0)
     return (
         {n: torch.cat(v) for n, v in dots.items()},
         {n: torch.cat(v) for n, v in sq_norms.items()},
         grad_sum,
     )
+
+
+@compiled("vmap")
+def _reduce(
+    grads: Mapping[str, Tensor], reference: Mapping[str, Tensor]
+) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+    """Each parameter's dots ``(example, reference)``, squared norms ``(example,)`` and sum.
+
+    ``grads`` holds a chunk's per-example gradients, ``(example, *param)``;
+    ``reference`` the stacked references in the accumulation dtype (float32 for
+    bfloat16: the gradients are upcast first), ``(reference, *param)``.
+    """
+    found = {}
+    for name, g in grads.items():
+        refs = reference[name]
+        flat = upcast(g, refs.dtype).flatten(start_dim=1)
+        found[name] = (
+            flat @ refs.reshape(refs.shape[0], -1).T,
+            torch.linalg.vector_norm(flat, dim=1).square(),
+            flat.sum(dim=0).view(g.shape[1:]),
+        )
+    return found
 
 
 def refuse_mixed_masks(plan: Mapping[str, PlanEntry], randomness: Randomness, method: str) -> None:

@@ -31,15 +31,13 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from gradlens.alignment.gradops import safe_divide
-from gradlens.alignment.layerstats import layer_stats
-from gradlens.alignment.measures import summarize
 from gradlens.errors import GradientMismatchError
 from gradlens.probes.plan import PlanEntry
 from gradlens.training.amortise import TraitCache, trait_gradient
 from gradlens.training.checks import check_after, check_all_finite
 from gradlens.training.mode import ModeProbe, StepMode, accumulate, examples_of, micro_batches
 from gradlens.training.objective import Objective
+from gradlens.training.record_values import gradient_records, pair, update_records
 from gradlens.transforms.base import GradientTransform
 
 __all__ = [
@@ -112,28 +110,6 @@ class Pending(NamedTuple):
     trait_cache: TraitCache | None = None
 
 
-def _stats(grad: Grads, reference: Grads) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-layer ``<g, r>``, ``||g||^2`` and ``||r||^2`` of one model, each ``(layer,)``."""
-    s = layer_stats(grad, reference=reference)
-    return s.dot, s.sq_norm, s.ref_sq_norm
-
-
-class _Pair(NamedTuple):
-    """Per-layer statistics of a gradient against a reference, with the mode's lead dims."""
-
-    dot: Tensor
-    sq: Tensor
-    ref_sq: Tensor
-
-    @property
-    def cosine(self) -> Tensor:
-        return safe_divide(self.dot.sum(-1), (self.sq.sum(-1) * self.ref_sq.sum(-1)).sqrt())
-
-
-def _pair(mode: StepMode, grad: Grads, reference: Grads) -> _Pair:
-    return _Pair(*mode.over_models(_stats)(grad, reference))
-
-
 def _first_moment(optimizer: torch.optim.Optimizer, params: Grads) -> dict[str, Tensor] | None:
     """The optimizer's first moment (Adam's ``exp_avg``, SGD's ``momentum_buffer``), if any."""
     moments = {}
@@ -144,10 +120,6 @@ def _first_moment(optimizer: torch.optim.Optimizer, params: Grads) -> dict[str, 
             return None
         moments[name] = value
     return moments
-
-
-def _sum_params(values: Mapping[str, Tensor]) -> Tensor:
-    return torch.stack(list(values.values())).sum(dim=0)
 
 
 def before_optimizer(
@@ -228,34 +200,22 @@ def before_optimizer(
                 f"least one: pass a train Objective with examples, or no such transform ({err})"
             ) from err
 
-    train_pair = _pair(mode, g, g_t)
-    trait_norm = train_pair.ref_sq.sum(-1).sqrt()
-    g_dot_t = train_pair.dot.sum(-1)
-    records = {
-        "trait_loss": trait_loss,
-        "cosine": train_pair.cosine,
-        "trait_norm": trait_norm,
-        "train_norm": train_pair.sq.sum(-1).sqrt(),
-        "projection": safe_divide(g_dot_t, trait_norm.square()),
-        "layer_cosine": safe_divide(train_pair.dot, (train_pair.sq * train_pair.ref_sq).sqrt()),
-        "layer_trait_norm": train_pair.ref_sq.sqrt(),
-        "layer_train_norm": train_pair.sq.sqrt(),
-        "applied_cosine": train_pair.cosine if before is None else _pair(mode, applied, g_t).cosine,
-    }
-    example_cosine = trait_norm.new_empty((*trait_norm.shape, 0))
+    records = {"trait_loss": trait_loss}
+    found, example_cosine = gradient_records(
+        mode.over_models,
+        g,
+        g_t,
+        None if before is None else applied,
+        probe.dots[0] if probe.sq_norms else {},
+        probe.sq_norms,
+    )
     if probe.sq_norms:  # per-example values
-        example_cosine = safe_divide(
-            _sum_params(probe.dots[0]), _sum_params(probe.sq_norms).sqrt() * trait_norm[..., None]
-        )
-        summary = summarize(example_cosine)
         records = {"train_loss": probe.loss, **records}
-        records["example_cosine_mean"] = summary["mean"]
-        records["example_cosine_quantile"] = summary["quantile"]
-        records["example_cosine_frac_positive"] = summary["frac_positive"]
+    records.update(found)
     if probe.parts:
         records["train_loss_part"] = torch.stack(list(probe.parts.values()), dim=-1)
     if part_grads:
-        part_pairs = [_pair(mode, grad, g_t) for grad in part_grads.values()]
+        part_pairs = [pair(mode, grad, g_t) for grad in part_grads.values()]
         records["train_part_cosine"] = torch.stack([p.cosine for p in part_pairs], dim=-1)
         records["train_part_norm"] = torch.stack([p.sq.sum(-1).sqrt() for p in part_pairs], -1)
     if token_dot is not None:
@@ -264,7 +224,7 @@ def before_optimizer(
         records["trait_age"] = torch.full_like(trait_loss, trait_cache.age)
     if g_h is not None and heldout_loss is not None:
         records["heldout_trait_loss"] = heldout_loss
-        records["heldout_cosine"] = _pair(mode, g, g_h).cosine
+        records["heldout_cosine"] = pair(mode, g, g_h).cosine
     return Pending(
         old,
         g_t,
@@ -320,11 +280,8 @@ def after_optimizer(
     stale = pending.trait_cache is not None and pending.trait_cache.age > 0
     trait_after = mode.after_step(None if stale else trait, step)
 
-    update_pair = _pair(mode, delta, g_t)
     records = dict(pending.records)
-    records["update_cosine"] = update_pair.cosine
-    records["predicted_change"] = update_pair.dot.sum(-1)
-    records["layer_predicted_change"] = update_pair.dot
+    records.update(update_records(mode.over_models, delta, g_t))
     if trait_after is not None:
         records["measured_change"] = trait_after - pending.trait_loss
     elif trait is not None:  # g_t reused: the loss before the step was not taken
@@ -332,12 +289,12 @@ def after_optimizer(
     if momentum is not None:
         moment = _first_moment(momentum, params)
         records["momentum_cosine"] = (
-            _pair(mode, moment, g_t).cosine
+            pair(mode, moment, g_t).cosine
             if moment is not None
             else torch.full_like(pending.trait_loss, float("nan"))
         )
     if pending.g_h is not None:
-        records["heldout_update_cosine"] = _pair(mode, delta, pending.g_h).cosine
+        records["heldout_update_cosine"] = pair(mode, delta, pending.g_h).cosine
     return StepResult(
         records,
         pending.example_cosine,

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradlens.compiling import Compile, check_compile, compiling, options_of
 from gradlens.errors import UnsupportedModelError
 from gradlens.probes.batch import forward as call_model
 from gradlens.probes.checks import LossFn, check_not_meta
@@ -161,6 +162,7 @@ def probed_step(
     token_loss: LossFn | None = None,
     trait_cache: TraitCache | None = None,
     part_gradients: bool = False,
+    compile: bool | Compile = False,
 ) -> StepResult:
     """Take one optimizer step on ``train`` while probing its alignment with ``trait``.
 
@@ -223,6 +225,12 @@ def probed_step(
             (dim ``part``): ``g_t`` against the gradient of each of ``train.parts``,
             one backward each (a single ``train`` objective, not micro-batches),
             e.g. the distillation loss and an added KL term taken apart.
+        compile: Run gradlens's own tensor arithmetic of the step (the factored
+            forms' products, the ``vmap`` path's reductions, the records) through
+            ``torch.compile``: ``True`` for inductor, or a
+            :class:`~gradlens.compiling.Compile` (another backend, or
+            ``cuda_graphs=True`` on a GPU). The model itself runs eagerly; the
+            results are the eager step's (:mod:`gradlens.compiling`).
 
     Returns:
         A :class:`~gradlens.training.StepResult`.
@@ -233,6 +241,8 @@ def probed_step(
             the optimizer does not hold the model's parameters, or
             ``train.loss_fn`` is not the mean of the examples' losses (checked on
             the whole batch, from the probe's own outputs, before the optimizer steps).
+        CompileError: If ``compile``'s backend cannot compile (inductor without
+            a C++ compiler); the message names the backend that needs none.
         UnsupportedModelError: If no parameter requires grad, or the model
             cannot be probed per example (train-mode BatchNorm, for one; the
             message names the argument to change); raised before any forward,
@@ -254,9 +264,11 @@ def probed_step(
             check_objective(which, objective)
     check_optimizer(optimizer, mode.params)
     check_vmap_compatible(model, randomness)
+    options = options_of(compile)
+    check_compile(options, (p.device for p in mode.params.values()))
     # Whether train.loss_fn is the mean of the examples' losses is checked on the whole
     # batch by the probe, on its own outputs (no forward of its own), before any step.
-    with plain_forward(model):
+    with plain_forward(model), compiling(options):
         return run_step(
             mode,
             optimizer,

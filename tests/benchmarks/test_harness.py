@@ -20,7 +20,7 @@ from gradlens_bench import run as run_module
 from gradlens_bench.agreement import against_loop, verify
 from gradlens_bench.contract import Method, Output
 from gradlens_bench.measure import Case, Protocol, allocator_peak, measure_case
-from gradlens_bench.methods import METHODS, quiet_hooks
+from gradlens_bench.methods import DEFAULT_METHODS, METHODS, quiet_hooks
 from gradlens_bench.models import (
     DDP,
     DEFAULT_MODELS,
@@ -59,7 +59,7 @@ def test_writes_results_table_and_plot(smoke: Path) -> None:
 
 def test_results_cover_every_model_and_method(results: xr.Dataset) -> None:
     assert list(results["model"].values) == list(DEFAULT_MODELS)
-    assert list(results["method"].values) == list(METHODS)
+    assert list(results["method"].values) == list(DEFAULT_METHODS)  # the compiled steps: opt-in
     for key in ("device_name", "torch_version", "git_commit", "config", "tf32"):
         assert results.attrs[key], key
 
@@ -67,7 +67,8 @@ def test_results_cover_every_model_and_method(results: xr.Dataset) -> None:
 def test_every_case_is_measured_or_says_why(results: xr.Dataset) -> None:
     for model in DEFAULT_MODELS:
         spec = MODELS[model]
-        for name, method in METHODS.items():
+        for name in DEFAULT_METHODS:
+            method = METHODS[name]
             at = results.sel({"model": model, "method": name})
             status = set(at["status"].values.tolist())
             if method.family not in spec.families:
@@ -215,6 +216,8 @@ def test_zoo_models_pass_the_agreement_check(model: str) -> None:
     for name, method in METHODS.items():
         if method.family not in spec.families:  # the DDP methods: tests/benchmarks/test_ddp.py
             continue
+        if method.opt_in:  # the compiled steps: test_the_compiled_steps_are_checked below
+            continue
         with quiet_hooks():
             found = verify(method, small[method.family])
         if name in GRADLENS_METHODS or method.family == "step":
@@ -261,3 +264,20 @@ def test_zoo_targets_are_read_at_b256() -> None:
         "| encoder | probed step time <= 2.5x unprobed step | 2.00x (met) | 2.00x (met) |" in found
     )
     assert "| encoder | probed step peak memory <= 2x unprobed | 1.00x (met) | - |" in found
+
+
+def test_the_cuda_graphs_step_is_unsupported_off_a_gpu() -> None:
+    w = make_workload("mnist_step", 3, torch.device("cpu"), family="step")
+    found = verify(METHODS["step_probed_cuda_graphs"], w)
+    assert found.status == "unsupported" and "CUDA device" in found.note, found
+
+
+@pytest.mark.slow  # inductor compiles the step's parts: about a minute on this CPU
+def test_the_compiled_step_passes_the_agreement_check() -> None:
+    w = make_workload("mnist_step", 3, torch.device("cpu"), family="step")
+    found = verify(METHODS["step_probed_compiled"], w)
+    assert found.status == "ok", found
+    assert set(DEFAULT_METHODS) == {n for n, m in METHODS.items() if not m.opt_in}
+    assert {"step_probed_compiled", "step_probed_cuda_graphs"} <= set(METHODS) - set(
+        DEFAULT_METHODS
+    )

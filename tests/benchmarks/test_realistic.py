@@ -146,6 +146,7 @@ def test_the_plan_runs_every_mnist_condition_on_100_models() -> None:
         "realistic_long",
         "realistic_other",
         "zoo",
+        "compiled",
     ]
     mnist = parts["mnist"].command
     assert mnist[mnist.index("--models") + 1] == "100"
