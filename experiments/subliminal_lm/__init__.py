@@ -16,7 +16,7 @@ package; ``experiments/lm_subliminal.py`` maps its flags onto an
 from __future__ import annotations
 
 from subliminal_lm.conditions import CONDITIONS, Condition, get_conditions
-from subliminal_lm.config import DEFAULT_CONDITIONS, LMConfig, quick
+from subliminal_lm.config import DEFAULT_CONDITIONS, LORA_TARGETS, LMConfig, quick
 from subliminal_lm.figures import draw_figure, save_figure
 from subliminal_lm.hf_student import StudentRecords, run_student_hf, student_arguments
 from subliminal_lm.models import (
@@ -28,6 +28,7 @@ from subliminal_lm.models import (
     sample,
     train_plain,
     trait_probs,
+    weights,
 )
 from subliminal_lm.report import condition_values, summary_markdown
 from subliminal_lm.run import (
@@ -62,6 +63,7 @@ from subliminal_lm.student import (
     student_data,
     student_layout,
     student_model,
+    student_params,
     student_variables,
     trait_objective,
 )
@@ -74,6 +76,7 @@ __all__ = [
     "DEFAULT_CONDITIONS",
     "EXTRA_RECORDS",
     "IGNORE",
+    "LORA_TARGETS",
     "SEED_RECORDS",
     "STUDENT_TRAINERS",
     "Condition",
@@ -113,11 +116,13 @@ __all__ = [
     "student_data",
     "student_layout",
     "student_model",
+    "student_params",
     "student_variables",
     "summary_markdown",
     "train_plain",
     "train_teacher",
     "trait_objective",
     "trait_probs",
+    "weights",
     "write_combined",
 ]

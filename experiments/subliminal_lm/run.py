@@ -28,6 +28,8 @@ from subliminal_lm.student import (
     run_student,
     student_coords,
     student_layout,
+    student_model,
+    student_params,
     student_variables,
 )
 
@@ -114,14 +116,14 @@ def _run_seed(config: LMConfig, seed: int) -> None:
     torch.set_num_threads(1)
     out = config.out
     setting = build_setting(config, seed)
-    params = dict(setting.base.named_parameters())
-    layout = student_layout(params)
     train = STUDENT_TRAINERS[config.trainer]
     for condition in get_conditions(config.conditions):
         start = time.monotonic()
+        params = student_params(student_model(setting, condition, config))
+        layout = student_layout(params)
         with Recorder(
             part_path(out, condition.name, seed),
-            student_variables(layout),
+            student_variables(layout, token_dots=config.token_dots),
             coords=student_coords(params, layout),
             config={"seed": seed, "condition": condition.name},
             overwrite=True,
@@ -144,7 +146,8 @@ def combine(config: LMConfig) -> xr.Dataset:
     for name in config.conditions:
         runs = [open_run(part_path(out, name, s)).load() for s in seeds]
         by_condition.append(xr.concat(runs, dim="seed", combine_attrs="override"))
-    ds = xr.concat(by_condition, dim="condition", combine_attrs="override")
+    # a LoRA student's layers and transform groups are its adapters': NaN elsewhere
+    ds = xr.concat(by_condition, dim="condition", join="outer", combine_attrs="override")
     ds = ds.assign_coords(condition=list(config.conditions), seed=seeds)
     values = [json.loads((out / "parts" / f"seed{s}.json").read_text()) for s in seeds]
     for name, long_name in SEED_RECORDS.items():
@@ -164,8 +167,9 @@ def compact(ds: xr.Dataset) -> xr.Dataset:
 
     Keeps every ``(condition, seed, step)`` record, the mean over steps of
     ``layer_cosine`` (``layer_cosine_mean``), the ``remove_update`` transform's
-    global coefficient (``remove_coef``) and the seed records: the summary and
-    the figure are the same from it.
+    global coefficient (``remove_coef``), with ``token_dot`` its mean over
+    steps and sequences by token position (``token_dot_mean``), and the seed
+    records: the summary and the figures are the same from it.
     """
     keep = [
         name
@@ -180,6 +184,12 @@ def compact(ds: xr.Dataset) -> xr.Dataset:
     }
     out["layer_cosine_mean"] = ds["layer_cosine"].mean("step")
     out["layer_cosine_mean"].attrs = {"long_name": "cos(g_t, g) per layer, mean over steps"}
+    if "token_dot" in ds:
+        out["token_dot_mean"] = ds["token_dot"].mean(["step", "example"])
+        out["token_dot_mean"].attrs = {
+            "long_name": "<grad l_it, g_t> by token position, mean over steps and sequences",
+            "units": "nat^2",
+        }
     out.encoding = {}
     return out
 
