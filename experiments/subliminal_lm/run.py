@@ -18,10 +18,10 @@ from gradlens.records import is_complete, make_attrs
 from gradlens.records.atomic import atomic_write, atomic_write_text
 from subliminal_lm.conditions import Condition, get_conditions
 from subliminal_lm.config import LMConfig
-from subliminal_lm.figures import save_figure
+from subliminal_lm.figures import save_figures
 from subliminal_lm.hf_student import run_student_hf
 from subliminal_lm.models import trait_probs
-from subliminal_lm.report import summary_markdown
+from subliminal_lm.report import summary_markdown, token_dot_mean
 from subliminal_lm.setting import Setting, build_setting
 from subliminal_lm.student import (
     Student,
@@ -95,9 +95,12 @@ _NOT_SETTINGS = ("seeds", "conditions", "out", "progress", "overwrite", "jobs")
 
 
 def settings_key(config: LMConfig) -> dict[str, object]:
-    """The fields of ``config`` that a seed's results depend on (JSON-ready)."""
+    """The fields of ``config`` that a seed's results depend on, as JSON gives them back.
+
+    Tuples are lists, as in a seed's record read back, so the two compare equal.
+    """
     fields = dataclasses.asdict(config)
-    return {k: v for k, v in fields.items() if k not in _NOT_SETTINGS}
+    return json.loads(json.dumps({k: v for k, v in fields.items() if k not in _NOT_SETTINGS}))
 
 
 def _seed_done(config: LMConfig, names: list[str], seed: int) -> bool:
@@ -184,12 +187,9 @@ def compact(ds: xr.Dataset) -> xr.Dataset:
     }
     out["layer_cosine_mean"] = ds["layer_cosine"].mean("step")
     out["layer_cosine_mean"].attrs = {"long_name": "cos(g_t, g) per layer, mean over steps"}
-    if "token_dot" in ds:
-        out["token_dot_mean"] = ds["token_dot"].mean(["step", "example"])
-        out["token_dot_mean"].attrs = {
-            "long_name": "<grad l_it, g_t> by token position, mean over steps and sequences",
-            "units": "nat^2",
-        }
+    dots = token_dot_mean(ds)
+    if dots is not None:
+        out["token_dot_mean"] = dots
     out.encoding = {}
     return out
 
@@ -201,7 +201,7 @@ def write_combined(ds: xr.Dataset, path: Path) -> Path:
 
 
 def main(config: LMConfig) -> Path:
-    """Run every seed and condition; write the combined file, the summary and the figure.
+    """Run every seed and condition; write the combined file, the summary and the figures.
 
     A seed whose parts are all complete, made with the same settings (an
     interrupted run with the same out folder), is not run again; parts made
@@ -232,5 +232,5 @@ def main(config: LMConfig) -> Path:
     write_combined(ds, combined)
     write_combined(compact(ds), out / COMPACT)
     atomic_write_text(out / "summary.md", summary_markdown(ds))
-    save_figure(ds, out / "trait_prob.png")
+    save_figures(ds, out)
     return combined
