@@ -30,6 +30,14 @@ def parse(argv: list[str] | None = None) -> LMConfig:
         "--conditions", nargs="+", choices=sorted(CONDITIONS), default=list(DEFAULT_CONDITIONS)
     )
     parser.add_argument("--student-steps", type=int, help="probed steps per student")
+    parser.add_argument(
+        "--student-epochs", type=int, help="passes over the student's data (default 1)"
+    )
+    parser.add_argument(
+        "--token-dots",
+        action="store_true",
+        help="record token_dot (step, example, token); needs --trainer loop",
+    )
     parser.add_argument("--lr", type=float, help="Adam learning rate of the students")
     parser.add_argument("--sgd-lr", type=float, help="learning rate of the sgd condition")
     parser.add_argument("--jobs", type=int, default=1, help="seeds run at once (processes)")
@@ -48,6 +56,7 @@ def parse(argv: list[str] | None = None) -> LMConfig:
     changes = {
         "seeds": args.seeds,
         "student_steps": args.student_steps,
+        "student_epochs": args.student_epochs,
         "lr": args.lr,
         "sgd_lr": args.sgd_lr,
     }
@@ -56,6 +65,15 @@ def parse(argv: list[str] | None = None) -> LMConfig:
         parser.error("--seeds must be at least 2 (intervals are over seeds).")
     if args.jobs < 1:
         parser.error("--jobs must be at least 1.")
+    if args.token_dots and args.trainer != "loop":
+        parser.error("--token-dots needs --trainer loop.")
+    try:
+        return _replace(config, changes, args)
+    except ValueError as error:  # LMConfig's own checks (student_epochs)
+        parser.error(str(error))
+
+
+def _replace(config: LMConfig, changes: dict[str, object], args: argparse.Namespace) -> LMConfig:
     return dataclasses.replace(
         config,
         **changes,
@@ -65,6 +83,7 @@ def parse(argv: list[str] | None = None) -> LMConfig:
         overwrite=args.overwrite,
         jobs=args.jobs,
         trainer=args.trainer,
+        token_dots=args.token_dots,
     )
 
 

@@ -16,8 +16,8 @@ package; ``experiments/lm_subliminal.py`` maps its flags onto an
 from __future__ import annotations
 
 from subliminal_lm.conditions import CONDITIONS, Condition, get_conditions
-from subliminal_lm.config import DEFAULT_CONDITIONS, LMConfig, quick
-from subliminal_lm.figures import draw_figure, save_figure
+from subliminal_lm.config import DEFAULT_CONDITIONS, LORA_TARGETS, LMConfig, quick
+from subliminal_lm.figures import FIGURES, draw_figure, draw_figures, save_figure, save_figures
 from subliminal_lm.hf_student import StudentRecords, run_student_hf, student_arguments
 from subliminal_lm.models import (
     ModelSize,
@@ -28,8 +28,9 @@ from subliminal_lm.models import (
     sample,
     train_plain,
     trait_probs,
+    weights,
 )
-from subliminal_lm.report import condition_values, summary_markdown
+from subliminal_lm.report import condition_values, summary_markdown, token_dot_mean
 from subliminal_lm.run import (
     COMBINED,
     COMPACT,
@@ -62,6 +63,7 @@ from subliminal_lm.student import (
     student_data,
     student_layout,
     student_model,
+    student_params,
     student_variables,
     trait_objective,
 )
@@ -73,7 +75,9 @@ __all__ = [
     "CONDITIONS",
     "DEFAULT_CONDITIONS",
     "EXTRA_RECORDS",
+    "FIGURES",
     "IGNORE",
+    "LORA_TARGETS",
     "SEED_RECORDS",
     "STUDENT_TRAINERS",
     "Condition",
@@ -91,6 +95,7 @@ __all__ = [
     "condition_values",
     "continuation_labels",
     "draw_figure",
+    "draw_figures",
     "flat_params",
     "generate_numbers",
     "get_conditions",
@@ -105,6 +110,7 @@ __all__ = [
     "run_student_hf",
     "sample",
     "save_figure",
+    "save_figures",
     "seed_values",
     "settings_key",
     "student_after",
@@ -113,11 +119,14 @@ __all__ = [
     "student_data",
     "student_layout",
     "student_model",
+    "student_params",
     "student_variables",
     "summary_markdown",
+    "token_dot_mean",
     "train_plain",
     "train_teacher",
     "trait_objective",
     "trait_probs",
+    "weights",
     "write_combined",
 ]

@@ -29,6 +29,10 @@ class Condition:
         optimizer: ``"adam"``, ``"adam_beta1_0"`` (Adam without momentum) or ``"sgd"``.
         after: Factory of the transform applied to the optimizer's update
             (reference ``-g_t``), as the MNIST ``remove_update`` condition.
+        trains: What the optimizer trains: every weight (``"full"``) or LoRA
+            adapters on the decoder's linear layers of the frozen init (``"lora"``,
+            :attr:`LMConfig.lora_rank <subliminal_lm.LMConfig>`); the probes,
+            ``g_t`` included, are then over the adapters' parameters.
     """
 
     name: str
@@ -37,6 +41,7 @@ class Condition:
     data: Literal["teacher", "base"] = "teacher"
     optimizer: Literal["adam", "adam_beta1_0", "sgd"] = "adam"
     after: Callable[[], GradientTransform] | None = None
+    trains: Literal["full", "lora"] = "full"
 
 
 CONDITIONS: dict[str, Condition] = {
@@ -55,6 +60,13 @@ CONDITIONS: dict[str, Condition] = {
             "remove_update",
             "teacher's numbers, shared init, Adam's update with its g_t component removed",
             after=remove_aligned,
+        ),
+        Condition("lora", "teacher's numbers, shared init, Adam on LoRA adapters", trains="lora"),
+        Condition(
+            "lora_base_numbers",
+            "base model's numbers (LoRA's control), shared init, Adam on LoRA adapters",
+            data="base",
+            trains="lora",
         ),
     )
 }

@@ -10,7 +10,7 @@ from typing import Literal
 from subliminal_lm.models import ModelSize
 from subliminal_lm.vocab import Vocab
 
-__all__ = ["DEFAULT_CONDITIONS", "LMConfig", "quick"]
+__all__ = ["DEFAULT_CONDITIONS", "LORA_TARGETS", "LMConfig", "quick"]
 
 DEFAULT_CONDITIONS: tuple[str, ...] = (
     "same_init",
@@ -20,7 +20,18 @@ DEFAULT_CONDITIONS: tuple[str, ...] = (
     "adam_beta1_0",
     "remove_update",
 )
-"""Every condition of :data:`~subliminal_lm.conditions.CONDITIONS`, in table order."""
+"""The conditions of the reduced run (:data:`~subliminal_lm.conditions.CONDITIONS` has more)."""
+
+LORA_TARGETS: tuple[str, ...] = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+"""Every linear layer of the decoder blocks (not the embedding or ``lm_head``)."""
 
 
 @dataclass(frozen=True)
@@ -40,11 +51,23 @@ class LMConfig:
         prompt_numbers: Numbers in a number prompt.
         new_tokens: Tokens sampled after each prompt (all must be numbers to be kept).
         temperature: Sampling temperature.
-        student_steps: Probed optimizer steps of each student (one pass, fresh sequences).
+        student_steps: Probed optimizer steps of each student.
         student_batch: Sequences per student step.
+        student_epochs: Passes over the student's number data: a student trains on
+            ``student_steps * student_batch / student_epochs`` distinct sequences
+            (:attr:`sequences`), each seen ``student_epochs`` times, in the same order
+            every pass. 1: every sequence seen once.
         lr: Adam learning rate of the students (and of ``adam_beta1_0``).
         sgd_lr: Learning rate of the ``sgd`` condition.
         probe_questions: Questions in the trait probe batch (the trait gradient).
+        lora_rank: Rank of the ``lora`` conditions' adapters.
+        lora_alpha: Their scale numerator (the update is ``alpha / rank * B A``).
+        lora_targets: The Llama modules that get an adapter.
+        lora_lr: Adam learning rate of the ``lora`` conditions (adapters are
+            usually given a larger rate than full fine-tuning).
+        token_dots: Record ``token_dot`` ``(step, example, token)``, each training
+            token's loss term against ``g_t`` (``probed_step(token_loss=...)``);
+            the loop only (``trainer="loop"``).
         out: Output folder.
         progress: Print one line per student.
         overwrite: Replace an existing run file.
@@ -70,19 +93,39 @@ class LMConfig:
     temperature: float = 1.0
     student_steps: int = 100
     student_batch: int = 16
+    student_epochs: int = 1
     lr: float = 1e-3
     sgd_lr: float = 0.1
     probe_questions: int = 64
+    lora_rank: int = 4
+    lora_alpha: float = 8.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    lora_lr: float = 3e-3
+    token_dots: bool = False
     out: Path = Path("runs/lm_subliminal")
     progress: bool = True
     overwrite: bool = False
     jobs: int = 1
     trainer: Literal["loop", "hf"] = "hf"
 
+    def __post_init__(self) -> None:
+        rows = self.student_steps * self.student_batch
+        if self.student_epochs < 1 or rows % self.student_epochs:
+            raise ValueError(
+                f"student_epochs={self.student_epochs} must be at least 1 and divide the "
+                f"{rows} sequences a student reads (student_steps * student_batch); "
+                "choose student_steps as a multiple of student_epochs."
+            )
+        if self.token_dots and self.trainer != "loop":
+            raise ValueError(
+                "token_dots records token_dot in the plain probed_step loop only; "
+                'pass trainer="loop" (--trainer loop) or drop token_dots.'
+            )
+
     @property
     def sequences(self) -> int:
-        """Sequences each student trains on (each seen once)."""
-        return self.student_steps * self.student_batch
+        """Distinct sequences each student trains on (each seen ``student_epochs`` times)."""
+        return self.student_steps * self.student_batch // self.student_epochs
 
 
 def quick(config: LMConfig) -> LMConfig:

@@ -34,11 +34,11 @@ from transformers import (
 from gradlens import Recorder
 from gradlens.integrations import TrainerProbe
 from gradlens.integrations.hf import GradlensCallback, ProbedTrainer
-from gradlens.training import Objective
+from gradlens.training import Objective, TransformLayout
 from gradlens.training.losses import token_mean
 from subliminal_lm.conditions import Condition
 from subliminal_lm.config import LMConfig
-from subliminal_lm.models import Params, flat_params
+from subliminal_lm.models import Params, weights
 from subliminal_lm.setting import Setting
 from subliminal_lm.student import (
     Student,
@@ -50,6 +50,7 @@ from subliminal_lm.student import (
     student_data,
     student_layout,
     student_model,
+    student_params,
     trait_objective,
 )
 
@@ -93,7 +94,8 @@ class StudentRecords(TrainerCallback):
         recorder: The student's recorder.
         setting: The seed's setting.
         config: The sizes.
-        start: The student's initial parameters.
+        start: The student's initial weights (:func:`~subliminal_lm.models.weights`).
+        layout: :func:`~subliminal_lm.student_layout` of the student's trained parameters.
     """
 
     def __init__(
@@ -103,13 +105,14 @@ class StudentRecords(TrainerCallback):
         setting: Setting,
         config: LMConfig,
         start: Params,
+        layout: TransformLayout,
     ) -> None:
         self.probe = probe
         self.recorder = recorder
         self.setting = setting
         self.config = config
         self.start = start
-        self.layout = student_layout(start)
+        self.layout = layout
         self._prob: Tensor | None = None
         self._previous: Params | None = None
 
@@ -124,7 +127,7 @@ class StudentRecords(TrainerCallback):
         """The trait probability and the parameters before the step."""
         assert model is not None
         self._prob = mean_trait_prob(model, self.setting, self.config)
-        self._previous = flat_params(model)
+        self._previous = weights(model)
 
     def on_step_end(
         self,
@@ -145,7 +148,7 @@ class StudentRecords(TrainerCallback):
             self.layout,
             trait_prob=prob,
             previous=previous,
-            now=flat_params(model),
+            now=weights(model),
             start=self.start,
             displacement=self.setting.displacement,
         )
@@ -190,13 +193,14 @@ def run_student_hf(
     Returns:
         The trained student and its final trait probability.
     """
-    model = student_model(setting, condition)
+    model = student_model(setting, condition, config)
     optimizer = make_optimizer(condition, model, config)
     probe = TrainerProbe(
         trait_objective(setting, config), after=student_after(condition), output="logits"
     )
     callback = GradlensCallback(probe)
-    records = StudentRecords(probe, recorder, setting, config, flat_params(model))
+    layout = student_layout(student_params(model))
+    records = StudentRecords(probe, recorder, setting, config, weights(model), layout)
     with tempfile.TemporaryDirectory() as out, torch.random.fork_rng():
         # the Trainer reseeds the global generators (torch's is restored after); the
         # student draws from none of them (no dropout, the data are fixed)

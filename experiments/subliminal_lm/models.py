@@ -10,8 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import peft
 import torch
 import transformers
+from peft.tuners.lora import LoraLayer
 from torch import Tensor
 
 from gradlens.training.losses import token_mean
@@ -28,6 +30,7 @@ __all__ = [
     "sample",
     "train_plain",
     "trait_probs",
+    "weights",
 ]
 
 Params = dict[str, Tensor]
@@ -87,6 +90,26 @@ def clone_model(model: transformers.LlamaForCausalLM) -> transformers.LlamaForCa
 def flat_params(model: torch.nn.Module) -> Params:
     """Detached copies of the trained parameters, by name."""
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def weights(model: torch.nn.Module) -> Params:
+    """The model's effective weights by base-model name, detached: LoRA adapters merged in.
+
+    For a plain model, :func:`flat_params`. For a ``peft`` LoRA model, every
+    weight of the wrapped model (frozen ones included) with each adapted
+    layer's ``W + alpha / rank * B A``, named as in the base model: the
+    coordinates of the teacher's displacement, whatever the student trains.
+    """
+    if not isinstance(model, peft.PeftModel):
+        return flat_params(model)
+    inner = model.get_base_model()
+    out = {n: p.detach().clone() for n, p in inner.named_parameters() if "lora_" not in n}
+    with torch.no_grad():
+        for name, module in inner.named_modules():
+            if isinstance(module, LoraLayer):
+                for adapter in module.active_adapters:
+                    out[f"{name}.base_layer.weight"] += module.get_delta_weight(adapter)
+    return {n.replace(".base_layer.", "."): t for n, t in out.items()}
 
 
 def train_plain(

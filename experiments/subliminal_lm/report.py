@@ -7,10 +7,13 @@ import xarray as xr
 
 from gradlens.stats import mean_ci, paired_t
 
-__all__ = ["condition_values", "summary_markdown"]
+__all__ = ["condition_values", "summary_markdown", "token_dot_mean"]
 
 REFERENCE = "same_init"
 """The condition every other one is compared with, paired over seeds."""
+
+CONTROLS: dict[str, str] = {"same_init": "base_numbers", "lora": "lora_base_numbers"}
+"""Each teacher-numbers condition's control: the same student on the base model's numbers."""
 
 
 def _fmt(da: xr.DataArray, digits: int = 4) -> str:
@@ -43,8 +46,86 @@ def condition_values(ds: xr.Dataset) -> xr.Dataset:
         "teacher_cosine": trained["teacher_cosine"].mean("step"),
         "drift_cosine": trained["drift_cosine"].isel(step=-1),
         "drift_norm": trained["drift_norm"].isel(step=-1),
+        "drive": trained["predicted_change"].sum("step"),
+        "measured": trained["measured_change"].sum("step"),
     }
     return xr.Dataset({k: v.drop_vars("step", errors="ignore") for k, v in values.items()})
+
+
+def _control_lines(ds: xr.Dataset, values: xr.Dataset) -> list[str]:
+    """Paired differences of each teacher-numbers condition with its :data:`CONTROLS`."""
+    names = list(ds.condition.values)
+    pairs = [(c, control) for c, control in CONTROLS.items() if c in names and control in names]
+    if not pairs:
+        return []
+    lines = [
+        "",
+        "## Paired differences with the control: teacher's numbers - base's numbers",
+        "",
+        "| condition - control | change in trait p: mean difference | 95% interval "
+        "| p (paired t) | Σ predicted change: mean difference | 95% interval | p (paired t) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for c, control in pairs:
+        cells = []
+        for name in ("change", "drive"):
+            pair = (values[name].sel(condition=c), values[name].sel(condition=control))
+            d = paired_t(*pair, dim="seed")
+            cells.append(
+                f"{float(d['mean']):+.4f} | [{float(d['lower']):+.4f}, "
+                f"{float(d['upper']):+.4f}] | {float(d['p']):.3g}"
+            )
+        lines.append(f"| {c} - {control} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
+def token_dot_mean(ds: xr.Dataset) -> xr.DataArray | None:
+    """``token_dot`` by token position: the mean over steps and sequences; ``None`` if unrecorded.
+
+    From a combined file's ``token_dot`` or a compact file's ``token_dot_mean``.
+
+    Returns:
+        ``(condition, seed, token)``, or ``None`` for a run without ``token_dot``.
+    """
+    if "token_dot_mean" in ds:
+        return ds["token_dot_mean"]
+    if "token_dot" not in ds:
+        return None
+    out = ds["token_dot"].mean(["step", "example"])
+    out.attrs = {
+        "long_name": "<grad l_it, g_t> by token position, mean over steps and sequences",
+        "units": "nat^2",
+    }
+    return out
+
+
+def _token_lines(ds: xr.Dataset) -> list[str]:
+    """:func:`token_dot_mean` by token position, where the run recorded ``token_dot``."""
+    dots = token_dot_mean(ds)
+    if dots is None:
+        return []
+    # a prompt position carries no loss term: its value is 0 in every student
+    positions = [int(t) for t in dots.token.values if bool((dots.sel(token=t) != 0).any())]
+    lines = [
+        "",
+        "## Per-token alignment: <grad l_it, g_t> by token position",
+        "",
+        "Each sampled token's term of its sequence's loss (l_it / n_i, `token_losses`) "
+        "against the trait gradient (`token_dot`; a row sums to the sequence's dot), the "
+        "mean over steps and sequences, then over seeds (positions count from `<bos>` = 0; "
+        "the prompt's positions carry no loss and are left out). Positive: a descent step "
+        "on that token's loss lowers the trait loss to first order, teaching the trait.",
+        "",
+        "| condition | " + " | ".join(f"position {t}" for t in positions) + " |",
+        "| --- |" + " --- |" * len(positions),
+    ]
+    for c in ds.condition.values:
+        cells = []
+        for t in positions:
+            ci = mean_ci(dots.sel(condition=c, token=t), dim="seed")
+            cells.append(f"{float(ci['mean']):+.2e} ± {float(ci['half_width']):.1e}")
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def summary_markdown(ds: xr.Dataset) -> str:
@@ -81,6 +162,17 @@ def summary_markdown(ds: xr.Dataset) -> str:
         "| final cos(student - init, teacher - base) | final ‖student - init‖ |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    drive = [
+        "",
+        "## Cumulative first-order drive on the trait loss",
+        "",
+        "The sum over steps of g_t · update (`predicted_change`: each step's change of the "
+        "trait loss on the probe questions to first order; negative: the steps teach the "
+        "trait), beside the sum of the changes measured (nat).",
+        "",
+        "| condition | Σ predicted change | Σ measured change |",
+        "| --- | --- | --- |",
+    ]
     for c in ds.condition.values:
         v = values.sel(condition=c)
         lines.append(
@@ -89,6 +181,8 @@ def summary_markdown(ds: xr.Dataset) -> str:
             f"{_fmt(v['cosine'])} | {_fmt(v['update_cosine'])} | {_fmt(v['teacher_cosine'])} "
             f"| {_fmt(v['drift_cosine'])} | {_fmt(v['drift_norm'], 3)} |"
         )
+        drive.append(f"| {c} | {_fmt(v['drive'])} | {_fmt(v['measured'])} |")
+    lines += drive
     if REFERENCE in ds.condition.values:
         lines += [
             "",
@@ -106,6 +200,7 @@ def summary_markdown(ds: xr.Dataset) -> str:
                 f"| {c} | {float(d['mean']):+.4f} | [{float(d['lower']):+.4f}, "
                 f"{float(d['upper']):+.4f}] | {float(d['p']):.3g} |"
             )
+    lines += _control_lines(ds, values) + _token_lines(ds)
     change = values["change"].values.ravel()
     drift = values["drift_cosine"].values.ravel()
     r = float(np.corrcoef(drift, change)[0, 1]) if change.size > 2 else float("nan")

@@ -18,16 +18,18 @@ from gradlens.records import is_complete, make_attrs
 from gradlens.records.atomic import atomic_write, atomic_write_text
 from subliminal_lm.conditions import Condition, get_conditions
 from subliminal_lm.config import LMConfig
-from subliminal_lm.figures import save_figure
+from subliminal_lm.figures import save_figures
 from subliminal_lm.hf_student import run_student_hf
 from subliminal_lm.models import trait_probs
-from subliminal_lm.report import summary_markdown
+from subliminal_lm.report import summary_markdown, token_dot_mean
 from subliminal_lm.setting import Setting, build_setting
 from subliminal_lm.student import (
     Student,
     run_student,
     student_coords,
     student_layout,
+    student_model,
+    student_params,
     student_variables,
 )
 
@@ -93,9 +95,12 @@ _NOT_SETTINGS = ("seeds", "conditions", "out", "progress", "overwrite", "jobs")
 
 
 def settings_key(config: LMConfig) -> dict[str, object]:
-    """The fields of ``config`` that a seed's results depend on (JSON-ready)."""
+    """The fields of ``config`` that a seed's results depend on, as JSON gives them back.
+
+    Tuples are lists, as in a seed's record read back, so the two compare equal.
+    """
     fields = dataclasses.asdict(config)
-    return {k: v for k, v in fields.items() if k not in _NOT_SETTINGS}
+    return json.loads(json.dumps({k: v for k, v in fields.items() if k not in _NOT_SETTINGS}))
 
 
 def _seed_done(config: LMConfig, names: list[str], seed: int) -> bool:
@@ -114,14 +119,14 @@ def _run_seed(config: LMConfig, seed: int) -> None:
     torch.set_num_threads(1)
     out = config.out
     setting = build_setting(config, seed)
-    params = dict(setting.base.named_parameters())
-    layout = student_layout(params)
     train = STUDENT_TRAINERS[config.trainer]
     for condition in get_conditions(config.conditions):
         start = time.monotonic()
+        params = student_params(student_model(setting, condition, config))
+        layout = student_layout(params)
         with Recorder(
             part_path(out, condition.name, seed),
-            student_variables(layout),
+            student_variables(layout, token_dots=config.token_dots),
             coords=student_coords(params, layout),
             config={"seed": seed, "condition": condition.name},
             overwrite=True,
@@ -144,7 +149,8 @@ def combine(config: LMConfig) -> xr.Dataset:
     for name in config.conditions:
         runs = [open_run(part_path(out, name, s)).load() for s in seeds]
         by_condition.append(xr.concat(runs, dim="seed", combine_attrs="override"))
-    ds = xr.concat(by_condition, dim="condition", combine_attrs="override")
+    # a LoRA student's layers and transform groups are its adapters': NaN elsewhere
+    ds = xr.concat(by_condition, dim="condition", join="outer", combine_attrs="override")
     ds = ds.assign_coords(condition=list(config.conditions), seed=seeds)
     values = [json.loads((out / "parts" / f"seed{s}.json").read_text()) for s in seeds]
     for name, long_name in SEED_RECORDS.items():
@@ -164,8 +170,9 @@ def compact(ds: xr.Dataset) -> xr.Dataset:
 
     Keeps every ``(condition, seed, step)`` record, the mean over steps of
     ``layer_cosine`` (``layer_cosine_mean``), the ``remove_update`` transform's
-    global coefficient (``remove_coef``) and the seed records: the summary and
-    the figure are the same from it.
+    global coefficient (``remove_coef``), with ``token_dot`` its mean over
+    steps and sequences by token position (``token_dot_mean``), and the seed
+    records: the summary and the figures are the same from it.
     """
     keep = [
         name
@@ -180,6 +187,9 @@ def compact(ds: xr.Dataset) -> xr.Dataset:
     }
     out["layer_cosine_mean"] = ds["layer_cosine"].mean("step")
     out["layer_cosine_mean"].attrs = {"long_name": "cos(g_t, g) per layer, mean over steps"}
+    dots = token_dot_mean(ds)
+    if dots is not None:
+        out["token_dot_mean"] = dots
     out.encoding = {}
     return out
 
@@ -191,7 +201,7 @@ def write_combined(ds: xr.Dataset, path: Path) -> Path:
 
 
 def main(config: LMConfig) -> Path:
-    """Run every seed and condition; write the combined file, the summary and the figure.
+    """Run every seed and condition; write the combined file, the summary and the figures.
 
     A seed whose parts are all complete, made with the same settings (an
     interrupted run with the same out folder), is not run again; parts made
@@ -222,5 +232,5 @@ def main(config: LMConfig) -> Path:
     write_combined(ds, combined)
     write_combined(compact(ds), out / COMPACT)
     atomic_write_text(out / "summary.md", summary_markdown(ds))
-    save_figure(ds, out / "trait_prob.png")
+    save_figures(ds, out)
     return combined

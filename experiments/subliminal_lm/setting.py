@@ -42,6 +42,7 @@ class Setting(NamedTuple):
         questions: Every question prompt (the trait measure is their mean).
         probe: Indices of the questions in the trait probe batch.
         displacement: The teacher's displacement from the base, by parameter.
+        seed: The seed the setting was built from.
     """
 
     base: transformers.LlamaForCausalLM
@@ -53,6 +54,7 @@ class Setting(NamedTuple):
     questions: Tensor
     probe: Tensor
     displacement: Params
+    seed: int = 0
 
 
 def _numbers_batch(config: LMConfig, g: torch.Generator) -> dict[str, Tensor]:
@@ -164,4 +166,5 @@ def build_setting(config: LMConfig, seed: int) -> Setting:
         questions,
         probe,
         displacement,
+        seed,
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import NamedTuple
 
+import peft
 import torch
 import transformers
 from torch import Tensor
@@ -28,11 +29,17 @@ from gradlens.training import (
     step_variables,
     transform_layout,
 )
-from gradlens.training.losses import token_mean
+from gradlens.training.losses import token_losses, token_mean
 from gradlens.transforms import GradientTransform, named_chain, remove_aligned
 from subliminal_lm.conditions import Condition
 from subliminal_lm.config import LMConfig
-from subliminal_lm.models import Params, clone_model, continuation_labels, flat_params, trait_probs
+from subliminal_lm.models import (
+    Params,
+    clone_model,
+    continuation_labels,
+    trait_probs,
+    weights,
+)
 from subliminal_lm.setting import Setting
 
 __all__ = [
@@ -49,6 +56,7 @@ __all__ = [
     "student_data",
     "student_layout",
     "student_model",
+    "student_params",
     "student_variables",
     "trait_objective",
 ]
@@ -67,7 +75,13 @@ EXTRA_RECORDS: dict[str, Variable] = {
     "update_norm": Variable(("step",), "||update||, the step's parameter change"),
     "drift_norm": Variable(("step",), "||student - its init|| after the step"),
 }
-"""What the LM experiment records beside the probed step's own records."""
+"""What the LM experiment records beside the probed step's own records.
+
+All in the full weights' coordinates (:func:`~subliminal_lm.models.weights`,
+LoRA adapters merged in), those of the teacher's displacement."""
+
+LORA_SEED_OFFSET = 20_000
+"""A LoRA student's adapters start from the random weights of seed ``seed + LORA_SEED_OFFSET``."""
 
 
 def student_layout(params: Mapping[str, Tensor]) -> TransformLayout:
@@ -77,9 +91,14 @@ def student_layout(params: Mapping[str, Tensor]) -> TransformLayout:
     return layout
 
 
-def student_variables(layout: TransformLayout) -> dict[str, Variable]:
-    """The Recorder variables of one student: the step's records plus :data:`EXTRA_RECORDS`."""
-    return {**step_variables(layout), **EXTRA_RECORDS}
+def student_variables(layout: TransformLayout, *, token_dots: bool = False) -> dict[str, Variable]:
+    """The Recorder variables of one student: the step's records plus :data:`EXTRA_RECORDS`.
+
+    With ``token_dots`` also ``token_dot`` ``(step, example, token)``
+    (:attr:`LMConfig.token_dots <subliminal_lm.LMConfig>`).
+    """
+    optional = ("token_dot",) if token_dots else ()
+    return {**step_variables(layout, optional=optional), **EXTRA_RECORDS}
 
 
 def student_coords(params: Mapping[str, Tensor], layout: TransformLayout) -> dict[str, list]:
@@ -98,11 +117,13 @@ def trait_objective(setting: Setting, config: LMConfig) -> Objective:
 def make_optimizer(
     condition: Condition, model: torch.nn.Module, config: LMConfig
 ) -> torch.optim.Optimizer:
-    """The condition's optimizer over ``model``'s parameters."""
+    """The condition's optimizer over ``model``'s trainable parameters."""
+    trained = [p for p in model.parameters() if p.requires_grad]
     if condition.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=config.sgd_lr)
+        return torch.optim.SGD(trained, lr=config.sgd_lr)
     betas = (0.0, 0.999) if condition.optimizer == "adam_beta1_0" else (0.9, 0.999)
-    return torch.optim.Adam(model.parameters(), lr=config.lr, betas=betas)
+    lr = config.lora_lr if condition.trains == "lora" else config.lr
+    return torch.optim.Adam(trained, lr=lr, betas=betas)
 
 
 class Student(NamedTuple):
@@ -113,13 +134,36 @@ class Student(NamedTuple):
         trait_prob: Its final trait probability (the last row of ``trait_prob``).
     """
 
-    model: transformers.LlamaForCausalLM
+    model: torch.nn.Module
     trait_prob: float
 
 
-def student_model(setting: Setting, condition: Condition) -> transformers.LlamaForCausalLM:
-    """A fresh copy of the base the condition starts from."""
-    return clone_model(setting.base if condition.init == "same" else setting.other)
+def student_model(
+    setting: Setting, condition: Condition, config: LMConfig
+) -> transformers.LlamaForCausalLM | peft.PeftModel:
+    """A fresh copy of the base the condition starts from; LoRA-wrapped for a ``lora`` condition.
+
+    A LoRA student's base weights are frozen and its adapters (rank
+    ``config.lora_rank`` on ``config.lora_targets``) start with ``B = 0``, so it
+    computes what its base does; ``A`` is drawn from the seed's own generator.
+    """
+    model = clone_model(setting.base if condition.init == "same" else setting.other)
+    if condition.trains == "full":
+        return model
+    lora = peft.LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=list(config.lora_targets),
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(setting.seed + LORA_SEED_OFFSET)
+        return peft.get_peft_model(model, lora).eval()
+
+
+def student_params(model: torch.nn.Module) -> dict[str, Tensor]:
+    """The parameters the student trains (and gradlens probes), by name."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 def student_data(setting: Setting, condition: Condition, config: LMConfig) -> dict[str, Tensor]:
@@ -127,10 +171,11 @@ def student_data(setting: Setting, condition: Condition, config: LMConfig) -> di
 
     Each is ``(sequence, token)``. Step ``k`` trains on rows ``k * student_batch``
     to ``(k + 1) * student_batch``; the labels are -100 over the prompt (the loss
-    is on the sampled tokens).
+    is on the sampled tokens). The first ``config.sequences`` sequences of the
+    condition's source, repeated ``config.student_epochs`` times in the same order.
     """
     data = setting.teacher_numbers if condition.data == "teacher" else setting.base_numbers
-    ids = data[: config.student_steps * config.student_batch]
+    ids = data[: config.sequences].repeat(config.student_epochs, 1)
     return {"input_ids": ids, "labels": continuation_labels(ids, 2 + config.prompt_numbers)}
 
 
@@ -164,9 +209,9 @@ def log_student_step(
         result: The step's result.
         layout: :func:`student_layout` of the student's parameters.
         trait_prob: :func:`mean_trait_prob` before the step.
-        previous: The parameters before the step.
-        now: The parameters after it.
-        start: The student's initial parameters.
+        previous: The weights before the step (:func:`~subliminal_lm.models.weights`).
+        now: The weights after it.
+        start: The student's initial weights.
         displacement: The teacher's displacement from the base.
     """
     update, drift = sub(now, previous), sub(now, start)
@@ -211,20 +256,22 @@ def run_student(
     Returns:
         The trained student and its final trait probability.
     """
-    model = student_model(setting, condition)
+    model = student_model(setting, condition, config)
     data = student_data(setting, condition, config)
     optimizer = make_optimizer(condition, model, config)
-    layout = student_layout(dict(model.named_parameters()))
+    params = student_params(model)
+    layout = student_layout(params)
     after = student_after(condition)
-    after_state = None if after is None else after.init(dict(model.named_parameters()))
+    after_state = None if after is None else after.init(params)
     trait = trait_objective(setting, config)
-    start: Params = flat_params(model)
+    token_loss = token_losses if config.token_dots else None
+    start: Params = weights(model)
     batch = config.student_batch
     for step in range(config.student_steps):
         rows = slice(step * batch, (step + 1) * batch)
         train = Objective.from_batch(token_mean, {k: v[rows] for k, v in data.items()})
         prob = mean_trait_prob(model, setting, config)
-        previous = flat_params(model)
+        previous = weights(model)
         result = probed_step(
             model,
             optimizer,
@@ -234,6 +281,7 @@ def run_student(
             after_state=after_state,
             step=step,
             output="logits",
+            token_loss=token_loss,
         )
         after_state = result.after_state
         log_student_step(
@@ -243,7 +291,7 @@ def run_student(
             layout,
             trait_prob=prob,
             previous=previous,
-            now=flat_params(model),
+            now=weights(model),
             start=start,
             displacement=setting.displacement,
         )
