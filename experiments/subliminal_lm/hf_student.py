@@ -195,8 +195,11 @@ def run_student_hf(
     """
     model = student_model(setting, condition, config)
     optimizer = make_optimizer(condition, model, config)
-    probe = TrainerProbe(
-        trait_objective(setting, config), after=student_after(condition), output="logits"
+    probe = TrainerProbe(  # record=False: StudentRecords logs each row, with its own records
+        trait_objective(setting, config),
+        after=student_after(condition),
+        output="logits",
+        record=False,
     )
     callback = GradlensCallback(probe)
     layout = student_layout(student_params(model))
