@@ -114,6 +114,13 @@ CONDITIONS: dict[str, Condition] = {
             after=remove_aligned,
         ),
         Condition(
+            "remove_update_support",
+            "Adam's update with its component along g_t removed using only g_t on the "
+            "update's support (nothing written where the update is exactly zero: the class "
+            "rows)",
+            after=lambda: remove_aligned(on_support=True),
+        ),
+        Condition(
             "remove_update_early",
             "Adam's update with its component along g_t removed in epochs 1-2 only",
             after=remove_aligned,
@@ -214,6 +221,7 @@ MECHANISM_CONDITIONS: tuple[str, ...] = (
     "remove_support_matched",
     *(f"scale_update_{alpha:g}" for alpha in DOSE_ALPHAS),
     "remove_update",
+    "remove_update_support",
     "adam_beta1_0",
 )
 """docs/causal.md's block: support-restricted removal and its matched control, the
