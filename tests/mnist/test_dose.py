@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
+import shlex
+from pathlib import Path
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -67,3 +71,29 @@ def test_pooling_refuses_other_models_and_missing_conditions() -> None:
         pool_runs([(a, None), (b, None)], KEEP)
     with pytest.raises(ValueError, match=r"\['sgd'\] are not in the run"):
         pool_runs([(a, ["sgd"])], KEEP)
+
+
+ROOT = Path(__file__).resolve().parents[2]
+COMMITTED = sorted((ROOT / "docs" / "results").glob("*/dose.md"))
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=[p.parent.name for p in COMMITTED])
+def test_every_committed_dose_table_recomputes_from_the_files_its_command_names(
+    path: Path,
+) -> None:
+    command = path.read_text().splitlines()[0].split("`")[1]
+    args = shlex.split(command)[2:]
+    runs = []
+    for flag, value in itertools.pairwise(args):
+        if flag == "--run":
+            file, _, names = value.partition(":")
+            runs.append((xr.load_dataset(ROOT / file), names.split(",") if names else None))
+    table = dose_markdown(pool_runs(runs, KEEP))
+    rows = [line for line in path.read_text().splitlines() if line.startswith("| ") and "`" in line]
+    assert len(rows) >= 3
+    for row in rows:
+        assert row in table, f"{path.parent.name}/dose.md: {row!r} does not recompute"
+
+
+def test_a_dose_table_is_committed() -> None:
+    assert COMMITTED, "no docs/results/*/dose.md: the dose-response of docs/causal.md"

@@ -229,16 +229,22 @@ def test_a_real_ctrl_c_inside_a_netcdf_write_is_held_until_the_file_is_closed(
         return original(*args, **kwargs)
 
     monkeypatch.setattr(gradlens.records.netcdf, "block", signalled)
+    # Python's own handler: a test run started in the background (`cmd &`) has SIGINT ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     rec = make(path := tmp_path / "run.nc", flush_every=4)
     interrupted = []
-    for step in range(8):
-        try:
-            log_run(rec, range(step, step + 1))
-        except KeyboardInterrupt:
-            interrupted.append(step)
+    try:
+        for step in range(8):
+            try:
+                log_run(rec, range(step, step + 1))
+            except KeyboardInterrupt:
+                interrupted.append(step)
+        held = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert interrupted == [3]  # raised by the first flush, once it was over
     assert inside == [True] and calls[0] > 5  # the write went on past the signal
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert held is signal.default_int_handler  # restored after each write
     rec.close()
     xr.testing.assert_identical(open_run(path), expected_run(range(8)))
 

@@ -135,6 +135,9 @@ sys.path.insert(0, {tests!r})
 from test_recording import log_run, make
 
 folder, interrupts = {folder!r}, {interrupts}
+# Python's own Ctrl-C handler: a test run started in the background (`cmd &`) inherits SIGINT
+# ignored, and Python then leaves it ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
 rng = random.Random(1)
 report = []
 for k in range(interrupts):
