@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
+
 from subliminal_lm import CONDITIONS, DEFAULT_CONDITIONS, PRESETS, LMConfig, main, preset, quick
 from subliminal_mnist.resume import check_device
 
