@@ -4,6 +4,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import lm_setting_check
 import lm_subliminal
 import numpy as np
 import pytest
@@ -130,3 +131,12 @@ def test_the_trainer_refuses_a_device_other_than_the_models(tmp_path: Path) -> N
     assert args.use_cpu and args.device == torch.device("cpu")
     with pytest.raises(ValueError, match=r"would train on cpu .* not on the model's device meta"):
         student_arguments(model.to("meta"), config, str(tmp_path))
+
+
+def test_the_setting_check_refuses_a_device_that_is_not_here(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        lm_setting_check.main(["--device", "cuda:99", "--out", str(tmp_path / "x.json")])
+    assert "--device 'cuda:99' is not available on this machine" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
