@@ -8,6 +8,7 @@ fine-tuned on them are probed with gradlens every step. See docs/lm_experiment.m
     python experiments/lm_subliminal.py --quick      # about a minute on one CPU core
     python experiments/lm_subliminal.py --quick --trainer loop   # a plain probed_step loop
     python experiments/lm_subliminal.py --seeds 3 --conditions same_init base_numbers
+    python experiments/lm_subliminal.py --size gpu --device cuda --jobs 4   # the larger run
 """
 
 from __future__ import annotations
@@ -17,14 +18,31 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from subliminal_lm import CONDITIONS, DEFAULT_CONDITIONS, LMConfig, main, quick
+import torch
+
+from subliminal_lm import CONDITIONS, DEFAULT_CONDITIONS, PRESETS, LMConfig, main, preset, quick
+from subliminal_mnist.resume import check_device
 
 
 def parse(argv: list[str] | None = None) -> LMConfig:
-    """Map command-line flags onto an :class:`LMConfig` (defaults: the reduced CPU run)."""
+    """Map command-line flags onto an :class:`LMConfig` (defaults: the reduced CPU run).
+
+    ``--size`` picks the preset (:func:`~subliminal_lm.preset`) the other flags
+    change; ``--device`` defaults to ``cuda`` where a GPU is visible, else ``cpu``.
+    """
     default = LMConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 seeds, short runs (~1 min)")
+    parser.add_argument(
+        "--size",
+        choices=PRESETS,
+        default="cpu",
+        help="cpu: the reduced run (the committed results); gpu: a larger model, more "
+        "pretraining and longer students, for one GPU (docs/lm_experiment.md)",
+    )
+    parser.add_argument(
+        "--device", help="torch device of everything the run trains (default cuda when available)"
+    )
     parser.add_argument("--seeds", type=int, help=f"replicates (default {default.seeds})")
     parser.add_argument(
         "--conditions", nargs="+", choices=sorted(CONDITIONS), default=list(DEFAULT_CONDITIONS)
@@ -52,7 +70,13 @@ def parse(argv: list[str] | None = None) -> LMConfig:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run file")
     args = parser.parse_args(argv)
-    config = quick(default) if args.quick else default
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        check_device(device)
+    except ValueError as error:
+        parser.error(str(error))
+    sized = preset(args.size)
+    config = quick(sized) if args.quick else sized
     changes = {
         "seeds": args.seeds,
         "student_steps": args.student_steps,
@@ -60,11 +84,19 @@ def parse(argv: list[str] | None = None) -> LMConfig:
         "lr": args.lr,
         "sgd_lr": args.sgd_lr,
     }
-    changes = {k: v for k, v in changes.items() if v is not None}
+    changes = {k: v for k, v in changes.items() if v is not None} | {"device": device}
     if changes.get("seeds", config.seeds) < 2:
         parser.error("--seeds must be at least 2 (intervals are over seeds).")
     if args.jobs < 1:
         parser.error("--jobs must be at least 1.")
+    if args.trainer == "hf" and torch.device(device).type == "cuda":
+        index = torch.device(device).index or 0
+        if index != 0 or torch.cuda.device_count() > 1:
+            parser.error(
+                f"--trainer hf trains on the first visible GPU alone, not --device {device} of "
+                f"{torch.cuda.device_count()} GPUs: set CUDA_VISIBLE_DEVICES to one GPU and pass "
+                "--device cuda, or use --trainer loop."
+            )
     if args.token_dots and args.trainer != "loop":
         parser.error("--token-dots needs --trainer loop.")
     try:

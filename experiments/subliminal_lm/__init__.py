@@ -16,7 +16,14 @@ package; ``experiments/lm_subliminal.py`` maps its flags onto an
 from __future__ import annotations
 
 from subliminal_lm.conditions import CONDITIONS, Condition, get_conditions
-from subliminal_lm.config import DEFAULT_CONDITIONS, LORA_TARGETS, LMConfig, quick
+from subliminal_lm.config import (
+    DEFAULT_CONDITIONS,
+    LORA_TARGETS,
+    PRESETS,
+    LMConfig,
+    preset,
+    quick,
+)
 from subliminal_lm.figures import FIGURES, draw_figure, draw_figures, save_figure, save_figures
 from subliminal_lm.hf_student import StudentRecords, run_student_hf, student_arguments
 from subliminal_lm.models import (
@@ -25,6 +32,7 @@ from subliminal_lm.models import (
     clone_model,
     continuation_labels,
     flat_params,
+    model_device,
     sample,
     train_plain,
     trait_probs,
@@ -78,6 +86,7 @@ __all__ = [
     "FIGURES",
     "IGNORE",
     "LORA_TARGETS",
+    "PRESETS",
     "SEED_RECORDS",
     "STUDENT_TRAINERS",
     "Condition",
@@ -103,7 +112,9 @@ __all__ = [
     "log_student_step",
     "main",
     "mean_trait_prob",
+    "model_device",
     "part_path",
+    "preset",
     "pretrain_base",
     "quick",
     "run_student",

@@ -10,7 +10,7 @@ from typing import Literal
 from subliminal_lm.models import ModelSize
 from subliminal_lm.vocab import Vocab
 
-__all__ = ["DEFAULT_CONDITIONS", "LORA_TARGETS", "LMConfig", "quick"]
+__all__ = ["DEFAULT_CONDITIONS", "LORA_TARGETS", "PRESETS", "LMConfig", "preset", "quick"]
 
 DEFAULT_CONDITIONS: tuple[str, ...] = (
     "same_init",
@@ -77,6 +77,11 @@ class LMConfig:
             or ``"loop"``, a plain loop of :func:`gradlens.training.probed_step`
             (:func:`~subliminal_lm.student.run_student`, about 1.3 times faster);
             the same records.
+        device: The torch device everything runs on (bases, teacher, sampling,
+            students, either trainer); the data are drawn on the CPU, so a
+            seed's data do not depend on it (its numbers, up to rounding, do not).
+        preset: The ``--size`` preset the values started from (:func:`preset`), a
+            label only: the other fields are what the run used.
     """
 
     seeds: int = 10
@@ -107,6 +112,8 @@ class LMConfig:
     overwrite: bool = False
     jobs: int = 1
     trainer: Literal["loop", "hf"] = "hf"
+    device: str = "cpu"
+    preset: Literal["cpu", "gpu"] = "cpu"
 
     def __post_init__(self) -> None:
         rows = self.student_steps * self.student_batch
@@ -131,3 +138,35 @@ class LMConfig:
 def quick(config: LMConfig) -> LMConfig:
     """A reduced run for a smoke test: 3 seeds, 30 student steps."""
     return dataclasses.replace(config, seeds=3, teacher_steps=50, student_steps=30)
+
+
+PRESETS: tuple[str, ...] = ("cpu", "gpu")
+"""The ``--size`` presets of :func:`preset`."""
+
+
+def preset(name: str) -> LMConfig:
+    """The settings of a ``--size`` preset.
+
+    ``"cpu"``: :class:`LMConfig`'s defaults, the reduced CPU run (the committed
+    results). ``"gpu"``: a larger tiny Llama (width 256, 4 layers, MLP 512) pretrained
+    longer on larger batches, a longer teacher fine-tune, and students of 300
+    steps of 32 sequences (9,600 sequences each), probed on 128 questions.
+
+    Raises:
+        ValueError: An unknown name, listing :data:`PRESETS`.
+    """
+    if name == "cpu":
+        return LMConfig()
+    if name == "gpu":
+        return LMConfig(
+            size=ModelSize(hidden=256, intermediate=512, layers=4, heads=4),
+            pretrain_steps=600,
+            pretrain_batch=64,
+            pretrain_lr=1e-3,
+            teacher_steps=200,
+            student_steps=300,
+            student_batch=32,
+            probe_questions=128,
+            preset="gpu",
+        )
+    raise ValueError(f"unknown size preset {name!r}; choose from {list(PRESETS)}.")

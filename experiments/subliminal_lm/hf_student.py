@@ -38,7 +38,7 @@ from gradlens.training import Objective, TransformLayout
 from gradlens.training.losses import token_mean
 from subliminal_lm.conditions import Condition
 from subliminal_lm.config import LMConfig
-from subliminal_lm.models import Params, weights
+from subliminal_lm.models import Params, model_device, weights
 from subliminal_lm.setting import Setting
 from subliminal_lm.student import (
     Student,
@@ -159,9 +159,14 @@ def student_arguments(model: torch.nn.Module, config: LMConfig, out: str) -> Tra
 
     One micro-batch of ``student_batch`` sequences per step, in order, for
     ``student_steps`` steps; the optimizer's own learning rate, constant; no
-    clipping, logging, saving or reporting; the model's device.
+    clipping, logging, saving or reporting; ``config.device`` (``use_cpu`` for the CPU).
+
+    Raises:
+        ValueError: If the trainer would train on another device than the model's
+            (``transformers.Trainer`` uses the first visible GPU), or on several
+            GPUs at once (it would wrap the model in ``DataParallel``).
     """
-    return TrainingArguments(
+    args = TrainingArguments(
         output_dir=out,
         per_device_train_batch_size=config.student_batch,
         gradient_accumulation_steps=1,
@@ -169,13 +174,21 @@ def student_arguments(model: torch.nn.Module, config: LMConfig, out: str) -> Tra
         train_sampling_strategy="sequential",
         lr_scheduler_type="constant",
         max_grad_norm=0.0,
-        use_cpu=next(model.parameters()).device.type == "cpu",
+        use_cpu=torch.device(config.device).type == "cpu",
         report_to="none",
         logging_strategy="no",
         save_strategy="no",
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
+    device = model_device(model)
+    if args.device != device or args.n_gpu > 1:
+        raise ValueError(
+            f"transformers.Trainer would train on {args.device} ({args.n_gpu} GPUs), not on the "
+            f"model's device {device}: it uses the first visible GPU alone; run with "
+            f"CUDA_VISIBLE_DEVICES set to that one GPU and --device cuda, or --trainer loop."
+        )
+    return args
 
 
 def run_student_hf(

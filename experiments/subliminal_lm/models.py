@@ -27,6 +27,7 @@ __all__ = [
     "continuation_labels",
     "cycle_batches",
     "flat_params",
+    "model_device",
     "sample",
     "train_plain",
     "trait_probs",
@@ -56,8 +57,13 @@ class ModelSize:
     positions: int = 32
 
 
-def build_model(vocab: Vocab, size: ModelSize, seed: int) -> transformers.LlamaForCausalLM:
-    """A Llama-style causal LM with random weights from ``seed``, in eval mode (no dropout)."""
+def build_model(
+    vocab: Vocab, size: ModelSize, seed: int, device: str | torch.device = "cpu"
+) -> transformers.LlamaForCausalLM:
+    """A Llama-style causal LM with random weights from ``seed``, in eval mode (no dropout).
+
+    The weights are drawn on the CPU and moved to ``device``: the same on every device.
+    """
     config = transformers.LlamaConfig(
         vocab_size=vocab.size,
         hidden_size=size.hidden,
@@ -76,13 +82,19 @@ def build_model(vocab: Vocab, size: ModelSize, seed: int) -> transformers.LlamaF
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = transformers.LlamaForCausalLM(config)
-    return model.eval()
+    return model.to(device).eval()
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's parameters (the CPU for a model without any)."""
+    param = next(model.parameters(), None)
+    return torch.device("cpu") if param is None else param.device
 
 
 def clone_model(model: transformers.LlamaForCausalLM) -> transformers.LlamaForCausalLM:
-    """An independent copy with the same weights, in the same dtype."""
-    dtype = next(model.parameters()).dtype
-    copy = transformers.LlamaForCausalLM(model.config).to(dtype).eval()
+    """An independent copy with the same weights, in the same dtype, on the same device."""
+    param = next(model.parameters())
+    copy = transformers.LlamaForCausalLM(model.config).to(param.device, param.dtype).eval()
     copy.load_state_dict(model.state_dict())
     return copy
 
@@ -120,7 +132,8 @@ def train_plain(
 ) -> list[float]:
     """Adam on the sum of :func:`~gradlens.training.losses.token_mean` over each step's batches.
 
-    The base model's pretraining and the teacher's fine-tune: no probes.
+    The base model's pretraining and the teacher's fine-tune: no probes. The
+    batches may be on the CPU: each is moved to the model's device.
 
     Args:
         model: The model, trained in place.
@@ -132,11 +145,11 @@ def train_plain(
         The loss of each step.
     """
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    device = model_device(model)
     losses = []
     for _ in range(steps):
-        loss = sum(
-            token_mean(model(input_ids=b["input_ids"]).logits, b["labels"]) for b in next(batches)
-        )
+        step = [{k: v.to(device) for k, v in b.items()} for b in next(batches)]
+        loss = sum(token_mean(model(input_ids=b["input_ids"]).logits, b["labels"]) for b in step)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -151,13 +164,13 @@ def trait_probs(model: torch.nn.Module, vocab: Vocab, questions: Tensor) -> Tens
     Args:
         model: The causal LM.
         vocab: The vocabulary.
-        questions: ``(question, token)`` prompts ending in ``answer:``.
+        questions: ``(question, token)`` prompts ending in ``answer:`` (on any device).
 
     Returns:
         ``(question, answer)`` probabilities over the whole vocabulary (a row
         sums to at most 1); column ``vocab.trait`` is the trait measure.
     """
-    logits = model(input_ids=questions).logits[:, -1]
+    logits = model(input_ids=questions.to(model_device(model))).logits[:, -1]
     probs = logits.float().softmax(dim=-1)
     return probs[:, vocab.first_answer : vocab.first_answer + vocab.answers]
 
@@ -174,9 +187,10 @@ def sample(
 
     Args:
         model: The causal LM.
-        prompts: ``(example, token)`` prompts of equal length.
+        prompts: ``(example, token)`` prompts of equal length, on the model's device.
         new_tokens: Tokens to sample.
-        generator: The sampling stream.
+        generator: The sampling stream, a CPU generator (each token is drawn on
+            the CPU from the model's probabilities, so on any device).
         temperature: Softmax temperature.
 
     Returns:
@@ -187,7 +201,8 @@ def sample(
         out = model(input_ids=step_input, cache=cache, use_cache=True)
         cache = out.cache
         logits = out.logits[:, -1].float() / temperature
-        step_input = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+        probs = logits.softmax(dim=-1).cpu()
+        step_input = torch.multinomial(probs, 1, generator=generator).to(ids.device)
         ids = torch.cat([ids, step_input], dim=1)
     return ids
 

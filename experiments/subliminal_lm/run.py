@@ -91,13 +91,15 @@ def seed_values(setting: Setting, config: LMConfig) -> dict[str, float]:
     }
 
 
-_NOT_SETTINGS = ("seeds", "conditions", "out", "progress", "overwrite", "jobs")
+_NOT_SETTINGS = ("seeds", "conditions", "out", "progress", "overwrite", "jobs", "preset")
 
 
 def settings_key(config: LMConfig) -> dict[str, object]:
     """The fields of ``config`` that a seed's results depend on, as JSON gives them back.
 
     Tuples are lists, as in a seed's record read back, so the two compare equal.
+    The device is one of them (a seed run on another device is run again); the
+    preset's name is not (its values are).
     """
     fields = dataclasses.asdict(config)
     return json.loads(json.dumps({k: v for k, v in fields.items() if k not in _NOT_SETTINGS}))

@@ -30,6 +30,8 @@ OTHER_INIT_OFFSET = 10_000
 class Setting(NamedTuple):
     """What the students of one seed share.
 
+    The models and the displacement are on ``config.device``, the token data on the CPU.
+
     Attributes:
         base: The pretrained base model: the shared initialisation.
         other: A base pretrained the same way from other random weights.
@@ -74,7 +76,7 @@ def pretrain_base(
     answers.
     """
     vocab = config.vocab
-    model = build_model(vocab, config.size, init_seed)
+    model = build_model(vocab, config.size, init_seed, config.device)
     g = torch.Generator().manual_seed(data_seed)
     questions = vocab.all_questions()
 
@@ -120,6 +122,9 @@ def generate_numbers(
     with any other sampled token (an answer word, say) is dropped, so the
     trait answer never appears in the data.
 
+    Prompts are drawn from ``g`` on the CPU and sampled on ``config.device``; the
+    sequences come back on the CPU.
+
     Raises:
         RuntimeError: If under 1% of the samples pass the filter.
     """
@@ -129,7 +134,8 @@ def generate_numbers(
     while passed < n:
         batch = max(2 * (n - passed), 64)
         prompts = vocab.number_prompts(batch, config.prompt_numbers, g)
-        ids = sample(model, prompts, config.new_tokens, g, config.temperature)
+        ids = sample(model, prompts.to(config.device), config.new_tokens, g, config.temperature)
+        ids = ids.cpu()
         ok = vocab.is_number(ids[:, prompts.shape[1] :]).all(dim=1)
         total += batch
         passed += int(ok.sum())

@@ -107,11 +107,12 @@ def student_coords(params: Mapping[str, Tensor], layout: TransformLayout) -> dic
 
 
 def trait_objective(setting: Setting, config: LMConfig) -> Objective:
-    """The trait loss ``-log p(trait answer | question)`` on the probe questions."""
+    """The trait loss ``-log p(trait answer | question)`` on the probe questions, on the device."""
     vocab = config.vocab
     questions = setting.questions[setting.probe]
     answers = torch.full((len(questions),), vocab.trait)
-    return Objective.from_batch(token_mean, vocab.answered(questions, answers))
+    batch = vocab.answered(questions, answers)
+    return Objective.from_batch(token_mean, {k: v.to(config.device) for k, v in batch.items()})
 
 
 def make_optimizer(
@@ -169,7 +170,7 @@ def student_params(model: torch.nn.Module) -> dict[str, Tensor]:
 def student_data(setting: Setting, condition: Condition, config: LMConfig) -> dict[str, Tensor]:
     """The student's sequences in training order: ``{"input_ids", "labels"}``.
 
-    Each is ``(sequence, token)``. Step ``k`` trains on rows ``k * student_batch``
+    Each is ``(sequence, token)``, on the CPU. Step ``k`` trains on rows ``k * student_batch``
     to ``(k + 1) * student_batch``; the labels are -100 over the prompt (the loss
     is on the sampled tokens). The first ``config.sequences`` sequences of the
     condition's source, repeated ``config.student_epochs`` times in the same order.
@@ -269,7 +270,8 @@ def run_student(
     batch = config.student_batch
     for step in range(config.student_steps):
         rows = slice(step * batch, (step + 1) * batch)
-        train = Objective.from_batch(token_mean, {k: v[rows] for k, v in data.items()})
+        step_data = {k: v[rows].to(config.device) for k, v in data.items()}
+        train = Objective.from_batch(token_mean, step_data)
         prob = mean_trait_prob(model, setting, config)
         previous = weights(model)
         result = probed_step(

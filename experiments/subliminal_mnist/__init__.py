@@ -57,6 +57,7 @@ from subliminal_mnist.models import init_mlp
 from subliminal_mnist.noise import NOISE_KINDS, NoiseStream, noise_batch
 from subliminal_mnist.report import final_values, headline_table, summary_markdown
 from subliminal_mnist.resume import (
+    check_device,
     check_settings,
     part_path,
     reusable_parts,
@@ -90,6 +91,7 @@ __all__ = [
     "TeacherBlock",
     "TraitProbes",
     "accuracy",
+    "check_device",
     "check_run",
     "check_settings",
     "class_cross_entropy",

@@ -37,6 +37,7 @@ from subliminal_mnist.blocks import TEACHER_ATTR
 __all__ = [
     "SETTINGS_THAT_SELECT",
     "Resume",
+    "check_device",
     "check_settings",
     "part_path",
     "plan_resume",
@@ -89,15 +90,7 @@ def check_settings(*, seeds: int, device: str, out: Path, available: bool = True
     """
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}.")
-    try:
-        torch_device = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"--device {device!r} is not a torch device ({exc}); try cpu.") from exc
-    if available and not _available(torch_device):
-        raise ValueError(
-            f"--device {device!r} is not available on this machine "
-            f"({torch.cuda.device_count()} CUDA devices); pass --device cpu."
-        )
+    torch_device = check_device(device, available=available)
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
@@ -108,6 +101,28 @@ def check_settings(*, seeds: int, device: str, out: Path, available: bool = True
             f"cannot write to the output folder {out} ({exc.strerror}); fix its permissions "
             "or choose another with --out",
         ) from exc
+    return torch_device
+
+
+def check_device(device: str, *, available: bool = True) -> torch.device:
+    """The torch device named by ``--device``, checked.
+
+    Args:
+        device: The flag's value (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...).
+        available: Check that it is on this machine.
+
+    Raises:
+        ValueError: Not a torch device, or (with ``available``) not on this machine.
+    """
+    try:
+        torch_device = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {device!r} is not a torch device ({exc}); try cpu.") from exc
+    if available and not _available(torch_device):
+        raise ValueError(
+            f"--device {device!r} is not available on this machine "
+            f"({torch.cuda.device_count()} CUDA devices); pass --device cpu."
+        )
     return torch_device
 
 
