@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> str:
     text = "\n".join([
         f"Command: `{command}`",
         "",
-        "Final test accuracy, final test loss and the first-order drive (sum over steps of "
+        "Final test accuracy, final test loss, its change over the run (last evaluation minus "
+        "first) and the first-order drive (sum over steps of "
         "g_t . Δθ; negative teaches the trait) against alpha, the fraction of each Adam update's "
         "component along g_t that is kept: mean ± 95% t interval over models, and the paired "
         "difference from `aux` model by model (`gradlens.stats.paired_t`, two-sided p).",

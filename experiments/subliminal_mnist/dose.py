@@ -5,8 +5,9 @@ component along ``g_t`` (:func:`gradlens.transforms.scale_aligned` as ``after=``
 ``aux`` is ``alpha = 1`` and ``remove_update`` ``alpha = 0``. The conditions may
 come from several runs of the same models (:func:`subliminal_mnist.pool.pool_runs`),
 since each condition is a part of its own. :func:`dose_markdown` tabulates the final test
-accuracy, the test loss and the first-order drive against ``alpha``, paired with
-``aux`` model by model; :func:`plot_dose` draws them.
+accuracy, the test loss, its change over the run (last evaluation minus first) and
+the first-order drive against ``alpha``, paired with ``aux`` model by model;
+:func:`plot_dose` draws them.
 """
 
 from __future__ import annotations
@@ -39,20 +40,21 @@ def dose_runs(ds: xr.Dataset) -> xr.Dataset:
     return out.assign_coords(alpha=("condition", [dose_alpha(c) for c in chosen]))
 
 
-def _final(ds: xr.Dataset, name: str) -> xr.DataArray:
+def _at(ds: xr.Dataset, name: str, index: int) -> xr.DataArray:
+    """``name`` at its first (``index=0``) or last (``-1``) evaluated step."""
     values = ds[name]
-    if "eval_step" in values.dims:
-        values = values.dropna("eval_step", how="all").isel(eval_step=-1)
-    if "step" in values.dims:
-        values = values.dropna("step", how="all").isel(step=-1)
+    for dim in ("eval_step", "step"):
+        if dim in values.dims:
+            values = values.dropna(dim, how="all").isel({dim: index})
     return values
 
 
 def _measures(ds: xr.Dataset) -> dict[str, tuple[xr.DataArray, float, int]]:
     """Column name -> (values per model and condition, their factor, decimals shown)."""
     return {
-        "test accuracy (%)": (_final(ds, "test_accuracy"), 100.0, 1),
-        "test loss (nat)": (_final(ds, "test_loss"), 1.0, 2),
+        "test accuracy (%)": (_at(ds, "test_accuracy", -1), 100.0, 1),
+        "test loss (nat)": (_at(ds, "test_loss", -1), 1.0, 2),
+        "test loss change (nat)": (_at(ds, "test_loss", -1) - _at(ds, "test_loss", 0), 1.0, 3),
         "drive (nat)": (ds["predicted_change"].sum("step", skipna=False), 1.0, 3),
     }
 
@@ -92,7 +94,7 @@ def plot_dose(ds: xr.Dataset) -> Figure:
     """Final test accuracy, test loss and drive against ``alpha`` (mean and 95% CI over models)."""
     dose = dose_runs(ds)
     measures = _measures(dose)
-    fig = Figure(figsize=(12, 3.8), layout="constrained")
+    fig = Figure(figsize=(18, 4), layout="constrained")
     axes = fig.subplots(1, len(measures))
     alphas = dose["alpha"].values
     for ax, (name, (values, scale, _)) in zip(axes, measures.items(), strict=True):
@@ -101,7 +103,7 @@ def plot_dose(ds: xr.Dataset) -> Figure:
         if name.startswith("test accuracy"):
             lower, upper = np.clip(lower, 0, 100), np.clip(upper, 0, 100)
         ax.errorbar(alphas, mean, yerr=[mean - lower, upper - mean], fmt="o-", capsize=3)
-        ax.set_xlabel("alpha: fraction of the update's component along g_t kept")
+        ax.set_xlabel("alpha (fraction of the update's g_t component kept)")
         ax.set_ylabel(name)
         ax.axvline(0.0, color="k", lw=0.6)
     n = int(dose.sizes["model"])

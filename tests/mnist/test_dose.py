@@ -17,19 +17,24 @@ KEEP = ("teacher_accuracy", "reference_accuracy", "test_accuracy", "test_loss", 
 
 
 def run(conditions: list[str], accuracy: np.ndarray, teachers: np.ndarray) -> xr.Dataset:
-    """A run of len(teachers) models: accuracy per (condition, model), drive -accuracy / 10."""
+    """A run of len(teachers) models: final accuracy per (condition, model), drive -accuracy / 10,
+    test loss 2.3 at the first evaluation and 2 - accuracy at the last."""
     models, steps = len(teachers), 4
     drive = -accuracy / 10
     per_step = np.repeat(drive[..., None] / steps, steps, axis=-1)
+    first = np.full_like(accuracy, 0.1)
     return xr.Dataset(
         {
             "teacher_accuracy": ("model", teachers),
             "reference_accuracy": ("model", np.full(models, 0.1)),
-            "test_accuracy": (("condition", "model"), accuracy),
-            "test_loss": (("condition", "model"), 2.0 - accuracy),
+            "test_accuracy": (("eval_step", "condition", "model"), np.stack([first, accuracy])),
+            "test_loss": (
+                ("eval_step", "condition", "model"),
+                np.stack([first + 2.2, 2.0 - accuracy]),
+            ),
             "predicted_change": (("condition", "model", "step"), per_step),
         },
-        coords={"condition": conditions},
+        coords={"condition": conditions, "eval_step": [0, 10]},
     )
 
 
@@ -59,8 +64,10 @@ def test_pooled_runs_pair_model_by_model_and_the_table_says_so() -> None:
     assert cells[:3] == ["0", "`remove_update`", "4"]
     assert cells[4] == f"{diff.mean():.1f} ± {half:.1f}"
     drive = -acc_b[1] / 10
-    assert cells[9].startswith(f"{drive.mean():.3f} ± ")
-    assert len(plot_dose(pooled).axes) == 3
+    assert cells[12].startswith(f"{drive.mean():.3f} ± ")
+    change = (2.0 - acc_b[1]) - 2.3  # the test loss's last evaluation minus its first
+    assert cells[9].startswith(f"{change.mean():.3f} ± ")
+    assert len(plot_dose(pooled).axes) == 4
 
 
 def test_pooling_refuses_other_models_and_missing_conditions() -> None:
