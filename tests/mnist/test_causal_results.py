@@ -19,7 +19,12 @@ CAUSAL = ROOT / "docs" / "causal.md"
 
 
 def rows(text: str) -> list[str]:
-    return [line for line in text.splitlines() if line.startswith(("| `", "| student `"))]
+    """A results table's data rows: by condition, student, or alpha then condition (dose.md)."""
+    return [
+        line
+        for line in text.splitlines()
+        if line.startswith(("| `", "| student `")) or re.match(r"\| -?[\d.]+ \| `", line)
+    ]
 
 
 def recomputed(path: Path) -> str:
