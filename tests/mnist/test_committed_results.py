@@ -129,9 +129,10 @@ def _snippet_comments() -> list[str]:
 
 
 def _checked_numbers() -> list[float]:
-    """Every number of a text that a test of this file recomputes: the summary tables
-    recomputed from the committed compact files, the committed sweep tables (recomputed by
-    tests/mnist/test_sweep.py) and the experiment.md snippet's comments (checked above)."""
+    """Every number of a text that a test recomputes: the summary tables recomputed from the
+    committed compact files, the committed sweep tables (recomputed by tests/mnist/test_sweep.py),
+    the experiment.md snippet's comments (checked above), and the committed drive and dose
+    tables (recomputed by tests/mnist/test_causal_results.py and test_dose.py)."""
     texts = [
         summary_markdown(xr.load_dataset(path), wall_time_s=0.0, device="", command="")
         for path in RESULTS
@@ -141,6 +142,10 @@ def _checked_numbers() -> list[float]:
         for path in sorted((ROOT / "docs" / "results").glob("*/sweep.nc"))
     ]
     texts += _snippet_comments()
+    # the paired tables of docs/causal.md, which tests/mnist/test_causal_results.py (drive*.md)
+    # and tests/mnist/test_dose.py (dose.md) recompute from the files their commands name
+    results = ROOT / "docs" / "results"
+    texts += [p.read_text() for p in [*results.glob("*/drive*.md"), *results.glob("*/dose.md")]]
     return [float(m) for text in texts for m, _ in DECIMAL.findall(text)]
 
 
